@@ -1,0 +1,309 @@
+"""One typed config tree: YAML files plus dotted command-line overrides, validated up front.
+
+`load_config("configs/local/diffmoe-tiny.yaml", ["model.depth=6", "optim.lr=3e-4"])` returns a
+`Config`; `validate()` raises `ConfigError` with one line naming the field, the value and the fix,
+before any process group or model is built.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+# Paper sizes (DiT, Table 4 of Peebles & Xie; DiffMoE Table 1 uses the same backbones).
+MODEL_SIZES: dict[str, tuple[int, int, int]] = {
+    # name: (depth, hidden_size, num_heads)
+    "tiny": (6, 192, 6),
+    "S": (12, 384, 6),
+    "B": (12, 768, 12),
+    "L": (24, 1024, 16),
+    "XL": (28, 1152, 16),
+}
+
+ROUTERS = ("dense", "expert_choice_global", "expert_choice_local", "token_choice")
+POOLS = ("rank", "ep", "dp")
+INFERENCE_MODES = ("dynamic", "static", "interval")
+
+
+class ConfigError(ValueError):
+    """A bad config value: the message names the field, the value and the fix, on one line."""
+
+
+@dataclass
+class ModelConfig:
+    size: str = "tiny"
+    depth: int | None = None  # None: from `size`
+    hidden_size: int | None = None
+    num_heads: int | None = None
+    patch_size: int = 2
+    in_channels: int = 1
+    image_size: int = 16  # latent / pixel side length
+    num_classes: int = 10
+    class_dropout: float = 0.1  # label dropout for classifier-free guidance
+    mlp_ratio: float = 4.0
+
+    def resolved(self) -> tuple[int, int, int]:
+        depth, hidden, heads = MODEL_SIZES[self.size]
+        return (self.depth or depth, self.hidden_size or hidden, self.num_heads or heads)
+
+
+@dataclass
+class MoEConfig:
+    router: str = "dense"  # dense | expert_choice_global (DiffMoE) | expert_choice_local (EC) | token_choice (TC)
+    num_experts: int = 16
+    capacity: float = 1.0  # C
+    top_k: int = 1  # token_choice only
+    interleave: int = 2  # block i is MoE iff i % interleave == interleave - 1
+    predictor_loss_weight: float = 1.0
+    aux_loss_weight: float = 0.01
+    threshold_momentum: float = 0.95
+    pool: str = "dp"  # rank | ep | dp
+    inference: str = "dynamic"  # dynamic | static | interval
+    gamma: float = 0.5  # interval-mode threshold on sigmoid(predictor logit)
+
+
+@dataclass
+class ParallelConfig:
+    expert_parallel_size: int = 1
+    backend: str = "auto"  # auto | gloo | nccl
+    device: str = "auto"  # auto | cpu | cuda
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "digits"
+    path: str = "data/digits"  # directory made by tools/make_shards.py (train/ and heldout/)
+    global_batch_size: int = 128
+    loader: str = "indexed"  # indexed (in memory, exact resume) | stream (webdataset streaming)
+    num_workers: int = 0
+    shuffle_buffer: int = 1000
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+    warmup_steps: int = 50
+    grad_clip: float = 1.0  # 0 disables
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000
+    seed: int = 0
+    run_dir: str = "runs/default"
+    precision: str = "fp32"  # fp32 | bf16 (autocast)
+    ema_decay: float = 0.9999
+    ema_warmup: bool = True  # decay min(ema_decay, (1+step)/(10+step)) so short runs get a useful EMA
+    threads: int = 0  # torch threads per process; 0 = cores / local processes
+    max_minutes: float = 0.0  # 0 = no limit
+    resume: str = "auto"  # auto | never | path to a checkpoint directory
+
+
+@dataclass
+class SampleConfig:
+    every: int = 0  # steps between sample grids; 0 = only at the end
+    cfg_scale: float = 2.0
+    num_steps: int = 50
+    sampler: str = "euler"  # euler | heun
+    per_class: int = 4
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 500  # steps; 0 = only at the end
+    keep_last: int = 2
+
+
+@dataclass
+class LoggingConfig:
+    log_every: int = 10
+    wandb: str = "offline"  # offline | online | disabled
+    wandb_project: str = "diffmoe-dist"
+    routing_every: int = 0
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    moe: MoEConfig = field(default_factory=MoEConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def validate(self, world_size: int | None = None) -> Config:
+        """Raises ConfigError naming the first bad field; returns self so calls can chain."""
+        _validate(self, world_size if world_size is not None else int(os.environ.get("WORLD_SIZE", "1")))
+        return self
+
+
+def _fail(name: str, value: Any, fix: str) -> None:
+    raise ConfigError(f"{name}={value!r} is invalid: {fix}")
+
+
+def _validate(cfg: Config, world_size: int) -> None:
+    m, moe, par, data, opt, tr = cfg.model, cfg.moe, cfg.parallel, cfg.data, cfg.optim, cfg.train
+    if m.size not in MODEL_SIZES:
+        _fail("model.size", m.size, f"use one of {', '.join(MODEL_SIZES)}")
+    depth, hidden, heads = m.resolved()
+    if depth < 1:
+        _fail("model.depth", depth, "use at least 1 block")
+    if heads < 1 or hidden % heads:
+        _fail("model.num_heads", heads, f"must divide model.hidden_size={hidden}")
+    if m.patch_size < 1 or m.image_size % m.patch_size:
+        _fail("model.patch_size", m.patch_size, f"must divide model.image_size={m.image_size}")
+    if not 0.0 <= m.class_dropout < 1.0:
+        _fail("model.class_dropout", m.class_dropout, "use a probability in [0, 1)")
+    if moe.router not in ROUTERS:
+        _fail("moe.router", moe.router, f"use one of {', '.join(ROUTERS)}")
+    if moe.router != "dense":
+        if moe.num_experts < 2:
+            _fail("moe.num_experts", moe.num_experts, "use at least 2 experts, or moe.router=dense")
+        if not 0.0 < moe.capacity <= moe.num_experts:
+            _fail("moe.capacity", moe.capacity, f"use a capacity in (0, moe.num_experts={moe.num_experts}]")
+        if moe.interleave < 1:
+            _fail("moe.interleave", moe.interleave, "use 1 (every block) or 2 (every other block)")
+        if moe.router == "token_choice" and not 1 <= moe.top_k <= moe.num_experts:
+            _fail("moe.top_k", moe.top_k, f"use 1..moe.num_experts={moe.num_experts}")
+    if moe.pool not in POOLS:
+        _fail("moe.pool", moe.pool, f"use one of {', '.join(POOLS)}")
+    if moe.inference not in INFERENCE_MODES:
+        _fail("moe.inference", moe.inference, f"use one of {', '.join(INFERENCE_MODES)}")
+    if not 0.0 < moe.gamma < 1.0:
+        _fail("moe.gamma", moe.gamma, "use a threshold strictly between 0 and 1")
+    if not 0.0 <= moe.threshold_momentum < 1.0:
+        _fail("moe.threshold_momentum", moe.threshold_momentum, "use a value in [0, 1), e.g. 0.95")
+    if moe.predictor_loss_weight < 0:
+        _fail("moe.predictor_loss_weight", moe.predictor_loss_weight, "use a non-negative weight")
+    p = par.expert_parallel_size
+    if p < 1:
+        _fail("parallel.expert_parallel_size", p, "use a positive integer")
+    if p > 1 and moe.router == "dense":
+        _fail("parallel.expert_parallel_size", p, "expert parallelism needs experts: set moe.router or use 1")
+    if moe.router != "dense" and moe.num_experts % p:
+        _fail("parallel.expert_parallel_size", p, f"must divide moe.num_experts={moe.num_experts}")
+    if world_size % p:
+        _fail("parallel.expert_parallel_size", p, f"must divide the world size {world_size}")
+    if par.backend not in ("auto", "gloo", "nccl"):
+        _fail("parallel.backend", par.backend, "use auto, gloo or nccl")
+    if par.device not in ("auto", "cpu", "cuda"):
+        _fail("parallel.device", par.device, "use auto, cpu or cuda")
+    if data.global_batch_size < 1 or data.global_batch_size % world_size:
+        _fail("data.global_batch_size", data.global_batch_size, f"use a multiple of the world size {world_size}")
+    if data.loader not in ("indexed", "stream"):
+        _fail("data.loader", data.loader, "use indexed or stream")
+    if opt.lr <= 0:
+        _fail("optim.lr", opt.lr, "use a positive learning rate such as 1e-4")
+    if opt.warmup_steps < 0:
+        _fail("optim.warmup_steps", opt.warmup_steps, "use 0 or more steps")
+    if opt.grad_clip < 0:
+        _fail("optim.grad_clip", opt.grad_clip, "use 0 to disable or a positive norm")
+    if tr.steps < 1:
+        _fail("train.steps", tr.steps, "use at least 1 step")
+    if tr.precision not in ("fp32", "bf16"):
+        _fail("train.precision", tr.precision, "use fp32 or bf16")
+    if not 0.0 <= tr.ema_decay < 1.0:
+        _fail("train.ema_decay", tr.ema_decay, "use a decay in [0, 1), e.g. 0.9999 (0.999 for short runs)")
+    if cfg.sample.sampler not in ("euler", "heun"):
+        _fail("sample.sampler", cfg.sample.sampler, "use euler or heun")
+    if cfg.sample.num_steps < 1:
+        _fail("sample.num_steps", cfg.sample.num_steps, "use at least 1 ODE step")
+    if cfg.checkpoint.keep_last < 1:
+        _fail("checkpoint.keep_last", cfg.checkpoint.keep_last, "keep at least 1 checkpoint")
+    if cfg.logging.wandb not in ("offline", "online", "disabled"):
+        _fail("logging.wandb", cfg.logging.wandb, "use offline, online or disabled")
+
+
+def _coerce(name: str, text: str, current: Any, annotation: Any) -> Any:
+    """Parses an override string with YAML and checks it against the field's type."""
+    value = yaml.safe_load(text)
+    kinds = str(annotation)
+    if isinstance(current, bool) or kinds == "bool":
+        if not isinstance(value, bool):
+            _fail(name, text, "use true or false")
+        return value
+    if "int" in kinds and "float" not in kinds:
+        if value is None and "None" in kinds:
+            return None
+        if isinstance(value, bool) or not isinstance(value, int):
+            _fail(name, text, "use an integer")
+        return value
+    if "float" in kinds:
+        if isinstance(value, str):  # YAML 1.1 reads "3e-4" as a string; Python's float() does not
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            _fail(name, text, "use a number")
+        return float(value)
+    return text if value is None or not isinstance(value, str) else value
+
+
+def _apply(section_obj: Any, section: str, values: dict[str, Any], origin: str) -> None:
+    fields = {f.name: f for f in dataclasses.fields(section_obj)}
+    for key, raw in values.items():
+        name = f"{section}.{key}"
+        if key not in fields:
+            raise ConfigError(f"{name} (from {origin}) is not a config field: known are {', '.join(fields)}")
+        current = getattr(section_obj, key)
+        value = _coerce(name, raw if isinstance(raw, str) else yaml.safe_dump(raw), current, fields[key].type)
+        setattr(section_obj, key, value)
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    cfg = Config()
+    sections = {f.name for f in dataclasses.fields(cfg)}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(
+                f"--config {str(path)!r} does not exist: pass a YAML file such as configs/local/diffmoe-tiny.yaml"
+            )
+        with open(path) as f:
+            data = yaml.safe_load(f) or {}
+        for section, values in data.items():
+            if section not in sections:
+                raise ConfigError(
+                    f"{section} (in {path}) is not a config section: known are {', '.join(sorted(sections))}"
+                )
+            _apply(getattr(cfg, section), section, values or {}, str(path))
+    for item in overrides:
+        if "=" not in item or "." not in item.split("=", 1)[0]:
+            raise ConfigError(f"override {item!r} is malformed: write section.field=value, e.g. optim.lr=3e-4")
+        key, text = item.split("=", 1)
+        section, fname = key.split(".", 1)
+        if section not in sections:
+            raise ConfigError(f"override {item!r} names no config section: known are {', '.join(sorted(sections))}")
+        _apply(getattr(cfg, section), section, {fname: text}, "command line")
+    return cfg
+
+
+def config_from_dict(data: dict[str, Any]) -> Config:
+    """Rebuilds a Config from `Config.to_dict()` output (e.g. the copy stored in a checkpoint)."""
+    cfg = Config()
+    for section, values in data.items():
+        _apply(getattr(cfg, section), section, values, "checkpoint")
+    return cfg
+
+
+def save_config(cfg: Config, path: str | os.PathLike) -> None:
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
+    os.replace(tmp, path)

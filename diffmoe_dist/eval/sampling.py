@@ -1,0 +1,72 @@
+"""Class-conditional sampling with CFG, and image grids. Works single-process or collectively
+(every rank calls it with its share of labels: MoE layers with a distributed pool need all ranks)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from PIL import Image
+
+from diffmoe_dist.diffusion.flow import sample_ode
+
+
+@torch.no_grad()
+def sample_images(
+    model: torch.nn.Module,
+    labels_B: torch.Tensor,
+    *,
+    cfg_scale: float,
+    num_steps: int,
+    sampler: str,
+    seed: int,
+    device: torch.device | str = "cpu",
+) -> torch.Tensor:
+    """Returns images_BCHW in [-1, 1] for the given class labels (EMA model expected)."""
+    was_training = model.training
+    model.eval()
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    noise = torch.randn(len(labels_B), model.in_channels, model.image_size, model.image_size, generator=g).to(device)
+    labels_B = labels_B.to(device)
+
+    def velocity(x, t):
+        return model.forward_with_cfg(x, t, labels_B, cfg_scale).float()
+
+    out = sample_ode(velocity, noise, num_steps, sampler).clamp(-1, 1)
+    model.train(was_training)
+    return out
+
+
+def save_grid(images_BCHW: torch.Tensor, path: str, nrow: int, scale: int = 4) -> None:
+    """Writes a grid PNG (nrow images per row), each image upscaled by `scale` (nearest)."""
+    x = ((images_BCHW.detach().cpu().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    B, C, H, W = x.shape
+    ncol = (B + nrow - 1) // nrow
+    grid = torch.zeros(C, ncol * (H + 1) + 1, nrow * (W + 1) + 1, dtype=torch.uint8)
+    for i in range(B):
+        r, c = divmod(i, nrow)
+        grid[:, 1 + r * (H + 1) : 1 + r * (H + 1) + H, 1 + c * (W + 1) : 1 + c * (W + 1) + W] = x[i]
+    arr = grid.permute(1, 2, 0).numpy()
+    arr = np.repeat(np.repeat(arr, scale, axis=0), scale, axis=1)
+    img = Image.fromarray(arr[..., 0] if C == 1 else arr)
+    img.save(path)
+
+
+class CapacityMeter:
+    """Records the achieved average capacity C_avg of every MoE forward while active (forward hooks)."""
+
+    def __init__(self, model: torch.nn.Module):
+        from diffmoe_dist.model.moe.layer import moe_layers
+
+        self.values: list[float] = []
+        self._handles = [m.register_forward_hook(self._hook) for m in moe_layers(model)]
+
+    def _hook(self, module, inputs, output) -> None:
+        self.values.append(float(module.stats["capacity_avg"]))
+
+    @property
+    def mean(self) -> float | None:
+        return sum(self.values) / len(self.values) if self.values else None
+
+    def close(self) -> None:
+        for h in self._handles:
+            h.remove()

@@ -1,0 +1,49 @@
+"""The DiT feed-forward block and the choice, per transformer block, between dense and MoE."""
+
+from __future__ import annotations
+
+import torch.nn as nn
+from torch import Tensor
+
+DENSE = "dense"
+
+
+class FeedForward(nn.Module):
+    """DiT's MLP: Linear(D, H) -> GELU(tanh) -> Linear(H, D), with biases (H = 4D in DiT)."""
+
+    def __init__(self, dim: int, hidden_dim: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden_dim)
+        self.act = nn.GELU(approximate="tanh")
+        self.fc2 = nn.Linear(hidden_dim, dim)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        # DiT's `_basic_init`: xavier-uniform weights, zero biases. Done here as well so that a
+        # FeedForward and an expert of StackedExperts start from the same distribution whether or
+        # not the enclosing model re-initialises its nn.Linear modules.
+        for fc in (self.fc1, self.fc2):
+            nn.init.xavier_uniform_(fc.weight)
+            nn.init.zeros_(fc.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+def is_moe_block(moe_cfg, block_index: int) -> bool:
+    """Block i is MoE iff the router is not dense and ``i % interleave == interleave - 1``
+    (the odd blocks for interleave 2, as in DiffMoE)."""
+    if moe_cfg is None or moe_cfg.router == DENSE:
+        return False
+    if moe_cfg.interleave < 1:
+        raise ValueError(f"moe.interleave={moe_cfg.interleave} must be >= 1 (2 = every other block)")
+    return block_index % moe_cfg.interleave == moe_cfg.interleave - 1
+
+
+def build_ffn(dim: int, hidden_dim: int, moe_cfg, block_index: int) -> nn.Module:
+    """The FFN of transformer block ``block_index``: dense, or an MoE of full-size experts."""
+    if not is_moe_block(moe_cfg, block_index):
+        return FeedForward(dim, hidden_dim)
+    from diffmoe_dist.model.moe.layer import MoEFeedForward
+
+    return MoEFeedForward(dim, hidden_dim, moe_cfg)

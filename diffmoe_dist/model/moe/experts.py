@@ -1,0 +1,109 @@
+"""E full-size experts stored as stacked tensors, computed group by group without padding."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from diffmoe_dist.model.ffn import FeedForward
+
+
+def _tag_expert(param: nn.Parameter) -> nn.Parameter:
+    # DeepSpeed's MoE convention (DESIGN.md section 4): expert grads are reduced over the
+    # expert-data-parallel group only, never over all DP ranks. The parallel code adds
+    # `group_name` when it knows the EP size.
+    param.is_expert = True
+    param.allreduce = False
+    return param
+
+
+class StackedExperts(nn.Module):
+    """``num_local`` experts, each the DiT MLP ``D -> H -> D`` (GELU tanh), with weights stacked as
+    ``w1_EDH, b1_EH, w2_EHD, b2_ED``. ``offset`` is the global index of the first local expert;
+    ``num_experts`` stays the global count after ``shard``."""
+
+    def __init__(self, num_experts: int, dim: int, hidden_dim: int, offset: int = 0):
+        super().__init__()
+        self.num_experts = num_experts
+        self.num_local = num_experts
+        self.offset = offset
+        self.dim, self.hidden_dim = dim, hidden_dim
+        self.w1_EDH = _tag_expert(nn.Parameter(torch.empty(num_experts, dim, hidden_dim)))
+        self.b1_EH = _tag_expert(nn.Parameter(torch.empty(num_experts, hidden_dim)))
+        self.w2_EHD = _tag_expert(nn.Parameter(torch.empty(num_experts, hidden_dim, dim)))
+        self.b2_ED = _tag_expert(nn.Parameter(torch.empty(num_experts, dim)))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        # Each expert exactly as FeedForward.reset_parameters: xavier-uniform per expert matrix
+        # (bound sqrt(6 / (D + H)), symmetric in fan-in/fan-out, so the transposed storage does not
+        # change it) and zero biases.
+        with torch.no_grad():
+            for e in range(self.num_local):
+                nn.init.xavier_uniform_(self.w1_EDH[e])
+                nn.init.xavier_uniform_(self.w2_EHD[e])
+            self.b1_EH.zero_()
+            self.b2_ED.zero_()
+
+    def __setstate__(self, state):
+        # Parameter.__deepcopy__ and pickling drop Python attributes: re-tag after a copy (the
+        # EMA model is a deepcopy, and DeepSpeed would otherwise all-reduce its expert grads).
+        super().__setstate__(state)
+        for p in self.parameters(recurse=False):
+            _tag_expert(p)
+
+    def forward_grouped(self, x_MD: Tensor, counts_E: Tensor) -> Tensor:
+        """Rows of ``x_MD`` are contiguous per local expert, in expert order, ``counts_E[e]`` rows
+        for local expert e. Returns ``y_MD``, each row computed by its expert."""
+        counts = [int(c) for c in counts_E.tolist()]
+        if len(counts) != self.num_local or sum(counts) != x_MD.shape[0]:
+            raise ValueError(
+                f"forward_grouped: counts_E has {len(counts)} entries summing to {sum(counts)}, "
+                f"expected {self.num_local} local experts and {x_MD.shape[0]} rows"
+            )
+        outs, start = [], 0
+        for e, n in enumerate(counts):
+            x = x_MD[start : start + n]
+            start += n
+            # Empty experts are not skipped: a 0-row addmm yields zero (not None) gradients, so
+            # every expert parameter takes part in every backward (DDP / ZeRO need no
+            # find_unused_parameters).
+            h = F.gelu(torch.addmm(self.b1_EH[e], x, self.w1_EDH[e]), approximate="tanh")
+            outs.append(torch.addmm(self.b2_ED[e], h, self.w2_EHD[e]))
+        return torch.cat(outs, dim=0)
+
+    def shard(self, ep_rank: int, ep_size: int) -> StackedExperts:
+        """Keep only experts ``[ep_rank * E/P, (ep_rank + 1) * E/P)`` (DESIGN.md section 2), in
+        place, as new (tagged) Parameters. Returns self."""
+        if self.num_local != self.num_experts:
+            raise ValueError(f"shard: experts are already sharded (offset {self.offset}, {self.num_local} local)")
+        if ep_size < 1 or self.num_experts % ep_size != 0 or not 0 <= ep_rank < ep_size:
+            raise ValueError(
+                f"shard: num_experts={self.num_experts} must divide by ep_size={ep_size} and "
+                f"0 <= ep_rank={ep_rank} < ep_size"
+            )
+        per = self.num_experts // ep_size
+        lo = ep_rank * per
+        for name in ("w1_EDH", "b1_EH", "w2_EHD", "b2_ED"):
+            old = getattr(self, name)
+            setattr(self, name, _tag_expert(nn.Parameter(old.detach()[lo : lo + per].clone())))
+        self.num_local, self.offset = per, self.offset + lo
+        return self
+
+    def expert_feedforward(self, e: int) -> FeedForward:
+        """A FeedForward holding a copy of local expert ``e``'s weights (tests, inspection)."""
+        ffn = FeedForward(self.dim, self.hidden_dim).to(self.w1_EDH.device, self.w1_EDH.dtype)
+        with torch.no_grad():
+            ffn.fc1.weight.copy_(self.w1_EDH[e].T)
+            ffn.fc1.bias.copy_(self.b1_EH[e])
+            ffn.fc2.weight.copy_(self.w2_EHD[e].T)
+            ffn.fc2.bias.copy_(self.b2_ED[e])
+        return ffn
+
+    def extra_repr(self) -> str:
+        return (
+            f"num_experts={self.num_experts}, num_local={self.num_local}, offset={self.offset}, "
+            f"dim={self.dim}, hidden_dim={self.hidden_dim}"
+        )

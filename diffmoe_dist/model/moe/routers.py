@@ -1,0 +1,118 @@
+"""Routing as pure functions: scores, selection masks, and the assignments built from them.
+
+Every router produces a bool ``mask_NE`` over the local tokens (``mask[t, e]``: expert e
+computes token t); ``assignment_from_mask`` turns it into expert-sorted (token, expert, weight)
+triples for the dispatcher, with weight ``S[t, e]``. No distributed code here: questions about
+the whole pool go through a ``TokenPool`` (pool.py).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from diffmoe_dist.model.moe.pool import TokenPool
+
+ROUTERS = ("expert_choice_global", "expert_choice_local", "token_choice")
+INFERENCE_MODES = ("dynamic", "static", "interval")
+
+
+@dataclass
+class Assignment:
+    """Which expert computes which local token, sorted by expert then token index."""
+
+    token_idx_M: Tensor  # long, local token row
+    expert_idx_M: Tensor  # long, global expert index
+    weight_M: Tensor  # fp32 router score S[t, e], the combine weight
+    mask_NE: Tensor  # bool selection mask the triples came from
+
+    def detach(self) -> Assignment:
+        return Assignment(self.token_idx_M, self.expert_idx_M, self.weight_M.detach(), self.mask_NE)
+
+
+def router_scores(x_ND: Tensor, weight_ED: Tensor) -> Tensor:
+    """``S = softmax(x W_r^T)`` over experts, in fp32 even under bf16 autocast (DESIGN.md
+    section 1): selection compares scores across the whole pool, where bf16 would create ties."""
+    with torch.autocast(device_type=x_ND.device.type, enabled=False):
+        return torch.softmax(x_ND.float() @ weight_ED.float().T, dim=-1)
+
+
+def expert_capacity(capacity: float, n_tokens: int, num_experts: int) -> int:
+    """``k = floor(C * N / E)``, clamped to ``[0, N]``. The 1e-9 guards against float products
+    such as ``1.2 * 10 / 12 = 0.9999999999999999`` flooring one token short."""
+    k = math.floor(capacity * n_tokens / num_experts + 1e-9)
+    return max(0, min(k, n_tokens))
+
+
+def assignment_from_mask(mask_NE: Tensor, scores_NE: Tensor) -> Assignment:
+    # nonzero on the transposed mask enumerates (expert, token) in row-major order: sorted by
+    # expert, then by token, which is the contiguous-per-expert layout forward_grouped needs.
+    expert_idx_M, token_idx_M = mask_NE.T.nonzero(as_tuple=True)
+    return Assignment(token_idx_M, expert_idx_M, scores_NE[token_idx_M, expert_idx_M], mask_NE)
+
+
+def expert_choice_global(
+    scores_NE: Tensor, capacity: float, pool: TokenPool, n_pool: int | None = None
+) -> tuple[Tensor, Tensor]:
+    """DiffMoE training (and static inference): each expert takes its ``k = floor(C N_pool / E)``
+    best tokens of the whole pool. ``n_pool`` saves a ``pool.size`` call (a collective in
+    distributed pools) when the caller already has it. Returns ``(mask_NE, k_E)``."""
+    n, num_experts = scores_NE.shape
+    n_pool = pool.size(n) if n_pool is None else n_pool
+    k = expert_capacity(capacity, n_pool, num_experts)
+    k_E = torch.full((num_experts,), k, dtype=torch.long, device=scores_NE.device)
+    return pool.topk_mask(scores_NE, k_E), k_E
+
+
+def expert_choice_dynamic(scores_NE: Tensor, prob_NE: Tensor, threshold_E: Tensor, pool: TokenPool):
+    """DiffMoE dynamic / interval inference: ``k_e = #{t in pool: sigmoid(pred[t, e]) > tau_e}``,
+    then expert e takes its top-``k_e`` tokens of the pool *by router score*. ``k_e`` counts
+    tokens, so it scales with the pool and stays meaningful at batch size 1 (paper Fig. 6).
+    Pass a constant ``threshold_E = gamma`` for interval mode. Returns ``(mask_NE, k_E)``."""
+    k_E = pool.count(prob_NE > threshold_E.to(prob_NE).view(1, -1))
+    return pool.topk_mask(scores_NE, k_E), k_E
+
+
+def expert_choice_local(scores_BLE: Tensor, capacity: float) -> Tensor:
+    """EC-DiT: each expert takes ``k = floor(C L / E)`` tokens inside each sample's L tokens
+    (never across samples); ties towards the lower token index. Returns ``mask_NE`` (N = B L)."""
+    b, seq, num_experts = scores_BLE.shape
+    k = expert_capacity(capacity, seq, num_experts)
+    order_BLE = torch.sort(scores_BLE, dim=1, descending=True, stable=True).indices
+    rank_BLE = torch.empty_like(order_BLE)
+    positions = torch.arange(seq, device=scores_BLE.device).view(1, seq, 1).expand(b, seq, num_experts)
+    rank_BLE.scatter_(1, order_BLE, positions)
+    return (rank_BLE < k).reshape(b * seq, num_experts)
+
+
+def token_choice(scores_NE: Tensor, top_k: int) -> Tensor:
+    """TC-DiT: each token goes to its ``top_k`` highest-scoring experts, dropless (no capacity
+    limit); ties towards the lower expert index. The combine weight is the plain softmax
+    probability, not renormalised over the chosen K (as in TC-DiT / DiT-MoE with K=1, where
+    renormalising would make every weight 1 and cut the router's gradient). Returns ``mask_NE``."""
+    n, num_experts = scores_NE.shape
+    if not 1 <= top_k <= num_experts:
+        raise ValueError(f"moe.top_k={top_k} must lie in [1, num_experts={num_experts}]")
+    top_NK = torch.sort(scores_NE, dim=1, descending=True, stable=True).indices[:, :top_k]
+    mask_NE = torch.zeros_like(scores_NE, dtype=torch.bool)
+    return mask_NE.scatter_(1, top_NK, True)
+
+
+def load_balancing_loss(scores_NE: Tensor, mask_NE: Tensor, weight: float) -> Tensor:
+    """Switch-style aux loss ``weight * E * sum_i P_i f_i`` over the local tokens: ``f_i`` is the
+    fraction of token-slots (N K of them) routed to expert i, ``P_i`` the mean router probability.
+    Gradient flows through ``P`` only (``f`` is a count)."""
+    num_experts = scores_NE.shape[1]
+    f_E = mask_NE.float().sum(0) / mask_NE.float().sum().clamp_min(1.0)
+    p_E = scores_NE.float().mean(0)
+    return weight * num_experts * (p_E * f_E).sum()
+
+
+def capacity_avg(k_E: Tensor, n_pool: int) -> float:
+    """``C_avg = mean_e(E * k_e / N_pool)`` (DESIGN.md section 1), the achieved capacity."""
+    if n_pool == 0:
+        return 0.0
+    return float(k_E.double().mean() * k_E.numel() / n_pool)

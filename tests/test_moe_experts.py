@@ -1,0 +1,100 @@
+"""Specification of StackedExperts (grouped compute, init, sharding) and the local dispatcher."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from diffmoe_dist.model.ffn import FeedForward
+from diffmoe_dist.model.moe.dispatch import LocalDispatcher
+from diffmoe_dist.model.moe.experts import StackedExperts
+
+
+def _experts(e=4, d=6, h=24, seed=0):
+    torch.manual_seed(seed)
+    experts = StackedExperts(e, d, h)
+    with torch.no_grad():  # non-zero biases so that they are exercised
+        experts.b1_EH.normal_()
+        experts.b2_ED.normal_()
+    return experts
+
+
+def test_forward_grouped_equals_per_expert_feedforward_and_empty_experts_get_zero_grads():
+    experts = _experts()
+    counts = torch.tensor([3, 0, 5, 2])
+    x = torch.randn(10, 6)
+    y = experts.forward_grouped(x, counts)
+    start = 0
+    for e, n in enumerate(counts.tolist()):
+        ffn = FeedForward(6, 24)
+        with torch.no_grad():
+            ffn.fc1.weight.copy_(experts.w1_EDH[e].T)
+            ffn.fc1.bias.copy_(experts.b1_EH[e])
+            ffn.fc2.weight.copy_(experts.w2_EHD[e].T)
+            ffn.fc2.bias.copy_(experts.b2_ED[e])
+        torch.testing.assert_close(y[start : start + n], ffn(x[start : start + n]))
+        torch.testing.assert_close(experts.expert_feedforward(e)(x[start : start + n]), y[start : start + n])
+        start += n
+    y.sum().backward()
+    for p in experts.parameters():
+        assert p.grad is not None
+    assert experts.w1_EDH.grad[1].abs().sum() == 0 and experts.b2_ED.grad[1].abs().sum() == 0
+
+
+def test_forward_grouped_rejects_counts_that_do_not_match_rows():
+    with pytest.raises(ValueError, match="counts_E"):
+        _experts().forward_grouped(torch.randn(5, 6), torch.tensor([1, 1, 1, 1]))
+
+
+def test_experts_initialised_like_feedforward_xavier_and_zero_bias():
+    d, h = 32, 128
+    experts = StackedExperts(8, d, h)
+    ffn = FeedForward(d, h)
+    bound = math.sqrt(6 / (d + h))
+    for w in (experts.w1_EDH, experts.w2_EHD, ffn.fc1.weight, ffn.fc2.weight):
+        assert w.abs().max() <= bound
+        assert abs(w.std().item() - bound / math.sqrt(3)) < 0.05 * bound  # uniform(-a, a) std
+    assert experts.b1_EH.abs().sum() == 0 and experts.b2_ED.abs().sum() == 0
+    assert ffn.fc1.bias.abs().sum() == 0 and ffn.fc2.bias.abs().sum() == 0
+    assert not torch.equal(experts.w1_EDH[0], experts.w1_EDH[1])  # experts differ
+
+
+def test_expert_params_carry_deepspeed_tags():
+    for p in _experts().parameters():
+        assert p.is_expert is True and p.allreduce is False
+
+
+def test_shard_keeps_owned_slice_in_place_and_retags():
+    experts = _experts(e=8)
+    full = {n: p.detach().clone() for n, p in experts.named_parameters()}
+    assert experts.shard(ep_rank=1, ep_size=4) is experts
+    assert (experts.num_experts, experts.num_local, experts.offset) == (8, 2, 2)
+    for n, p in experts.named_parameters():
+        assert torch.equal(p, full[n][2:4])
+        assert p.is_expert is True and p.allreduce is False
+    with pytest.raises(ValueError, match="already sharded"):
+        experts.shard(0, 2)
+    with pytest.raises(ValueError, match="divide"):
+        _experts(e=6).shard(0, 4)
+
+
+def test_local_dispatcher_combines_weighted_outputs_and_zeros_unpicked_tokens():
+    experts = _experts()
+    x = torch.randn(5, 6)
+    token_idx = torch.tensor([0, 2, 2, 0, 3])
+    expert_idx = torch.tensor([0, 0, 1, 3, 3])
+    weight = torch.tensor([0.5, 0.25, 0.125, 2.0, 1.0])
+    y = LocalDispatcher()(x, token_idx, expert_idx, weight, experts)
+    ref = torch.zeros(5, 6)
+    for t, e, w in zip(token_idx.tolist(), expert_idx.tolist(), weight.tolist(), strict=True):
+        h = F.gelu(x[t] @ experts.w1_EDH[e] + experts.b1_EH[e], approximate="tanh")
+        ref[t] += w * (h @ experts.w2_EHD[e] + experts.b2_ED[e])
+    torch.testing.assert_close(y, ref.detach())
+    assert y[1].abs().sum() == 0 and y[4].abs().sum() == 0
+
+
+def test_local_dispatcher_refuses_sharded_experts():
+    experts = _experts().shard(0, 2)
+    with pytest.raises(ValueError, match="all-to-all"):
+        LocalDispatcher()(torch.randn(2, 6), torch.tensor([0]), torch.tensor([0]), torch.ones(1), experts)
