@@ -175,12 +175,12 @@ class Trainer:
     def train_step(self) -> dict[str, float]:
         cfg = self.cfg
         batch = self.loader.next_batch()
-        x = batch["x"].to(self.device)
-        y = batch["y"].to(self.device)
+        x = batch.pop("x").to(self.device)
+        cond = {k: v.to(self.device) for k, v in batch.items()}  # y for class-conditional runs
         x_t, t, v_target = flow_targets(x, self.noise_gen)
         autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.train.precision == "bf16")
         with autocast:
-            v_pred = self.model(x_t, t, y)
+            v_pred = self.model(x_t, t, **cond)
         loss_flow = flow_loss(v_pred, v_target)
         moe = collect_moe_losses(self.model)
         # moe["loss"] = sum over layers of predictor_loss_weight * BCE + weighted TC aux loss
