@@ -106,6 +106,9 @@ class TrainConfig:
     threads: int = 0  # torch threads per process; 0 = cores / local processes
     max_minutes: float = 0.0  # 0 = no limit
     resume: str = "auto"  # auto | never | path to a checkpoint directory
+    # Bitwise-reproducible steps (and so exact resume): with 2+ threads some CPU kernels reduce in
+    # a run-dependent order (measured: weights drifted by 1e-10 between identical runs).
+    deterministic: bool = True
 
 
 @dataclass

@@ -162,10 +162,11 @@ class DiT(nn.Module):
         x = x_BLP.reshape(B, g, g, p, p, c).permute(0, 5, 1, 3, 2, 4)
         return x.reshape(B, c, g * p, g * p)
 
-    def forward(self, x_BCHW: torch.Tensor, t_B: torch.Tensor, y_B: torch.Tensor) -> torch.Tensor:
-        """Predicts the rectified-flow velocity v = x_data - noise at time t (t=0 is noise)."""
+    def forward(self, x_BCHW: torch.Tensor, t_B: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Predicts the rectified-flow velocity v = x_data - noise at time t (t=0 is noise).
+        `y` (class labels, shape B) is named as the trainer's batch key."""
         x_BLD = self.x_embedder(x_BCHW).flatten(2).transpose(1, 2) + self.pos_embed
-        c_BD = self.t_embedder(t_B) + self.y_embedder(y_B)
+        c_BD = self.t_embedder(t_B) + self.y_embedder(y)
         for block in self.blocks:
             x_BLD = block(x_BLD, c_BD)
         return self.unpatchify(self.final_layer(x_BLD, c_BD))

@@ -81,6 +81,9 @@ class Trainer:
         self.cfg, self.topo, self.device = cfg, topo, device
         self.rank0 = topo.rank == 0
         torch.set_num_threads(_threads(cfg))
+        if cfg.train.deterministic:
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+            torch.use_deterministic_algorithms(True)
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
         self.model = build_model(cfg.model, cfg.moe).to(device)
         self.ema = EMA(self.model, cfg.train.ema_decay, cfg.train.ema_warmup)
