@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from diffmoe_dist.config import load_config
-from diffmoe_dist.train.trainer import Topology, Trainer
+from diffmoe_dist.train.trainer import Trainer
 
 TINY = [
     "model.depth=2",
@@ -47,7 +47,7 @@ def _train(digits, run_dir, steps, extra=()):
             *extra,
         ],
     ).validate(world_size=1)
-    trainer = Trainer(cfg, Topology(), torch.device("cpu"))
+    trainer = Trainer(cfg, None, torch.device("cpu"))
     trainer.fit()
     return trainer
 

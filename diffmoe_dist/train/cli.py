@@ -33,23 +33,28 @@ def main(argv=None) -> int:
         return 2
     import torch
 
-    from diffmoe_dist.train.trainer import Topology, Trainer
+    from diffmoe_dist.train.trainer import Trainer
 
     device = torch.device(
         "cuda"
         if cfg.parallel.device == "cuda" or (cfg.parallel.device == "auto" and torch.cuda.is_available())
         else "cpu"
     )
-    topo = Topology()
+    dims = None
     if env.world_size > 1:
         from diffmoe_dist.parallel.launch import init_distributed
 
-        topo.dims = init_distributed(env, cfg.parallel.expert_parallel_size, device)
-        topo.rank, topo.world_size = env.rank, env.world_size
+        dims = init_distributed(
+            env,
+            cfg.parallel.expert_parallel_size,
+            device,
+            num_experts=cfg.moe.num_experts,
+            backend=cfg.parallel.backend,
+        )
     if device.type == "cuda":
         torch.cuda.set_device(env.local_rank)
-    result = Trainer(cfg, topo, device).fit()
-    if topo.rank == 0:
+    result = Trainer(cfg, dims, device).fit()
+    if env.rank == 0:
         print(
             json.dumps(
                 {
@@ -61,9 +66,9 @@ def main(argv=None) -> int:
             )
         )
     if env.world_size > 1:
-        import torch.distributed as dist
+        from diffmoe_dist.parallel.launch import destroy_distributed
 
-        dist.destroy_process_group()
+        destroy_distributed()
     return 0
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 import os
 import time
-from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -17,56 +16,15 @@ from diffmoe_dist.diffusion.flow import flow_loss, flow_targets
 from diffmoe_dist.eval.sampling import sample_images, save_grid
 from diffmoe_dist.model.dit import build_model
 from diffmoe_dist.model.moe.layer import collect_moe_losses, mean_capacity
+from diffmoe_dist.parallel.grads import clip_grad_norm_, reduce_gradients
+from diffmoe_dist.parallel.groups import ParallelDims
 from diffmoe_dist.train import checkpoint as ckpt
 from diffmoe_dist.train.metrics import MetricsLogger
-
-
-@dataclass
-class Topology:
-    rank: int = 0
-    world_size: int = 1
-    dims: object | None = None  # diffmoe_dist.parallel groups when world_size > 1
-
-    @property
-    def ep_rank(self) -> int:
-        return self.dims.ep_rank if self.dims is not None else 0
-
-    @property
-    def ep_size(self) -> int:
-        return self.dims.ep_size if self.dims is not None else 1
-
-    @property
-    def ep_group(self):
-        return self.dims.ep_group if self.dims is not None else None
+from diffmoe_dist.train.telemetry import RoutingTelemetry
 
 
 def lr_lambda(warmup_steps: int):
     return lambda step: min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
-
-
-def clip_grad_norm(model: torch.nn.Module, max_norm: float, topo: Topology) -> float:
-    """Global grad norm when experts are sharded: non-expert grads are identical on every rank after
-    reduction, expert grads differ across the EP group, so their squares are summed over it."""
-    dense_sq = torch.zeros((), dtype=torch.float64)
-    expert_sq = torch.zeros((), dtype=torch.float64)
-    grads = []
-    for p in model.parameters():
-        if p.grad is None:
-            continue
-        grads.append(p.grad)
-        sq = p.grad.detach().double().pow(2).sum()
-        if getattr(p, "is_expert", False):
-            expert_sq += sq
-        else:
-            dense_sq += sq
-    if topo.ep_size > 1:
-        dist.all_reduce(expert_sq, group=topo.ep_group)
-    total = math.sqrt(float(dense_sq + expert_sq))
-    if max_norm > 0 and total > max_norm:
-        scale = max_norm / (total + 1e-6)
-        for g in grads:
-            g.mul_(scale)
-    return total
 
 
 def _threads(cfg: Config) -> int:
@@ -77,9 +35,10 @@ def _threads(cfg: Config) -> int:
 
 
 class Trainer:
-    def __init__(self, cfg: Config, topo: Topology, device: torch.device):
-        self.cfg, self.topo, self.device = cfg, topo, device
-        self.rank0 = topo.rank == 0
+    def __init__(self, cfg: Config, dims: ParallelDims | None, device: torch.device):
+        self.cfg, self.device = cfg, device
+        self.dims = dims if dims is not None else ParallelDims.single()
+        self.rank0 = self.dims.rank == 0
         torch.set_num_threads(_threads(cfg))
         if cfg.train.deterministic:
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
@@ -87,14 +46,14 @@ class Trainer:
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
         self.model = build_model(cfg.model, cfg.moe).to(device)
         self.ema = EMA(self.model, cfg.train.ema_decay, cfg.train.ema_warmup)
-        if topo.dims is not None:
+        if self.dims.distributed:
             from diffmoe_dist.parallel.parallelize import parallelize
 
-            parallelize(self.model, topo.dims, cfg.moe)
-            parallelize(self.ema.model, topo.dims, cfg.moe)
+            parallelize(self.model, self.dims, cfg.moe)
+            parallelize(self.ema.model, self.dims, cfg.moe)
         # Per-rank stream for t, noise and label dropout: ranks draw different noise for their samples.
-        torch.manual_seed(cfg.train.seed * 7919 + topo.rank + 1)
-        self.noise_gen = torch.Generator(device="cpu").manual_seed(cfg.train.seed * 104729 + topo.rank)
+        torch.manual_seed(cfg.train.seed * 7919 + self.dims.rank + 1)
+        self.noise_gen = torch.Generator(device="cpu").manual_seed(cfg.train.seed * 104729 + self.dims.rank)
         o = cfg.optim
         self.optimizer = torch.optim.AdamW(
             self.model.parameters(), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=o.weight_decay
@@ -109,16 +68,23 @@ class Trainer:
         from diffmoe_dist.data.shards import load_indexed
 
         data = load_indexed(os.path.join(self.cfg.data.path, "train"))
-        tensors = {"x": data["latent"], "y": data["cls"]}
+        if self.cfg.model.task == "t2i":
+            from diffmoe_dist.data.captions import text_tensors
+
+            # Keys are the model's forward kwargs (text, text_mask); class labels stay out of the
+            # batch, which the loop hands to the model whole (the evaluator reads them from shards).
+            tensors = {"x": data["latent"], **text_tensors(data, self.cfg, self.cfg.data.path)}
+        else:
+            tensors = {"x": data["latent"], "y": data["cls"]}
         return GlobalBatchLoader(
-            tensors, self.cfg.data.global_batch_size, self.topo.rank, self.topo.world_size, self.cfg.train.seed
+            tensors, self.cfg.data.global_batch_size, self.dims.rank, self.dims.world_size, self.cfg.train.seed
         )
 
     # ---- checkpoints -------------------------------------------------------------------------
     def save(self) -> str:
         t0 = time.time()
-        model_sd = ckpt.full_state_dict(self.model, self.topo.ep_group, self.topo.ep_size)
-        ema_sd = ckpt.full_state_dict(self.ema.model, self.topo.ep_group, self.topo.ep_size)
+        model_sd = ckpt.full_state_dict(self.model, self.dims.ep_group, self.dims.ep_size)
+        ema_sd = ckpt.full_state_dict(self.ema.model, self.dims.ep_group, self.dims.ep_size)
         shared = {
             "model": model_sd,
             "ema": ema_sd,
@@ -132,14 +98,14 @@ class Trainer:
             "loader": self.loader.state_dict(),
             "rng_torch": torch.get_rng_state(),
             "rng_noise": self.noise_gen.get_state(),
-            "ep_size": self.topo.ep_size,
-            "world_size": self.topo.world_size,
+            "ep_size": self.dims.ep_size,
+            "world_size": self.dims.world_size,
         }
         path = ckpt.save_checkpoint(
             self.ckpt_root,
             self.step,
-            self.topo.rank,
-            self.topo.world_size,
+            self.dims.rank,
+            self.dims.world_size,
             shared if self.rank0 else None,
             per_rank,
             self.cfg.checkpoint.keep_last,
@@ -155,14 +121,14 @@ class Trainer:
         if path is None:
             return
         shared = ckpt.load_file(path, "model.pt")
-        ckpt.load_full_state_dict(self.model, shared["model"], self.topo.ep_rank, self.topo.ep_size)
-        ckpt.load_full_state_dict(self.ema.model, shared["ema"], self.topo.ep_rank, self.topo.ep_size)
+        ckpt.load_full_state_dict(self.model, shared["model"], self.dims.ep_rank, self.dims.ep_size)
+        ckpt.load_full_state_dict(self.ema.model, shared["ema"], self.dims.ep_rank, self.dims.ep_size)
         self.ema.num_updates = int(shared["ema_num_updates"])
         self.step = int(shared["step"])
-        rank_file = f"rank{self.topo.rank:05d}.pt"
+        rank_file = f"rank{self.dims.rank:05d}.pt"
         if os.path.isfile(os.path.join(path, rank_file)):
             mine = ckpt.load_file(path, rank_file)
-            if mine["world_size"] != self.topo.world_size or mine["ep_size"] != self.topo.ep_size:
+            if mine["world_size"] != self.dims.world_size or mine["ep_size"] != self.dims.ep_size:
                 raise ckpt.CheckpointError(
                     f"{path} was written at world size {mine['world_size']}, EP {mine['ep_size']}: "
                     "optimizer state is per rank; resume with the same topology"
@@ -190,20 +156,25 @@ class Trainer:
         loss = loss_flow + moe["loss"]
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        if self.topo.dims is not None:
-            from diffmoe_dist.parallel.grads import reduce_gradients
-
-            reduce_gradients(self.model, self.topo.dims)
-        grad_norm = clip_grad_norm(self.model, cfg.optim.grad_clip, self.topo)
+        if self.dims.distributed:
+            reduce_gradients(self.model, self.dims)
+        grad_norm = float(clip_grad_norm_(self.model, cfg.optim.grad_clip, self.dims))
         self.optimizer.step()
         self.scheduler.step()
         self.ema.update(self.model)
         self.step += 1
+        # Logged losses are global means over the data-parallel batch (one tiny all-reduce), so a
+        # run's curve does not depend on the world size.
+        parts = torch.stack([loss, loss_flow, moe["predictor_bce"], moe["aux_loss"]]).detach().float()
+        if self.dims.distributed:
+            dist.all_reduce(parts, group=self.dims.dp_group)
+            parts /= self.dims.world_size
+        loss_v, flow_v, pred_v, aux_v = parts.tolist()
         return {
-            "loss": float(loss.detach()),
-            "loss_flow": float(loss_flow.detach()),
-            "loss_predictor": float(moe["predictor_bce"].detach()),
-            "loss_aux": float(moe["aux_loss"].detach()),
+            "loss": loss_v,
+            "loss_flow": flow_v,
+            "loss_predictor": pred_v,
+            "loss_aux": aux_v,
             "grad_norm": grad_norm,
             "lr": self.scheduler.get_last_lr()[0],
             "capacity_avg": float(mean_capacity(self.model)),
@@ -211,20 +182,31 @@ class Trainer:
 
     # ---- samples -----------------------------------------------------------------------------
     def sample_grid(self, path: str) -> None:
-        """Collective: each rank samples an equal share of the class grid; rank 0 writes it."""
+        """Collective: each rank samples an equal share of the class grid; rank 0 writes it.
+        Text-to-image grids have one column per held-out caption (one per digit), listed in a .txt."""
         s, nc = self.cfg.sample, self.cfg.model.num_classes
+        model = self.ema.model
+        if self.cfg.model.task == "t2i":
+            from diffmoe_dist.data.captions import grid_prompts
+            from diffmoe_dist.model.text import PromptConditioned
+
+            prompts = grid_prompts(self.cfg.data.path, nc)
+            model, nc = PromptConditioned(model, prompts["text"], prompts["mask"]), len(prompts["caption"])
+            if self.rank0:
+                with open(os.path.splitext(path)[0] + ".txt", "w") as f:
+                    f.write("".join(f"column {i}: {c}\n" for i, c in enumerate(prompts["caption"])))
         labels = torch.arange(nc).repeat_interleave(s.per_class)
-        W = self.topo.world_size
+        W = self.dims.world_size
         padded = math.ceil(len(labels) / W) * W
         labels = torch.cat([labels, labels[: padded - len(labels)]])
-        mine = labels.view(W, -1)[self.topo.rank]
+        mine = labels.view(W, -1)[self.dims.rank]
         imgs = sample_images(
-            self.ema.model,
+            model,
             mine,
             cfg_scale=s.cfg_scale,
             num_steps=s.num_steps,
             sampler=s.sampler,
-            seed=self.cfg.train.seed + 1000 * self.topo.rank,
+            seed=self.cfg.train.seed + 1000 * self.dims.rank,
             device=self.device,
         ).cpu()
         if W > 1:
@@ -248,11 +230,13 @@ class Trainer:
         )
         self.maybe_resume(logger.print)
         logger.advance_to(self.step)
+        telemetry = RoutingTelemetry(self.model, cfg.logging.routing_every, self.run_dir, self.dims, self.step + 1)
         t_start = time.time()
         last = {}
         window_t, window_steps = time.time(), 0
         while self.step < cfg.train.steps:
             last = self.train_step()
+            telemetry.after_step(self.step)  # routing.jsonl every logging.routing_every steps
             window_steps += 1
             if self.step % cfg.logging.log_every == 0 or self.step == cfg.train.steps:
                 dt = time.time() - window_t

@@ -61,18 +61,38 @@ class LocalPool(TokenPool):
         return mask_NE.sum(dim=0, dtype=torch.long)
 
     def topk_mask(self, scores_NE: Tensor, k_E: Tensor) -> Tensor:
+        # Threshold, not sort: a stable sort of the N x E scores cost ~8x a top-k at N = 16K.
+        # Each column takes the rows strictly above its k-th largest score, then the first
+        # (k_e - #above) rows equal to it in index order: the tie rule the distributed radix
+        # select reproduces (torch.topk alone gives no tie guarantee).
         n, e = scores_NE.shape
-        # A stable descending sort keeps equal scores in index order, which is the tie rule the
-        # distributed radix select reproduces; torch.topk gives no such guarantee.
-        order_NE = torch.sort(scores_NE, dim=0, descending=True, stable=True).indices
-        rank_NE = torch.empty_like(order_NE)
-        rank_NE.scatter_(0, order_NE, torch.arange(n, device=scores_NE.device).unsqueeze(1).expand(n, e))
-        return rank_NE < k_E.to(scores_NE.device).view(1, e)
+        k_E = k_E.to(device=scores_NE.device, dtype=torch.long)
+        mask_NE = torch.zeros(n, e, dtype=torch.bool, device=scores_NE.device)
+        if n == 0 or e == 0 or int(k_E.max()) == 0:
+            return mask_NE
+        kth_E = _kth_largest_per_column(scores_NE, k_E.clamp(1, n))
+        above_NE = scores_NE > kth_E
+        tied_NE = scores_NE == kth_E
+        need_E = k_E - above_NE.sum(0)  # tied rows still to take, >= 1 where k_e >= 1
+        if not torch.equal(tied_NE.sum(0), need_E):  # ties beyond the k-th: lowest index wins
+            tied_NE &= tied_NE.cumsum(0) <= need_E
+        torch.logical_or(above_NE, tied_NE, out=mask_NE)
+        mask_NE &= (k_E > 0).view(1, e)
+        return mask_NE
 
     def kth_largest(self, values_NE: Tensor, k: int) -> Tensor:
         if not 1 <= k <= values_NE.shape[0]:
             raise ValueError(f"kth_largest: k={k} outside [1, N_pool={values_NE.shape[0]}]")
-        return torch.topk(values_NE, k, dim=0, sorted=True).values[k - 1]
+        return _kth_largest_per_column(values_NE, torch.full((values_NE.shape[1],), k, dtype=torch.long))
 
     def replica_mean(self, t: Tensor) -> Tensor:
         return t
+
+
+def _kth_largest_per_column(values_NE: Tensor, k_E: Tensor) -> Tensor:
+    """The ``k_E[e]``-th largest value of each column (``1 <= k_E <= N``), shape ``[E]``."""
+    k_max = int(k_E.max())
+    if int(k_E.min()) == k_max:  # one k (training): the smallest of an unsorted top-k
+        return torch.topk(values_NE, k_max, dim=0, sorted=False).values.amin(dim=0)
+    top_KE = torch.topk(values_NE, k_max, dim=0, sorted=True).values
+    return top_KE.gather(0, (k_E - 1).to(values_NE.device).view(1, -1)).view(-1)

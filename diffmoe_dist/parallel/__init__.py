@@ -1,0 +1,48 @@
+"""Parallelism applied from outside the model: launch env, process groups, distributed token pools,
+expert-parallel dispatch, gradient reduction, and `parallelize` that ties them to a built model."""
+
+from diffmoe_dist.parallel.dispatch import AllToAllDispatcher
+from diffmoe_dist.parallel.grads import (
+    clip_grad_norm_,
+    grad_norm,
+    is_expert_param,
+    reduce_gradients,
+    split_params,
+)
+from diffmoe_dist.parallel.groups import (
+    ParallelDims,
+    ParallelSetupError,
+    build_parallel_dims,
+    expert_data_parallel_ranks,
+    expert_parallel_ranks,
+    megatron_parallel_dims,
+    validate_parallel,
+)
+from diffmoe_dist.parallel.launch import LaunchEnv, destroy_distributed, init_distributed, read_launch_env
+from diffmoe_dist.parallel.parallelize import broadcast_replicas, make_pool, parallelize
+from diffmoe_dist.parallel.selection import DistributedPool, RankPool
+
+__all__ = [
+    "AllToAllDispatcher",
+    "DistributedPool",
+    "LaunchEnv",
+    "ParallelDims",
+    "ParallelSetupError",
+    "RankPool",
+    "broadcast_replicas",
+    "build_parallel_dims",
+    "clip_grad_norm_",
+    "destroy_distributed",
+    "expert_data_parallel_ranks",
+    "expert_parallel_ranks",
+    "grad_norm",
+    "init_distributed",
+    "is_expert_param",
+    "make_pool",
+    "megatron_parallel_dims",
+    "parallelize",
+    "read_launch_env",
+    "reduce_gradients",
+    "split_params",
+    "validate_parallel",
+]

@@ -1,0 +1,251 @@
+"""Where this process sits in the job, read from whichever launcher started it, and the process groups.
+
+`read_launch_env()` understands, in this order of precedence:
+- torchrun (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT``);
+- SLURM, but only inside an ``srun`` step with more than one task (``SLURM_PROCID``,
+  ``SLURM_NTASKS``, ``SLURM_LOCALID``, ``SLURM_NODEID``). A batch shell also carries
+  ``SLURM_NTASKS`` but is one process, and ``mpirun`` inside an allocation launches one SLURM task
+  per node, so a disagreeing MPI world size wins. The master is the first host of the job's node
+  list and the port is derived from the job id, so every task agrees without talking;
+- MPI (Open MPI's ``OMPI_COMM_WORLD_*`` or MPICH/Hydra's ``PMI_*``): when ``MASTER_ADDR`` is not
+  set, rank 0's host name and a free port are broadcast through mpi4py;
+- otherwise a single process.
+
+The parsing functions are pure functions of an environment dict (tests feed them dicts);
+`init_distributed` then validates the layout and starts the groups.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from diffmoe_dist.parallel.groups import (
+    ParallelDims,
+    build_parallel_dims,
+    megatron_parallel_dims,
+    validate_parallel,
+)
+
+LAUNCHERS = ("torchrun", "slurm", "mpi", "single")
+SLURM_PORT_BASE = 15000  # port = base + job id % SLURM_PORT_SPAN: distinct jobs rarely share a port
+SLURM_PORT_SPAN = 20000
+
+
+@dataclass(frozen=True)
+class LaunchEnv:
+    rank: int
+    world_size: int
+    local_rank: int
+    node_id: int
+    master_addr: str
+    master_port: int
+    launcher: str  # torchrun | slurm | mpi | single
+    local_world_size: int = 1  # processes on this node (threads per process = cores / this)
+
+
+def _int(env: Mapping[str, str], *names: str, default: int | None = None) -> int | None:
+    for name in names:
+        if env.get(name, "") != "":
+            try:
+                return int(env[name])
+            except ValueError:
+                raise ValueError(
+                    f"{name}={env[name]!r} is invalid: the launcher must set an integer"
+                ) from None
+    return default
+
+
+def detect_launcher(env: Mapping[str, str]) -> str:
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return "torchrun"
+    mpi_size = _int(env, "OMPI_COMM_WORLD_SIZE", "PMI_SIZE")
+    slurm_tasks = _int(env, "SLURM_NTASKS", default=1)
+    in_srun_step = "SLURM_PROCID" in env and ("SLURM_STEP_ID" in env or "SLURM_STEPID" in env)
+    if in_srun_step and slurm_tasks > 1 and mpi_size in (None, slurm_tasks):
+        return "slurm"
+    if mpi_size is not None:
+        return "mpi"
+    return "single"
+
+
+def first_slurm_host(nodelist: str) -> str:
+    """First host of a SLURM node list such as ``gpu[003-010,012],cpu1`` -> ``gpu003``.
+
+    The fallback when ``scontrol show hostnames`` is unavailable; handles the compressed forms
+    SLURM prints (one bracket group per name, zero-padded ranges).
+    """
+    first = re.match(r"([^,\[]+)(\[([^\]]+)\])?", nodelist.strip())
+    if first is None:
+        raise ValueError(f"SLURM_JOB_NODELIST={nodelist!r} is invalid: expected e.g. node[01-04]")
+    prefix, bracket = first.group(1), first.group(3)
+    if bracket is None:
+        return prefix
+    return prefix + bracket.split(",")[0].split("-")[0]
+
+
+def slurm_master_addr(nodelist: str, run: Callable[[list[str]], str] | None = None) -> str:
+    """``scontrol show hostnames $SLURM_JOB_NODELIST | head -1``, parsed by hand without scontrol."""
+    if run is None and shutil.which("scontrol"):
+
+        def run(cmd: list[str]) -> str:
+            return subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=30).stdout
+
+    if run is not None:
+        hosts = run(["scontrol", "show", "hostnames", nodelist]).split()
+        if hosts:
+            return hosts[0]
+    return first_slurm_host(nodelist)
+
+
+def _slurm_local_world_size(env: Mapping[str, str]) -> int:
+    per_node = _int(env, "SLURM_NTASKS_PER_NODE")
+    if per_node is not None:
+        return per_node
+    # SLURM_TASKS_PER_NODE looks like "4(x2),3": the first entry is this job's typical node.
+    match = re.match(r"(\d+)", env.get("SLURM_STEP_TASKS_PER_NODE", env.get("SLURM_TASKS_PER_NODE", "")))
+    return int(match.group(1)) if match else 1
+
+
+def read_launch_env(
+    env: Mapping[str, str] | None = None,
+    *,
+    run: Callable[[list[str]], str] | None = None,
+    mpi_bcast: Callable[[Any], Any] | None = None,
+) -> LaunchEnv:
+    """Parses the launcher's variables. ``run`` replaces ``scontrol`` and ``mpi_bcast`` replaces
+    ``mpi4py``'s ``COMM_WORLD.bcast(obj, root=0)`` (tests pass fakes)."""
+    env = os.environ if env is None else env
+    launcher = detect_launcher(env)
+    if launcher == "torchrun":
+        rank, world_size = _int(env, "RANK"), _int(env, "WORLD_SIZE")
+        local_rank = _int(env, "LOCAL_RANK", default=0)
+        local_world_size = _int(env, "LOCAL_WORLD_SIZE", default=1)
+        node_id = _int(env, "GROUP_RANK", default=rank // max(local_world_size, 1))
+        addr, port = env.get("MASTER_ADDR", "127.0.0.1"), _int(env, "MASTER_PORT", default=29500)
+    elif launcher == "slurm":
+        rank, world_size = _int(env, "SLURM_PROCID"), _int(env, "SLURM_NTASKS")
+        local_rank, node_id = _int(env, "SLURM_LOCALID", default=0), _int(env, "SLURM_NODEID", default=0)
+        local_world_size = _slurm_local_world_size(env)
+        job_id = _int(env, "SLURM_JOB_ID", "SLURM_JOBID", default=0)
+        nodelist = env.get("SLURM_JOB_NODELIST", env.get("SLURM_NODELIST", ""))
+        addr = env.get("MASTER_ADDR") or (slurm_master_addr(nodelist, run) if nodelist else "127.0.0.1")
+        port = _int(env, "MASTER_PORT", default=SLURM_PORT_BASE + job_id % SLURM_PORT_SPAN)
+    elif launcher == "mpi":
+        rank, world_size = (
+            _int(env, "OMPI_COMM_WORLD_RANK", "PMI_RANK"),
+            _int(env, "OMPI_COMM_WORLD_SIZE", "PMI_SIZE"),
+        )
+        local_rank = _int(env, "OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID", "PMI_LOCAL_RANK", default=0)
+        local_world_size = _int(
+            env, "OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS", "PMI_LOCAL_SIZE", default=1
+        )
+        node_id = rank // max(local_world_size, 1)  # MPI exposes no node id; assumes by-slot mapping
+        if env.get("MASTER_ADDR") and env.get("MASTER_PORT"):
+            addr, port = env["MASTER_ADDR"], _int(env, "MASTER_PORT")
+        else:
+            addr, port = _mpi_master(rank, mpi_bcast)
+    else:
+        rank, world_size, local_rank, node_id, local_world_size = 0, 1, 0, 0, 1
+        addr, port = "127.0.0.1", _int(env, "MASTER_PORT", default=0)  # 0: a free port at init
+    if not 0 <= rank < world_size:
+        raise ValueError(
+            f"rank={rank} is invalid for world_size={world_size} ({launcher}): check the launcher"
+        )
+    return LaunchEnv(rank, world_size, local_rank, node_id, addr, port, launcher, local_world_size)
+
+
+def _mpi_master(rank: int, mpi_bcast: Callable[[Any], Any] | None) -> tuple[str, int]:
+    if mpi_bcast is None:
+        from mpi4py import MPI
+
+        def mpi_bcast(obj: Any) -> Any:
+            return MPI.COMM_WORLD.bcast(obj, root=0)
+
+    mine = (socket.gethostname(), _free_port()) if rank == 0 else None
+    addr, port = mpi_bcast(mine)
+    return addr, int(port)
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+def resolve_device(device: str | torch.device, local_rank: int) -> torch.device:
+    if str(device) == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", local_rank % torch.cuda.device_count())
+    return device
+
+
+def init_distributed(
+    env: LaunchEnv,
+    expert_parallel_size: int = 1,
+    device: str | torch.device = "auto",
+    *,
+    num_experts: int | None = None,
+    backend: str = "auto",
+    use_megatron: bool = True,
+    timeout_minutes: float = 30.0,
+) -> ParallelDims:
+    """Validates the layout, starts the default group (nccl on CUDA, else gloo) and the EP / EDP
+    groups, and returns this rank's `ParallelDims`.
+
+    With ``use_megatron`` the groups come from megatron-core's ``initialize_model_parallel`` (so
+    its ``dist_checkpointing`` sees them); otherwise from `build_parallel_dims`, same rank sets.
+    """
+    validate_parallel(env.world_size, num_experts, expert_parallel_size)
+    device = resolve_device(device, env.local_rank)
+    if backend == "auto":
+        backend = "nccl" if device.type == "cuda" else "gloo"
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    timeout = timedelta(minutes=timeout_minutes)
+    if not dist.is_initialized():
+        port = env.master_port or _free_port()
+        dist.init_process_group(
+            backend,
+            init_method=f"tcp://{env.master_addr}:{port}",
+            rank=env.rank,
+            world_size=env.world_size,
+            timeout=timeout,
+        )
+    if not use_megatron:
+        return build_parallel_dims(expert_parallel_size, num_experts)
+    import warnings
+
+    with warnings.catch_warnings():  # "Transformer Engine and Apex are not installed": expected here
+        warnings.simplefilter("ignore")
+        from megatron.core import parallel_state as mpu
+
+    if not mpu.model_parallel_is_initialized():
+        mpu.initialize_model_parallel(
+            expert_model_parallel_size=expert_parallel_size,
+            distributed_timeout_minutes=int(timeout_minutes),
+            create_gloo_process_groups=backend != "gloo",  # gloo groups would duplicate ours
+        )
+    return megatron_parallel_dims()
+
+
+def destroy_distributed() -> None:
+    """Tears down Megatron's state (if any) and the default group; safe to call when neither exists."""
+    mpu = sys.modules.get("megatron.core.parallel_state")  # never import Megatron (~6 s) just to tear down
+    if mpu is not None and mpu.model_parallel_is_initialized():
+        mpu.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,96 @@
+"""Apply data and expert parallelism to a built model, from the outside (torchtitan's parallelize_*).
+
+The model code builds every MoE layer with all E experts, a `LocalPool` and a `LocalDispatcher`.
+`parallelize` then, for each `MoEFeedForward`:
+- keeps only this rank's ``E/P`` experts (``experts.shard``), tagged for DeepSpeed's MoE paths;
+- swaps in the `AllToAllDispatcher` over the EP group when ``P > 1``;
+- swaps in the token pool ``moe.pool`` asks for (DESIGN.md section 2): ``rank`` (own batch),
+  ``ep`` (the EP group's batches) or ``dp`` (every rank's batch), all with thresholds averaged
+  over DP so the predictor buffers stay identical;
+and finally broadcasts parameters and buffers so that all replicas start identical: non-expert
+tensors from rank 0 over DP, expert shards from the first rank of each EDP group.
+
+Call it before building the optimizer: sharding replaces the expert Parameters.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+from diffmoe_dist.model.moe.layer import MoEFeedForward, moe_layers
+from diffmoe_dist.model.moe.pool import LocalPool, TokenPool
+from diffmoe_dist.parallel.dispatch import AllToAllDispatcher
+from diffmoe_dist.parallel.grads import BUCKET_BYTES, is_expert_param
+from diffmoe_dist.parallel.groups import ParallelDims
+from diffmoe_dist.parallel.selection import DistributedPool, RankPool
+
+POOLS = ("rank", "ep", "dp")
+
+
+def make_pool(pool: str, dims: ParallelDims, bits_per_pass: int = 8) -> TokenPool:
+    """The token pool for ``moe.pool``; pools of one rank need no collectives for selection."""
+    if pool not in POOLS:
+        raise ValueError(f"moe.pool={pool!r} is invalid: use one of {', '.join(POOLS)}")
+    if dims.world_size == 1:
+        return LocalPool()
+    if pool == "dp":
+        return DistributedPool(dims.dp_group, dims.dp_group, bits_per_pass)
+    if pool == "ep" and dims.ep_size > 1:
+        return DistributedPool(dims.ep_group, dims.dp_group, bits_per_pass)
+    return RankPool(dims.dp_group)
+
+
+def parallelize(model: nn.Module, dims: ParallelDims, moe_cfg, *, broadcast: bool = True) -> nn.Module:
+    """Shards experts, installs dispatchers and pools, syncs replicas. Returns ``model`` (in place)."""
+    for layer in moe_layers(model):
+        parallelize_moe_layer(layer, dims, moe_cfg.pool)
+    if broadcast and dims.world_size > 1:
+        broadcast_replicas(model, dims)
+    return model
+
+
+def parallelize_moe_layer(layer: MoEFeedForward, dims: ParallelDims, pool: str) -> None:
+    if layer.num_experts % dims.ep_size:
+        raise ValueError(
+            f"parallel.expert_parallel_size={dims.ep_size} is invalid: "
+            f"must divide moe.num_experts={layer.num_experts}"
+        )
+    if dims.ep_size > 1:
+        layer.experts.shard(dims.ep_rank, dims.ep_size)
+        layer.dispatcher = AllToAllDispatcher(dims.ep_group)
+    for p in layer.experts.parameters():
+        p.group_name = f"ep_size_{dims.ep_size}"  # DeepSpeed's MoE optimizer-group key
+    layer.pool = make_pool(pool, dims)
+
+
+def _broadcast(tensors: list[torch.Tensor], src: int, group) -> None:
+    by_kind: dict[tuple, list[torch.Tensor]] = {}
+    for t in tensors:
+        by_kind.setdefault((t.dtype, t.device), []).append(t)
+    for group_tensors in by_kind.values():
+        bucket: list[torch.Tensor] = []
+        size = 0
+        for i, t in enumerate(group_tensors):
+            bucket.append(t)
+            size += t.numel() * t.element_size()
+            if size >= BUCKET_BYTES or i == len(group_tensors) - 1:
+                flat = _flatten_dense_tensors(bucket)
+                dist.broadcast(flat, src=src, group=group)
+                for dst, value in zip(bucket, _unflatten_dense_tensors(flat, bucket)):
+                    dst.copy_(value)
+                bucket, size = [], 0
+
+
+@torch.no_grad()
+def broadcast_replicas(model: nn.Module, dims: ParallelDims) -> None:
+    """Makes replicas bitwise identical: non-expert parameters and all buffers from global rank 0
+    over DP, expert shards from their EDP group's first rank. A collective on every rank."""
+    params = list(model.parameters())
+    dense = [p.data for p in params if not is_expert_param(p)] + [b for b in model.buffers()]
+    expert = [p.data for p in params if is_expert_param(p)]
+    _broadcast(dense, dist.get_process_group_ranks(dims.dp_group)[0], dims.dp_group)
+    if dims.edp_size > 1:
+        _broadcast(expert, dims.edp_ranks[0], dims.edp_group)
