@@ -27,10 +27,8 @@ case "$cmd" in
   main)
     setup_venv
     RUN=${RUN:-runs/main}
-    NPROC=${NPROC:-4}
-    [[ -f data/digits/train/manifest.json ]] || python tools/make_shards.py digits --out data/digits
-    torchrun --standalone --nproc-per-node "$NPROC" -m diffmoe_dist.train.cli \
-      --config "${CONFIG:-configs/local/diffmoe-tiny.yaml}" train.run_dir="$RUN" "$@"
+    # torchrun with NPROC (default 4) processes; shards are made when missing (launchers/common.sh)
+    bash launchers/local.sh train.run_dir="$RUN" "$@"
     diffmoe-eval --ckpt "$RUN" --num-samples 500 --cfg-scale 2.0 --steps 25 --sampler heun | tee "$RUN/eval.json"
     diffmoe-sample --ckpt "$RUN" --per-class 8 --out "$RUN/grid.png" --steps 25 --sampler heun
     ;;

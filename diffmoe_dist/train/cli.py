@@ -53,7 +53,7 @@ def main(argv=None) -> int:
         )
     if device.type == "cuda":
         torch.cuda.set_device(env.local_rank)
-    result = Trainer(cfg, dims, device).fit()
+    result = Trainer(cfg, dims, device, env.local_world_size).fit()
     if env.rank == 0:
         print(
             json.dumps(

@@ -27,6 +27,7 @@ class MetricsLogger:
                 )
             except Exception as exc:  # wandb is a convenience; training must not die for it
                 print(f"[diffmoe] wandb disabled: {type(exc).__name__}: {exc}")
+        from rich.console import Console
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
         self._progress = Progress(
@@ -35,6 +36,8 @@ class MetricsLogger:
             MofNCompleteColumn(),
             TimeRemainingColumn(),
             TextColumn("{task.fields[info]}"),
+            # batch logs (no terminal) must not wrap long lines at 80 columns
+            console=Console(width=None if os.isatty(1) else 200, soft_wrap=True),
             disable=os.environ.get("DIFFMOE_NO_PROGRESS") == "1",
         )
         self._task = self._progress.add_task("train", total=total_steps, info="")

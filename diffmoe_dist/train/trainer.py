@@ -27,19 +27,22 @@ def lr_lambda(warmup_steps: int):
     return lambda step: min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
 
 
-def _threads(cfg: Config) -> int:
+def _threads(cfg: Config, local_world_size: int) -> int:
+    """train.threads, else OMP_NUM_THREADS (set by our launchers and torchrun), else cores divided by
+    the processes on this node, so torchrun, srun and mpirun runs compute with the same thread count."""
     if cfg.train.threads > 0:
         return cfg.train.threads
-    local = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("SLURM_NTASKS_PER_NODE", "1")) or 1)
-    return max(1, (os.cpu_count() or 1) // max(1, local))
+    if os.environ.get("OMP_NUM_THREADS", "").isdigit():
+        return max(1, int(os.environ["OMP_NUM_THREADS"]))
+    return max(1, (os.cpu_count() or 1) // max(1, local_world_size))
 
 
 class Trainer:
-    def __init__(self, cfg: Config, dims: ParallelDims | None, device: torch.device):
+    def __init__(self, cfg: Config, dims: ParallelDims | None, device: torch.device, local_world_size: int = 1):
         self.cfg, self.device = cfg, device
         self.dims = dims if dims is not None else ParallelDims.single()
         self.rank0 = self.dims.rank == 0
-        torch.set_num_threads(_threads(cfg))
+        torch.set_num_threads(_threads(cfg, local_world_size))
         if cfg.train.deterministic:
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
             torch.use_deterministic_algorithms(True)

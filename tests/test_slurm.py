@@ -1,0 +1,211 @@
+"""The sbatch launchers against a real SLURM cluster on loopback: 2 nodes x 2 tasks, W=4, EP=2.
+
+Each job is `sbatch launchers/<script>.sh` exactly as on a GPU cluster, with the command-line
+options a user would pass to fit a CPU cluster (`--gpus-per-node=0 --cpus-per-task=1`), CONFIG
+and RUNS in the environment, and tiny-model overrides as the script's arguments.
+
+Time-limit warnings are sent with `scancel --batch --signal=USR1`, which is exactly how Slurm
+delivers `--signal=B:USR1@300` (to the batch shell only); preemption comes from a job in the
+higher-priority `urgent` partition (PreemptMode=REQUEUE).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+from pathlib import Path
+
+import pytest
+
+try:
+    from tests.slurm.cluster import ENDED
+    from tests.slurm.conftest import slurm_cluster  # noqa: F401  (a conftest serves only its folder)
+except ImportError:
+    from slurm.cluster import ENDED
+    from slurm.conftest import slurm_cluster  # noqa: F401
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = [
+    "model.depth=2",
+    "model.hidden_size=48",
+    "model.num_heads=4",
+    "data.global_batch_size=16",
+    "sample.num_steps=2",
+    "sample.per_class=1",
+    "logging.wandb=disabled",
+    "logging.log_every=5",
+]
+# Long enough (~0.4 s a step here) that a signal sent at the first checkpoint lands mid-run.
+STEPS, EVERY = 40, 5
+LONG = [*TINY, f"train.steps={STEPS}", f"checkpoint.every={EVERY}"]
+CPU_NODES = ["--nodes=2", "--ntasks-per-node=2", "--gpus-per-node=0", "--cpus-per-task=1"]
+
+pytestmark = pytest.mark.slow
+
+
+def submit(cluster, tmp_path: Path, name: str, script: str, overrides=(), env=None, sbatch_args=()) -> int:
+    env = {
+        **os.environ,
+        "CONFIG": "configs/local/diffmoe-tiny.yaml",
+        "RUNS": str(tmp_path / "runs"),
+        **(env or {}),
+    }
+    return cluster.sbatch(
+        "-J", name, *CPU_NODES, f"--output={tmp_path}/%x-%j.out", *sbatch_args,
+        str(REPO / "launchers" / script), *overrides, env=env, cwd=tmp_path,
+    )  # fmt: skip
+
+
+def output(tmp_path: Path, name: str, job: int) -> str:
+    return (tmp_path / f"{name}-{job}.out").read_text()
+
+
+def wait_for(predicate, timeout: float, cluster=None, job: int | None = None, what: str = "") -> None:
+    deadline = time.time() + timeout
+    while not predicate():
+        if job is not None and cluster.job(job).get("JobState") in ENDED:
+            raise AssertionError(f"job {job} ended ({cluster.job(job).get('JobState')}) before {what}")
+        if time.time() > deadline:
+            raise TimeoutError(f"{what} not seen after {timeout:.0f} s")
+        time.sleep(0.2)
+
+
+def task_placement(log: str, restart: int = 0) -> dict[int, int]:
+    """rank -> SLURM_NODEID from the lines each task prints before it starts the trainer."""
+    pattern = rf"\[diffmoe-task\] rank (\d+)/4 node (\d+) local \d+ host \S+ restart {restart}"
+    return {int(r): int(n) for r, n in re.findall(pattern, log)}
+
+
+def resumed_steps(log: str) -> list[int]:
+    # the trainer's console wraps long lines (rich, 80 columns without a terminal)
+    return [int(s) for s in re.findall(r"resumed from\s[\s\S]{0,600}? at step (\d+)", log)]
+
+
+def final_weights(run_dir: Path) -> dict:
+    import torch
+
+    latest = (run_dir / "checkpoints" / "latest").read_text().strip()
+    return torch.load(run_dir / "checkpoints" / latest / "model.pt", map_location="cpu", weights_only=False)
+
+
+def assert_bitwise_equal(a: dict, b: dict) -> None:
+    import torch
+
+    assert a["step"] == b["step"]
+    for part in ("model", "ema"):
+        assert a[part].keys() == b[part].keys()
+        differ = [k for k in a[part] if not torch.equal(a[part][k], b[part][k])]
+        assert not differ, f"{part}: {len(differ)} tensors differ, e.g. {differ[:3]}"
+
+
+@pytest.fixture(scope="module")
+def reference_run(slurm_cluster, tmp_path_factory):
+    """An uninterrupted job through c2i.sh (the class-conditional twin): the bitwise reference."""
+    tmp = tmp_path_factory.mktemp("reference")
+    job = submit(slurm_cluster, tmp, "reference", "c2i.sh", LONG)
+    info = slurm_cluster.wait_job(job, timeout=300)
+    return {"info": info, "dir": tmp, "log": output(tmp, "reference", job)}
+
+
+def test_sbatch_runs_one_task_per_slot_on_both_nodes_and_checkpoints(reference_run):
+    info, log, run_dir = reference_run["info"], reference_run["log"], reference_run["dir"] / "runs" / "reference"
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", log[-3000:]
+    assert task_placement(log) == {0: 0, 1: 0, 2: 1, 3: 1}  # --ntasks-per-node=2: block placement
+    # one line of JSON from rank 0 at the end: the run directory is RUNS/<job name>
+    result = json.loads([line for line in log.splitlines() if line.startswith('{"run_dir"')][-1])
+    assert result["run_dir"] == str(run_dir) and result["step"] == STEPS
+    latest = (run_dir / "checkpoints" / "latest").read_text().strip()
+    manifest = json.loads((run_dir / "checkpoints" / latest / "manifest.json").read_text())
+    assert manifest["step"] == STEPS and manifest["world_size"] == 4
+    assert {f"rank{r:05d}.pt" for r in range(4)} <= set(manifest["files"])
+
+
+def test_usr1_time_limit_warning_requeues_and_resumes_bitwise(slurm_cluster, reference_run, tmp_path):
+    job = submit(slurm_cluster, tmp_path, "warned", "t2i_256gpu.sh", LONG)
+    run_dir = tmp_path / "runs" / "warned"
+    first = run_dir / "checkpoints" / f"step_{EVERY:07d}"
+    wait_for(first.is_dir, 240, slurm_cluster, job, f"checkpoint {first.name}")
+    slurm_cluster.cmd("scancel", "--batch", "--signal=USR1", str(job))  # = --signal=B:USR1@T
+    info = slurm_cluster.wait_job(job, timeout=300)
+    log = output(tmp_path, "warned", job)
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", log[-3000:]
+    assert "SIGUSR1 received: forwarding it to the training step" in log
+    assert "requeueing job" in log
+    resumed = resumed_steps(log)
+    assert resumed and EVERY <= resumed[-1] < STEPS, log[-3000:]
+    assert task_placement(log, restart=1) == {0: 0, 1: 0, 2: 1, 3: 1}
+    assert_bitwise_equal(final_weights(run_dir), final_weights(reference_run["dir"] / "runs" / "reference"))
+
+
+def test_preemption_requeues_and_resumes_bitwise(slurm_cluster, reference_run, tmp_path):
+    job = submit(slurm_cluster, tmp_path, "preempted", "t2i_256gpu.sh", LONG)
+    run_dir = tmp_path / "runs" / "preempted"
+    first = run_dir / "checkpoints" / f"step_{EVERY:07d}"
+    wait_for(first.is_dir, 240, slurm_cluster, job, f"checkpoint {first.name}")
+    urgent = slurm_cluster.sbatch("-p", "urgent", "--nodes=2", "--exclusive", f"--output={tmp_path}/urgent.out",
+                                  "--wrap", "sleep 1", cwd=tmp_path)  # fmt: skip
+    assert slurm_cluster.wait_job(urgent, timeout=120)["JobState"] == "COMPLETED"
+    info = slurm_cluster.wait_job(job, timeout=300)
+    log = output(tmp_path, "preempted", job)
+    assert info["JobState"] == "COMPLETED" and int(info["Restarts"]) >= 1, log[-3000:]
+    assert "SIGTERM received" in log and "requeueing job" not in log  # Slurm requeued it, not the script
+    resumed = resumed_steps(log)
+    assert resumed and EVERY <= resumed[-1] < STEPS, log[-3000:]
+    assert_bitwise_equal(final_weights(run_dir), final_weights(reference_run["dir"] / "runs" / "reference"))
+
+
+# ---- the launcher's signal contract, with a stub in place of the trainer ---------------------------
+# The trainer's side (save on SIGUSR1/SIGTERM, then exit 75) is the stub's whole behaviour here, so
+# these pin what the launcher promises the trainer: every rank gets the signal, exit 75 requeues,
+# SIGTERM (scancel, preemption) never makes the script requeue on its own.
+STUB = """
+import os, signal, sys, time
+out, rank = os.environ["STUB_DIR"], os.environ["SLURM_PROCID"]
+restart = os.environ.get("SLURM_RESTART_COUNT", "0")
+tag = f"{out}/r{restart}-rank{rank}"
+def stop(signum, frame):
+    with open(f"{tag}.{signal.Signals(signum).name}", "w") as f:
+        f.write(os.environ["SLURM_NODEID"])
+    sys.exit(75)  # "saved, run me again"
+signal.signal(signal.SIGUSR1, stop)
+signal.signal(signal.SIGTERM, stop)
+with open(f"{tag}.argv", "w") as f:
+    f.write(" ".join(sys.argv[1:]))
+if restart != "0":
+    sys.exit(0)
+time.sleep(120)
+sys.exit(1)
+"""
+
+
+def submit_stub(cluster, tmp_path: Path, name: str) -> int:
+    (tmp_path / "stub.py").write_text(STUB)
+    env = {"STUB_DIR": str(tmp_path), "DIFFMOE_TRAIN": f"python {tmp_path / 'stub.py'}"}
+    job = submit(cluster, tmp_path, name, "t2i_256gpu.sh", ["train.seed=3"], env=env)
+    wait_for(lambda: len(list(tmp_path.glob("r0-rank*.argv"))) == 4, 120, cluster, job, "4 stub ranks")
+    return job
+
+
+def test_usr1_reaches_every_rank_and_exit_75_requeues_the_job(slurm_cluster, tmp_path):
+    job = submit_stub(slurm_cluster, tmp_path, "stub-usr1")
+    slurm_cluster.cmd("scancel", "--batch", "--signal=USR1", str(job))
+    info = slurm_cluster.wait_job(job, timeout=120)
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", output(tmp_path, "stub-usr1", job)
+    got = {p.name.split(".")[0]: p.read_text() for p in tmp_path.glob("r0-rank*.SIGUSR1")}
+    assert got == {"r0-rank0": "0", "r0-rank1": "0", "r0-rank2": "1", "r0-rank3": "1"}
+    # the requeued job runs the same command: same run directory, resume=auto, user overrides last
+    argv = {p.read_text() for p in tmp_path.glob("r*-rank*.argv")}
+    assert len(argv) == 1 and len(list(tmp_path.glob("r1-rank*.argv"))) == 4
+    assert argv.pop().endswith(f"train.run_dir={tmp_path}/runs/stub-usr1 train.resume=auto train.seed=3")
+
+
+def test_scancel_sigterm_reaches_ranks_and_does_not_requeue(slurm_cluster, tmp_path):
+    job = submit_stub(slurm_cluster, tmp_path, "stub-term")
+    slurm_cluster.cmd("scancel", str(job))
+    info = slurm_cluster.wait_job(job, timeout=120)
+    log = output(tmp_path, "stub-term", job)
+    assert info["JobState"] == "CANCELLED" and info["Restarts"] == "0", log
+    assert len(list(tmp_path.glob("r0-rank*.SIGTERM"))) == 4
+    assert "requeueing" not in log
