@@ -28,6 +28,7 @@ MODEL_SIZES: dict[str, tuple[int, int, int]] = {
 ROUTERS = ("dense", "expert_choice_global", "expert_choice_local", "token_choice")
 POOLS = ("rank", "ep", "dp")
 INFERENCE_MODES = ("dynamic", "static", "interval")
+TASKS = ("c2i", "t2i")
 
 
 class ConfigError(ValueError):
@@ -44,8 +45,11 @@ class ModelConfig:
     in_channels: int = 1
     image_size: int = 16  # latent / pixel side length
     num_classes: int = 10
-    class_dropout: float = 0.1  # label dropout for classifier-free guidance
+    class_dropout: float = 0.1  # label (c2i) or caption (t2i) dropout for classifier-free guidance
     mlp_ratio: float = 4.0
+    task: str = "c2i"  # c2i (class labels) | t2i (captions: cross-attention to text-encoder tokens)
+    text_dim: int = 384  # t2i: text-encoder width (384 all-MiniLM-L6-v2, 4096 T5-XXL)
+    text_len: int = 16  # t2i: caption tokens per sample, padded / truncated (shards store exactly this)
 
     def resolved(self) -> tuple[int, int, int]:
         depth, hidden, heads = MODEL_SIZES[self.size]
@@ -82,6 +86,7 @@ class DataConfig:
     loader: str = "indexed"  # indexed (in memory, exact resume) | stream (webdataset streaming)
     num_workers: int = 0
     shuffle_buffer: int = 1000
+    text_encoder: str = "minilm"  # t2i: "minilm" (packaged all-MiniLM-L6-v2) or a local HF model directory
 
 
 @dataclass
@@ -93,6 +98,7 @@ class OptimConfig:
     eps: float = 1e-8
     warmup_steps: int = 50
     grad_clip: float = 1.0  # 0 disables
+    grad_accum_steps: int = 1  # micro-batches per optimizer step (the global batch is split into them)
 
 
 @dataclass
@@ -109,6 +115,11 @@ class TrainConfig:
     # Bitwise-reproducible steps (and so exact resume): with 2+ threads some CPU kernels reduce in
     # a run-dependent order (measured: weights drifted by 1e-10 between identical runs).
     deterministic: bool = True
+    # 0: plain data parallelism (bucketed all-reduce, replicated AdamW states); 1 / 2: DeepSpeed ZeRO
+    # stage 1 / 2 (optimizer states / and gradients partitioned, experts over their EDP group).
+    zero_stage: int = 0
+    deepspeed_config: str = ""  # DeepSpeed JSON; "" = configs/deepspeed/zero{zero_stage}.json
+    activation_checkpointing: bool = False  # recompute each DiT block in backward
 
 
 @dataclass
@@ -172,6 +183,12 @@ def _validate(cfg: Config, world_size: int) -> None:
         _fail("model.patch_size", m.patch_size, f"must divide model.image_size={m.image_size}")
     if not 0.0 <= m.class_dropout < 1.0:
         _fail("model.class_dropout", m.class_dropout, "use a probability in [0, 1)")
+    if m.task not in TASKS:
+        _fail("model.task", m.task, f"use one of {', '.join(TASKS)}")
+    if m.task == "t2i" and m.text_dim < 1:
+        _fail("model.text_dim", m.text_dim, "use the text encoder's width, e.g. 384 (MiniLM) or 4096 (T5-XXL)")
+    if m.task == "t2i" and m.text_len < 2:
+        _fail("model.text_len", m.text_len, "use at least 2 caption tokens, e.g. 16 for digits, 120 for T5")
     if moe.router not in ROUTERS:
         _fail("moe.router", moe.router, f"use one of {', '.join(ROUTERS)}")
     if moe.router != "dense":
@@ -216,6 +233,18 @@ def _validate(cfg: Config, world_size: int) -> None:
         _fail("optim.warmup_steps", opt.warmup_steps, "use 0 or more steps")
     if opt.grad_clip < 0:
         _fail("optim.grad_clip", opt.grad_clip, "use 0 to disable or a positive norm")
+    if opt.grad_accum_steps < 1:
+        _fail("optim.grad_accum_steps", opt.grad_accum_steps, "use 1 or more micro-batches per step")
+    if data.global_batch_size % (world_size * opt.grad_accum_steps):
+        _fail(
+            "optim.grad_accum_steps",
+            opt.grad_accum_steps,
+            f"world size {world_size} x accumulation steps must divide data.global_batch_size={data.global_batch_size}",
+        )
+    if tr.zero_stage not in (0, 1, 2):
+        _fail("train.zero_stage", tr.zero_stage, "use 0 (plain data parallelism), 1 or 2 (DeepSpeed ZeRO; MoE refuses 3)")
+    if tr.max_minutes < 0:
+        _fail("train.max_minutes", tr.max_minutes, "use 0 (no limit) or a positive number of minutes")
     if tr.steps < 1:
         _fail("train.steps", tr.steps, "use at least 1 step")
     if tr.precision not in ("fp32", "bf16"):

@@ -47,7 +47,9 @@ def _prepare(args) -> tuple[torch.nn.Module, object]:
     return model, cfg
 
 
-def _sample_batched(model, labels: torch.Tensor, args) -> tuple[torch.Tensor, float | None]:
+def _sample_batched(
+    model, labels: torch.Tensor, args, per_step: list | None = None
+) -> tuple[torch.Tensor, float | None]:
     meter = CapacityMeter(model)
     out = []
     for i, chunk in enumerate(labels.split(args.batch_size)):
@@ -62,17 +64,47 @@ def _sample_batched(model, labels: torch.Tensor, args) -> tuple[torch.Tensor, fl
             )
         )
     meter.close()
+    if per_step is not None and meter.values:  # C_avg per ODE step (routing telemetry at evaluation)
+        from diffmoe_dist.model.moe.layer import moe_layers
+        from diffmoe_dist.train.telemetry import capacity_per_step
+
+        evals = 2 if args.sampler == "heun" else 1
+        per_step.extend(capacity_per_step(meter.values, len(moe_layers(model)), args.steps, evals))
     return torch.cat(out), meter.mean
 
 
+def _prompt_model(model, cfg, captions: list[str]):
+    """Text-to-image: encodes `captions` with the encoder the run's shards were made with
+    (data.text_encoder, model.text_len) and returns the model seen as conditioned on prompt indices."""
+    from diffmoe_dist.data.text_encoders import build_text_encoder
+    from diffmoe_dist.model.text import PromptConditioned
+
+    text, mask = build_text_encoder(cfg.data.text_encoder, cfg.model.text_len).encode(captions)
+    return PromptConditioned(model, text, mask)
+
+
 def sample_main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="diffmoe-sample", description="Sample a class grid from a checkpoint.")
+    p = argparse.ArgumentParser(
+        prog="diffmoe-sample", description="Sample a class grid (or, text-to-image, a prompt grid) from a checkpoint."
+    )
     _common_args(p)
     p.add_argument("--classes", default="0,1,2,3,4,5,6,7,8,9")
-    p.add_argument("--per-class", type=int, default=8)
+    p.add_argument("--prompt", action="append", default=None, help="text-to-image caption; repeat for more columns")
+    p.add_argument("--per-class", type=int, default=8, help="images per class (or per --prompt)")
     p.add_argument("--out", default="grid.png")
     args = p.parse_args(argv)
     model, cfg = _prepare(args)
+    if cfg.model.task == "t2i" or args.prompt:
+        if cfg.model.task != "t2i" or not args.prompt:
+            fix = "pass --prompt TEXT (repeatable)" if cfg.model.task == "t2i" else "use --classes"
+            print(f"diffmoe-sample: error: the checkpoint has model.task={cfg.model.task}: {fix}", file=sys.stderr)
+            return 2
+        labels = torch.arange(len(args.prompt)).repeat_interleave(args.per_class)
+        images, c_avg = _sample_batched(_prompt_model(model, cfg, args.prompt), labels, args)
+        grid = images.view(len(args.prompt), args.per_class, *images.shape[1:]).transpose(0, 1)
+        save_grid(grid.reshape(-1, *images.shape[1:]), args.out, nrow=len(args.prompt))
+        print(json.dumps({"out": args.out, "num_images": len(labels), "capacity_avg": c_avg, "prompts": args.prompt}))
+        return 0
     try:
         classes = [int(c) for c in args.classes.split(",")]
     except ValueError:
@@ -93,7 +125,9 @@ def sample_main(argv=None) -> int:
 
 
 def eval_main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="diffmoe-eval", description="digits-FID and class accuracy of samples.")
+    p = argparse.ArgumentParser(
+        prog="diffmoe-eval", description="digits-FID and class (text-to-image: prompt) accuracy of samples."
+    )
     _common_args(p)
     p.add_argument("--num-samples", type=int, default=500)
     p.add_argument(
@@ -105,17 +139,33 @@ def eval_main(argv=None) -> int:
     model, cfg = _prepare(args)
     from diffmoe_dist.eval.metrics import evaluate_images
 
-    labels = torch.arange(args.num_samples) % cfg.model.num_classes
-    images, c_avg = _sample_batched(model, labels, args)
+    per_step: list[float] = []
+
+    if cfg.model.task == "t2i":
+        # Prompts in held-out phrasings (never trained on), ten digits in turn; the classifier's
+        # agreement with the prompted digit is the prompt accuracy.
+        from diffmoe_dist.data.captions import heldout_prompts
+
+        captions, labels = heldout_prompts(args.num_samples)
+        unique = sorted(set(captions))
+        index = torch.tensor([unique.index(c) for c in captions])
+        images, c_avg = _sample_batched(_prompt_model(model, cfg, unique), index, args, per_step)
+    else:
+        labels = torch.arange(args.num_samples) % cfg.model.num_classes
+        images, c_avg = _sample_batched(model, labels, args, per_step)
     extractor = None
     if args.features:
         from diffmoe_dist.eval.fid import TorchScriptFeatures
 
         extractor = TorchScriptFeatures(args.features)
     result = evaluate_images(images, labels, extractor=extractor)
+    if cfg.model.task == "t2i":
+        result["prompt_accuracy"] = result.pop("class_accuracy")
+        result["prompts"] = "held-out phrasings"
     result.update(
         {
             "capacity_avg": c_avg,
+            "capacity_per_step": per_step or None,
             "cfg_scale": args.cfg_scale,
             "steps": args.steps,
             "sampler": args.sampler,

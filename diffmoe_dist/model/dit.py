@@ -184,5 +184,10 @@ class DiT(nn.Module):
         return v_null + scale * (v_cond - v_null)
 
 
-def build_model(model: ModelConfig, moe: MoEConfig) -> DiT:
+def build_model(model: ModelConfig, moe: MoEConfig) -> nn.Module:
+    """The DiT for `model.task`: class-conditional (`DiT`) or text-conditional (`model.text.TextDiT`)."""
+    if model.task == "t2i":
+        from diffmoe_dist.model.text import TextDiT
+
+        return TextDiT(model, moe)
     return DiT(model, moe)
