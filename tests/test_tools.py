@@ -1,0 +1,309 @@
+"""Operator tools on a tiny run: routing telemetry, routing report, capacity sweep, all-to-all bench, planner.
+
+One module fixture trains a tiny DiffMoE for 3 steps on 2 ranks with expert parallelism 2 and
+telemetry every step; the report and the sweep read that run.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+
+from diffmoe_dist.config import load_config
+from diffmoe_dist.train.telemetry import RoutingTelemetry, capacity_per_step, read_routing
+
+try:
+    from tests.distributed import run_distributed
+except ImportError:  # pytest run from inside tests/
+    from distributed import run_distributed
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+TINY = [
+    "model.depth=2",
+    "model.hidden_size=48",
+    "model.num_heads=4",
+    "moe.num_experts=4",
+    "data.global_batch_size=16",
+    "sample.num_steps=2",
+    "sample.per_class=1",
+    "logging.wandb=disabled",
+    "logging.log_every=1",
+    "optim.warmup_steps=2",
+    "checkpoint.every=0",
+    "train.resume=never",
+]
+STEPS = 3
+
+
+def _tool(name: str):
+    spec = importlib.util.spec_from_file_location(f"tools_{name}", os.path.join(REPO, "tools", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def _is_png(path) -> bool:
+    with open(path, "rb") as f:
+        return os.path.getsize(path) > 1000 and f.read(8) == PNG_MAGIC
+
+
+def _train_rank(rank: int, world_size: int, digits: str, run_dir: str) -> None:
+    os.environ["DIFFMOE_NO_PROGRESS"] = "1"
+    from diffmoe_dist.parallel import build_parallel_dims
+    from diffmoe_dist.train.trainer import Trainer
+
+    cfg = load_config(
+        os.path.join(REPO, "configs/local/diffmoe-tiny.yaml"),
+        [
+            *TINY,
+            "parallel.expert_parallel_size=2",
+            "logging.routing_every=1",
+            f"train.steps={STEPS}",
+            f"data.path={digits}",
+            f"train.run_dir={run_dir}",
+        ],
+    ).validate(world_size=world_size)
+    dims = build_parallel_dims(2, cfg.moe.num_experts)
+    Trainer(cfg, dims, torch.device("cpu")).fit()
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("digits"))
+    subprocess.run(
+        [sys.executable, "tools/make_shards.py", "digits", "--out", out], check=True, capture_output=True, cwd=REPO
+    )
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory, digits):
+    """A 3-step run on 2 ranks, EP 2, pool dp, routing telemetry every step."""
+    run_dir = str(tmp_path_factory.mktemp("tools") / "run")
+    run_distributed(_train_rank, 2, digits, run_dir, timeout=300)
+    return run_dir
+
+
+# ---- telemetry -----------------------------------------------------------------------------------
+def test_routing_telemetry_records_load_bytes_and_predictor_every_logged_step(tiny_run):
+    records = read_routing(tiny_run)
+    assert [r["step"] for r in records] == [1, 2, 3]
+    for r in records:
+        assert (r["world_size"], r["ep_size"], r["num_experts"], r["tokens"]) == (2, 2, 4, 16 * 64)
+        assert [layer["name"] for layer in r["layers"]] == ["blocks.1.ffn"]
+        layer = r["layers"][0]
+        # DiffMoE training over the dp pool: every expert takes exactly k = C N / E tokens of the pool.
+        assert layer["tokens_per_expert"] == [256] * 4 and layer["load_per_expert"] == [1.0] * 4
+        # Each of the 2 ranks (one EP group) computes its 2 experts' rows: all 1024 selected rows.
+        assert sum(layer["ep_recv_tokens"]) == 1024 and layer["ep_recv_max"] >= 512
+        assert layer["ep_imbalance"] == pytest.approx(layer["ep_recv_max"] / 512)
+        # fp32 run: bytes sent = off-rank rows x D x 4, same rows come back in the combine.
+        assert layer["dispatch_bytes"] > 0 and 2 * layer["dispatch_bytes"] % (48 * 4) == 0  # mean of 2 ranks
+        assert layer["combine_bytes"] > 0 and layer["dispatch_s"] > 0 and layer["combine_s"] > 0
+        assert 0.0 <= layer["predictor_precision"] <= 1.0 and 0.0 <= layer["predictor_recall"] <= 1.0
+        assert len(layer["threshold"]) == 4 and layer["capacity_avg"] == pytest.approx(1.0)
+    metrics = [json.loads(line) for line in open(os.path.join(tiny_run, "metrics.jsonl"))]
+    assert [m["step"] for m in metrics] == [1, 2, 3]  # telemetry writes its own file only
+
+
+def test_telemetry_counts_each_micro_batch_once_under_activation_checkpointing(digits, tmp_path):
+    from diffmoe_dist.train.trainer import Trainer
+
+    overrides = [*TINY, "parallel.expert_parallel_size=1", "logging.routing_every=1", "train.steps=1"]
+    overrides += ["optim.grad_accum_steps=2", "train.activation_checkpointing=true"]
+    overrides += [f"data.path={digits}", f"train.run_dir={tmp_path}"]
+    cfg = load_config(os.path.join(REPO, "configs/local/diffmoe-tiny.yaml"), overrides).validate(world_size=1)
+    Trainer(cfg, None, torch.device("cpu")).fit()
+    (record,) = read_routing(str(tmp_path))
+    layer = record["layers"][0]
+    # 2 micro-batches of 8 images x 64 tokens, each expert takes 128 of each; the recompute in
+    # backward (a third and fourth forward) is not counted again.
+    assert record["tokens"] == 1024 and layer["tokens_per_expert"] == [256] * 4
+    assert layer["load_per_expert"] == [1.0] * 4
+    assert layer["predictor_recall"] is not None
+
+
+def test_telemetry_off_installs_no_hooks_timers_or_collectives(tmp_path):
+    from diffmoe_dist.model.dit import build_model
+    from diffmoe_dist.model.moe.layer import moe_layers
+
+    cfg = load_config("configs/local/diffmoe-tiny.yaml", TINY)
+    model = build_model(cfg.model, cfg.moe)
+    telemetry = RoutingTelemetry(model, 0, str(tmp_path), dims=None, next_step=1)
+    layer = moe_layers(model)[0]
+    for step in range(1, 4):
+        model(torch.randn(2, 1, 16, 16), torch.rand(2), torch.tensor([0, 1]))
+        assert telemetry.after_step(step) is None
+        assert not layer.capacity_predictor._forward_hooks
+    assert not (tmp_path / "routing.jsonl").exists()
+
+
+def test_capacity_per_step_averages_layers_batches_and_heun_evaluations():
+    # 2 batches x 3 steps x 2 evaluations (Heun) x 2 layers, value = step index + 10 * layer
+    values = [s + 10 * layer for _ in range(2) for s in range(3) for _ in range(2) for layer in range(2)]
+    assert capacity_per_step(values, num_layers=2, num_steps=3, evals_per_step=2) == [5.0, 6.0, 7.0]
+    with pytest.raises(ValueError, match="do not split"):
+        capacity_per_step(values[:-1], 2, 3, 2)
+
+
+# ---- routing report ------------------------------------------------------------------------------
+def test_routing_report_writes_load_imbalance_and_capacity_plots(tiny_run, tmp_path, capsys):
+    out = tmp_path / "report"
+    rc = _tool("routing_report").main([tiny_run, "--out", str(out), "--sample", "4", "--sample-steps", "2"])
+    assert rc == 0
+    for name in ("expert_load.png", "ep_imbalance.png", "capacity_steps.png"):
+        assert _is_png(out / name), name
+    text = (out / "summary.txt").read_text()
+    assert "3 logged steps" in text and "EP load imbalance" in text and "capacity predictor" in text
+    assert "C_avg over sampling steps (static): mean 1.000" in text
+    assert text in capsys.readouterr().out
+
+
+def test_routing_report_explains_a_run_without_telemetry(tmp_path, capsys):
+    assert _tool("routing_report").main([str(tmp_path)]) == 2
+    assert "logging.routing_every" in capsys.readouterr().err
+
+
+# ---- capacity sweep ------------------------------------------------------------------------------
+def test_capacity_sweep_reports_fid_per_gamma_and_picks_best_at_capacity_at_most_one(tiny_run, tmp_path):
+    features = tmp_path / "features.pt"
+    torch.manual_seed(0)
+    with warnings.catch_warnings():  # TorchScript is deprecated in torch 2.13 but still what FID nets ship as
+        warnings.simplefilter("ignore", DeprecationWarning)
+        net = torch.jit.script(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(256, 6)))
+        torch.jit.save(net, str(features))
+    out = tmp_path / "sweep"
+    argv = ["--ckpt", tiny_run, "--gammas", "0.2,0.5,0.8", "--num-samples", "12", "--steps", "2"]
+    argv += ["--sampler", "euler", "--features", str(features), "--out", str(out)]
+    assert _tool("capacity_sweep").main(argv) == 0
+    result = json.loads((out / "capacity_sweep.json").read_text())
+    assert [(r["mode"], r["gamma"]) for r in result["runs"]] == [
+        ("static", None),
+        ("dynamic", None),
+        ("interval", 0.2),
+        ("interval", 0.5),
+        ("interval", 0.8),
+    ]
+    for r in result["runs"]:
+        assert r["fid"] > 0 and len(r["capacity_per_step"]) == 2
+        assert r["capacity_avg"] == pytest.approx(sum(r["capacity_per_step"]) / 2)
+    assert result["runs"][0]["capacity_avg"] == pytest.approx(1.0)
+    gammas = [r["capacity_avg"] for r in result["runs"][2:]]
+    assert gammas == sorted(gammas, reverse=True)  # a higher threshold admits fewer tokens
+    eligible = [r for r in result["runs"][2:] if r["capacity_avg"] <= 1.0]
+    assert result["best"] == min(eligible, key=lambda r: r["fid"])
+    assert result["features"] == "torchscript:features.pt"
+    assert _is_png(out / "capacity_sweep.png")
+
+
+# ---- all-to-all bench ----------------------------------------------------------------------------
+def test_a2a_bench_under_torchrun_reports_latency_bandwidth_and_fit(tmp_path):
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    cmd = [torchrun, "--standalone", "--nproc-per-node", "2", "tools/a2a_bench.py"]
+    cmd += ["--sizes", "1K,64K", "--iters", "3", "--warmup", "1", "--dtype", "fp32", "--out", str(tmp_path)]
+    proc = subprocess.run(
+        cmd, cwd=REPO, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads((tmp_path / "a2a_bench.json").read_text())
+    assert result["world_size"] == 2 and result["backend"] == "gloo" and result["launcher"] == "torchrun"
+    assert [(r["ep_size"], r["bytes"]) for r in result["rows"]] == [(2, 1024), (2, 65536)]
+    for r in result["rows"]:
+        assert r["time_s"] > 0 and r["busbw"] == pytest.approx(r["bytes"] / 2 / r["time_s"])
+    assert result["fits"][0]["ep_size"] == 2 and result["fits"][0]["bandwidth"] > 0
+    assert _is_png(tmp_path / "a2a_bench.png")
+    assert "busbw" in proc.stdout
+
+
+# ---- planner -------------------------------------------------------------------------------------
+T2I = "configs/t2i/diffmoe-e16-256gpu.yaml"
+H100 = "tools/clusters/h100_32x8.yaml"
+
+
+def test_plan_forward_flops_match_torch_flop_counter():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from diffmoe_dist.model.dit import build_model
+
+    plan = _tool("plan")
+    for extra in ([], ["model.task=t2i", "model.text_dim=32", "model.text_len=8"]):
+        cfg = load_config("configs/local/diffmoe-tiny.yaml", TINY + extra)
+        model = build_model(cfg.model, cfg.moe).train()
+        cond = (
+            {"y": torch.arange(4)}
+            if not extra
+            else {"text": torch.randn(4, 8, 32), "text_mask": torch.ones(4, 8).bool()}
+        )
+        with FlopCounterMode(display=False) as counter:
+            model(torch.randn(4, 1, 16, 16), torch.rand(4), **cond)
+        flops = plan.forward_flops(cfg, 4)
+        total = sum(flops.values())
+        # The counter has no formula for CPU fused attention kernels: it may leave Q K^T, P V out.
+        uncounted = [0, flops["attention_scores"], flops["attention_scores"] + flops["cross_attention_scores"]]
+        assert counter.get_total_flops() in [pytest.approx(total - u, rel=1e-6) for u in uncounted]
+
+
+def test_plan_t2i_256gpu_fits_h100s_and_counts_every_term():
+    plan = _tool("plan")
+    config = T2I if os.path.isfile(os.path.join(REPO, T2I)) else "configs/c2i/diffmoe-L-E16.yaml"
+    cfg = load_config(os.path.join(REPO, config))
+    cluster = plan.load_cluster(os.path.join(REPO, H100))
+    p = plan.plan(cfg, cluster, world=256, ep=8)
+    depth, d, _ = cfg.model.resolved()
+    tokens = cfg.data.global_batch_size // 256 * (cfg.model.image_size // cfg.model.patch_size) ** 2
+    n_moe = p["params"]["moe_layers"]
+    assert p["layout"]["tokens_per_rank"] == tokens and p["layout"]["edp"] == 32
+    # 2 a2a forward + 2 backward per MoE layer: fp32 dispatch rows and bf16 combine rows, 7/8 off-rank
+    assert p["comm"]["a2a_bytes"] == pytest.approx(n_moe * 2 * tokens * 7 / 8 * d * (4 + 2))
+    # radix select: 2 x 4 passes of an E x 256 int32 histogram per layer, plus sizes, ties, thresholds
+    assert p["comm"]["selection_bytes"] >= n_moe * 8 * 16 * 256 * 4
+    assert p["params"]["per_rank"] == p["params"]["dense"] + p["params"]["expert"] // 8
+    assert p["memory"]["total"] < cluster.memory_bytes and not any("does not fit" in w for w in p["warnings"])
+    assert p["flops"]["train_per_rank"] > 3 * p["flops"]["forward"]["moe_experts"]
+    t = p["time"]
+    assert t["step_s"] == pytest.approx(
+        t["compute_s"] + t["a2a_s"] + t["selection_s"] + t["grad_allreduce_s"] + t["optimizer_s"]
+    )
+    # Doubling the batch doubles all-to-all bytes but not selection bytes (independent of tokens).
+    cfg.data.global_batch_size *= 2
+    q = plan.plan(cfg, cluster, world=256, ep=8)
+    assert q["comm"]["a2a_bytes"] == pytest.approx(2 * p["comm"]["a2a_bytes"])
+    assert q["comm"]["selection_bytes"] == p["comm"]["selection_bytes"]
+
+
+def test_plan_warns_when_memory_does_not_fit_or_all_to_all_dominates():
+    plan = _tool("plan")
+    cfg = load_config(os.path.join(REPO, "configs/c2i/diffmoe-L-E16.yaml"))
+    cluster = plan.load_cluster(os.path.join(REPO, H100))
+    cluster.memory_bytes = 8e9
+    assert any("does not fit" in w for w in plan.plan(cfg, cluster, world=256, ep=8)["warnings"])
+    cluster = plan.load_cluster(os.path.join(REPO, H100))
+    cluster.inter_node = plan.Link(bandwidth=1e8, latency=1e-4)  # a slow fabric, EP across 2 nodes
+    warnings = plan.plan(cfg, cluster, world=256, ep=16)["warnings"]
+    assert any("spans nodes" in w for w in warnings) and any("all-to-all dominates" in w for w in warnings)
+
+
+def test_plan_cli_prints_the_breakdown_and_writes_json(tmp_path):
+    out = tmp_path / "plan.json"
+    proc = subprocess.run(
+        [sys.executable, "tools/plan.py", "--config", "configs/local/diffmoe-tiny.yaml"]
+        + ["--cluster", "tools/clusters/cpu_local.yaml", "--json", str(out)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert "all-to-all" in proc.stdout and "step" in proc.stdout
+    p = json.loads(out.read_text())
+    assert p["layout"]["world"] == 4 and p["layout"]["ep"] == 2 and p["cluster"]["share"] == 0.5
+    for key in ("compute_s", "a2a_s", "selection_s", "grad_allreduce_s", "optimizer_s", "step_s"):
+        assert p["time"][key] > 0, key
