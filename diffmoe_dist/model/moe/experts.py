@@ -67,7 +67,7 @@ class StackedExperts(nn.Module):
             # Equal groups (every training step of a single-process pool: each expert takes
             # exactly k tokens): one batched matmul per layer, whose backward writes the stacked
             # weight gradients directly. Within a few % of a dense FFN (benchmarks/moe_layer.py).
-            x_EKD = x_MD.view(self.num_local, counts[0], self.dim)
+            x_EKD = x_MD.reshape(self.num_local, counts[0], self.dim)
             h_EKH = F.gelu(torch.baddbmm(self.b1_EH.unsqueeze(1), x_EKD, self.w1_EDH), approximate="tanh")
             return torch.baddbmm(self.b2_ED.unsqueeze(1), h_EKH, self.w2_EHD).view(-1, self.dim)
         # split / unbind, never x_MD[a:b] or w[e]: the backward of each slice or select would
