@@ -29,8 +29,7 @@ case "$cmd" in
     RUN=${RUN:-runs/main}
     # torchrun with NPROC (default 4) processes; shards are made when missing (launchers/common.sh)
     bash launchers/local.sh train.run_dir="$RUN" "$@"
-    diffmoe-eval --ckpt "$RUN" --num-samples 500 --cfg-scale 2.0 --steps 25 --sampler heun | tee "$RUN/eval.json"
-    diffmoe-sample --ckpt "$RUN" --per-class 8 --out "$RUN/grid.png" --steps 25 --sampler heun
+    diffmoe-eval --ckpt "$RUN" --num-samples 300 --cfg-scale "${CFG_SCALE:-2.0}" --steps 20 --sampler heun | tee "$RUN/eval.json"
     ;;
   test)
     setup_venv

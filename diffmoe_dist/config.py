@@ -242,7 +242,9 @@ def _validate(cfg: Config, world_size: int) -> None:
             f"world size {world_size} x accumulation steps must divide data.global_batch_size={data.global_batch_size}",
         )
     if tr.zero_stage not in (0, 1, 2):
-        _fail("train.zero_stage", tr.zero_stage, "use 0 (plain data parallelism), 1 or 2 (DeepSpeed ZeRO; MoE refuses 3)")
+        _fail("train.zero_stage", tr.zero_stage, "use 0 (plain data parallelism), 1 or 2 (ZeRO; MoE refuses 3)")
+    if tr.zero_stage > 0:
+        _validate_deepspeed_json(tr)
     if tr.max_minutes < 0:
         _fail("train.max_minutes", tr.max_minutes, "use 0 (no limit) or a positive number of minutes")
     if tr.steps < 1:
@@ -259,6 +261,27 @@ def _validate(cfg: Config, world_size: int) -> None:
         _fail("checkpoint.keep_last", cfg.checkpoint.keep_last, "keep at least 1 checkpoint")
     if cfg.logging.wandb not in ("offline", "online", "disabled"):
         _fail("logging.wandb", cfg.logging.wandb, "use offline, online or disabled")
+
+
+def deepspeed_config_path(train: TrainConfig) -> str:
+    """``train.deepspeed_config``, else the checkout's ``configs/deepspeed/zero{train.zero_stage}.json``."""
+    default = Path(__file__).resolve().parents[1] / "configs" / "deepspeed" / f"zero{train.zero_stage}.json"
+    return train.deepspeed_config or str(default)
+
+
+def _validate_deepspeed_json(train: TrainConfig) -> None:
+    import json
+
+    path = deepspeed_config_path(train)
+    if not os.path.isfile(path):
+        _fail("train.deepspeed_config", path, "pass an existing DeepSpeed JSON, e.g. configs/deepspeed/zero1.json")
+    try:
+        with open(path) as f:
+            stage = json.load(f).get("zero_optimization", {}).get("stage", 0)
+    except ValueError as exc:
+        _fail("train.deepspeed_config", path, f"the file is not valid JSON ({exc})")
+    if stage != train.zero_stage:
+        _fail("train.zero_stage", train.zero_stage, f"{path} sets zero_optimization.stage={stage}: make them agree")
 
 
 def _coerce(name: str, text: str, current: Any, annotation: Any) -> Any:

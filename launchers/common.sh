@@ -111,9 +111,11 @@ except ConfigError as exc:
 EOF
   ) || diffmoe_die "cannot read data.path from $CONFIG ${OVERRIDES[*]}"
   [[ -e $path ]] && return 0
-  if [[ $(basename "$path") == digits ]]; then
-    diffmoe_log "making the digits shards in $path (once)"
-    "$PYTHON" tools/make_shards.py digits --out "$path" >&2 || diffmoe_die "tools/make_shards.py digits --out $path failed"
+  local kind
+  kind=$(basename "$path")
+  if [[ $kind == digits || $kind == digits-t2i ]]; then
+    diffmoe_log "making the $kind shards in $path (once)"
+    "$PYTHON" tools/make_shards.py "$kind" --out "$path" >&2 || diffmoe_die "tools/make_shards.py $kind --out $path failed"
   else
     diffmoe_die "data.path=$path does not exist: make it with tools/make_shards.py, or pass data.path=DIR"
   fi

@@ -118,3 +118,57 @@ def run_distributed(
     if missing:
         raise DistributedTestError(f"{fn.__name__}: ranks {missing} returned nothing")
     return [outcomes[r][1] for r in range(world_size)]
+
+
+def start_training_ranks(
+    world_size: int,
+    overrides: list[str],
+    log_dir: str,
+    config: str = "configs/local/diffmoe-tiny.yaml",
+    env: dict | None = None,
+) -> list:
+    """Starts ``diffmoe-train`` as ``world_size`` separate processes joined by gloo, as torchrun would
+    (RANK, WORLD_SIZE, ... set per process) but without its agent, so that a test can signal one
+    rank. Output goes to ``log_dir/rankN.log``. Returns the ``subprocess.Popen`` objects in rank order."""
+    import subprocess
+    import sys
+
+    os.makedirs(log_dir, exist_ok=True)
+    port = free_port()
+    procs = []
+    for rank in range(world_size):
+        child_env = {
+            **os.environ,
+            "RANK": str(rank),
+            "WORLD_SIZE": str(world_size),
+            "LOCAL_RANK": str(rank),
+            "LOCAL_WORLD_SIZE": str(world_size),
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+            "OMP_NUM_THREADS": "1",
+            "DIFFMOE_NO_PROGRESS": "1",
+            **(env or {}),
+        }
+        with open(os.path.join(log_dir, f"rank{rank}.log"), "w") as log:
+            procs.append(
+                subprocess.Popen(
+                    [sys.executable, "-m", "diffmoe_dist.train.cli", "--config", config, *overrides],
+                    env=child_env,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                )
+            )
+    return procs
+
+
+def wait_all(procs: list, timeout: float) -> list[int]:
+    """Return codes of ``procs``; kills them all (and raises) past ``timeout`` seconds."""
+    import subprocess
+
+    deadline = time.monotonic() + timeout
+    try:
+        return [p.wait(timeout=max(0.1, deadline - time.monotonic())) for p in procs]
+    except subprocess.TimeoutExpired:
+        for p in procs:
+            p.kill()
+        raise DistributedTestError(f"training ranks ran past {timeout:.0f} s") from None

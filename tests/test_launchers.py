@@ -173,8 +173,10 @@ def test_mpi_launcher_trains_a_tiny_job_with_two_processes(mpirun_run):
 def test_torchrun_and_mpirun_launches_train_identically(torchrun_run, mpirun_run):
     import torch
 
+    from diffmoe_dist.train import checkpoint as ckpt
+
     weights = [
-        torch.load(d / "checkpoints" / "step_0000004" / "model.pt", map_location="cpu", weights_only=False)["model"]
+        ckpt.load_model_state(str(d / "checkpoints" / "step_0000004"), "model")
         for d, _ in (torchrun_run, mpirun_run)
     ]
     assert weights[0].keys() == weights[1].keys()

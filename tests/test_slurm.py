@@ -84,10 +84,14 @@ def resumed_steps(log: str) -> list[int]:
 
 
 def final_weights(run_dir: Path) -> dict:
-    import torch
+    from diffmoe_dist.train import checkpoint as ckpt
 
-    latest = (run_dir / "checkpoints" / "latest").read_text().strip()
-    return torch.load(run_dir / "checkpoints" / latest / "model.pt", map_location="cpu", weights_only=False)
+    path = str(run_dir / "checkpoints" / (run_dir / "checkpoints" / "latest").read_text().strip())
+    return {
+        "step": ckpt.read_meta(path)["step"],
+        "model": ckpt.load_model_state(path, "model"),
+        "ema": ckpt.load_model_state(path, "ema"),
+    }
 
 
 def assert_bitwise_equal(a: dict, b: dict) -> None:

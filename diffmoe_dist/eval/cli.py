@@ -18,10 +18,10 @@ from diffmoe_dist.train import checkpoint as ckpt
 def load_model(path: str, use_ema: bool = True) -> tuple[torch.nn.Module, object, str]:
     step_path = ckpt.resolve_checkpoint(path)
     ckpt.verify(step_path)
-    shared = ckpt.load_file(step_path, "model.pt")
-    cfg = config_from_dict(shared["config"])
+    cfg = config_from_dict(ckpt.read_meta(step_path)["config"])
     model = build_model(cfg.model, cfg.moe)
-    ckpt.load_full_state_dict(model, shared["ema" if use_ema else "model"])
+    # Assembles every rank's pieces (experts at their global indices) for this one process.
+    ckpt.load_full_state_dict(model, ckpt.load_model_state(step_path, "ema" if use_ema else "model"))
     return model.eval(), cfg, step_path
 
 

@@ -1,6 +1,10 @@
 """`diffmoe-train --config configs/local/diffmoe-tiny.yaml [section.field=value ...]`
 
 Runs single-process, or under torchrun / srun / mpirun with one process per device.
+
+Exit status: 0 finished (train.steps reached); 2 bad config; 75 stopped early by SIGTERM, SIGUSR1
+or train.max_minutes after saving a checkpoint ("run me again": train.resume=auto continues);
+anything else is a crash (resume from the last periodic checkpoint).
 """
 
 from __future__ import annotations
@@ -50,6 +54,9 @@ def main(argv=None) -> int:
             device,
             num_experts=cfg.moe.num_experts,
             backend=cfg.parallel.backend,
+            # Megatron's groups served its dist_checkpointing; our checkpoints are our own
+            # (train/checkpoint.py). Same rank sets without megatron-core's ~4 CPU-s import per rank.
+            use_megatron=False,
         )
     if device.type == "cuda":
         torch.cuda.set_device(env.local_rank)
@@ -62,6 +69,7 @@ def main(argv=None) -> int:
                     "step": result["step"],
                     "seconds": round(result["seconds"], 1),
                     "loss": result["final"].get("loss"),
+                    "stopped": result.get("stopped"),
                 }
             )
         )
@@ -69,6 +77,10 @@ def main(argv=None) -> int:
         from diffmoe_dist.parallel.launch import destroy_distributed
 
         destroy_distributed()
+    if result.get("stopped"):
+        from diffmoe_dist.train.preemption import EXIT_REQUEUE
+
+        return EXIT_REQUEUE
     return 0
 
 

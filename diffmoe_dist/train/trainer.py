@@ -16,15 +16,12 @@ from diffmoe_dist.diffusion.flow import flow_loss, flow_targets
 from diffmoe_dist.eval.sampling import sample_images, save_grid
 from diffmoe_dist.model.dit import build_model
 from diffmoe_dist.model.moe.layer import collect_moe_losses, mean_capacity
-from diffmoe_dist.parallel.grads import clip_grad_norm_, reduce_gradients
 from diffmoe_dist.parallel.groups import ParallelDims
 from diffmoe_dist.train import checkpoint as ckpt
+from diffmoe_dist.train.engine import build_engine, checkpoint_blocks, lr_lambda  # noqa: F401 (lr_lambda: API)
 from diffmoe_dist.train.metrics import MetricsLogger
+from diffmoe_dist.train.preemption import EXIT_REQUEUE, StopRequest
 from diffmoe_dist.train.telemetry import RoutingTelemetry
-
-
-def lr_lambda(warmup_steps: int):
-    return lambda step: min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
 
 
 def _threads(cfg: Config, local_world_size: int) -> int:
@@ -54,14 +51,15 @@ class Trainer:
 
             parallelize(self.model, self.dims, cfg.moe)
             parallelize(self.ema.model, self.dims, cfg.moe)
+        if cfg.train.activation_checkpointing:
+            checkpoint_blocks(self.model)  # after the EMA copy: the EMA model never runs backward
         # Per-rank stream for t, noise and label dropout: ranks draw different noise for their samples.
         torch.manual_seed(cfg.train.seed * 7919 + self.dims.rank + 1)
         self.noise_gen = torch.Generator(device="cpu").manual_seed(cfg.train.seed * 104729 + self.dims.rank)
-        o = cfg.optim
-        self.optimizer = torch.optim.AdamW(
-            self.model.parameters(), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=o.weight_decay
-        )
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(o.warmup_steps))
+        # Plain data parallelism (train.zero_stage 0) or DeepSpeed ZeRO 1 / 2: optimizer, scheduler,
+        # gradient reduction, clipping and accumulation (train/engine.py).
+        self.engine = build_engine(self.model, cfg, self.dims, print if self.rank0 else lambda _: None)
+        self.optimizer, self.scheduler = self.engine.base_optimizer, self.engine.scheduler
         self.loader = self._build_loader()
         self.step = 0
         self.run_dir = cfg.train.run_dir
@@ -79,96 +77,109 @@ class Trainer:
             tensors = {"x": data["latent"], **text_tensors(data, self.cfg, self.cfg.data.path)}
         else:
             tensors = {"x": data["latent"], "y": data["cls"]}
-        return GlobalBatchLoader(
-            tensors, self.cfg.data.global_batch_size, self.dims.rank, self.dims.world_size, self.cfg.train.seed
-        )
+        # One loader batch is one micro-batch of the global batch (optim.grad_accum_steps of them per
+        # step); its state, the global sample position, does not depend on the split.
+        micro_batch = self.cfg.data.global_batch_size // self.cfg.optim.grad_accum_steps
+        return GlobalBatchLoader(tensors, micro_batch, self.dims.rank, self.dims.world_size, self.cfg.train.seed)
 
     # ---- checkpoints -------------------------------------------------------------------------
+    def _slots(self) -> list[ckpt.Slot]:
+        """Everything this rank holds, placed in global tensors (train/checkpoint.py)."""
+        model = ckpt.module_slots("model", self.model, self.dims)
+        ema = ckpt.module_slots("ema", self.ema.model, self.dims)
+        return [*model.values(), *ema.values(), *ckpt.optimizer_slots(self.engine.state_fragments(), model)]
+
     def save(self) -> str:
+        """Collective. Each rank writes its own share; nothing is gathered but the index."""
         t0 = time.time()
-        model_sd = ckpt.full_state_dict(self.model, self.dims.ep_group, self.dims.ep_size)
-        ema_sd = ckpt.full_state_dict(self.ema.model, self.dims.ep_group, self.dims.ep_size)
-        shared = {
-            "model": model_sd,
-            "ema": ema_sd,
-            "ema_num_updates": self.ema.num_updates,
+        meta = {
             "config": self.cfg.to_dict(),
-            "step": self.step,
-        }
-        per_rank = {
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "loader": self.loader.state_dict(),
-            "rng_torch": torch.get_rng_state(),
-            "rng_noise": self.noise_gen.get_state(),
             "ep_size": self.dims.ep_size,
-            "world_size": self.dims.world_size,
+            "zero_stage": self.engine.zero_stage,
+            "ema_num_updates": self.ema.num_updates,
+            "optimizer_steps": self.engine.optimizer_steps(),
+            "loader": self.loader.state_dict(),
         }
-        path = ckpt.save_checkpoint(
-            self.ckpt_root,
-            self.step,
-            self.dims.rank,
-            self.dims.world_size,
-            shared if self.rank0 else None,
-            per_rank,
-            self.cfg.checkpoint.keep_last,
+        rank_state = {"rng_torch": torch.get_rng_state(), "rng_noise": self.noise_gen.get_state()}
+        path = ckpt.save(
+            self.ckpt_root, self.step, self._slots(), meta, rank_state, self.dims, self.cfg.checkpoint.keep_last
         )
         self.last_save_seconds = time.time() - t0
+        self._saved_step = self.step
         return path
 
     def maybe_resume(self, log) -> None:
+        """``train.resume``: ``auto`` (the run's newest verified checkpoint), ``never``, or a path.
+        Any world size, EP size and ZeRO stage can load any checkpoint of the same model; RNG states
+        are restored only on the topology that wrote them (elsewhere the streams are reseeded from
+        the step, and the data continues from the global sample position either way)."""
         mode = self.cfg.train.resume
         if mode == "never":
             return
-        path = ckpt.find_resumable(self.ckpt_root, log) if mode == "auto" else ckpt.resolve_checkpoint(mode)
+        t0 = time.time()
+        if mode == "auto":
+            path = ckpt.find_resumable(self.ckpt_root, log, self.dims)
+        else:
+            path = ckpt.resolve_checkpoint(mode)
+            ckpt.verify_distributed(path, self.dims)
         if path is None:
             return
-        shared = ckpt.load_file(path, "model.pt")
-        ckpt.load_full_state_dict(self.model, shared["model"], self.dims.ep_rank, self.dims.ep_size)
-        ckpt.load_full_state_dict(self.ema.model, shared["ema"], self.dims.ep_rank, self.dims.ep_size)
-        self.ema.num_updates = int(shared["ema_num_updates"])
-        self.step = int(shared["step"])
-        rank_file = f"rank{self.dims.rank:05d}.pt"
-        if os.path.isfile(os.path.join(path, rank_file)):
-            mine = ckpt.load_file(path, rank_file)
-            if mine["world_size"] != self.dims.world_size or mine["ep_size"] != self.dims.ep_size:
-                raise ckpt.CheckpointError(
-                    f"{path} was written at world size {mine['world_size']}, EP {mine['ep_size']}: "
-                    "optimizer state is per rank; resume with the same topology"
-                )
-            self.optimizer.load_state_dict(mine["optimizer"])
-            self.scheduler.load_state_dict(mine["scheduler"])
-            self.loader.load_state_dict(mine["loader"])
+        reader = ckpt.ShardReader(path)
+        meta = reader.meta
+        model = ckpt.module_slots("model", self.model, self.dims)
+        ema = ckpt.module_slots("ema", self.ema.model, self.dims)
+        ckpt.check_keys(reader, "model", model)
+        ckpt.check_keys(reader, "ema", ema)
+        slots = [*model.values(), *ema.values()]
+        if any(k.startswith("optim/") for k in reader.tensors):  # none before the first step
+            self.engine.ensure_optimizer_state()
+            slots += ckpt.optimizer_slots(self.engine.state_fragments(), model)
+        ckpt.load_slots(reader, slots)
+        self.engine.after_load()
+        self.step = self._saved_step = int(meta["step"])
+        self.engine.set_optimizer_steps(int(meta["optimizer_steps"]))
+        self.engine.set_schedule_step(self.step)
+        self.ema.num_updates = int(meta["ema_num_updates"])
+        self.loader.load_state_dict(meta["loader"])
+        same_topology = meta["world_size"] == self.dims.world_size and meta["ep_size"] == self.dims.ep_size
+        if same_topology:
+            mine = reader.rank_state(self.dims.rank)
             torch.set_rng_state(mine["rng_torch"])
             self.noise_gen.set_state(mine["rng_noise"])
-        log(f"[diffmoe] resumed from {path} at step {self.step}")
+        else:
+            seed = self.cfg.train.seed + 1_000_003 * self.step
+            torch.manual_seed(seed * 7919 + self.dims.rank + 1)
+            self.noise_gen.manual_seed(seed * 104729 + self.dims.rank)
+        self.last_load_seconds = time.time() - t0
+        where = f"world size {meta['world_size']}, EP {meta['ep_size']}"
+        note = "" if same_topology else f" (written at {where}: resharded)"
+        log(f"[diffmoe] resumed from {path} at step {self.step}{note}")
 
     # ---- one step ----------------------------------------------------------------------------
     def train_step(self) -> dict[str, float]:
         cfg = self.cfg
-        batch = self.loader.next_batch()
-        x = batch.pop("x").to(self.device)
-        cond = {k: v.to(self.device) for k, v in batch.items()}  # y for class-conditional runs
-        x_t, t, v_target = flow_targets(x, self.noise_gen)
         autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.train.precision == "bf16")
-        with autocast:
-            v_pred = self.model(x_t, t, **cond)
-        loss_flow = flow_loss(v_pred, v_target)
-        moe = collect_moe_losses(self.model)
-        # moe["loss"] = sum over layers of predictor_loss_weight * BCE + weighted TC aux loss
-        loss = loss_flow + moe["loss"]
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if self.dims.distributed:
-            reduce_gradients(self.model, self.dims)
-        grad_norm = float(clip_grad_norm_(self.model, cfg.optim.grad_clip, self.dims))
-        self.optimizer.step()
-        self.scheduler.step()
+        self.engine.zero_grad()
+        parts = torch.zeros(4)
+        for _ in range(cfg.optim.grad_accum_steps):
+            batch = self.loader.next_batch()
+            x = batch.pop("x").to(self.device)
+            cond = {k: v.to(self.device) for k, v in batch.items()}  # y for class-conditional runs
+            x_t, t, v_target = flow_targets(x, self.noise_gen)
+            with autocast:
+                v_pred = self.engine.forward(x_t, t, **cond)
+            loss_flow = flow_loss(v_pred, v_target)
+            moe = collect_moe_losses(self.model)
+            # moe["loss"] = sum over layers of predictor_loss_weight * BCE + weighted TC aux loss
+            loss = loss_flow + moe["loss"]
+            self.engine.backward(loss)  # / grad_accum_steps inside
+            parts += torch.stack([loss, loss_flow, moe["predictor_bce"], moe["aux_loss"]]).detach().float().cpu()
+        grad_norm = self.engine.step()
         self.ema.update(self.model)
         self.step += 1
         # Logged losses are global means over the data-parallel batch (one tiny all-reduce), so a
         # run's curve does not depend on the world size.
-        parts = torch.stack([loss, loss_flow, moe["predictor_bce"], moe["aux_loss"]]).detach().float()
+        parts /= cfg.optim.grad_accum_steps
         if self.dims.distributed:
             dist.all_reduce(parts, group=self.dims.dp_group)
             parts /= self.dims.world_size
@@ -231,8 +242,11 @@ class Trainer:
         logger = MetricsLogger(
             self.run_dir, self.rank0, cfg.logging.wandb, cfg.logging.wandb_project, cfg.to_dict(), cfg.train.steps
         )
+        self._saved_step = None
         self.maybe_resume(logger.print)
         logger.advance_to(self.step)
+        stop = StopRequest(self.dims, cfg.train.max_minutes)  # SIGTERM / SIGUSR1 / time limit
+        stopped = None
         telemetry = RoutingTelemetry(self.model, cfg.logging.routing_every, self.run_dir, self.dims, self.step + 1)
         t_start = time.time()
         last = {}
@@ -253,10 +267,21 @@ class Trainer:
                 self._write_samples(logger)
             if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0 and self.step < cfg.train.steps:
                 self.save()
-        self.save()
-        self._write_samples(logger)
+            stopped = stop.should_stop()  # collective: all ranks stop after the same step
+            if stopped and self.step < cfg.train.steps:
+                break
+            stopped = None
+        stop.close()
+        if self._saved_step != self.step:
+            self.save()
+        if stopped:
+            logger.print(
+                f"[diffmoe] {stopped}: stopped at step {self.step}, checkpoint saved; exit {EXIT_REQUEUE} (requeue)"
+            )
+        else:
+            self._write_samples(logger)
         logger.close()
-        return {"final": last, "seconds": time.time() - t_start, "step": self.step}
+        return {"final": last, "seconds": time.time() - t_start, "step": self.step, "stopped": stopped}
 
     def _write_samples(self, logger: MetricsLogger) -> None:
         path = os.path.join(self.run_dir, "samples", f"step_{self.step:07d}.png")

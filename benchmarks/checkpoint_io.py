@@ -1,0 +1,176 @@
+"""Checkpoint save and load times: each rank writes its own share (train/checkpoint.py).
+
+Spawns W gloo processes (4 by default) that build the trainer at expert-parallel size P with
+DeepSpeed ZeRO-1 (``--zero 0`` for plain data parallelism), take one step on the digits data, then
+time, for each model size:
+
+- ``save``: `Trainer.save` (pieces, sha256, index, manifest, rename, `latest`), max over ranks;
+- ``load``: `Trainer.maybe_resume` into a fresh trainer at the same topology (checksums shared out
+  over the ranks, memory-mapped reads of the needed ranges), max over ranks;
+- ``reshard``: the same at W/2 ranks and P=1 (``--no-reshard`` skips it);
+- ``1-proc``: `checkpoint.load_model_state` of the EMA in one process, as diffmoe-sample does;
+- the checkpoint's size on disk and the largest rank file.
+
+    .venv/bin/python benchmarks/checkpoint_io.py --out benchmarks/results/checkpoint_io.json
+    .venv/bin/python benchmarks/checkpoint_io.py --sizes tiny     # seconds
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+SIZES = {  # name: (depth, width, heads, experts)
+    "tiny": (6, 192, 6, 8),  # configs/local/diffmoe-tiny.yaml
+    "S": (12, 384, 6, 16),  # DiffMoE-S-E16's backbone (configs/c2i/diffmoe-S-E16.yaml)
+}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _max(value: float) -> float:
+    t = torch.tensor([value], dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t)
+
+
+def _trainer(args, size: str, run_dir: str, ep_size: int, resume: str):
+    from diffmoe_dist.config import load_config
+    from diffmoe_dist.parallel import build_parallel_dims
+    from diffmoe_dist.train.trainer import Trainer
+
+    depth, width, heads, experts = SIZES[size]
+    cfg = load_config(
+        "configs/local/diffmoe-tiny.yaml",
+        [
+            f"model.depth={depth}",
+            f"model.hidden_size={width}",
+            f"model.num_heads={heads}",
+            f"moe.num_experts={experts}",
+            f"parallel.expert_parallel_size={ep_size}",
+            f"data.path={args.data}",
+            f"data.global_batch_size={args.batch}",
+            f"train.zero_stage={args.zero}",
+            f"train.run_dir={run_dir}",
+            f"train.resume={resume}",
+            "logging.wandb=disabled",
+        ],
+    ).validate(world_size=dist.get_world_size())
+    return Trainer(cfg, build_parallel_dims(ep_size, experts), torch.device("cpu"))
+
+
+def _save_and_load(rank: int, world_size: int, port: int, args, size: str, run_dir: str, ep_size: int, queue):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1", LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    try:
+        out = {}
+        if args.phase == "save":
+            trainer = _trainer(args, size, run_dir, ep_size, "never")
+            trainer.train_step()
+            dist.barrier()
+            t0 = time.perf_counter()
+            trainer.save()
+            out["save_s"] = _max(time.perf_counter() - t0)
+            out["params"] = sum(p.numel() for p in trainer.model.parameters())
+        else:
+            trainer = _trainer(args, size, run_dir, ep_size, "auto")
+            dist.barrier()
+            t0 = time.perf_counter()
+            trainer.maybe_resume(lambda m: None)
+            out["load_s"] = _max(time.perf_counter() - t0)
+            assert trainer.step == 1
+        if rank == 0:
+            queue.put(out)
+    finally:
+        dist.destroy_process_group()
+
+
+def _spawn(args, phase: str, size: str, run_dir: str, world_size: int, ep_size: int) -> dict:
+    args.phase = phase
+    queue = mp.get_context("spawn").SimpleQueue()
+    mp.start_processes(
+        _save_and_load,
+        (world_size, _free_port(), args, size, run_dir, ep_size, queue),
+        nprocs=world_size,
+        start_method="spawn",
+    )
+    return queue.get()
+
+
+def measure(args, size: str) -> dict:
+    from diffmoe_dist.train import checkpoint as ckpt
+
+    run_dir = tempfile.mkdtemp(prefix=f"ckpt-io-{size}-", dir=args.tmp)
+    try:
+        row = {"size": size, "world_size": args.world_size, "ep_size": args.ep_size, "zero_stage": args.zero}
+        row.update(_spawn(args, "save", size, run_dir, args.world_size, args.ep_size))
+        row.update(_spawn(args, "load", size, run_dir, args.world_size, args.ep_size))
+        if args.reshard:
+            row["reshard_s"] = _spawn(args, "load", size, run_dir, args.world_size // 2, 1)["load_s"]
+        path = ckpt.find_resumable(os.path.join(run_dir, "checkpoints"))
+        files = [os.path.join(path, f) for f in os.listdir(path)]
+        row["bytes"] = sum(os.path.getsize(f) for f in files)
+        row["largest_rank_file_bytes"] = max(os.path.getsize(f) for f in files if f.endswith(".pt"))
+        t0 = time.perf_counter()
+        ckpt.verify(path)
+        ckpt.load_model_state(path, "ema")
+        row["one_process_s"] = time.perf_counter() - t0
+        return row
+    finally:
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def print_table(rows: list[dict]) -> None:
+    print(
+        f"{'size':>5} {'params':>12} {'W':>2} {'P':>2} {'ZeRO':>4} {'MiB':>8} {'max rank MiB':>12} "
+        f"{'save s':>7} {'load s':>7} {'reshard s':>9} {'1-proc s':>8}"
+    )
+    for r in rows:
+        print(
+            f"{r['size']:>5} {r['params']:>12,} {r['world_size']:>2} {r['ep_size']:>2} {r['zero_stage']:>4} "
+            f"{r['bytes'] / 2**20:>8.1f} {r['largest_rank_file_bytes'] / 2**20:>12.1f} {r['save_s']:>7.2f} "
+            f"{r['load_s']:>7.2f} {r.get('reshard_s', float('nan')):>9.2f} {r['one_process_s']:>8.2f}"
+        )
+    print("params: one rank's (local experts only); MiB: whole checkpoint (model, EMA, Adam moments)")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sizes", type=lambda s: s.split(","), default=["tiny", "S"])
+    p.add_argument("--world-size", type=int, default=4)
+    p.add_argument("--ep-size", type=int, default=2)
+    p.add_argument("--zero", type=int, default=1, choices=[0, 1, 2])
+    p.add_argument("--batch", type=int, default=16, help="global batch of the one training step")
+    p.add_argument("--data", default="data/digits")
+    p.add_argument("--tmp", default=None, help="where checkpoints are written (default: the system temp dir)")
+    p.add_argument("--no-reshard", dest="reshard", action="store_false")
+    p.add_argument("--out", default=None, help="JSON file")
+    args = p.parse_args()
+    if not os.path.isdir(os.path.join(args.data, "train")):
+        subprocess.run([sys.executable, "tools/make_shards.py", "digits", "--out", args.data], check=True)
+    rows = [measure(args, size) for size in args.sizes]
+    print_table(rows)
+    if args.out:
+        os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+        with open(args.out, "w") as f:
+            json.dump({"args": {k: v for k, v in vars(args).items() if k != "phase"}, "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

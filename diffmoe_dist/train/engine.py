@@ -1,0 +1,415 @@
+"""The optimizer side of training behind one small interface: plain data parallelism or DeepSpeed ZeRO.
+
+- `PlainEngine` (``train.zero_stage: 0``): torch AdamW on every rank, gradients reduced by
+  `parallel.reduce_gradients` (non-expert over DP, experts over their EDP group) and clipped by
+  the whole model's norm. Optimizer states are replicated: 2 x 4 bytes per local parameter.
+- `ZeroEngine` (``1`` or ``2``): `deepspeed.initialize` with ZeRO stage 1 (optimizer states
+  partitioned) or 2 (and gradients). Expert parameters form DeepSpeed's MoE optimizer groups,
+  partitioned and reduced over their EDP group; everything else over all DP ranks. torch AdamW
+  (DeepSpeed's fused CPU Adam JIT-builds for minutes).
+
+Both run the same micro-batch protocol (`forward`, `backward` per micro-batch, `step` once per
+global batch) and expose `state_fragments()`: the flat ranges of each parameter's Adam moments
+that this rank holds, which the checkpoint writes and reads without gathering anything.
+
+Precision: fp32 weights are the master weights in both engines; ``train.precision: bf16`` runs
+the forward under autocast. DeepSpeed's own bf16 / fp16 modes are refused (see `_ds_config`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import logging
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.utils.checkpoint
+
+from diffmoe_dist.config import Config, ConfigError, deepspeed_config_path
+from diffmoe_dist.parallel.grads import clip_grad_norm_, is_expert_param, reduce_gradients, split_params
+from diffmoe_dist.parallel.groups import ParallelDims, expert_data_parallel_ranks, expert_parallel_ranks
+
+ADAM_STATES = ("exp_avg", "exp_avg_sq")
+
+
+def lr_lambda(warmup_steps: int):
+    return lambda step: min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
+
+
+@dataclass
+class StateFragment:
+    """A contiguous flat range of one parameter's optimizer state held by this rank."""
+
+    name: str  # the parameter's name in the model
+    start: int  # flat offset inside this rank's local tensor of the parameter
+    tensors: dict[str, torch.Tensor]  # 1-D views, keyed by state name ("exp_avg", ...)
+    replicated: bool  # True: every replica of the parameter holds the same values
+
+
+class _Engine:
+    """Shared parts: the scheduler, the optimizer step count, micro-batch bookkeeping."""
+
+    zero_stage = 0
+
+    def __init__(self, model: nn.Module, cfg: Config, dims: ParallelDims):
+        self.model, self.cfg, self.dims = model, cfg, dims
+        self.grad_accum_steps = cfg.optim.grad_accum_steps
+        self._names = {p: n for n, p in model.named_parameters()}
+
+    def _adamw(self, params) -> torch.optim.AdamW:
+        o = self.cfg.optim
+        return torch.optim.AdamW(params, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=o.weight_decay)
+
+    def _scheduler(self, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(self.cfg.optim.warmup_steps))
+
+    @property
+    def base_optimizer(self) -> torch.optim.Optimizer:
+        raise NotImplementedError
+
+    def _state_params(self) -> list[torch.Tensor]:
+        """The tensors the torch optimizer keeps state for."""
+        return [p for g in self.base_optimizer.param_groups for p in g["params"]]
+
+    def ensure_optimizer_state(self) -> None:
+        """Creates AdamW's state (zeros, step 0) where it does not exist yet, so that a checkpoint
+        can be loaded before the first step. AdamW initialises lazily and treats a present state
+        exactly like the one it would create."""
+        state = self.base_optimizer.state
+        for p in self._state_params():
+            if len(state[p]) == 0:
+                state[p]["step"] = torch.tensor(0.0, dtype=torch.float32)
+                for key in ADAM_STATES:
+                    state[p][key] = torch.zeros_like(p, memory_format=torch.preserve_format)
+
+    def optimizer_steps(self) -> int:
+        steps = {int(s["step"]) for s in self.base_optimizer.state.values() if "step" in s}
+        return steps.pop() if len(steps) == 1 else 0
+
+    def set_optimizer_steps(self, steps: int) -> None:
+        self.ensure_optimizer_state()
+        for s in self.base_optimizer.state.values():
+            s["step"] = torch.tensor(float(steps), dtype=torch.float32)
+
+    def set_schedule_step(self, step: int) -> None:
+        """Puts the LambdaLR where it is after ``step`` optimizer steps (its lr is a pure function
+        of the step, so this is exact and independent of the number of parameter groups)."""
+        sched = self.scheduler
+        lrs = [base * sched.lr_lambdas[0](step) for base in sched.base_lrs]
+        for group, lr in zip(self.base_optimizer.param_groups, lrs):
+            group["lr"] = lr
+        state = sched.state_dict()
+        state.update(last_epoch=step, _step_count=step + 1, _last_lr=lrs)
+        sched.load_state_dict(state)
+
+    def zero_grad(self) -> None:
+        raise NotImplementedError
+
+    def forward(self, *args, **kwargs):
+        return self.model(*args, **kwargs)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def step(self) -> float:
+        """One optimizer step after ``grad_accum_steps`` backwards; returns the gradient norm."""
+        raise NotImplementedError
+
+    def state_fragments(self) -> list[StateFragment]:
+        raise NotImplementedError
+
+    def after_load(self) -> None:
+        """Called after the checkpoint wrote model weights and optimizer states."""
+
+
+class PlainEngine(_Engine):
+    """Plain data parallelism: AdamW on every rank over all of its (local) parameters."""
+
+    def __init__(self, model: nn.Module, cfg: Config, dims: ParallelDims):
+        super().__init__(model, cfg, dims)
+        self.optimizer = self._adamw(model.parameters())
+        self.scheduler = self._scheduler(self.optimizer)
+
+    @property
+    def base_optimizer(self) -> torch.optim.Optimizer:
+        return self.optimizer
+
+    def zero_grad(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        (loss / self.grad_accum_steps if self.grad_accum_steps > 1 else loss).backward()
+
+    def step(self) -> float:
+        if self.dims.distributed:
+            reduce_gradients(self.model, self.dims)
+        norm = float(clip_grad_norm_(self.model, self.cfg.optim.grad_clip, self.dims))
+        self.optimizer.step()
+        self.scheduler.step()
+        return norm
+
+    def state_fragments(self) -> list[StateFragment]:
+        out = []
+        for p in self.model.parameters():
+            state = self.optimizer.state.get(p)
+            if state:
+                views = {k: state[k].view(-1) for k in ADAM_STATES}
+                out.append(StateFragment(self._names[p], 0, views, replicated=True))
+        return out
+
+
+@functools.cache
+def _moe_marker_class():
+    """A placeholder whose only job is to be an instance of `deepspeed.moe.layer.MoE`: the engine
+    enables its MoE paths (expert groups in ZeRO, ``has_moe_layers``) only when it finds one, and
+    ZeRO-2's backward fails in ``average_tensor`` without them (DESIGN.md section 4). No
+    parameters, never called. Built lazily: importing DeepSpeed takes seconds."""
+    from deepspeed.moe.layer import MoE
+
+    class DeepSpeedMoEMarker(MoE):
+        def __init__(self, num_experts: int, ep_size: int):
+            nn.Module.__init__(self)  # MoE.__init__ would build experts and a gate
+            self.num_experts = num_experts
+            self.ep_size = ep_size
+            self.expert_group_name = f"ep_size_{ep_size}"
+
+        def set_deepspeed_parallelism(self, *args, **kwargs) -> None:
+            pass  # groups are created (and checked) before deepspeed.initialize
+
+        def forward(self, *args, **kwargs):
+            raise RuntimeError("DeepSpeedMoEMarker is a marker for the DeepSpeed engine; it computes nothing")
+
+    return DeepSpeedMoEMarker
+
+
+class _EngineModule(nn.Module):
+    """What DeepSpeed wraps: the DiT plus the MoE marker. Parameters are the DiT's, named ``dit.*``."""
+
+    def __init__(self, dit: nn.Module, num_experts: int, ep_size: int):
+        super().__init__()
+        self.dit = dit
+        self.moe_marker = _moe_marker_class()(num_experts, ep_size)
+
+    def forward(self, *args, **kwargs):
+        return self.dit(*args, **kwargs)
+
+
+def _quiet_deepspeed() -> None:
+    import importlib
+
+    import deepspeed
+
+    # not `import deepspeed.comm.torch as m`: the package's `torch` attribute is the torch module
+    ds_torch_comm = importlib.import_module("deepspeed.comm.torch")
+    deepspeed.utils.logger.setLevel(logging.WARNING)
+    # DeepSpeed's torch backend JIT-builds its shared-memory all-reduce (~40 s, and a C++ toolchain)
+    # the first time it wraps a process group, even one we created; gloo does every collective here.
+    ds_torch_comm.build_shm_op = lambda: None
+
+
+def create_deepspeed_expert_groups(dims: ParallelDims) -> str:
+    """DeepSpeed's EP / EDP groups (``ep_size_P``), checked to be the same rank sets as ours
+    (and so megatron-core's). A collective: every rank calls it. Returns the group name."""
+    from deepspeed.utils import groups
+
+    name = f"ep_size_{dims.ep_size}"
+    if name not in groups._get_expert_parallel_group_dict():
+        groups._create_expert_and_data_parallel(dims.ep_size)
+    ep = tuple(groups._get_expert_parallel_group_ranks(name))
+    edp = tuple(groups._get_expert_data_parallel_group_ranks(name))
+    expect_ep = next(r for r in expert_parallel_ranks(dims.world_size, dims.ep_size) if dims.rank in r)
+    expect_edp = next(r for r in expert_data_parallel_ranks(dims.world_size, dims.ep_size) if dims.rank in r)
+    if ep != tuple(expect_ep) or edp != tuple(expect_edp) or ep != dims.ep_ranks or edp != dims.edp_ranks:
+        raise RuntimeError(
+            f"rank {dims.rank}: DeepSpeed's expert groups EP {list(ep)} / EDP {list(edp)} differ from ours "
+            f"EP {list(dims.ep_ranks)} / EDP {list(dims.edp_ranks)}: expert gradients would be reduced over "
+            "the wrong ranks"
+        )
+    return name
+
+
+def _ds_config(cfg: Config, dims: ParallelDims) -> dict:
+    path = deepspeed_config_path(cfg.train)  # existence and stage checked by Config.validate
+    with open(path) as f:
+        ds = {k: v for k, v in json.load(f).items() if not k.startswith("_")}
+    for mode in ("bf16", "fp16"):
+        if ds.get(mode, {}).get("enabled"):
+            raise ConfigError(
+                f"{path} enables DeepSpeed {mode}: use train.precision=bf16 instead (autocast over fp32 master "
+                "weights, the same numerics with and without ZeRO)"
+            )
+    # The YAML is the one source of batch, accumulation and clipping: the JSON never sets them.
+    gas = cfg.optim.grad_accum_steps
+    ds.update(
+        train_batch_size=cfg.data.global_batch_size,
+        train_micro_batch_size_per_gpu=cfg.data.global_batch_size // (dims.world_size * gas),
+        gradient_accumulation_steps=gas,
+        gradient_clipping=cfg.optim.grad_clip,
+    )
+    return ds
+
+
+class ZeroEngine(_Engine):
+    """DeepSpeed ZeRO stage 1 / 2 over our own expert-parallel model (DESIGN.md section 4)."""
+
+    def __init__(self, model: nn.Module, cfg: Config, dims: ParallelDims):
+        super().__init__(model, cfg, dims)
+        import deepspeed
+        from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
+
+        _quiet_deepspeed()
+        # DeepSpeed asserts LOCAL_RANK (torchrun's) or Open MPI's variable; srun and MPICH set others.
+        for name in ("LOCAL_RANK", "SLURM_LOCALID", "OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID", "PMI_LOCAL_RANK"):
+            if os.environ.get(name, "").isdigit():
+                os.environ.setdefault("LOCAL_RANK", os.environ[name])
+                break
+        else:
+            os.environ.setdefault("LOCAL_RANK", "0")
+        # Wraps the process group we started (deepspeed.comm needs its own handle on it).
+        deepspeed.init_distributed(dist_backend=torch.distributed.get_backend(), dist_init_required=False)
+        self.zero_stage = cfg.train.zero_stage
+        group_name = create_deepspeed_expert_groups(dims)
+        for p in model.parameters():
+            if is_expert_param(p) and getattr(p, "group_name", group_name) != group_name:
+                raise RuntimeError(f"{self._names[p]} is tagged for {p.group_name}, DeepSpeed groups are {group_name}")
+        dense, expert = split_params(model)
+        groups = split_params_into_different_moe_groups_for_optimizer({"params": dense + expert, "name": "dense"})
+        base = self._adamw(groups)
+        self.scheduler = self._scheduler(base)  # ZeRO keeps the base optimizer's param-group dicts
+        wrapper = _EngineModule(model, cfg.moe.num_experts, dims.ep_size)
+        self.ds, self.optimizer, _, _ = deepspeed.initialize(
+            model=wrapper, optimizer=base, config=_ds_config(cfg, dims), dist_init_required=False
+        )
+        if not self.ds.has_moe_layers and expert:
+            raise RuntimeError(
+                "DeepSpeed did not enable its MoE paths: expert gradients would be reduced over all ranks"
+            )
+        self._base = base
+
+    @property
+    def base_optimizer(self) -> torch.optim.Optimizer:
+        return self._base
+
+    def zero_grad(self) -> None:
+        pass  # DeepSpeed clears gradients in its step
+
+    def forward(self, *args, **kwargs):
+        return self.ds(*args, **kwargs)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.ds.backward(loss)  # divides by grad_accum_steps itself
+        if not self.ds.is_gradient_accumulation_boundary():
+            self.ds.step()  # DeepSpeed's micro-step bookkeeping; the real step comes in step()
+
+    def step(self) -> float:
+        if not self.ds.is_gradient_accumulation_boundary():
+            raise RuntimeError("ZeroEngine.step: call backward once per micro-batch, grad_accum_steps times")
+        self.ds.step()
+        self.scheduler.step()
+        norm = self.ds.get_global_grad_norm()
+        return float(norm) if norm is not None else float("nan")
+
+    def _link_states(self) -> None:
+        # ZeRO links each parameter to its optimizer-state fragment lazily after the first param
+        # group's step, before the other groups have state: re-link once they exist (DESIGN.md
+        # section 4, trap 2).
+        self.optimizer._hp_optimizer_states_linked = False
+        self.optimizer._lazy_init_hp_params_optimizer_state()
+
+    def state_fragments(self) -> list[StateFragment]:
+        if not any(self._base.state[p] for p in self._state_params()):
+            return []
+        self._link_states()
+        out = []
+        for p in self.model.parameters():
+            mapping = getattr(p, "_hp_mapping", None)
+            if mapping is None:
+                continue  # no element of p lies in this rank's partition
+            views = {k: mapping.get_optim_state_fragment(k) for k in ADAM_STATES}
+            out.append(StateFragment(self._names[p], mapping.lp_fragment_address.start, views, replicated=False))
+        return out
+
+    def ensure_optimizer_state(self) -> None:
+        super().ensure_optimizer_state()
+        self._link_states()
+
+    def after_load(self) -> None:
+        # The fp32 partitions are the master weights ZeRO steps: refresh them from the loaded model
+        # weights (an exact copy: both are fp32).
+        self.optimizer.refresh_fp32_params()
+
+    def set_schedule_step(self, step: int) -> None:
+        super().set_schedule_step(step)
+        self.ds.global_steps = step
+        self.ds.global_samples = step * self.cfg.data.global_batch_size
+
+
+def build_engine(model: nn.Module, cfg: Config, dims: ParallelDims, log=print) -> _Engine:
+    """`ZeroEngine` for ``train.zero_stage`` 1 / 2 on several processes, else `PlainEngine`.
+    Call after `parallelize` (sharding replaces the expert parameters)."""
+    if cfg.train.zero_stage > 0 and dims.world_size > 1:
+        return ZeroEngine(model, cfg, dims)
+    if cfg.train.zero_stage > 0:
+        log(f"[diffmoe] train.zero_stage={cfg.train.zero_stage} with one process: nothing to partition, plain AdamW")
+    return PlainEngine(model, cfg, dims)
+
+
+# ---- activation checkpointing -----------------------------------------------------------------
+def _skip_threshold_update(*args, **kwargs) -> None:
+    pass
+
+
+@contextlib.contextmanager
+def _recompute_without_threshold_updates(block: nn.Module):
+    """The MoE layer updates its thresholds (an EMA, with collectives) inside forward; the recompute
+    in backward must not update them a second time. Shadows `update_threshold` on the block's
+    predictors for the duration of the recompute (every rank recomputes the same blocks)."""
+    from diffmoe_dist.model.moe.predictor import CapacityPredictor
+
+    saved = [(m, m.__dict__.get("update_threshold")) for m in block.modules() if isinstance(m, CapacityPredictor)]
+    for predictor, _ in saved:
+        predictor.update_threshold = _skip_threshold_update
+    try:
+        yield
+    finally:
+        for predictor, previous in saved:
+            if previous is None:
+                del predictor.update_threshold
+            else:
+                predictor.update_threshold = previous
+
+
+def checkpoint_blocks(model: nn.Module) -> int:
+    """Recompute every DiT block in backward instead of keeping its activations (non-reentrant
+    `torch.utils.checkpoint`, RNG state preserved, so a step's numbers do not change). Patches each
+    block's ``forward`` in place, so parameter names (and checkpoints) stay the same. Apply it to
+    the trained model only, after the EMA copy. Returns the number of blocks wrapped."""
+    blocks = getattr(model, "blocks", [])
+    for block in blocks:
+        inner = block.forward
+
+        def forward(*args, _inner=inner, _block=block, **kwargs):
+            if not (torch.is_grad_enabled() and _block.training):
+                return _inner(*args, **kwargs)
+            return torch.utils.checkpoint.checkpoint(
+                _inner,
+                *args,
+                use_reentrant=False,
+                context_fn=lambda: (contextlib.nullcontext(), _recompute_without_threshold_updates(_block)),
+                **kwargs,
+            )
+
+        block.forward = forward
+    return len(blocks)
+
+
+def optimizer_state_bytes(engine: _Engine) -> int:
+    """Bytes of optimizer state (Adam moments and step counts) this rank holds."""
+    total = 0
+    for state in engine.base_optimizer.state.values():
+        total += sum(t.numel() * t.element_size() for t in state.values() if torch.is_tensor(t))
+    return total

@@ -1,0 +1,77 @@
+"""Stopping cleanly: SIGTERM, SIGUSR1 and ``train.max_minutes`` end training at a step boundary that
+every rank agrees on; the trainer then saves and the process exits with `EXIT_REQUEUE`.
+
+- SIGTERM: what Slurm (preemption, ``scontrol requeue``, ``scancel``), torchrun and Kubernetes send
+  before SIGKILL. SIGUSR1: Slurm's ``--signal=USR1@T`` time-limit warning. A handler only sets a
+  flag; the current step finishes.
+- A signal may reach only some ranks (a node's tasks, one process): after every step the ranks
+  all-reduce (MAX) one small integer, so all stop after the same step. The cost is one 4-byte
+  all-reduce per step (``check_every`` > 1 makes it rarer and the reaction slower).
+- ``train.max_minutes``: stops when the next step would end past the limit.
+
+The exit status 75 (sysexits.h EX_TEMPFAIL, "try again") is what ``launchers/common.sh``
+(``DIFFMOE_EXIT_REQUEUE``) takes as "checkpoint saved, requeue me".
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+
+import torch
+import torch.distributed as dist
+
+from diffmoe_dist.parallel.groups import ParallelDims, comm_device
+
+EXIT_REQUEUE = 75
+SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+_REASONS = {0: None, 1: "time limit (train.max_minutes)", 2: "SIGUSR1", 3: "SIGTERM"}
+
+
+class StopRequest:
+    """Installs the handlers on construction (main thread only) and restores them on `close`."""
+
+    def __init__(self, dims: ParallelDims, max_minutes: float = 0.0, check_every: int = 1):
+        self.dims = dims
+        self.deadline = time.monotonic() + max_minutes * 60.0 if max_minutes > 0 else None
+        self.check_every = max(1, check_every)
+        self.received: int | None = None
+        self._checks = 0
+        self._last_check = time.monotonic()
+        self._previous = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.received = signum
+
+    def _local_code(self, step_seconds: float) -> int:
+        if self.received == signal.SIGTERM:
+            return 3
+        if self.received == signal.SIGUSR1:
+            return 2
+        if self.deadline is not None and time.monotonic() + step_seconds >= self.deadline:
+            return 1
+        return 0
+
+    def should_stop(self) -> str | None:
+        """Collective (every rank calls it after every step): the reason to stop, identical on
+        all ranks, or None. Precedence when ranks differ: SIGTERM > SIGUSR1 > time limit."""
+        now = time.monotonic()
+        step_seconds, self._last_check = now - self._last_check, now
+        self._checks += 1
+        if self._checks % self.check_every:
+            return None
+        code = self._local_code(step_seconds)
+        if self.dims.world_size > 1:
+            flag = torch.tensor([code], dtype=torch.int32, device=comm_device(self.dims.dp_group))
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.dims.dp_group)
+            code = int(flag)
+        return _REASONS[code]
+
+    def close(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+        self._previous = {}

@@ -1,0 +1,145 @@
+"""Preemption: SIGTERM / SIGUSR1 / train.max_minutes stop every rank after the same step, save, exit 75,
+and the resumed run is bitwise the uninterrupted one (W=4, P=2, DeepSpeed ZeRO, real gloo processes)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from diffmoe_dist.train import checkpoint as ckpt
+from diffmoe_dist.train.preemption import EXIT_REQUEUE
+
+try:
+    from tests.distributed import start_training_ranks, wait_all
+except ImportError:
+    from distributed import start_training_ranks, wait_all
+
+TINY = [
+    "model.depth=2",
+    "model.hidden_size=48",
+    "model.num_heads=4",
+    "moe.num_experts=4",
+    "data.global_batch_size=16",
+    "sample.num_steps=2",
+    "sample.per_class=1",
+    "logging.wandb=disabled",
+    "logging.log_every=1",
+    "optim.warmup_steps=2",
+    "checkpoint.every=0",
+]
+STEPS = 10  # 2N
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory):
+    out = tmp_path_factory.mktemp("digits")
+    subprocess.run(
+        [sys.executable, "tools/make_shards.py", "digits", "--out", str(out)], check=True, capture_output=True
+    )
+    return str(out)
+
+
+def losses(run_dir) -> dict[int, float]:
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return {r["step"]: r["loss"] for r in map(json.loads, f)}
+
+
+def final_state(run_dir) -> tuple[int, dict[str, torch.Tensor]]:
+    """Every tensor of the run's latest checkpoint (weights, EMA, thresholds, Adam moments)."""
+    path = ckpt.find_resumable(os.path.join(run_dir, "checkpoints"))
+    reader = ckpt.ShardReader(path)
+    return reader.meta["step"], {key: reader.read(key) for key in reader.tensors}
+
+
+def logs(log_dir) -> str:
+    return "\n".join(open(os.path.join(log_dir, f)).read() for f in sorted(os.listdir(log_dir)))
+
+
+def train(run_dir, log_dir, extra=(), world_size=4, timeout=240.0, signal_after=None, signal_ranks=(), sig=None):
+    procs = start_training_ranks(world_size, [*TINY, f"train.run_dir={run_dir}", *extra], str(log_dir))
+    if signal_after is not None:
+        metrics = os.path.join(run_dir, "metrics.jsonl")
+        deadline = time.monotonic() + timeout
+        while not (os.path.isfile(metrics) and len(open(metrics).readlines()) >= signal_after):
+            if time.monotonic() > deadline or any(p.poll() is not None for p in procs):
+                break
+            time.sleep(0.05)
+        for r in signal_ranks:
+            procs[r].send_signal(sig)
+    codes = wait_all(procs, timeout)
+    return codes
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "stage, signal_ranks",
+    [(1, (2,)), (2, (0, 1, 2, 3))],
+    ids=["zero1-sigterm-one-rank", "zero2-sigterm-all-ranks"],
+)
+def test_resume_after_sigterm_is_bitwise_identical(digits, tmp_path, stage, signal_ranks):
+    common = [f"data.path={digits}", "parallel.expert_parallel_size=2", f"train.zero_stage={stage}"]
+    ref, split = tmp_path / "ref", tmp_path / "split"
+    assert train(ref, tmp_path / "log-ref", [*common, f"train.steps={STEPS}"]) == [0] * 4
+
+    codes = train(
+        split,
+        tmp_path / "log-1",
+        [*common, f"train.steps={STEPS}"],
+        signal_after=2,
+        signal_ranks=signal_ranks,
+        sig=signal.SIGTERM,
+    )
+    assert codes == [EXIT_REQUEUE] * 4, logs(tmp_path / "log-1")
+    stopped_at, _ = final_state(split)
+    assert 2 <= stopped_at < STEPS
+    assert "SIGTERM: stopped at step" in logs(tmp_path / "log-1")
+
+    assert train(split, tmp_path / "log-2", [*common, f"train.steps={STEPS}"]) == [0] * 4
+    assert "resumed from" in logs(tmp_path / "log-2")
+    assert losses(split) == losses(ref)
+    ref_step, ref_state = final_state(ref)
+    split_step, split_state = final_state(split)
+    assert ref_step == split_step == STEPS
+    assert ref_state.keys() == split_state.keys()
+    assert any(k.startswith("optim/exp_avg_sq/") for k in ref_state)
+    differ = [k for k in ref_state if not torch.equal(ref_state[k], split_state[k])]
+    assert not differ, f"{len(differ)} tensors differ, e.g. {differ[:3]}"
+
+
+def test_sigusr1_and_time_limit_stop_single_process_with_exit_75(digits, tmp_path):
+    run = tmp_path / "run"
+    common = [
+        *TINY,
+        f"data.path={digits}",
+        f"train.run_dir={run}",
+        "train.steps=200",
+        "parallel.expert_parallel_size=1",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DIFFMOE_NO_PROGRESS": "1"}
+    cmd = [sys.executable, "-m", "diffmoe_dist.train.cli", "--config", "configs/local/diffmoe-tiny.yaml"]
+    proc = subprocess.Popen([*cmd, *common], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    metrics = run / "metrics.jsonl"
+    while not (metrics.is_file() and metrics.read_text().count("\n") >= 1) and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGUSR1)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == EXIT_REQUEUE, out
+    assert "SIGUSR1: stopped at step" in out
+    stopped_at = ckpt.read_meta(ckpt.find_resumable(str(run / "checkpoints")))["step"]
+    assert 1 <= stopped_at < 200
+
+    # ~0.6 s: the run stops (and saves) as soon as the next step would cross the limit
+    out = subprocess.run(
+        [*cmd, *common, "train.max_minutes=0.01"], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == EXIT_REQUEUE, out.stdout + out.stderr
+    assert "time limit (train.max_minutes)" in out.stdout
+    assert f"resumed from {run / 'checkpoints' / f'step_{stopped_at:07d}'}" in out.stdout.replace("\n", "")
+    assert ckpt.read_meta(ckpt.find_resumable(str(run / "checkpoints")))["step"] > stopped_at
