@@ -28,6 +28,7 @@ case "$cmd" in
     setup_venv
     RUN=${RUN:-runs/main}
     # torchrun with NPROC (default 4) processes; shards are made when missing (launchers/common.sh)
+    export CONFIG=${CONFIG:-configs/local/t2i-diffmoe-tiny.yaml}
     bash launchers/local.sh train.run_dir="$RUN" "$@"
     diffmoe-eval --ckpt "$RUN" --num-samples 300 --cfg-scale "${CFG_SCALE:-2.0}" --steps 20 --sampler heun | tee "$RUN/eval.json"
     ;;

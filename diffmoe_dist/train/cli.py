@@ -54,9 +54,9 @@ def main(argv=None) -> int:
             device,
             num_experts=cfg.moe.num_experts,
             backend=cfg.parallel.backend,
-            # Megatron's groups served its dist_checkpointing; our checkpoints are our own
-            # (train/checkpoint.py). Same rank sets without megatron-core's ~4 CPU-s import per rank.
-            use_megatron=False,
+            # Groups come from megatron-core's initialize_model_parallel (Megatron layout, the contract
+            # of this project); DIFFMOE_NO_MEGATRON=1 builds the same rank sets without its ~4 CPU-s import.
+            use_megatron=os.environ.get("DIFFMOE_NO_MEGATRON") != "1",
         )
     if device.type == "cuda":
         torch.cuda.set_device(env.local_rank)
