@@ -161,8 +161,19 @@ diffmoe_srun() {
   # srun does not inherit --cpus-per-task from sbatch in Slurm 22.05-23.02: pass it on.
   # --kill-on-bad-exit: a rank that dies ends the step instead of leaving the others in a collective.
   # Each task prints where it runs (all tasks of a node share a host name; SLURM_NODEID tells them apart).
+  # Exit 75 is not a failure: with --kill-on-bad-exit the first rank to exit 75 got its peers killed
+  # in their teardown (measured: one rank "Terminated", the step's status not 75, so no requeue).
+  # So each task's shell turns 75 into 0 plus a line in DIFFMOE_REQUEUE_FLAG (in the run directory:
+  # a shared file system), and outlives the signals the step gets (`trap :`; the trainer, its child,
+  # starts with default handlers, since bash resets caught signals for children, and installs its own).
+  rm -f "$DIFFMOE_REQUEUE_FLAG"
   srun --kill-on-bad-exit=1 ${SLURM_CPUS_PER_TASK:+--cpus-per-task=$SLURM_CPUS_PER_TASK} \
-    bash -c 'echo "[diffmoe-task] rank $SLURM_PROCID/$SLURM_NTASKS node $SLURM_NODEID local $SLURM_LOCALID host $(hostname -s) restart ${SLURM_RESTART_COUNT:-0}"; exec "$@"' \
+    bash -c 'echo "[diffmoe-task] rank $SLURM_PROCID/$SLURM_NTASKS node $SLURM_NODEID local $SLURM_LOCALID host $(hostname -s) restart ${SLURM_RESTART_COUNT:-0}"
+      trap : TERM USR1
+      "$@"
+      rc=$?
+      if ((rc == 75)); then echo "$SLURM_PROCID" >>"$DIFFMOE_REQUEUE_FLAG"; rc=0; fi
+      exit $rc' \
     diffmoe-task "$@" &
   DIFFMOE_STEP_PID=$!
   local rc seen
@@ -182,6 +193,13 @@ diffmoe_srun() {
   done
   trap - TERM USR1
   DIFFMOE_STEP_RC=$rc
+  DIFFMOE_RANKS_75=0
+  if [[ -f $DIFFMOE_REQUEUE_FLAG ]]; then
+    DIFFMOE_RANKS_75=$(wc -l <"$DIFFMOE_REQUEUE_FLAG")
+    rm -f "$DIFFMOE_REQUEUE_FLAG"
+    diffmoe_log "$DIFFMOE_RANKS_75 of ${SLURM_NTASKS:-?} ranks exited $DIFFMOE_EXIT_REQUEUE (checkpoint saved, requeue asked)"
+    ((rc != 0)) || DIFFMOE_STEP_RC=$DIFFMOE_EXIT_REQUEUE
+  fi
 }
 
 diffmoe_forward() {
@@ -200,7 +218,7 @@ diffmoe_maybe_requeue() {
     diffmoe_log "step exited $rc after SIGTERM: Slurm requeues (preemption, scontrol requeue) or ends the job"
     return 0
   fi
-  if ((rc == DIFFMOE_EXIT_REQUEUE)) || [[ $DIFFMOE_WARNED == USR1 && $rc != 0 ]]; then
+  if ((rc == DIFFMOE_EXIT_REQUEUE || DIFFMOE_RANKS_75 > 0)) || [[ $DIFFMOE_WARNED == USR1 && $rc != 0 ]]; then
     if ((restarts >= DIFFMOE_MAX_REQUEUES)); then
       diffmoe_log "step exited $rc; not requeueing: restart $restarts reached DIFFMOE_MAX_REQUEUES=$DIFFMOE_MAX_REQUEUES"
       return 0
@@ -224,7 +242,8 @@ diffmoe_slurm_train() {
   diffmoe_resolve_config "$default_config"
   diffmoe_setup "${per_node:-1}"
   local job=${SLURM_JOB_NAME:-$(basename "$CONFIG" .yaml)}
-  diffmoe_overrides "train.run_dir=${RUNS:-$DIFFMOE_ROOT/runs}/$job" train.resume=auto -- "$@"
+  local run_dir=${RUNS:-$DIFFMOE_ROOT/runs}/$job
+  diffmoe_overrides "train.run_dir=$run_dir" train.resume=auto -- "$@"
   local cmd=("${TRAIN_CMD[@]}" --config "$CONFIG" "${OVERRIDES[@]}")
   if [[ ${DRY_RUN:-0} == 1 ]]; then
     printf '%q ' srun "${cmd[@]}"
@@ -235,6 +254,8 @@ diffmoe_slurm_train() {
   diffmoe_prepare_data
   diffmoe_log "job $SLURM_JOB_ID ($job) restart ${SLURM_RESTART_COUNT:-0}: ${SLURM_NTASKS:-?} tasks on ${SLURM_JOB_NODELIST:-?}, OMP_NUM_THREADS=$OMP_NUM_THREADS"
   diffmoe_log "${cmd[*]}"
+  mkdir -p "$run_dir"
+  export DIFFMOE_REQUEUE_FLAG=$run_dir/.exit75-job${SLURM_JOB_ID}
   diffmoe_srun "${cmd[@]}"
   diffmoe_maybe_requeue
   return "$DIFFMOE_STEP_RC"

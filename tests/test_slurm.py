@@ -4,9 +4,13 @@ Each job is `sbatch launchers/<script>.sh` exactly as on a GPU cluster, with the
 options a user would pass to fit a CPU cluster (`--gpus-per-node=0 --cpus-per-task=1`), CONFIG
 and RUNS in the environment, and tiny-model overrides as the script's arguments.
 
-Time-limit warnings are sent with `scancel --batch --signal=USR1`, which is exactly how Slurm
-delivers `--signal=B:USR1@300` (to the batch shell only); preemption comes from a job in the
-higher-priority `urgent` partition (PreemptMode=REQUEUE).
+Interruptions of a real training job, each resumed to final weights bitwise equal to an
+uninterrupted job's: `scancel --signal=USR1` (to the tasks: the trainer saves, every rank exits 75,
+the script requeues), `scontrol requeue` and preemption by a job in the higher-priority `urgent`
+partition (PreemptMode=REQUEUE; both send SIGTERM and Slurm requeues). The time-limit warning
+`--signal=B:USR1@300` reaches the batch shell only, as `scancel --batch --signal=USR1` does: that the
+shell forwards it to every rank and requeues on exit 75 is pinned with a stub trainer below (the
+trainer's side of USR1 is the same whichever way the signal arrives).
 """
 
 from __future__ import annotations
@@ -78,9 +82,14 @@ def task_placement(log: str, restart: int = 0) -> dict[int, int]:
     return {int(r): int(n) for r, n in re.findall(pattern, log)}
 
 
-def resumed_steps(log: str) -> list[int]:
-    # the trainer's console wraps long lines (rich, 80 columns without a terminal)
-    return [int(s) for s in re.findall(r"resumed from\s[\s\S]{0,600}? at step (\d+)", log)]
+def resumed_steps(log: str) -> list[tuple[str, int]]:
+    """(checkpoint path, step) of every "resumed from" line of rank 0."""
+    return [(p, int(s)) for p, s in re.findall(r"resumed from (\S+) at step (\d+)", log)]
+
+
+def stopped_steps(log: str, reason: str) -> list[int]:
+    """Steps at which rank 0 reported a clean stop for `reason` (SIGTERM, SIGUSR1)."""
+    return [int(s) for s in re.findall(rf"{reason}: stopped at step (\d+), checkpoint saved", log)]
 
 
 def final_weights(run_dir: Path) -> dict:
@@ -126,37 +135,74 @@ def test_sbatch_runs_one_task_per_slot_on_both_nodes_and_checkpoints(reference_r
     assert {f"rank{r:05d}.pt" for r in range(4)} <= set(manifest["files"])
 
 
-def test_usr1_time_limit_warning_requeues_and_resumes_bitwise(slurm_cluster, reference_run, tmp_path):
-    job = submit(slurm_cluster, tmp_path, "warned", "t2i_256gpu.sh", LONG)
-    run_dir = tmp_path / "runs" / "warned"
+def interrupted_run(cluster, tmp_path: Path, name: str, interrupt, overrides=()) -> tuple[dict, str, Path]:
+    """Submits the long tiny job through t2i_256gpu.sh, calls interrupt(job) once its first periodic
+    checkpoint exists (mid-run), and waits for the job to end: (job info, its log, its run dir)."""
+    job = submit(cluster, tmp_path, name, "t2i_256gpu.sh", [*LONG, *overrides])
+    run_dir = tmp_path / "runs" / name
     first = run_dir / "checkpoints" / f"step_{EVERY:07d}"
-    wait_for(first.is_dir, 240, slurm_cluster, job, f"checkpoint {first.name}")
-    slurm_cluster.cmd("scancel", "--batch", "--signal=USR1", str(job))  # = --signal=B:USR1@T
-    info = slurm_cluster.wait_job(job, timeout=300)
-    log = output(tmp_path, "warned", job)
-    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", log[-3000:]
-    assert "SIGUSR1 received: forwarding it to the training step" in log
-    assert "requeueing job" in log
+    wait_for(first.is_dir, 240, cluster, job, f"checkpoint {first.name}")
+    interrupt(job)
+    info = cluster.wait_job(job, timeout=300)
+    return info, output(tmp_path, name, job), run_dir
+
+
+def assert_resumed_once_from(log: str, run_dir: Path, step: int) -> None:
+    """The requeued job (same name: same run directory, train.resume=auto) resumed at `step`."""
     resumed = resumed_steps(log)
-    assert resumed and EVERY <= resumed[-1] < STEPS, log[-3000:]
-    assert task_placement(log, restart=1) == {0: 0, 1: 0, 2: 1, 3: 1}
+    assert resumed == [(str(run_dir / "checkpoints" / f"step_{step:07d}"), step)], log[-3000:]
+    # every task of the second run saw SLURM_RESTART_COUNT=1, in the same placement
+    assert task_placement(log, restart=1) == {0: 0, 1: 0, 2: 1, 3: 1}, log[-3000:]
+
+
+def test_scancel_usr1_saves_on_every_rank_at_one_step_exits_75_and_requeues_bitwise(
+    slurm_cluster, reference_run, tmp_path
+):
+    # scancel --signal=USR1 reaches the tasks only: the batch shell learns of it from exit status 75.
+    # keep_last=100 keeps the stop checkpoint after the resumed run has moved on.
+    interrupt = lambda job: slurm_cluster.cmd("scancel", "--signal=USR1", str(job))  # noqa: E731
+    info, log, run_dir = interrupted_run(slurm_cluster, tmp_path, "usr1", interrupt, ["checkpoint.keep_last=100"])
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", log[-3000:]
+    stops = stopped_steps(log, "SIGUSR1")
+    assert len(stops) == 1 and EVERY <= stops[0] < STEPS, log[-3000:]
+    stop = stops[0]
+    # all four ranks left the step with 75 (none hung, none killed), and the script requeued on it
+    assert "4 of 4 ranks exited 75" in log and "srun: error" not in log, log[-3000:]
+    assert "step exited 75 (warning: none): requeueing job" in log and "SIGUSR1 received" not in log
+    # the checkpoint at the stop step is complete: every rank's file, every checksum
+    from diffmoe_dist.train import checkpoint as ckpt
+
+    manifest = ckpt.verify(ckpt.step_dir(str(run_dir / "checkpoints"), stop))
+    assert manifest["step"] == stop and manifest["world_size"] == 4
+    assert {f"rank{r:05d}.pt" for r in range(4)} <= set(manifest["files"])
+    assert_resumed_once_from(log, run_dir, stop)
+    assert_bitwise_equal(final_weights(run_dir), final_weights(reference_run["dir"] / "runs" / "reference"))
+
+
+def test_scontrol_requeue_resumes_bitwise(slurm_cluster, reference_run, tmp_path):
+    interrupt = lambda job: slurm_cluster.cmd("scontrol", "requeue", str(job))  # noqa: E731
+    info, log, run_dir = interrupted_run(slurm_cluster, tmp_path, "requeued", interrupt)
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", log[-3000:]
+    # SIGTERM is the warning: the trainer saved where it stopped; Slurm requeued, not the script
+    assert "SIGTERM received" in log and "requeueing job" not in log
+    assert "4 of 4 ranks exited 75" in log and "srun: error" not in log, log[-3000:]
+    stops = stopped_steps(log, "SIGTERM")
+    assert len(stops) == 1 and EVERY <= stops[0] < STEPS, log[-3000:]
+    assert_resumed_once_from(log, run_dir, stops[0])
     assert_bitwise_equal(final_weights(run_dir), final_weights(reference_run["dir"] / "runs" / "reference"))
 
 
 def test_preemption_requeues_and_resumes_bitwise(slurm_cluster, reference_run, tmp_path):
-    job = submit(slurm_cluster, tmp_path, "preempted", "t2i_256gpu.sh", LONG)
-    run_dir = tmp_path / "runs" / "preempted"
-    first = run_dir / "checkpoints" / f"step_{EVERY:07d}"
-    wait_for(first.is_dir, 240, slurm_cluster, job, f"checkpoint {first.name}")
-    urgent = slurm_cluster.sbatch("-p", "urgent", "--nodes=2", "--exclusive", f"--output={tmp_path}/urgent.out",
-                                  "--wrap", "sleep 1", cwd=tmp_path)  # fmt: skip
-    assert slurm_cluster.wait_job(urgent, timeout=120)["JobState"] == "COMPLETED"
-    info = slurm_cluster.wait_job(job, timeout=300)
-    log = output(tmp_path, "preempted", job)
+    def preempt(job):
+        urgent = slurm_cluster.sbatch("-p", "urgent", "--nodes=2", "--exclusive", f"--output={tmp_path}/urgent.out",
+                                      "--wrap", "sleep 1", cwd=tmp_path)  # fmt: skip
+        assert slurm_cluster.wait_job(urgent, timeout=120)["JobState"] == "COMPLETED"
+
+    info, log, run_dir = interrupted_run(slurm_cluster, tmp_path, "preempted", preempt)
     assert info["JobState"] == "COMPLETED" and int(info["Restarts"]) >= 1, log[-3000:]
     assert "SIGTERM received" in log and "requeueing job" not in log  # Slurm requeued it, not the script
     resumed = resumed_steps(log)
-    assert resumed and EVERY <= resumed[-1] < STEPS, log[-3000:]
+    assert resumed and EVERY <= resumed[-1][1] < STEPS, log[-3000:]
     assert_bitwise_equal(final_weights(run_dir), final_weights(reference_run["dir"] / "runs" / "reference"))
 
 
