@@ -1,0 +1,61 @@
+"""Smoke run of benchmarks/paper_table.py --quick: the five models train with the real trainer on the
+digits, at the active-parameter ratios the paper's table needs, and every evaluation row (DiffMoE
+static and dynamic, EC in-sample, TC, both dense models) lands in the table and the JSON with a
+sample grid. Quality itself is not asserted: 3 steps teach nothing."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "benchmarks" / "paper_table.py"
+
+
+@pytest.mark.slow
+def test_quick_table_has_every_model_and_inference_strategy(tmp_path):
+    out = tmp_path / "paper_table.json"
+    env = {**os.environ, "WANDB_MODE": "disabled", "DIFFMOE_NO_PROGRESS": "1"}
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--quick", "--workdir", str(tmp_path / "runs"), "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=REPO,
+        env=env,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    res = json.loads(out.read_text())
+    rows = {(r["model"], r["inference"]): r for r in res["rows"]}
+    assert list(rows) == [
+        ("Dense-DiT", "-"),
+        ("TC-DiT-E8", "static (top-1)"),
+        ("EC-DiT-E8", "static (in-sample)"),
+        ("DiffMoE-E8", "static"),
+        ("DiffMoE-E8", "dynamic"),
+        ("Dense-DiT-1.5x", "-"),
+    ]
+    dense = rows[("Dense-DiT", "-")]["active_params"]
+    for key in [("TC-DiT-E8", "static (top-1)"), ("EC-DiT-E8", "static (in-sample)"), ("DiffMoE-E8", "static")]:
+        # Equal active parameters: the MoE models differ from dense only by their routers (E x D each).
+        assert abs(rows[key]["active_params"] / dense - 1) < 0.01, key
+    assert 1.4 < rows[("Dense-DiT-1.5x", "-")]["active_params"] / dense < 1.6
+    # Static expert choice fills every expert to k = C N / E exactly: C_avg = C = 1.
+    assert rows[("DiffMoE-E8", "static")]["capacity_avg"] == [1.0]
+    assert rows[("EC-DiT-E8", "static (in-sample)")]["capacity_avg"] == [1.0]
+    assert rows[("Dense-DiT", "-")]["capacity_avg"] == [None]
+    for r in res["rows"]:
+        assert len(r["digits_fid"]) == 1 and r["digits_fid"][0] > 0
+        assert 0.0 <= r["class_accuracy"][0] <= 1.0
+    for runs in res["runs"].values():
+        for run in runs:
+            assert run["steps_per_s"] > 0
+            for ev in run["evals"]:
+                assert Path(ev["grid"]).is_file()
+    assert {"ranking_by_fid", "diffmoe_dynamic_beats_dense_1x"} <= res["ordering"].keys()
+    assert "training strategy" in proc.stdout and "DiffMoE-E8" in proc.stdout
