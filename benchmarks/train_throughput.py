@@ -1,0 +1,747 @@
+"""Training-step throughput on CPU: images/s, tokens/s, achieved FLOP/s and MFU, with a breakdown.
+
+Times the real ``Trainer.train_step()`` (data, forward, backward, gradient reduction, clipping,
+AdamW, EMA, metrics) of dense and DiffMoE models at the tiny (digits, 16x16x1, 64 tokens/image)
+and S (ImageNet-256 latents, 32x32x4, 256 tokens/image) sizes, on 1 process with T threads and on
+P gloo processes with T/P threads each and the same global batch (DiffMoE at P > 1 uses expert
+parallel size P, pool ``dp``). Per row:
+
+- step time: median over timed steps after warm-up (P > 1: a barrier before each step, the
+  slowest rank's time); images/s and tokens/s of the global batch;
+- FLOPs per step: counted, not estimated: ``torch.utils.flop_counter.FlopCounterMode`` around one
+  real ``train_step`` on every rank, summed over ranks. It counts the matmuls that execute
+  (linear, bmm/baddbmm, conv, SDPA; the capacity predictor's weight-only backward on its detached
+  input included), not model-FLOP conventions. torch 2.13 has no formula for CPU flash attention
+  (``_scaled_dot_product_flash_attention_for_cpu[_backward]``), so this file registers torch's own
+  SDPA formulas for those ops (backward = 5 matmuls: the flash kernel recomputes ``Q K^T``). Each
+  row also carries an analytic count from the architecture (``analytic_flops``) and their ratio;
+- MFU = achieved FLOP/s / the machine's matmul peak, measured in the same run before the models:
+  the median FLOP/s of a square ``n^3`` matmul (fp32; bf16 too with ``--precision bf16``) in this
+  process at 1 thread and at T threads. For P processes x T/P threads the peak is the one measured
+  at the total thread count T in one process (the cores the row uses); ``peak_1thread`` x T is in
+  the JSON for those who prefer the sum of per-core peaks;
+- util: CPU time / (wall x threads), summed over ranks; well below 1 means the threads waited
+  (for each other, for gloo, or for other processes on the cores).
+
+Breakdown, rank 0: (1) phases of the step, wall time, timed with ``perf_counter`` around each
+phase of a copy of ``train_step``'s body (``phase_step``: the same calls in the same order; its
+total is reported next to the real step's time); (2) a ``torch.profiler`` split of one real
+``train_step`` into operator categories (matmul, attention, elementwise, MoE index/scatter,
+copy/layout, communication, other ops, untracked Python), as fractions of the profiled step.
+
+The benchmark re-executes itself with ``MALLOC_MMAP_THRESHOLD_=MALLOC_TRIM_THRESHOLD_=4 GiB``
+(glibc otherwise maps every block over 32 MB afresh and page-faults it in, DESIGN.md section 4)
+unless ``--default-malloc``; worker processes inherit the setting.
+
+    .venv/bin/python benchmarks/train_throughput.py --out benchmarks/results/train_throughput.json  # ~10 min
+    .venv/bin/python benchmarks/train_throughput.py --quick                                       # smoke run
+    .venv/bin/python benchmarks/train_throughput.py --configs diffmoe-S --procs 1 --steps 2
+    .venv/bin/python benchmarks/train_throughput.py --configs dense-S,diffmoe-S --precision bf16
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # run as a script from anywhere
+    sys.path.insert(0, str(REPO))
+
+from diffmoe_dist.config import Config, load_config  # noqa: E402
+from diffmoe_dist.model.moe.routers import expert_capacity  # noqa: E402
+
+TUNED_MALLOC = {"MALLOC_MMAP_THRESHOLD_": "4294967296", "MALLOC_TRIM_THRESHOLD_": "4294967296"}
+CONFIGS = {
+    "dense-tiny": "configs/local/dense-tiny.yaml",
+    "diffmoe-tiny": "configs/local/diffmoe-tiny.yaml",
+    "dense-S": "configs/c2i/dense-S.yaml",
+    "diffmoe-S": "configs/c2i/diffmoe-S-E16.yaml",
+}
+QUICK_CONFIGS = ("dense-tiny", "diffmoe-tiny")
+# Global batches that fit 2 cores in a few seconds per step: tiny as configured (128 images =
+# 8192 tokens), S 16 images = 4096 tokens (the configs' 256 would take ~2 min per step here).
+DEFAULT_BATCH = {"tiny": 128, "S": 16}
+QUICK_BATCH = 32
+PHASES = ("data", "forward", "backward", "grad_reduce", "clip", "optimizer", "ema", "metrics")
+CATEGORIES = ("matmul", "attention", "elementwise", "moe_index", "copy", "comm", "other_ops", "python")
+
+
+def _parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--configs", default=None, help=f"comma list of {', '.join(CONFIGS)} (default all; quick tiny)")
+    p.add_argument("--procs", default="1,2", help="comma list of process counts, e.g. 1,2")
+    p.add_argument("--threads", type=int, default=os.cpu_count(), help="total threads; each of P processes gets T/P")
+    p.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "config"), help="config: train.precision")
+    p.add_argument("--steps", type=int, default=None, help="timed steps (default tiny 5, S 3; quick 2)")
+    p.add_argument("--warmup", type=int, default=None, help="warm-up steps (default tiny 2, S 1; quick 1)")
+    p.add_argument("--breakdown-steps", type=int, default=None, help="phase-timed steps (default 2; quick 1)")
+    p.add_argument("--global-batch", type=int, default=None, help="images per step for every config")
+    p.add_argument("--peak-size", type=int, default=None, help="square matmul size for the peak (default 2048)")
+    p.add_argument("--no-profile", action="store_true", help="skip the torch.profiler operator split")
+    p.add_argument("--quick", action="store_true", help="tiny configs, batch 32, 1 warm-up + 2 steps: a smoke run")
+    p.add_argument("--out", default=None, help="write the results as JSON here")
+    p.add_argument("--default-malloc", action="store_true", help="keep glibc's default mmap/trim thresholds")
+    p.add_argument("overrides", nargs="*", help="config overrides for every row, e.g. optim.adamw_impl=fused")
+    args = p.parse_args(argv)
+    args.configs = args.configs.split(",") if args.configs else list(QUICK_CONFIGS if args.quick else CONFIGS)
+    unknown = [c for c in args.configs if c not in CONFIGS]
+    if unknown:
+        p.error(f"--configs: unknown {unknown}; choose from {', '.join(CONFIGS)}")
+    args.procs = [int(v) for v in args.procs.split(",")]
+    bad = [n for n in args.procs if n < 1 or args.threads % n]
+    if bad:
+        p.error(f"--procs={bad} is invalid: each count must divide --threads={args.threads}")
+    if args.breakdown_steps is None:
+        args.breakdown_steps = 1 if args.quick else 2
+    args.peak_size = args.peak_size or (1024 if args.quick else 2048)
+    return args
+
+
+# ---------------------------------------------------------------------------------------------
+# Matmul peak and machine
+
+
+def _ensure_malloc(tuned: bool) -> None:
+    """Re-execute this process unless its environment already has (tuned) or lacks (default) the
+    thresholds: glibc reads them at the first malloc, so only a fresh process picks them up."""
+    env = {k: v for k, v in os.environ.items() if k not in TUNED_MALLOC}
+    if tuned:
+        env.update(TUNED_MALLOC)
+    if env != dict(os.environ):
+        os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
+
+
+def matmul_peak(dtype: torch.dtype, n: int, threads: int, repeats: int = 7) -> float:
+    """Median FLOP/s of ``torch.mm`` of two ``n x n`` matrices at ``threads`` threads."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+    out = torch.empty(n, n, dtype=dtype)
+    times = []
+    for i in range(2 + repeats):
+        start = time.perf_counter()
+        torch.mm(a, b, out=out)
+        if i >= 2:
+            times.append(time.perf_counter() - start)
+    torch.set_num_threads(before)
+    return 2 * n**3 / statistics.median(times)
+
+
+def machine_info() -> dict:
+    return {
+        "platform": platform.platform(),
+        "cpu": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# FLOPs: torch's counter (with the CPU flash-attention ops registered) and an analytic count
+
+
+def _flop_counter():
+    from torch.utils import flop_counter as fc
+
+    aten = torch.ops.aten
+
+    def cpu_sdpa(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+        return fc.sdpa_flop_count(query_shape, key_shape, value_shape)
+
+    def cpu_sdpa_backward(grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs):
+        return fc.sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
+
+    mapping = {
+        aten._scaled_dot_product_flash_attention_for_cpu: cpu_sdpa,
+        aten._scaled_dot_product_flash_attention_for_cpu_backward: cpu_sdpa_backward,
+    }
+    return fc.FlopCounterMode(display=False, custom_mapping=mapping)
+
+
+def analytic_flops(cfg: Config, global_batch: int, procs: int) -> int:
+    """Matmul FLOPs of one training step (forward + backward) of a class-conditional DiT, derived
+    from the architecture as the counter should see it: ``2 m k n`` per matmul; backward computes
+    the input gradient (another ``2 m k n``) only where the input requires grad, the weight
+    gradient always. No grad reaches the noisy input (patch conv), the sinusoidal timestep features
+    (first t-MLP linear) or the capacity predictor's detached input (its first linear). Attention:
+    ``4 B L^2 D`` forward, ``10 B L^2 D`` backward (flash attention recomputes ``Q K^T``).
+    Dense FFN ``12 N D H``; an MoE FFN: router ``6 N D E``, predictor ``4 N D^2 + 6 N D E``,
+    experts ``12 M D H`` with ``M = E k`` selected (token, expert) pairs per pool."""
+    from diffmoe_dist.model.ffn import is_moe_block
+
+    m = cfg.model
+    if m.task != "c2i":
+        raise ValueError(f"model.task={m.task!r}: analytic_flops covers c2i only; use a c2i config")
+    depth, D, _ = m.resolved()
+    H, B, C, p = int(D * m.mlp_ratio), global_batch, m.in_channels, m.patch_size
+    L = (m.image_size // p) ** 2
+    N = B * L  # tokens of the global batch
+    total = 2 * (2 * N * C * p * p * D)  # patch conv: forward + weight gradient
+    total += 2 * (2 * B * 256 * D) + 3 * (2 * B * D * D)  # timestep MLP (frequency size 256)
+    for i in range(depth):
+        total += 3 * (2 * B * D * 6 * D)  # adaLN modulation on c (one row per image)
+        total += 3 * (2 * N * D * 3 * D + 2 * N * D * D)  # qkv, proj
+        total += (4 + 10) * B * L * L * D  # attention scores and values
+        if not is_moe_block(cfg.moe, i):
+            total += 12 * N * D * H
+            continue
+        if cfg.moe.router != "expert_choice_global":
+            raise ValueError(f"moe.router={cfg.moe.router!r}: analytic_flops covers dense and expert_choice_global")
+        E = cfg.moe.num_experts
+        pool_ranks = {"dp": procs, "ep": cfg.parallel.expert_parallel_size, "rank": 1}[cfg.moe.pool]
+        pool_tokens = N // procs * pool_ranks
+        pairs = E * expert_capacity(cfg.moe.capacity, pool_tokens, E) * (procs // pool_ranks)
+        total += 3 * (2 * N * D * E)  # router
+        total += 2 * (2 * N * D * D) + 3 * (2 * N * D * E)  # capacity predictor on x.detach()
+        total += 12 * pairs * D * H  # experts
+    total += 3 * (2 * B * D * 2 * D) + 3 * (2 * N * D * p * p * C)  # final adaLN, final linear
+    return total
+
+
+# ---------------------------------------------------------------------------------------------
+# Operator categories of a torch.profiler trace
+
+MATMUL_OPS = {"mm", "addmm", "bmm", "baddbmm", "matmul", "linear", "addbmm", "einsum", "conv2d", "convolution"}
+MATMUL_OPS |= {"_convolution", "convolution_backward", "mkldnn_convolution", "_mkldnn_convolution"}
+INDEX_OPS = {"scatter", "scatter_add", "gather", "nonzero", "topk", "sort", "argsort", "bincount", "cumsum"}
+INDEX_OPS |= {"searchsorted", "kthvalue", "embedding", "embedding_dense_backward", "masked_select", "take"}
+INDEX_OPS |= {"unique", "_unique2", "msort", "histc", "masked_scatter", "repeat_interleave"}
+COPY_OPS = {"copy", "clone", "cat", "stack", "contiguous", "_to_copy", "to", "zeros", "zeros_like", "empty"}
+COPY_OPS |= {"empty_like", "empty_strided", "fill", "zero", "ones", "ones_like", "full", "full_like", "new_zeros"}
+COPY_OPS |= {"new_empty", "new_empty_strided", "new_full", "resize", "as_strided", "view", "reshape", "permute"}
+COPY_OPS |= {"_reshape_alias", "transpose", "t", "expand", "unsqueeze", "squeeze", "select", "slice", "split"}
+COPY_OPS |= {"unbind", "chunk", "narrow", "detach", "alias", "flatten", "unflatten", "split_with_sizes"}
+COPY_OPS |= {"_unsafe_view", "lift_fresh"}
+COMM_WORDS = ("gloo", "c10d", "all_reduce", "allreduce", "all_to_all", "alltoall", "all_gather", "allgather")
+COMM_WORDS += ("broadcast", "barrier", "reduce_scatter", "record_param_comms")
+
+
+def op_category(name: str) -> str:
+    low = name.lower()
+    if any(w in low for w in COMM_WORDS):
+        return "comm"
+    if not name.startswith("aten::"):
+        return "other_ops"  # autograd node wrappers, Optimizer.step records and the like
+    op = name[len("aten::") :]
+    base = op.rstrip("_") if op.endswith("_") and not op.startswith("_") else op
+    if base in MATMUL_OPS:
+        return "matmul"
+    if "scaled_dot_product" in op or "attention" in op:
+        return "attention"
+    if base.startswith("index") or base.startswith("_index") or base in INDEX_OPS:
+        return "moe_index"
+    if base in COPY_OPS:
+        return "copy"
+    return "elementwise"  # pointwise math, norms, softmax, activations, reductions, AdamW, EMA lerp
+
+
+def profile_split(run_step) -> dict:
+    """Runs ``run_step`` once under torch.profiler; returns the fraction of its wall time per
+    category. Self times of the ops on the step's own thread are disjoint and add up to the step,
+    the step's own self time being Python and framework work outside any op ("python"). gloo runs
+    collectives on its own threads while the caller blocks outside any op (the caller's c10d ops
+    only enqueue them): the duration of those events, at most the untracked time, is moved from
+    "python" to "comm" (an upper bound of the waiting: a gloo event may also overlap compute)."""
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        with record_function("bench::train_step"):
+            run_step()
+    events = list(prof.events())
+    step = next(e for e in events if e.name == "bench::train_step")
+    seconds = dict.fromkeys(CATEGORIES, 0.0)
+    gloo_s = 0.0
+    for e in events:
+        if e is step:
+            continue
+        if e.thread == step.thread:
+            seconds[op_category(e.name)] += e.self_cpu_time_total / 1e6
+        elif op_category(e.name) == "comm" and e.cpu_parent is None:
+            gloo_s += e.cpu_time_total / 1e6
+    wall = step.cpu_time_total / 1e6
+    untracked = max(0.0, wall - sum(seconds.values()))
+    seconds["comm"] += min(gloo_s, untracked)
+    seconds["python"] = untracked - min(gloo_s, untracked)
+    total = sum(seconds.values())  # = wall, up to the profiler's microsecond rounding
+    return {"step_s": wall, "fractions": {k: v / total for k, v in seconds.items()}}
+
+
+# ---------------------------------------------------------------------------------------------
+# One row: P processes running Trainer.train_step
+
+
+@dataclass
+class RowSpec:
+    name: str
+    config_path: str
+    overrides: list[str]
+    procs: int
+    threads: int  # per process
+    warmup: int
+    steps: int
+    breakdown_steps: int
+    profile: bool
+    global_batch: int
+    extra: dict = field(default_factory=dict)
+
+
+def phase_step(trainer) -> dict[str, float]:
+    """``Trainer.train_step`` with a clock between its phases: the same calls in the same order
+    (kept in step with diffmoe_dist/train/trainer.py); plain engine phases split into gradient
+    reduction, clipping and AdamW, DeepSpeed's step timed whole as "optimizer"."""
+    from diffmoe_dist.diffusion.flow import flow_loss, flow_targets
+    from diffmoe_dist.model.moe.layer import collect_moe_losses, mean_capacity
+    from diffmoe_dist.parallel.grads import clip_grad_norm_, reduce_gradients
+    from diffmoe_dist.train.engine import PlainEngine
+
+    cfg, engine, sec = trainer.cfg, trainer.engine, dict.fromkeys(PHASES, 0.0)
+    autocast = torch.autocast(trainer.device.type, dtype=torch.bfloat16, enabled=cfg.train.precision == "bf16")
+    t = time.perf_counter()
+
+    def lap(phase: str) -> None:
+        nonlocal t
+        now = time.perf_counter()
+        sec[phase] += now - t
+        t = now
+
+    engine.zero_grad()
+    parts = torch.zeros(4)
+    for _ in range(cfg.optim.grad_accum_steps):
+        batch = trainer.loader.next_batch()
+        x = batch.pop("x").to(trainer.device)
+        cond = {k: v.to(trainer.device) for k, v in batch.items()}
+        x_t, t_B, v_target = flow_targets(x, trainer.noise_gen)
+        lap("data")
+        with autocast:
+            v_pred = engine.forward(x_t, t_B, **cond)
+        loss_flow = flow_loss(v_pred, v_target)
+        moe = collect_moe_losses(trainer.model)
+        loss = loss_flow + moe["loss"]
+        lap("forward")
+        engine.backward(loss)
+        parts += torch.stack([loss, loss_flow, moe["predictor_bce"], moe["aux_loss"]]).detach().float().cpu()
+        lap("backward")
+    if isinstance(engine, PlainEngine):
+        if trainer.dims.distributed:
+            reduce_gradients(engine.model, trainer.dims)
+        lap("grad_reduce")
+        float(clip_grad_norm_(engine.model, cfg.optim.grad_clip, trainer.dims))
+        lap("clip")
+        engine.optimizer.step()
+        engine.scheduler.step()
+    else:
+        engine.step()
+    lap("optimizer")
+    trainer.ema.update(trainer.model)
+    trainer.step += 1
+    lap("ema")
+    parts /= cfg.optim.grad_accum_steps
+    if trainer.dims.distributed:
+        dist.all_reduce(parts, group=trainer.dims.dp_group)
+        parts /= trainer.dims.world_size
+    _ = parts.tolist(), trainer.scheduler.get_last_lr()[0], float(mean_capacity(trainer.model))
+    lap("metrics")
+    return sec
+
+
+def _sum_over_ranks(values: list[float], distributed: bool, op=None) -> list[float]:
+    if not distributed:
+        return values
+    t = torch.tensor(values, dtype=torch.float64)
+    dist.all_reduce(t, op=op or dist.ReduceOp.SUM)
+    return t.tolist()
+
+
+def _measure(spec: RowSpec, rank: int) -> dict:
+    from diffmoe_dist.train.trainer import Trainer
+
+    distributed = spec.procs > 1
+    cfg = load_config(spec.config_path, spec.overrides).validate(world_size=spec.procs)
+    dims = None
+    if distributed:
+        from diffmoe_dist.parallel.groups import build_parallel_dims
+
+        dims = build_parallel_dims(cfg.parallel.expert_parallel_size, cfg.moe.num_experts)
+    trainer = Trainer(cfg, dims, torch.device("cpu"), local_world_size=spec.procs)
+
+    def barrier() -> None:
+        if distributed:
+            dist.barrier()
+
+    for _ in range(spec.warmup):
+        trainer.train_step()
+    wall, cpu, losses = [], [], []
+    for _ in range(spec.steps):
+        barrier()
+        c0, w0 = time.process_time(), time.perf_counter()
+        losses.append(trainer.train_step()["loss"])
+        w, c = time.perf_counter() - w0, time.process_time() - c0
+        w_max = _sum_over_ranks([w], distributed, dist.ReduceOp.MAX if distributed else None)[0]
+        wall.append(w_max)
+        cpu.append(_sum_over_ranks([c], distributed)[0])
+    # Counted on every rank (each computes its own share: its micro-batch, its experts), summed.
+    with _flop_counter() as counter:
+        trainer.train_step()
+    flops = int(_sum_over_ranks([float(counter.get_total_flops())], distributed)[0])
+    phases = []
+    for _ in range(spec.breakdown_steps):
+        barrier()
+        phases.append(phase_step(trainer))
+    profile = None
+    if spec.profile:
+        barrier()
+        profile = profile_split(trainer.train_step)
+    out = {
+        "rank": rank,
+        "seconds": wall,
+        "cpu_seconds": cpu,
+        "loss": losses,
+        "flops_counted": flops,
+        "flops_analytic": analytic_flops(cfg, spec.global_batch, spec.procs),
+        "phases_s": {p: statistics.median(s[p] for s in phases) for p in PHASES} if phases else None,
+        "profile": profile,
+        "ep_size": trainer.dims.ep_size,
+        "threads_set": torch.get_num_threads(),
+        "engine": type(trainer.engine).__name__,
+        "deterministic": cfg.train.deterministic,
+    }
+    return out
+
+
+def _worker(rank: int, spec: RowSpec, port: int, queue) -> None:
+    os.environ.update(
+        RANK=str(rank),
+        WORLD_SIZE=str(spec.procs),
+        LOCAL_RANK=str(rank),
+        LOCAL_WORLD_SIZE=str(spec.procs),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        OMP_NUM_THREADS=str(spec.threads),
+    )
+    torch.set_num_threads(spec.threads)
+    if spec.procs > 1:
+        dist.init_process_group("gloo", rank=rank, world_size=spec.procs)
+    try:
+        result = _measure(spec, rank)
+        if rank == 0:
+            queue.put(("ok", result))
+    except BaseException:  # noqa: B036 - the parent reports the row's failure with its traceback
+        queue.put(("error", f"rank {rank}: {traceback.format_exc()}"))
+        raise
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_row(spec: RowSpec) -> dict:
+    """Spawns ``spec.procs`` fresh processes (also for one: every row starts from the same clean
+    state: thread pool, allocator, no earlier model in memory); returns rank 0's measurements."""
+    ctx = mp.get_context("spawn")
+    queue = ctx.SimpleQueue()
+    try:
+        mp.start_processes(_worker, (spec, _free_port(), queue), nprocs=spec.procs, start_method="spawn")
+    except mp.ProcessRaisedException:
+        pass  # the queue holds the traceback
+    status, value = queue.get() if not queue.empty() else ("error", "a worker died without a report")
+    if status != "ok":
+        raise RuntimeError(value)
+    return value
+
+
+# ---------------------------------------------------------------------------------------------
+# Data for the runs
+
+
+def _tiny_data(tmp: Path) -> str:
+    """The digits shards of the tiny configs: data/digits when it exists, else made into ``tmp``
+    by tools/make_shards.py (as the launchers and tests do)."""
+    repo_digits = REPO / "data" / "digits"
+    if (repo_digits / "train" / "manifest.json").is_file():
+        return str(repo_digits)
+    out = tmp / "digits"
+    if not (out / "train" / "manifest.json").is_file():
+        subprocess.run(
+            [sys.executable, str(REPO / "tools" / "make_shards.py"), "digits", "--out", str(out)],
+            check=True,
+            capture_output=True,
+        )
+    return str(out)
+
+
+def _synthetic_latents(tmp: Path, cfg: Config, num_samples: int) -> str:
+    """Random latents of the config's shape (ImageNet latents are not here; throughput does not
+    depend on the values), written with the project's shard writer."""
+    from diffmoe_dist.data.shards import write_shards
+
+    m = cfg.model
+    shape = (m.in_channels, m.image_size, m.image_size)
+    out = tmp / f"latents-{'x'.join(map(str, shape))}-{m.num_classes}"
+    if (out / "train" / "manifest.json").is_file():
+        return str(out)
+    rng = np.random.default_rng(0)
+    samples = (
+        {
+            "__key__": f"train-{i:06d}",
+            "latent.npy": rng.standard_normal(shape, dtype=np.float32),
+            "cls": int(rng.integers(m.num_classes)),
+        }
+        for i in range(num_samples)
+    )
+    write_shards(out / "train", samples, samples_per_shard=64, created_by="benchmarks/train_throughput.py")
+    return str(out)
+
+
+def build_specs(args: argparse.Namespace, tmp: Path) -> list[RowSpec]:
+    specs = []
+    for name in args.configs:
+        path = str(REPO / CONFIGS[name])
+        cfg = load_config(path)
+        size = "tiny" if cfg.model.size == "tiny" else "S"
+        batch = args.global_batch or (QUICK_BATCH if args.quick else DEFAULT_BATCH[size])
+        if size == "tiny":
+            data = _tiny_data(tmp)
+        else:
+            data = _synthetic_latents(tmp, cfg, num_samples=max(64, 2 * batch))
+        warmup = args.warmup if args.warmup is not None else (1 if args.quick or size == "S" else 2)
+        steps = args.steps if args.steps is not None else (2 if args.quick else (5 if size == "tiny" else 3))
+        precision = cfg.train.precision if args.precision == "config" else args.precision
+        for procs in args.procs:
+            moe = cfg.moe.router != "dense"
+            ep = procs if moe and cfg.moe.num_experts % procs == 0 else 1
+            threads = args.threads // procs
+            overrides = [
+                f"data.path={data}",
+                "data.loader=indexed",  # the trainer loads shards whole either way
+                f"data.global_batch_size={batch}",
+                f"train.run_dir={tmp / f'run-{name}-{procs}'}",
+                f"train.precision={precision}",
+                f"train.threads={threads}",
+                f"train.steps={warmup + steps + args.breakdown_steps + 10}",
+                "train.resume=never",
+                "logging.wandb=disabled",
+                "checkpoint.every=0",
+                "sample.every=0",
+                f"parallel.expert_parallel_size={ep}",
+                *args.overrides,
+            ]
+            specs.append(
+                RowSpec(
+                    name=name,
+                    config_path=path,
+                    overrides=overrides,
+                    procs=procs,
+                    threads=threads,
+                    warmup=warmup,
+                    steps=steps,
+                    breakdown_steps=args.breakdown_steps,
+                    profile=not args.no_profile,
+                    global_batch=batch,
+                    extra={"precision": precision, "tokens_per_image": _tokens(cfg)},
+                )
+            )
+    return specs
+
+
+def _tokens(cfg: Config) -> int:
+    return (cfg.model.image_size // cfg.model.patch_size) ** 2
+
+
+# ---------------------------------------------------------------------------------------------
+# The run
+
+
+def run(args: argparse.Namespace) -> dict:
+    torch.set_num_threads(args.threads)
+    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
+    precisions = ["fp32"] + (["bf16"] if args.precision in ("bf16", "config") else [])
+    thread_counts = sorted({1, *(args.threads // p * p for p in args.procs), args.threads})
+    # Before any model: the peak of this machine now, under the same load as the rows below.
+    peaks = {prec: {t: matmul_peak(dtypes[prec], args.peak_size, t) for t in thread_counts} for prec in precisions}
+    print(
+        f"matmul peak (GFLOP/s, n={args.peak_size}): "
+        + "; ".join(f"{p} " + ", ".join(f"{t} thr {v / 1e9:.0f}" for t, v in d.items()) for p, d in peaks.items()),
+        file=sys.stderr,
+        flush=True,
+    )
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="train_throughput-") as tmp:
+        for spec in build_specs(args, Path(tmp)):
+            precision = spec.extra["precision"]
+            row = {
+                "config": spec.name,
+                "config_path": os.path.relpath(spec.config_path, REPO),
+                "procs": spec.procs,
+                "threads": spec.threads,
+                "precision": precision,
+                "global_batch": spec.global_batch,
+                "tokens_per_image": spec.extra["tokens_per_image"],
+                "warmup": spec.warmup,
+                "steps": spec.steps,
+            }
+            t0 = time.perf_counter()
+            try:
+                m = run_row(spec)
+            except Exception as exc:  # one failing row is reported, the others still run
+                print(str(exc), file=sys.stderr)
+                row["error"] = (str(exc).strip().splitlines() or ["?"])[-1][:200]
+                rows.append(row)
+                continue
+            sec = statistics.median(m["seconds"])
+            total_threads = spec.procs * spec.threads
+            peak = peaks["bf16" if precision == "bf16" else "fp32"][total_threads]
+            achieved = m["flops_counted"] / sec
+            row.update(
+                ep_size=m["ep_size"],
+                engine=m["engine"],
+                deterministic=m["deterministic"],
+                step_s=sec,
+                step_s_all=m["seconds"],
+                images_per_s=spec.global_batch / sec,
+                tokens_per_s=spec.global_batch * spec.extra["tokens_per_image"] / sec,
+                flops_per_step=m["flops_counted"],
+                flops_per_image=m["flops_counted"] / spec.global_batch,
+                flops_analytic=m["flops_analytic"],
+                flops_counted_over_analytic=m["flops_counted"] / m["flops_analytic"],
+                achieved_flops=achieved,
+                peak_flops=peak,
+                peak_1thread_x_threads=peaks["bf16" if precision == "bf16" else "fp32"][1] * total_threads,
+                mfu=achieved / peak,
+                cpu_utilisation=statistics.median(c / w for c, w in zip(m["cpu_seconds"], m["seconds"]))
+                / total_threads,
+                loss=m["loss"],
+                seconds_in_row=time.perf_counter() - t0,
+            )
+            if m["phases_s"] is not None:
+                total = sum(m["phases_s"].values())
+                row["breakdown_s"] = m["phases_s"]
+                row["breakdown_total_s"] = total
+                row["breakdown_fractions"] = {p: s / total for p, s in m["phases_s"].items()}
+            if m["profile"] is not None:
+                row["profile_step_s"] = m["profile"]["step_s"]
+                row["profile_fractions"] = m["profile"]["fractions"]
+            rows.append(row)
+            print(_format_row(row), file=sys.stderr, flush=True)
+    return {
+        "benchmark": "train_throughput",
+        "machine": machine_info(),
+        "malloc": "default" if args.default_malloc else "tuned",
+        "env": {k: os.environ.get(k) for k in TUNED_MALLOC},
+        "threads": args.threads,
+        "quick": args.quick,
+        "overrides": args.overrides,
+        "peak_matmul_size": args.peak_size,
+        "matmul_peak_flops": {p: {str(t): v for t, v in d.items()} for p, d in peaks.items()},
+        "peak_choice": "MFU divides by the square-matmul FLOP/s measured in one process at the row's total threads",
+        "flops_note": "executed matmul FLOPs counted by FlopCounterMode around one train_step, summed over ranks",
+        "rows": rows,
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Output
+
+HEADER = (
+    f"{'config':<13} {'P':>2} {'thr':>3} {'prec':<5} {'batch':>5} {'step s':>8} {'img/s':>8} {'tok/s':>9} "
+    f"{'GFLOP/st':>9} {'GFLOP/img':>9} {'GFLOP/s':>8} {'MFU':>6} {'util':>5}"
+)
+
+
+def _format_row(r: dict) -> str:
+    head = f"{r['config']:<13} {r['procs']:>2} {r['threads']:>3} {r['precision']:<5} {r['global_batch']:>5}"
+    if "error" in r:
+        return f"{head} n/a: {r['error']}"
+    return (
+        f"{head} {r['step_s']:>8.3f} {r['images_per_s']:>8.1f} {r['tokens_per_s']:>9.0f} "
+        f"{r['flops_per_step'] / 1e9:>9.1f} {r['flops_per_image'] / 1e9:>9.3f} {r['achieved_flops'] / 1e9:>8.1f} "
+        f"{100 * r['mfu']:>5.1f}% {r['cpu_utilisation']:>5.2f}"
+    )
+
+
+def print_report(res: dict) -> None:
+    peaks = "; ".join(
+        f"{p}: " + ", ".join(f"{t} thr {v / 1e9:.0f}" for t, v in d.items())
+        for p, d in res["matmul_peak_flops"].items()
+    )
+    m = res["machine"]
+    print(
+        f"Training step throughput, {m['cpu_count']} cores, torch {m['torch']}, malloc {res['malloc']}"
+        f"{', overrides ' + ' '.join(res['overrides']) if res['overrides'] else ''}; "
+        f"matmul peak GFLOP/s (n={res['peak_matmul_size']}): {peaks}\n"
+        "(step s = median over timed steps, slowest rank; GFLOP = matmul FLOPs counted by FlopCounterMode;\n"
+        " MFU = GFLOP/s / peak at the row's total threads; util = CPU time / (wall x threads))"
+    )
+    print(HEADER)
+    for r in res["rows"]:
+        print(_format_row(r))
+    rows = [r for r in res["rows"] if "error" not in r]
+    if any("breakdown_fractions" in r for r in rows):
+        print("\nWhere the time goes, rank 0: phases of the step (% of the phase-timed step; total s vs real step s)")
+        print(f"{'config':<13} {'P':>2} " + " ".join(f"{p[:8]:>8}" for p in PHASES) + f" {'total s':>8} {'step s':>7}")
+        for r in rows:
+            if "breakdown_fractions" in r:
+                cells = " ".join(f"{100 * r['breakdown_fractions'][p]:>7.1f}%" for p in PHASES)
+                print(f"{r['config']:<13} {r['procs']:>2} {cells} {r['breakdown_total_s']:>8.3f} {r['step_s']:>7.3f}")
+    if any("profile_fractions" in r for r in rows):
+        print("\nOperator categories, rank 0, one profiled step (% of its wall time; python = outside any op)")
+        print(f"{'config':<13} {'P':>2} " + " ".join(f"{c[:9]:>9}" for c in CATEGORIES) + f" {'prof s':>7}")
+        for r in rows:
+            if "profile_fractions" in r:
+                cells = " ".join(f"{100 * r['profile_fractions'][c]:>8.1f}%" for c in CATEGORIES)
+                print(f"{r['config']:<13} {r['procs']:>2} {cells} {r['profile_step_s']:>7.3f}")
+    checks = ", ".join(f"{r['config']} P{r['procs']} {r['flops_counted_over_analytic']:.4f}" for r in rows)
+    if checks:
+        print(f"\nFLOPs counted / analytic: {checks}")
+    target = [r for r in rows if r["config"] == "diffmoe-S" and r["procs"] == 1]
+    for r in target:
+        verdict = "met" if r["mfu"] >= 0.5 else "below target"
+        print(f"DiffMoE S-E16, 1 process: MFU {100 * r['mfu']:.1f}% of the measured peak (target >= 50%: {verdict})")
+        if r["mfu"] < 0.5 and "profile_fractions" in r:
+            top = sorted(r["profile_fractions"].items(), key=lambda kv: -kv[1])[:4]
+            print("  largest shares: " + ", ".join(f"{k} {100 * v:.0f}%" for k, v in top))
+
+
+def _write(out: str | None, payload: dict) -> None:
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(json.dumps(payload, indent=2))
+        print(f"wrote {out}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    args = _parse_args(argv)
+    _ensure_malloc(tuned=not args.default_malloc)
+    results = run(args)
+    print_report(results)
+    _write(args.out, results)
+
+
+if __name__ == "__main__":
+    main()
