@@ -31,6 +31,9 @@ INFERENCE_MODES = ("dynamic", "static", "interval")
 TASKS = ("c2i", "t2i")
 
 
+ADAMW_IMPLS = ("foreach", "fused", "loop")
+
+
 class ConfigError(ValueError):
     """A bad config value: the message names the field, the value and the fix, on one line."""
 
@@ -99,6 +102,10 @@ class OptimConfig:
     warmup_steps: int = 50
     grad_clip: float = 1.0  # 0 disables
     grad_accum_steps: int = 1  # micro-batches per optimizer step (the global batch is split into them)
+    # torch AdamW kernel: foreach (multi-tensor; bitwise equal to the per-parameter loop, which torch
+    # picks on CPU by default), fused (one pass over param, grad and moments; differs in the last
+    # bits), or loop. On CPU the optimizer touches every expert every step (benchmarks/train_throughput.py).
+    adamw_impl: str = "foreach"
 
 
 @dataclass
@@ -233,6 +240,8 @@ def _validate(cfg: Config, world_size: int) -> None:
         _fail("optim.warmup_steps", opt.warmup_steps, "use 0 or more steps")
     if opt.grad_clip < 0:
         _fail("optim.grad_clip", opt.grad_clip, "use 0 to disable or a positive norm")
+    if opt.adamw_impl not in ADAMW_IMPLS:
+        _fail("optim.adamw_impl", opt.adamw_impl, f"choose one of {', '.join(ADAMW_IMPLS)}")
     if opt.grad_accum_steps < 1:
         _fail("optim.grad_accum_steps", opt.grad_accum_steps, "use 1 or more micro-batches per step")
     if data.global_batch_size % (world_size * opt.grad_accum_steps):

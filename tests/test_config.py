@@ -19,6 +19,7 @@ from diffmoe_dist.config import ConfigError, config_from_dict, load_config, save
         ("data.global_batch_size=130", "data.global_batch_size"),
         ("parallel.expert_parallel_size=3", "parallel.expert_parallel_size"),
         ("logging.wandb=maybe", "logging.wandb"),
+        ("optim.adamw_impl=apex", "optim.adamw_impl"),
     ],
 )
 def test_validate_names_field_value_and_fix_on_one_line(override, field):

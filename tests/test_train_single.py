@@ -81,6 +81,17 @@ def test_resume_continues_bitwise_like_an_uninterrupted_run(digits, tmp_path):
         assert torch.equal(a, b)
 
 
+def test_foreach_adamw_trains_bitwise_like_the_per_parameter_loop(digits, tmp_path):
+    # optim.adamw_impl=foreach (the default) must not change a single bit of what the loop, torch's
+    # CPU default and the kernel earlier runs used, computes: results stay reproducible across it.
+    loop = _train(digits, tmp_path / "loop", 3, ["optim.adamw_impl=loop"])
+    foreach = _train(digits, tmp_path / "foreach", 3)
+    assert loop.optimizer.defaults["foreach"] is False and foreach.optimizer.defaults["foreach"] is True
+    assert _losses(tmp_path / "loop") == _losses(tmp_path / "foreach")
+    for (name, a), b in zip(loop.model.state_dict().items(), foreach.model.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+
+
 def test_sample_and_eval_clis_read_the_run(digits, tmp_path):
     run = tmp_path / "run"
     _train(digits, run, 2)

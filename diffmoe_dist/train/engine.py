@@ -62,7 +62,10 @@ class _Engine:
 
     def _adamw(self, params) -> torch.optim.AdamW:
         o = self.cfg.optim
-        return torch.optim.AdamW(params, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=o.weight_decay)
+        kernel = {"foreach": {"foreach": True}, "fused": {"fused": True}, "loop": {"foreach": False}}[o.adamw_impl]
+        return torch.optim.AdamW(
+            params, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=o.weight_decay, **kernel
+        )
 
     def _scheduler(self, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
         return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(self.cfg.optim.warmup_steps))
