@@ -100,6 +100,11 @@ def _parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--workdir", default="runs/paper_table", help="run directories and sample grids go here")
     p.add_argument("--quick", action="store_true", help="3 steps, 20 samples: a smoke run")
     p.add_argument("--out", default=None, help="write the results as JSON here")
+    p.add_argument(
+        "--reuse",
+        action="store_true",
+        help="take (model, seed) runs already in --out (same settings) instead of training them again",
+    )
     args = p.parse_args(argv)
     q = args.quick
     args.steps = args.steps or (3 if q else 300)
@@ -111,7 +116,29 @@ def _parse_args(argv=None) -> argparse.Namespace:
         p.error(f"--seeds {args.seeds!r} must be comma-separated integers, e.g. 0,1")
     if args.steps < 1 or args.num_samples < 10:
         p.error("--steps must be >= 1 and --num-samples >= 10 (FID needs a covariance)")
+    if args.reuse and not args.out:
+        p.error("--reuse reads the runs of an earlier --out file: pass --out as well")
     return args
+
+
+SETTINGS = ("steps", "num_samples", "sample_steps", "sampler", "cfg_scale", "quick")
+
+
+def _settings(args) -> dict:
+    return {k: getattr(args, k) for k in SETTINGS}
+
+
+def earlier_runs(args) -> dict:
+    """{(model, seed): run} from an earlier --out file made with the same settings (--reuse)."""
+    path = Path(args.out)
+    if not args.reuse or not path.is_file():
+        return {}
+    with open(path) as f:
+        old = json.load(f)
+    if {k: old.get("settings", {}).get(k) for k in SETTINGS} != _settings(args):
+        print(f"[paper_table] --reuse: {path} was made with other settings; training everything", flush=True)
+        return {}
+    return {(name, run["seed"]): run for name, runs in old["runs"].items() for run in runs}
 
 
 def _reexec_with_tuned_malloc() -> None:
@@ -323,9 +350,14 @@ def main(argv=None) -> int:
     data = REPO / "data" / "digits"
     _ensure_digits(data)
     t_all = time.time()
+    reuse = earlier_runs(args)
     for m in chosen:
         for seed in args.seed_list:
             t0 = time.time()
+            if (m.name, seed) in reuse:
+                m.runs.append(reuse[(m.name, seed)])
+                print(f"[paper_table] {m.name} seed {seed}: reused from {args.out}", flush=True)
+                continue
             run = train_one(m, seed, args, data)
             m.runs.append(run)
             ev = ", ".join(
@@ -353,10 +385,7 @@ def main(argv=None) -> int:
                 "torch": torch.__version__,
                 "python": platform.python_version(),
             },
-            "settings": {
-                k: getattr(args, k)
-                for k in ("steps", "seed_list", "num_samples", "sample_steps", "sampler", "cfg_scale", "quick")
-            },
+            "settings": {**_settings(args), "seed_list": args.seed_list},
             "rows": rows,
             "ordering": checks,
             "runs": {m.name: m.runs for m in chosen},

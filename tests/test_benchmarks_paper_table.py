@@ -59,3 +59,18 @@ def test_quick_table_has_every_model_and_inference_strategy(tmp_path):
                 assert Path(ev["grid"]).is_file()
     assert {"ranking_by_fid", "diffmoe_dynamic_beats_dense_1x"} <= res["ordering"].keys()
     assert "training strategy" in proc.stdout and "DiffMoE-E8" in proc.stdout
+
+    # --reuse takes finished (model, seed) runs from the --out file instead of training them again.
+    again = subprocess.run(
+        [sys.executable, str(SCRIPT), "--quick", "--reuse", "--models", "Dense-DiT,DiffMoE-E8", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO,
+        env=env,
+    )
+    assert again.returncode == 0, again.stderr[-4000:]
+    assert again.stdout.count("reused from") == 2
+    reused = json.loads(out.read_text())
+    assert reused["runs"]["DiffMoE-E8"] == res["runs"]["DiffMoE-E8"]
+    assert [r["model"] for r in reused["rows"]] == ["Dense-DiT", "DiffMoE-E8", "DiffMoE-E8"]
