@@ -188,6 +188,15 @@ def train_one(model: Model, seed: int, args, data: Path) -> dict:
     t0 = time.time()
     result = trainer.fit()
     train_s = time.time() - t0
+    if result["stopped"]:  # SIGTERM / SIGUSR1 reach the trainer as a preemption: never score a half-trained model
+        from diffmoe_dist.train.preemption import EXIT_REQUEUE
+
+        print(
+            f"[paper_table] {model.name} seed {seed}: {result['stopped']} at step {result['step']}; "
+            f"nothing evaluated (rerun with --reuse --out to keep the finished models)",
+            file=sys.stderr,
+        )
+        sys.exit(EXIT_REQUEUE)
     final = result["final"]
     evals = []
     for label, mode in model.evals:
@@ -274,6 +283,8 @@ def _summary(values: list[float]) -> str:
 def table_rows(results: list[Model]) -> list[dict]:
     rows = []
     for m in results:
+        if not m.runs:
+            continue
         for j, (label, _) in enumerate(m.evals):
             evs = [run["evals"][j] for run in m.runs]
             rows.append(
@@ -367,37 +378,46 @@ def main(argv=None) -> int:
                 f"[paper_table] {m.name} seed {seed}: {run['steps_per_s']} steps/s, {time.time() - t0:.0f} s; {ev}",
                 flush=True,
             )
+            # After every finished run, so that an interrupted table resumes with --reuse.
+            write_out(args, chosen, time.time() - t_all, torch.__version__)
     rows = table_rows(chosen)
     base = next((r["active_params"] for r in rows if r["model"] == "Dense-DiT"), rows[0]["active_params"])
     print()
     print_table(rows, base)
-    checks = ordering(rows)
-    print("\n" + json.dumps(checks))
+    print("\n" + json.dumps(ordering(rows)))
     seconds = time.time() - t_all
     print(f"[paper_table] total {seconds / 60:.1f} min")
+    write_out(args, chosen, seconds, torch.__version__)
     if args.out:
-        out = {
-            "benchmark": "paper_table",
-            "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-            "machine": {
-                "platform": platform.platform(),
-                "cores": os.cpu_count(),
-                "torch": torch.__version__,
-                "python": platform.python_version(),
-            },
-            "settings": {**_settings(args), "seed_list": args.seed_list},
-            "rows": rows,
-            "ordering": checks,
-            "runs": {m.name: m.runs for m in chosen},
-            "total_seconds": round(seconds, 1),
-        }
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        tmp = f"{args.out}.tmp"
-        with open(tmp, "w") as f:
-            json.dump(out, f, indent=1)
-        os.replace(tmp, args.out)
         print(f"[paper_table] wrote {args.out}")
     return 0
+
+
+def write_out(args, chosen: list[Model], seconds: float, torch_version: str) -> None:
+    """Atomically (re)writes --out with every finished run so far (the chosen models only)."""
+    if not args.out:
+        return
+    rows = table_rows(chosen)
+    out = {
+        "benchmark": "paper_table",
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "machine": {
+            "platform": platform.platform(),
+            "cores": os.cpu_count(),
+            "torch": torch_version,
+            "python": platform.python_version(),
+        },
+        "settings": {**_settings(args), "seed_list": args.seed_list},
+        "rows": rows,
+        "ordering": ordering(rows),
+        "runs": {m.name: m.runs for m in chosen if m.runs},
+        "total_seconds": round(seconds, 1),
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    tmp = f"{args.out}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(out, f, indent=1)
+    os.replace(tmp, args.out)
 
 
 if __name__ == "__main__":

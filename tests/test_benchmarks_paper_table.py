@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -74,3 +76,30 @@ def test_quick_table_has_every_model_and_inference_strategy(tmp_path):
     reused = json.loads(out.read_text())
     assert reused["runs"]["DiffMoE-E8"] == res["runs"]["DiffMoE-E8"]
     assert [r["model"] for r in reused["rows"]] == ["Dense-DiT", "DiffMoE-E8", "DiffMoE-E8"]
+
+
+@pytest.mark.slow
+def test_sigterm_stops_the_table_without_scoring_a_half_trained_model(tmp_path):
+    # The trainer treats SIGTERM as a preemption (checkpoint, stop): the table must not then
+    # evaluate the half-trained model as if it were a result, and must say so with exit 75.
+    out, runs = tmp_path / "table.json", tmp_path / "runs"
+    env = {**os.environ, "WANDB_MODE": "disabled", "DIFFMOE_NO_PROGRESS": "1"}
+    cmd = [sys.executable, str(SCRIPT), "--quick", "--steps", "200", "--models", "Dense-DiT"]
+    proc = subprocess.Popen(
+        [*cmd, "--workdir", str(runs), "--out", str(out)],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    config = runs / "Dense-DiT-seed0" / "config.yaml"  # written when fit() starts
+    deadline = time.time() + 240
+    while not config.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    assert config.exists(), "the training run never started"
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=240)
+    assert proc.returncode == 75, stdout[-2000:] + stderr[-2000:]
+    assert "nothing evaluated" in stderr
+    assert not out.exists()  # no finished run: nothing to write
