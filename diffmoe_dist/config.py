@@ -79,6 +79,10 @@ class ParallelConfig:
     expert_parallel_size: int = 1
     backend: str = "auto"  # auto | gloo | nccl
     device: str = "auto"  # auto | cpu | cuda
+    # A rank stuck in a collective this long raises (NCCL's watchdog) instead of idling the whole job.
+    timeout_minutes: float = 10.0
+    # The distributed path (process group, parallelize, pool, all-to-all, collectives) at world size 1.
+    force_distributed: bool = False
 
 
 @dataclass
@@ -230,6 +234,8 @@ def _validate(cfg: Config, world_size: int) -> None:
         _fail("parallel.backend", par.backend, "use auto, gloo or nccl")
     if par.device not in ("auto", "cpu", "cuda"):
         _fail("parallel.device", par.device, "use auto, cpu or cuda")
+    if not 0 < par.timeout_minutes <= 24 * 60:
+        _fail("parallel.timeout_minutes", par.timeout_minutes, "use a positive number of minutes, e.g. 10")
     if data.global_batch_size < 1 or data.global_batch_size % world_size:
         _fail("data.global_batch_size", data.global_batch_size, f"use a multiple of the world size {world_size}")
     if data.loader not in ("indexed", "stream"):

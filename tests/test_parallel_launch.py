@@ -22,7 +22,13 @@ from diffmoe_dist.parallel import (
     read_launch_env,
     validate_parallel,
 )
-from diffmoe_dist.parallel.launch import detect_launcher, first_slurm_host
+from diffmoe_dist.parallel.launch import (
+    EPHEMERAL_PORT_START,
+    detect_launcher,
+    ep_hosts_error,
+    first_slurm_host,
+    slurm_master_port,
+)
 
 try:
     from tests.distributed import run_distributed
@@ -67,7 +73,7 @@ def test_slurm_srun_step_derives_master_from_nodelist_and_port_from_job_id():
         return "gpu007\ngpu008\n"
 
     got = read_launch_env(env, run=fake_scontrol)
-    assert got == LaunchEnv(6, 8, 2, 1, "gpu007", 15000 + 123456 % 20000, "slurm", 4)
+    assert got == LaunchEnv(6, 8, 2, 1, "gpu007", 15000 + 123456 % 17000, "slurm", 4)
     assert calls == [["scontrol", "show", "hostnames", "gpu[007-008]"]]
     # MASTER_ADDR / MASTER_PORT set by the batch script override the derived ones
     got = read_launch_env({**env, "MASTER_ADDR": "head", "MASTER_PORT": "20001"}, run=fake_scontrol)
@@ -222,3 +228,22 @@ def test_mpirun_launch_broadcasts_master_and_builds_groups():
     assert out.returncode == 0, out.stderr[-3000:]
     lines = sorted(line for line in out.stdout.splitlines() if line.startswith("RESULT"))
     assert lines == ["RESULT mpi 0 2 0 (0,)", "RESULT mpi 1 2 1 (1,)"]
+
+
+def test_slurm_master_port_stays_below_the_ephemeral_range():
+    # Every job id maps to a port in [1024, 32768): Linux hands out 32768+ to outgoing connections.
+    ports = {slurm_master_port(job) for job in range(0, 200_000, 7)}
+    assert min(ports) >= 1024 and max(ports) < EPHEMERAL_PORT_START
+    assert slurm_master_port(16_999) == 31_999 and slurm_master_port(17_000) == 15_000  # the top, then wraps
+    assert len(ports) > 10_000  # spread: distinct jobs rarely collide
+
+
+def test_ep_group_spanning_hosts_is_refused_in_one_line():
+    block = ["n0", "n0", "n1", "n1"]
+    cyclic = ["n0", "n1", "n0", "n1"]
+    assert ep_hosts_error(block, 2) is None and ep_hosts_error(cyclic, 1) is None
+    error = ep_hosts_error(cyclic, 2)
+    assert error is not None and "\n" not in error
+    assert error.startswith("parallel.expert_parallel_size=2: EP group ranks 0-1 span 2 hosts (n0, n1)")
+    assert "--distribution=block" in error
+    assert ep_hosts_error(block, 4) is not None  # a group larger than a node never fits

@@ -17,8 +17,19 @@ def interpolate(x_B: torch.Tensor, eps_B: torch.Tensor, t_B: torch.Tensor) -> to
     return t * x_B + (1 - t) * eps_B
 
 
+def check_generator(generator: torch.Generator | None, device: torch.device) -> None:
+    """Raises unless ``generator`` (if any) draws on ``device``'s type."""
+    if generator is not None and generator.device.type != device.type:
+        raise ValueError(
+            f"a {generator.device.type} generator cannot draw on {device}: create it with "
+            f"torch.Generator(device={str(device)!r})"
+        )
+
+
 def flow_targets(x_B: torch.Tensor, generator: torch.Generator | None = None):
-    """Draws (t, eps) and returns (x_t, t, v_target) for one training step."""
+    """Draws (t, eps) and returns (x_t, t, v_target) for one training step. The generator must
+    live on ``x_B``'s device (CUDA refuses a CPU generator; fake tensors would not notice)."""
+    check_generator(generator, x_B.device)
     t_B = torch.rand(x_B.shape[0], device=x_B.device, generator=generator)
     eps_B = torch.randn(x_B.shape, device=x_B.device, generator=generator)
     return interpolate(x_B, eps_B, t_B), t_B, x_B - eps_B

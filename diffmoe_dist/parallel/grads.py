@@ -14,7 +14,6 @@ Gradients travel in flat buckets (few, large gloo calls instead of one per tenso
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable
 
 import torch
@@ -70,7 +69,7 @@ def _all_reduce_mean(tensors: list[torch.Tensor], group, divisor: int, bucket_by
 def reduce_gradients(model: nn.Module, dims: ParallelDims, bucket_bytes: int = BUCKET_BYTES) -> None:
     """Turns each rank's gradients of its local-mean loss into the gradients of the global-mean loss
     (identical on all replicas). Call after ``backward`` and before clipping / the optimizer step."""
-    if dims.world_size == 1:
+    if not dims.distributed:
         return
     dense, expert = split_params(model)
     # A parameter without a gradient on some rank (unused there) joins with zeros, so every rank
@@ -86,7 +85,7 @@ def reduce_gradients(model: nn.Module, dims: ParallelDims, bucket_bytes: int = B
     dense = [p.grad for p in dense if p.grad is not None]
     expert = [p.grad for p in expert if p.grad is not None]
     _all_reduce_mean(dense, dims.dp_group, dims.world_size, bucket_bytes)
-    if dims.edp_size > 1:
+    if dims.edp_size > 1 or dims.force_collectives:
         _all_reduce_mean(expert, dims.edp_group, dims.world_size, bucket_bytes)
     else:  # every rank holds its own experts (P = W): nothing to sum, only the 1/W
         for g in expert:
@@ -108,7 +107,7 @@ def grad_norm(model: nn.Module, dims: ParallelDims) -> torch.Tensor:
         )
 
     expert_sq = sq(expert).reshape(1)
-    if dims.ep_size > 1:
+    if dims.ep_size > 1 or dims.force_collectives:
         dist.all_reduce(expert_sq, group=dims.ep_group)
     return (sq(dense) + expert_sq[0]).sqrt()
 
@@ -118,8 +117,10 @@ def clip_grad_norm_(model: nn.Module, max_norm: float, dims: ParallelDims) -> to
     """``torch.nn.utils.clip_grad_norm_`` for a sharded model: every rank scales by the same
     factor, computed from the full model's norm. Returns that norm (before clipping)."""
     total = grad_norm(model, dims)
-    if max_norm > 0 and math.isfinite(float(total)):
+    if max_norm > 0:
+        # No host read of the norm (a sync per step on CUDA): a non-finite norm scales by 1.
         scale = (max_norm / (total + 1e-6)).clamp(max=1.0)
+        scale = torch.where(torch.isfinite(total), scale, torch.ones_like(scale))
         for p in model.parameters():
             if p.grad is not None:
                 p.grad.mul_(scale.to(p.grad.device))

@@ -83,6 +83,9 @@ class ParallelDims:
     dp_group: Any = None
     ep_group: Any = None
     edp_group: Any = None
+    # Run the distributed code path (parallelize, the pool, the all-to-all, every collective) even
+    # at world size 1: how one GPU tests the NCCL path (parallel.force_distributed).
+    force_collectives: bool = False
 
     @property
     def dp_size(self) -> int:
@@ -98,7 +101,7 @@ class ParallelDims:
 
     @property
     def distributed(self) -> bool:
-        return self.world_size > 1
+        return self.world_size > 1 or self.force_collectives
 
     def local_experts(self, num_experts: int) -> range:
         """Global indices of the experts this rank holds."""

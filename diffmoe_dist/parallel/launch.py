@@ -17,6 +17,7 @@ The parsing functions are pure functions of an environment dict (tests feed them
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import shutil
@@ -33,14 +34,25 @@ import torch.distributed as dist
 
 from diffmoe_dist.parallel.groups import (
     ParallelDims,
+    ParallelSetupError,
     build_parallel_dims,
     megatron_parallel_dims,
     validate_parallel,
 )
 
 LAUNCHERS = ("torchrun", "slurm", "mpi", "single")
-SLURM_PORT_BASE = 15000  # port = base + job id % SLURM_PORT_SPAN: distinct jobs rarely share a port
-SLURM_PORT_SPAN = 20000
+# port = base + job id % span: distinct jobs rarely share a port, and every port stays below Linux's
+# ephemeral range (net.ipv4.ip_local_port_range starts at 32768), where an outgoing connection of any
+# process may already hold it.
+SLURM_PORT_BASE = 15000
+SLURM_PORT_SPAN = 17000
+EPHEMERAL_PORT_START = 32768
+DEFAULT_TIMEOUT_MINUTES = 10.0  # parallel.timeout_minutes: a hang at 256 GPUs costs 256 GPU-minutes a minute
+
+
+def slurm_master_port(job_id: int) -> int:
+    """The rendezvous port every task of a Slurm job derives from its job id without talking."""
+    return SLURM_PORT_BASE + job_id % SLURM_PORT_SPAN
 
 
 @dataclass(frozen=True)
@@ -141,7 +153,7 @@ def read_launch_env(
         job_id = _int(env, "SLURM_JOB_ID", "SLURM_JOBID", default=0)
         nodelist = env.get("SLURM_JOB_NODELIST", env.get("SLURM_NODELIST", ""))
         addr = env.get("MASTER_ADDR") or (slurm_master_addr(nodelist, run) if nodelist else "127.0.0.1")
-        port = _int(env, "MASTER_PORT", default=SLURM_PORT_BASE + job_id % SLURM_PORT_SPAN)
+        port = _int(env, "MASTER_PORT", default=slurm_master_port(job_id))
     elif launcher == "mpi":
         rank, world_size = (
             _int(env, "OMPI_COMM_WORLD_RANK", "PMI_RANK"),
@@ -201,13 +213,18 @@ def init_distributed(
     num_experts: int | None = None,
     backend: str = "auto",
     use_megatron: bool = True,
-    timeout_minutes: float = 30.0,
+    timeout_minutes: float = DEFAULT_TIMEOUT_MINUTES,
+    force_collectives: bool = False,
+    gloo_groups: bool = False,
 ) -> ParallelDims:
-    """Validates the layout, starts the default group (nccl on CUDA, else gloo) and the EP / EDP
-    groups, and returns this rank's `ParallelDims`.
+    """Validates the layout, starts the default group (nccl on CUDA, else gloo), checks that every
+    EP group lives on one host, starts the EP / EDP groups, and returns this rank's `ParallelDims`.
 
     With ``use_megatron`` the groups come from megatron-core's ``initialize_model_parallel`` (so
     its ``dist_checkpointing`` sees them); otherwise from `build_parallel_dims`, same rank sets.
+    ``gloo_groups``: megatron-core's gloo groups beside NCCL ones (off: nothing here uses them, and
+    on a multi-homed node gloo picks an interface by host name and can hang at start-up; who needs
+    them sets ``GLOO_SOCKET_IFNAME``). ``force_collectives``: the distributed path at any world size.
     """
     validate_parallel(env.world_size, num_experts, expert_parallel_size)
     device = resolve_device(device, env.local_rank)
@@ -225,8 +242,10 @@ def init_distributed(
             world_size=env.world_size,
             timeout=timeout,
         )
+    check_ep_hosts(env, expert_parallel_size)
     if not use_megatron:
-        return build_parallel_dims(expert_parallel_size, num_experts)
+        dims = build_parallel_dims(expert_parallel_size, num_experts)
+        return dataclasses.replace(dims, force_collectives=force_collectives)
     import warnings
 
     with warnings.catch_warnings():  # "Transformer Engine and Apex are not installed": expected here
@@ -236,10 +255,45 @@ def init_distributed(
     if not mpu.model_parallel_is_initialized():
         mpu.initialize_model_parallel(
             expert_model_parallel_size=expert_parallel_size,
-            distributed_timeout_minutes=int(timeout_minutes),
-            create_gloo_process_groups=backend != "gloo",  # gloo groups would duplicate ours
+            distributed_timeout_minutes=max(1, round(timeout_minutes)),
+            create_gloo_process_groups=gloo_groups and backend != "gloo",  # on gloo they would duplicate ours
         )
-    return megatron_parallel_dims()
+    return dataclasses.replace(megatron_parallel_dims(), force_collectives=force_collectives)
+
+
+def node_key(env: LaunchEnv) -> str:
+    """What identifies this rank's host: Slurm's node id under srun (tasks of a loopback or container
+    cluster may share a host name), else the host name."""
+    return f"slurm node {env.node_id}" if env.launcher == "slurm" else socket.gethostname()
+
+
+def ep_hosts_error(hosts: list[str], ep_size: int) -> str | None:
+    """The one-line error when an EP group (consecutive ranks, Megatron's layout) spans hosts, else
+    None. ``hosts[r]``: rank r's `node_key`."""
+    from diffmoe_dist.parallel.groups import expert_parallel_ranks
+
+    for ranks in expert_parallel_ranks(len(hosts), ep_size):
+        where = sorted({hosts[r] for r in ranks})
+        if len(where) > 1:
+            return (
+                f"parallel.expert_parallel_size={ep_size}: EP group ranks {ranks[0]}-{ranks[-1]} span {len(where)} "
+                f"hosts ({', '.join(where[:4])}), so every all-to-all would cross the inter-node fabric: place "
+                "consecutive ranks on one node (srun --distribution=block, the launchers' default; "
+                "SLURM_DISTRIBUTION=block) or use an expert_parallel_size that divides the tasks per node"
+            )
+    return None
+
+
+def check_ep_hosts(env: LaunchEnv, ep_size: int) -> None:
+    """Collective over the default group: raises `ParallelSetupError` on every rank alike when an EP
+    group spans hosts (DESIGN.md: the all-to-alls stay inside a node)."""
+    if ep_size <= 1 or env.world_size <= 1:
+        return
+    hosts: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(hosts, node_key(env))
+    error = ep_hosts_error(hosts, ep_size)
+    if error:
+        raise ParallelSetupError(error)
 
 
 def destroy_distributed() -> None:

@@ -34,11 +34,11 @@ def make_pool(pool: str, dims: ParallelDims, bits_per_pass: int = 8) -> TokenPoo
     """The token pool for ``moe.pool``; pools of one rank need no collectives for selection."""
     if pool not in POOLS:
         raise ValueError(f"moe.pool={pool!r} is invalid: use one of {', '.join(POOLS)}")
-    if dims.world_size == 1:
+    if not dims.distributed:
         return LocalPool()
     if pool == "dp":
         return DistributedPool(dims.dp_group, dims.dp_group, bits_per_pass)
-    if pool == "ep" and dims.ep_size > 1:
+    if pool == "ep" and (dims.ep_size > 1 or dims.force_collectives):
         return DistributedPool(dims.ep_group, dims.dp_group, bits_per_pass)
     return RankPool(dims.dp_group)
 
@@ -47,7 +47,7 @@ def parallelize(model: nn.Module, dims: ParallelDims, moe_cfg, *, broadcast: boo
     """Shards experts, installs dispatchers and pools, syncs replicas. Returns ``model`` (in place)."""
     for layer in moe_layers(model):
         parallelize_moe_layer(layer, dims, moe_cfg.pool)
-    if broadcast and dims.world_size > 1:
+    if broadcast and dims.distributed:
         broadcast_replicas(model, dims)
     return model
 
@@ -58,8 +58,16 @@ def parallelize_moe_layer(layer: MoEFeedForward, dims: ParallelDims, pool: str) 
             f"parallel.expert_parallel_size={dims.ep_size} is invalid: "
             f"must divide moe.num_experts={layer.num_experts}"
         )
-    if dims.ep_size > 1:
-        layer.experts.shard(dims.ep_rank, dims.ep_size)
+    experts = layer.experts
+    if experts.num_local == experts.num_experts and dims.ep_size > 1:
+        experts.shard(dims.ep_rank, dims.ep_size)  # built whole (tests, tools); Trainer builds its shard only
+    if (experts.num_local, experts.offset) != (len(local := dims.local_experts(experts.num_experts)), local.start):
+        raise ValueError(
+            f"{layer.num_experts} experts hold {experts.num_local} from offset {experts.offset}, but EP rank "
+            f"{dims.ep_rank} of {dims.ep_size} owns {len(local)} from {local.start}: build the model inside "
+            f"expert_shard({dims.ep_rank}, {dims.ep_size})"
+        )
+    if dims.ep_size > 1 or dims.force_collectives:
         layer.dispatcher = AllToAllDispatcher(dims.ep_group)
     for p in layer.experts.parameters():
         p.group_name = f"ep_size_{dims.ep_size}"  # DeepSpeed's MoE optimizer-group key
@@ -92,5 +100,5 @@ def broadcast_replicas(model: nn.Module, dims: ParallelDims) -> None:
     dense = [p.data for p in params if not is_expert_param(p)] + [b for b in model.buffers()]
     expert = [p.data for p in params if is_expert_param(p)]
     _broadcast(dense, dist.get_process_group_ranks(dims.dp_group)[0], dims.dp_group)
-    if dims.edp_size > 1:
+    if dims.edp_size > 1 or dims.force_collectives:
         _broadcast(expert, dims.edp_ranks[0], dims.edp_group)

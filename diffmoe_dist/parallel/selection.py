@@ -71,7 +71,7 @@ class RankPool(LocalPool):
         self.collectives = 0
 
     def replica_mean(self, t: Tensor) -> Tensor:
-        if self.dp_group is None or dist.get_world_size(self.dp_group) == 1:
+        if self.dp_group is None:
             return t
         out = t.detach().clone()
         self._all_reduce(out, self.dp_group)

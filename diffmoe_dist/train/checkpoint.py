@@ -164,12 +164,12 @@ def rank_file(rank: int) -> str:
 
 
 def _barrier(dims: ParallelDims | None) -> None:
-    if dims is not None and dims.world_size > 1:
+    if dims is not None and dims.distributed:
         dist.barrier(group=dims.dp_group)
 
 
 def _gather_to_rank0(obj, dims: ParallelDims | None) -> list | None:
-    if dims is None or dims.world_size == 1:
+    if dims is None or not dims.distributed:
         return [obj]
     out = [None] * dims.world_size if dims.rank == 0 else None
     dist.gather_object(obj, out, dst=dist.get_process_group_ranks(dims.dp_group)[0], group=dims.dp_group)
@@ -274,7 +274,7 @@ def verify(path: str) -> dict:
 
 def verify_distributed(path: str, dims: ParallelDims | None) -> None:
     """`verify` with the files shared out over the ranks; every rank raises the same error."""
-    if dims is None or dims.world_size == 1:
+    if dims is None or not dims.distributed:
         verify(path)
         return
     error = None
@@ -309,7 +309,7 @@ def find_resumable(root: str, log=print, dims: ParallelDims | None = None) -> st
     """The newest verified checkpoint, starting from `latest`; bad ones are reported loudly and
     skipped. With ``dims`` a collective: ranks share the checksum work and agree on the answer."""
     candidates = _candidates(root)
-    if dims is not None and dims.world_size > 1:
+    if dims is not None and dims.distributed:
         box = [candidates]  # one listing for all ranks
         dist.broadcast_object_list(box, src=dist.get_process_group_ranks(dims.dp_group)[0], group=dims.dp_group)
         candidates = box[0]

@@ -45,19 +45,27 @@ def main(argv=None) -> int:
         else "cpu"
     )
     dims = None
-    if env.world_size > 1:
+    distributed = env.world_size > 1 or cfg.parallel.force_distributed
+    if distributed:
         from diffmoe_dist.parallel.launch import init_distributed
 
-        dims = init_distributed(
-            env,
-            cfg.parallel.expert_parallel_size,
-            device,
-            num_experts=cfg.moe.num_experts,
-            backend=cfg.parallel.backend,
-            # Groups come from megatron-core's initialize_model_parallel (Megatron layout, the contract
-            # of this project); DIFFMOE_NO_MEGATRON=1 builds the same rank sets without its ~4 CPU-s import.
-            use_megatron=os.environ.get("DIFFMOE_NO_MEGATRON") != "1",
-        )
+        try:
+            dims = init_distributed(
+                env,
+                cfg.parallel.expert_parallel_size,
+                device,
+                num_experts=cfg.moe.num_experts,
+                backend=cfg.parallel.backend,
+                # Groups come from megatron-core's initialize_model_parallel (Megatron layout, the contract
+                # of this project); DIFFMOE_NO_MEGATRON=1 builds the same rank sets without its ~4 CPU-s import.
+                use_megatron=os.environ.get("DIFFMOE_NO_MEGATRON") != "1",
+                timeout_minutes=cfg.parallel.timeout_minutes,
+                force_collectives=cfg.parallel.force_distributed,
+                gloo_groups=os.environ.get("DIFFMOE_GLOO_GROUPS") == "1",
+            )
+        except ConfigError as exc:  # e.g. an EP group spread over nodes: every rank says it, exit 2
+            print(f"diffmoe-train: error: {exc}", file=sys.stderr)
+            return 2
     if device.type == "cuda":
         torch.cuda.set_device(env.local_rank)
     result = Trainer(cfg, dims, device, env.local_world_size).fit()
@@ -73,7 +81,7 @@ def main(argv=None) -> int:
                 }
             )
         )
-    if env.world_size > 1:
+    if distributed:
         from diffmoe_dist.parallel.launch import destroy_distributed
 
         destroy_distributed()

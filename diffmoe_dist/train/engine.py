@@ -85,9 +85,15 @@ class _Engine:
         state = self.base_optimizer.state
         for p in self._state_params():
             if len(state[p]) == 0:
-                state[p]["step"] = torch.tensor(0.0, dtype=torch.float32)
+                state[p]["step"] = torch.tensor(0.0, dtype=torch.float32, device=self._step_device(p))
                 for key in ADAM_STATES:
                     state[p][key] = torch.zeros_like(p, memory_format=torch.preserve_format)
+
+    def _step_device(self, p: torch.Tensor) -> torch.device:
+        """Where AdamW keeps a parameter's step count: on the parameter's device for the fused and
+        capturable kernels (they refuse a CPU step on CUDA), on the host otherwise (torch's choice)."""
+        group = next((g for g in self.base_optimizer.param_groups if any(q is p for q in g["params"])), {})
+        return p.device if group.get("fused") or group.get("capturable") else torch.device("cpu")
 
     def optimizer_steps(self) -> int:
         steps = {int(s["step"]) for s in self.base_optimizer.state.values() if "step" in s}
@@ -95,8 +101,8 @@ class _Engine:
 
     def set_optimizer_steps(self, steps: int) -> None:
         self.ensure_optimizer_state()
-        for s in self.base_optimizer.state.values():
-            s["step"] = torch.tensor(float(steps), dtype=torch.float32)
+        for p, s in self.base_optimizer.state.items():
+            s["step"] = torch.tensor(float(steps), dtype=torch.float32, device=self._step_device(p))
 
     def set_schedule_step(self, step: int) -> None:
         """Puts the LambdaLR where it is after ``step`` optimizer steps (its lr is a pure function
@@ -118,8 +124,9 @@ class _Engine:
     def backward(self, loss: torch.Tensor) -> None:
         raise NotImplementedError
 
-    def step(self) -> float:
-        """One optimizer step after ``grad_accum_steps`` backwards; returns the gradient norm."""
+    def step(self) -> float | torch.Tensor:
+        """One optimizer step after ``grad_accum_steps`` backwards; returns the gradient norm
+        (a 0-d tensor where reading it would cost a host sync)."""
         raise NotImplementedError
 
     def state_fragments(self) -> list[StateFragment]:
@@ -147,10 +154,10 @@ class PlainEngine(_Engine):
     def backward(self, loss: torch.Tensor) -> None:
         (loss / self.grad_accum_steps if self.grad_accum_steps > 1 else loss).backward()
 
-    def step(self) -> float:
+    def step(self) -> torch.Tensor:
         if self.dims.distributed:
             reduce_gradients(self.model, self.dims)
-        norm = float(clip_grad_norm_(self.model, self.cfg.optim.grad_clip, self.dims))
+        norm = clip_grad_norm_(self.model, self.cfg.optim.grad_clip, self.dims)  # read at log time
         self.optimizer.step()
         self.scheduler.step()
         return norm

@@ -65,7 +65,7 @@ class StopRequest:
         if self._checks % self.check_every:
             return None
         code = self._local_code(step_seconds)
-        if self.dims.world_size > 1:
+        if self.dims.distributed:
             flag = torch.tensor([code], dtype=torch.int32, device=comm_device(self.dims.dp_group))
             dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.dims.dp_group)
             code = int(flag)

@@ -32,6 +32,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from diffmoe_dist.model.moe.layer import MoEFeedForward
+from diffmoe_dist.parallel.groups import comm_device
 
 ROUTING_FILE = "routing.jsonl"
 # Per-rank float slots in the reduce buffer: dispatch_s, combine_s, dispatch_bytes, combine_bytes.
@@ -164,8 +165,8 @@ class RoutingTelemetry:
                 ],
                 dtype=torch.float64,
             )
-        if W > 1:  # on the model's device: NCCL reduces CUDA tensors only
-            device_buf = buf.to(self.layers[0].router_weight_ED.device)
+        if self.dims is not None and self.dims.distributed:  # NCCL reduces CUDA tensors only
+            device_buf = buf.to(comm_device(self.dims.dp_group))
             dist.all_reduce(device_buf, group=self.dims.dp_group)
             buf = device_buf.cpu()
         if self.rank != 0:

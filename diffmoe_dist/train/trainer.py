@@ -15,8 +15,9 @@ from diffmoe_dist.diffusion.ema import EMA
 from diffmoe_dist.diffusion.flow import flow_loss, flow_targets
 from diffmoe_dist.eval.sampling import sample_images, save_grid
 from diffmoe_dist.model.dit import build_model
+from diffmoe_dist.model.moe.experts import expert_shard
 from diffmoe_dist.model.moe.layer import collect_moe_losses, mean_capacity
-from diffmoe_dist.parallel.groups import ParallelDims
+from diffmoe_dist.parallel.groups import ParallelDims, comm_device
 from diffmoe_dist.train import checkpoint as ckpt
 from diffmoe_dist.train.engine import build_engine, checkpoint_blocks, lr_lambda  # noqa: F401 (lr_lambda: API)
 from diffmoe_dist.train.metrics import MetricsLogger
@@ -44,7 +45,10 @@ class Trainer:
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
             torch.use_deterministic_algorithms(True)
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
-        self.model = build_model(cfg.model, cfg.moe).to(device)
+        # Only this rank's experts are ever allocated (each initialised from (seed, layer, global
+        # expert index), so the weights do not depend on the EP size), and the EMA copies that shard.
+        with expert_shard(self.dims.ep_rank, self.dims.ep_size):
+            self.model = build_model(cfg.model, cfg.moe).to(device)
         self.ema = EMA(self.model, cfg.train.ema_decay, cfg.train.ema_warmup)
         if self.dims.distributed:
             from diffmoe_dist.parallel.parallelize import parallelize
@@ -55,7 +59,8 @@ class Trainer:
             checkpoint_blocks(self.model)  # after the EMA copy: the EMA model never runs backward
         # Per-rank stream for t, noise and label dropout: ranks draw different noise for their samples.
         torch.manual_seed(cfg.train.seed * 7919 + self.dims.rank + 1)
-        self.noise_gen = torch.Generator(device="cpu").manual_seed(cfg.train.seed * 104729 + self.dims.rank)
+        # On the device it draws on (flow_targets checks): a CPU generator cannot draw CUDA noise.
+        self.noise_gen = torch.Generator(device=device).manual_seed(cfg.train.seed * 104729 + self.dims.rank)
         # Plain data parallelism (train.zero_stage 0) or DeepSpeed ZeRO 1 / 2: optimizer, scheduler,
         # gradient reduction, clipping and accumulation (train/engine.py).
         self.engine = build_engine(self.model, cfg, self.dims, print if self.rank0 else lambda _: None)
@@ -99,8 +104,11 @@ class Trainer:
             "ema_num_updates": self.ema.num_updates,
             "optimizer_steps": self.engine.optimizer_steps(),
             "loader": self.loader.state_dict(),
+            "device_type": self.device.type,  # RNG states are per device type
         }
         rank_state = {"rng_torch": torch.get_rng_state(), "rng_noise": self.noise_gen.get_state()}
+        if self.device.type == "cuda":  # label / caption dropout draws from the CUDA default generator
+            rank_state["rng_cuda"] = torch.cuda.get_rng_state(self.device)
         path = ckpt.save(
             self.ckpt_root, self.step, self._slots(), meta, rank_state, self.dims, self.cfg.checkpoint.keep_last
         )
@@ -142,10 +150,12 @@ class Trainer:
         self.ema.num_updates = int(meta["ema_num_updates"])
         self.loader.load_state_dict(meta["loader"])
         same_topology = meta["world_size"] == self.dims.world_size and meta["ep_size"] == self.dims.ep_size
-        if same_topology:
+        if same_topology and meta.get("device_type", "cpu") == self.device.type:
             mine = reader.rank_state(self.dims.rank)
             torch.set_rng_state(mine["rng_torch"])
             self.noise_gen.set_state(mine["rng_noise"])
+            if "rng_cuda" in mine:
+                torch.cuda.set_rng_state(mine["rng_cuda"], self.device)
         else:
             seed = self.cfg.train.seed + 1_000_003 * self.step
             torch.manual_seed(seed * 7919 + self.dims.rank + 1)
@@ -156,40 +166,52 @@ class Trainer:
         log(f"[diffmoe] resumed from {path} at step {self.step}{note}")
 
     # ---- one step ----------------------------------------------------------------------------
-    def train_step(self) -> dict[str, float]:
-        cfg = self.cfg
-        autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.train.precision == "bf16")
-        self.engine.zero_grad()
-        parts = torch.zeros(4)
-        for _ in range(cfg.optim.grad_accum_steps):
-            batch = self.loader.next_batch()
-            x = batch.pop("x").to(self.device)
-            cond = {k: v.to(self.device) for k, v in batch.items()}  # y for class-conditional runs
-            x_t, t, v_target = flow_targets(x, self.noise_gen)
-            with autocast:
-                v_pred = self.engine.forward(x_t, t, **cond)
-            loss_flow = flow_loss(v_pred, v_target)
-            moe = collect_moe_losses(self.model)
-            # moe["loss"] = sum over layers of predictor_loss_weight * BCE + weighted TC aux loss
-            loss = loss_flow + moe["loss"]
-            self.engine.backward(loss)  # / grad_accum_steps inside
-            parts += torch.stack([loss, loss_flow, moe["predictor_bce"], moe["aux_loss"]]).detach().float().cpu()
-        grad_norm = self.engine.step()
-        self.ema.update(self.model)
-        self.step += 1
-        # Logged losses are global means over the data-parallel batch (one tiny all-reduce), so a
-        # run's curve does not depend on the world size.
-        parts /= cfg.optim.grad_accum_steps
+    def _forward_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """One micro-batch's forward: the loss to backpropagate, and its logged parts
+        ``[loss, loss_flow, predictor_bce, aux_loss]`` (fp32, detached, on the run's device)."""
+        autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.train.precision == "bf16")
+        x = batch.pop("x").to(self.device, non_blocking=True)
+        cond = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}  # y for class-conditional runs
+        x_t, t, v_target = flow_targets(x, self.noise_gen)
+        with autocast:
+            v_pred = self.engine.forward(x_t, t, **cond)
+        loss_flow = flow_loss(v_pred, v_target)
+        moe = collect_moe_losses(self.model)
+        # moe["loss"] = sum over layers of predictor_loss_weight * BCE + weighted TC aux loss
+        loss = loss_flow + moe["loss"]
+        return loss, torch.stack([loss, loss_flow, moe["predictor_bce"], moe["aux_loss"]]).detach().float()
+
+    def _global_means(self, parts_sum: torch.Tensor) -> torch.Tensor:
+        """Logged losses as global means over the data-parallel batch and the micro-batches (one
+        tiny all-reduce on the DP group's device), so a run's curve does not depend on the world size."""
+        parts = parts_sum / self.cfg.optim.grad_accum_steps
         if self.dims.distributed:
+            parts = parts.to(comm_device(self.dims.dp_group))
             dist.all_reduce(parts, group=self.dims.dp_group)
             parts /= self.dims.world_size
-        loss_v, flow_v, pred_v, aux_v = parts.tolist()
+        return parts
+
+    def train_step(self) -> dict[str, float]:
+        self.engine.zero_grad()
+        parts = torch.zeros(4, device=self.device)
+        for _ in range(self.cfg.optim.grad_accum_steps):
+            loss, micro_parts = self._forward_loss(self.loader.next_batch())
+            self.engine.backward(loss)  # / grad_accum_steps inside
+            parts += micro_parts
+        grad_norm = self.engine.step()  # a tensor (plain engine) or a float (DeepSpeed)
+        self.ema.update(self.model)
+        self.step += 1
+        # The step's one host read: losses and the gradient norm together (float64 holds both exactly).
+        logged = self._global_means(parts).double()
+        if torch.is_tensor(grad_norm):
+            logged = torch.cat([logged, grad_norm.detach().double().reshape(1).to(logged.device)])
+        loss_v, flow_v, pred_v, aux_v, *norm = logged.tolist()
         return {
             "loss": loss_v,
             "loss_flow": flow_v,
             "loss_predictor": pred_v,
             "loss_aux": aux_v,
-            "grad_norm": grad_norm,
+            "grad_norm": norm[0] if norm else float(grad_norm),
             "lr": self.scheduler.get_last_lr()[0],
             "capacity_avg": float(mean_capacity(self.model)),
         }
@@ -222,11 +244,13 @@ class Trainer:
             sampler=s.sampler,
             seed=self.cfg.train.seed + 1000 * self.dims.rank,
             device=self.device,
-        ).cpu()
-        if W > 1:
+        )
+        if self.dims.distributed:  # gathered where the DP group communicates (NCCL: CUDA), then to the host
+            imgs = imgs.to(comm_device(self.dims.dp_group)).contiguous()
             parts = [torch.empty_like(imgs) for _ in range(W)]
-            dist.all_gather(parts, imgs.contiguous())
+            dist.all_gather(parts, imgs, group=self.dims.dp_group)
             imgs = torch.cat(parts)
+        imgs = imgs.cpu()
         if self.rank0:
             imgs = imgs[: nc * s.per_class]
             # rows = classes: transpose (class, k) -> (k, class) so each column is one class

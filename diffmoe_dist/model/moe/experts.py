@@ -1,6 +1,17 @@
-"""E full-size experts stored as stacked tensors, computed group by group without padding."""
+"""E full-size experts stored as stacked tensors, computed group by group without padding.
+
+Initialisation is a pure function of (the global seed, the layer, the global expert index): each
+module draws one integer from the global RNG when it is built (same draw on every rank, since every
+rank builds the same modules in the same order) and expert e's weights come from a generator seeded
+with (that integer, e). So a rank can build only its own experts (`expert_shard`) and get exactly
+the weights a full build holds at those indices, at every EP size, without allocating the others.
+"""
 
 from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Iterator
 
 import torch
 import torch.nn as nn
@@ -8,6 +19,25 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from diffmoe_dist.model.ffn import FeedForward
+
+
+_SHARD = threading.local()
+
+
+@contextlib.contextmanager
+def expert_shard(ep_rank: int, ep_size: int) -> Iterator[None]:
+    """Inside, `StackedExperts` are built holding only experts ``[ep_rank E/P, (ep_rank + 1) E/P)``
+    (DESIGN.md section 2): a rank of a 16-expert, EP-8 model allocates 2 experts per layer, never 16."""
+    previous = getattr(_SHARD, "value", None)
+    _SHARD.value = (ep_rank, ep_size)
+    try:
+        yield
+    finally:
+        _SHARD.value = previous
+
+
+def _expert_seed(init_seed: int, e: int) -> int:
+    return (init_seed * 1_000_003 + e * 7_919 + 1) % (1 << 63)
 
 
 def _tag_expert(param: nn.Parameter) -> nn.Parameter:
@@ -29,21 +59,37 @@ class StackedExperts(nn.Module):
         self.num_experts = num_experts
         self.num_local = num_experts
         self.offset = offset
+        shard = getattr(_SHARD, "value", None)
+        if shard is not None and offset == 0:
+            ep_rank, ep_size = shard
+            if ep_size < 1 or num_experts % ep_size or not 0 <= ep_rank < ep_size:
+                raise ValueError(
+                    f"expert_shard({ep_rank}, {ep_size}): num_experts={num_experts} must divide by ep_size "
+                    "and 0 <= ep_rank < ep_size"
+                )
+            self.num_local = num_experts // ep_size
+            self.offset = ep_rank * self.num_local
         self.dim, self.hidden_dim = dim, hidden_dim
-        self.w1_EDH = _tag_expert(nn.Parameter(torch.empty(num_experts, dim, hidden_dim)))
-        self.b1_EH = _tag_expert(nn.Parameter(torch.empty(num_experts, hidden_dim)))
-        self.w2_EHD = _tag_expert(nn.Parameter(torch.empty(num_experts, hidden_dim, dim)))
-        self.b2_ED = _tag_expert(nn.Parameter(torch.empty(num_experts, dim)))
+        # One draw from the global RNG, identical on every rank: the seed of this module's experts.
+        self.init_seed = int(torch.randint(0, 1 << 62, (), device="cpu"))
+        n = self.num_local
+        self.w1_EDH = _tag_expert(nn.Parameter(torch.empty(n, dim, hidden_dim)))
+        self.b1_EH = _tag_expert(nn.Parameter(torch.empty(n, hidden_dim)))
+        self.w2_EHD = _tag_expert(nn.Parameter(torch.empty(n, hidden_dim, dim)))
+        self.b2_ED = _tag_expert(nn.Parameter(torch.empty(n, dim)))
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        # Each expert exactly as FeedForward.reset_parameters: xavier-uniform per expert matrix
-        # (bound sqrt(6 / (D + H)), symmetric in fan-in/fan-out, so the transposed storage does not
-        # change it) and zero biases.
+        # Each expert as FeedForward.reset_parameters: xavier-uniform per expert matrix (bound
+        # sqrt(6 / (D + H)), symmetric in fan-in/fan-out, so the transposed storage does not change
+        # it) and zero biases, expert e drawn from its own generator (module docstring).
         with torch.no_grad():
-            for e in range(self.num_local):
-                nn.init.xavier_uniform_(self.w1_EDH[e])
-                nn.init.xavier_uniform_(self.w2_EHD[e])
+            if not self.w1_EDH.is_meta:
+                for i in range(self.num_local):
+                    g = torch.Generator(device="cpu").manual_seed(_expert_seed(self.init_seed, self.offset + i))
+                    for w in (self.w1_EDH[i], self.w2_EHD[i]):
+                        # drawn on the host (the generator's device), so CPU and GPU builds agree
+                        w.copy_(nn.init.xavier_uniform_(torch.empty(w.shape, dtype=w.dtype, device="cpu"), generator=g))
             self.b1_EH.zero_()
             self.b2_ED.zero_()
 

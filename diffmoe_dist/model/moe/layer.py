@@ -143,8 +143,8 @@ def collect_moe_losses(model: nn.Module) -> dict[str, Tensor]:
         bce.append(layer.stats["predictor_bce"])
         aux.append(layer.stats["aux_loss"])
         loss.append(layer.predictor_loss_weight * layer.stats["predictor_bce"] + layer.stats["aux_loss"])
-    if not loss:
-        zero = torch.zeros(())
+    if not loss:  # a dense model: zeros where the loss lives (the trainer stacks them with it)
+        zero = torch.zeros((), device=next(model.parameters()).device)
         return {"predictor_bce": zero, "aux_loss": zero, "loss": zero}
     return {"predictor_bce": sum(bce), "aux_loss": sum(aux), "loss": sum(loss)}
 
