@@ -20,7 +20,6 @@ from torch import Tensor
 
 from diffmoe_dist.model.ffn import FeedForward
 
-
 _SHARD = threading.local()
 
 
