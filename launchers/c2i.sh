@@ -11,7 +11,7 @@
 #
 # Nothing here needs editing: sbatch options on the command line override the #SBATCH lines below
 # (nodes, partition -p, account -A, time, job name -J); CONFIG picks the YAML; TRAIN_ARGS and this
-# script's arguments are dotted overrides (the arguments win); RUNS is where run directories go
+# script's arguments are dotted overrides (the arguments win); DIFFMOE_RUNS (or RUNS) is where run directories go
 # (default runs/ in the checkout). The run directory is RUNS/<job name>: a requeued job keeps its
 # name and resumes (train.resume=auto); a new name starts a new run. Requeue, signals, threads and
 # the allocator are handled in launchers/common.sh.

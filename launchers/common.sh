@@ -11,6 +11,12 @@
 #   PYTHON        interpreter (default: python of the active environment)
 #   DIFFMOE_TRAIN the training command (default: "$PYTHON -m diffmoe_dist.train.cli"); tests and
 #                 wrappers (a profiler, a stub) replace it
+#   DIFFMOE_DATA  where data sets live (default data/ in the checkout): a config's relative
+#                 data.path under data/ (data/t2i-256) is read from $DIFFMOE_DATA/t2i-256 instead
+#   DIFFMOE_RUNS  where run directories go (default runs/ in the checkout; RUNS is the older name):
+#                 Slurm jobs write $DIFFMOE_RUNS/<job name>, other launchers map a relative
+#                 train.run_dir under runs/ there. On a cluster point both at the shared file system:
+#                 every node reads the same data and writes the same checkpoints.
 #   OMP_NUM_THREADS, MALLOC_*_THRESHOLD_   kept when already set
 #   DRY_RUN=1     print the command that would run, and run nothing
 #
@@ -20,6 +26,12 @@
 DIFFMOE_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 export DIFFMOE_ROOT
 DIFFMOE_LAUNCHER=${DIFFMOE_LAUNCHER:-$(basename "$0")}
+# The two locations a shared file system must hold, set here and nowhere else.
+DIFFMOE_DATA_SET=${DIFFMOE_DATA:+1}
+DIFFMOE_RUNS_SET=${DIFFMOE_RUNS:-${RUNS:-}}
+DIFFMOE_DATA=${DIFFMOE_DATA:-$DIFFMOE_ROOT/data}
+DIFFMOE_RUNS=${DIFFMOE_RUNS:-${RUNS:-$DIFFMOE_ROOT/runs}}
+export DIFFMOE_DATA DIFFMOE_RUNS
 # Exit status with which the trainer says "I saved a checkpoint because I was told to stop; run me
 # again" (sysexits.h EX_TEMPFAIL). A Slurm launcher requeues the job when its step exits with it.
 DIFFMOE_EXIT_REQUEUE=75
@@ -78,6 +90,12 @@ diffmoe_cpu_env() {
 diffmoe_nccl_env() {
   export NCCL_DEBUG=${NCCL_DEBUG:-WARN}
   export NCCL_IB_TIMEOUT=${NCCL_IB_TIMEOUT:-22}
+  # No gloo groups beside the NCCL ones (parallel/launch.py): gloo would pick an interface by host
+  # name and can hang on multi-homed nodes. Who turns them on (DIFFMOE_GLOO_GROUPS=1) sets
+  # GLOO_SOCKET_IFNAME; it defaults to NCCL_SOCKET_IFNAME when that names one interface.
+  if [[ -n ${NCCL_SOCKET_IFNAME:-} && $NCCL_SOCKET_IFNAME != ^* && -z ${GLOO_SOCKET_IFNAME:-} ]]; then
+    export GLOO_SOCKET_IFNAME=$NCCL_SOCKET_IFNAME
+  fi
   # A rank that fails a collective raises instead of hanging the job until its time limit.
   export TORCH_NCCL_ASYNC_ERROR_HANDLING=${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}
 }
@@ -94,6 +112,35 @@ diffmoe_overrides() {
   local extra=()
   read -ra extra <<<"${TRAIN_ARGS:-}"
   OVERRIDES+=("${extra[@]}" "$@")
+  diffmoe_locations
+}
+
+# DIFFMOE_DATA / DIFFMOE_RUNS (when set) for relative data/... and runs/... paths of the config and
+# overrides; appended last, so the paths resolve to the same place on every node.
+diffmoe_locations() {
+  [[ -n $DIFFMOE_DATA_SET || -n $DIFFMOE_RUNS_SET ]] || return 0
+  local paths data run
+  paths=$(
+    "$PYTHON" - "$CONFIG" "${OVERRIDES[@]}" <<'EOF'
+import sys
+from diffmoe_dist.config import ConfigError, load_config
+try:
+    cfg = load_config(sys.argv[1], sys.argv[2:])
+except ConfigError as exc:
+    sys.exit(f"config error: {exc}")
+print(cfg.data.path)
+print(cfg.train.run_dir)
+EOF
+  ) || diffmoe_die "cannot read data.path / train.run_dir from $CONFIG ${OVERRIDES[*]}"
+  {
+    read -r data
+    read -r run
+  } <<<"$paths"
+  data=${data#./}
+  run=${run#./}
+  if [[ -n $DIFFMOE_DATA_SET && $data == data/* ]]; then OVERRIDES+=("data.path=$DIFFMOE_DATA/${data#data/}"); fi
+  if [[ -n $DIFFMOE_RUNS_SET && $run == runs/* ]]; then OVERRIDES+=("train.run_dir=$DIFFMOE_RUNS/${run#runs/}"); fi
+  return 0
 }
 
 # Makes the data set when it is the embedded digits set and missing; any other missing path is an
@@ -166,8 +213,11 @@ diffmoe_srun() {
   # So each task's shell turns 75 into 0 plus a line in DIFFMOE_REQUEUE_FLAG (in the run directory:
   # a shared file system), and outlives the signals the step gets (`trap :`; the trainer, its child,
   # starts with default handlers, since bash resets caught signals for children, and installs its own).
+  # --distribution=block: consecutive ranks on one node, so each EP group (consecutive ranks) shares
+  # its node's NVLink; a site default or user choice of cyclic comes through SLURM_DISTRIBUTION and
+  # is refused at start-up by the trainer when it would split an EP group (one line, exit 2).
   rm -f "$DIFFMOE_REQUEUE_FLAG"
-  srun --kill-on-bad-exit=1 ${SLURM_CPUS_PER_TASK:+--cpus-per-task=$SLURM_CPUS_PER_TASK} \
+  srun --kill-on-bad-exit=1 --distribution="$DIFFMOE_DISTRIBUTION" ${SLURM_CPUS_PER_TASK:+--cpus-per-task=$SLURM_CPUS_PER_TASK} \
     bash -c 'echo "[diffmoe-task] rank $SLURM_PROCID/$SLURM_NTASKS node $SLURM_NODEID local $SLURM_LOCALID host $(hostname -s) restart ${SLURM_RESTART_COUNT:-0}"
       trap : TERM USR1
       "$@"
@@ -242,11 +292,12 @@ diffmoe_slurm_train() {
   diffmoe_resolve_config "$default_config"
   diffmoe_setup "${per_node:-1}"
   local job=${SLURM_JOB_NAME:-$(basename "$CONFIG" .yaml)}
-  local run_dir=${RUNS:-$DIFFMOE_ROOT/runs}/$job
+  local run_dir=$DIFFMOE_RUNS/$job
+  DIFFMOE_DISTRIBUTION=${SLURM_DISTRIBUTION:-block}
   diffmoe_overrides "train.run_dir=$run_dir" train.resume=auto -- "$@"
   local cmd=("${TRAIN_CMD[@]}" --config "$CONFIG" "${OVERRIDES[@]}")
   if [[ ${DRY_RUN:-0} == 1 ]]; then
-    printf '%q ' srun "${cmd[@]}"
+    printf '%q ' srun "--distribution=$DIFFMOE_DISTRIBUTION" "${cmd[@]}"
     echo
     exit 0
   fi

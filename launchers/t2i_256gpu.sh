@@ -10,10 +10,20 @@
 #
 # Nothing here needs editing: sbatch options on the command line override the #SBATCH lines below
 # (nodes, partition -p, account -A, time, job name -J); CONFIG picks the YAML; TRAIN_ARGS and this
-# script's arguments are dotted overrides (the arguments win); RUNS is where run directories go
-# (default runs/ in the checkout). The run directory is RUNS/<job name>: a requeued job keeps its
-# name and resumes (train.resume=auto); a new name starts a new run. Requeue, signals, threads and
-# the allocator are handled in launchers/common.sh.
+# script's arguments are dotted overrides (the arguments win). Locations, for a shared file system:
+# DIFFMOE_DATA holds the data sets (data/t2i-256 of the config is read as $DIFFMOE_DATA/t2i-256) and
+# DIFFMOE_RUNS the run directories (default data/ and runs/ in the checkout; RUNS still works):
+#   DIFFMOE_DATA=/shared/diffmoe/data DIFFMOE_RUNS=/shared/diffmoe/runs sbatch launchers/t2i_256gpu.sh
+# The run directory is DIFFMOE_RUNS/<job name>: a requeued job keeps its name and resumes
+# (train.resume=auto); a new name starts a new run. Requeue, signals, threads and the allocator are
+# handled in launchers/common.sh.
+#
+# Placement: srun runs with --distribution=block (SLURM_DISTRIBUTION, e.g. from sbatch
+# --distribution, wins), so each node holds 8 consecutive ranks, one EP group (EP = 8): the
+# all-to-alls stay on NVLink. A layout that splits an EP group over nodes is refused at start-up on
+# every rank with one line and exit 2. The rendezvous port, 15000 + job id % 17000, stays below
+# Linux's ephemeral ports (32768+). A rank stuck in a collective raises after
+# parallel.timeout_minutes (10 by default) instead of idling 256 GPUs.
 #
 #SBATCH --job-name=diffmoe-t2i-e16
 #SBATCH --nodes=32
@@ -53,6 +63,9 @@ source "$_root/launchers/common.sh"
 #                       on large fabrics instead of aborting an all-to-all.
 #   NCCL_IB_DISABLE=1   only on machines without IB (forces TCP sockets: far slower all-to-all).
 #   NCCL_DEBUG=INFO     to see the chosen transport and rings once; WARN otherwise.
+#   GLOO_SOCKET_IFNAME  only with DIFFMOE_GLOO_GROUPS=1 (megatron-core's gloo groups beside NCCL's; off
+#                       by default: nothing needs them, and gloo picking the wrong interface on a
+#                       multi-homed node hangs start-up); defaults to a single NCCL_SOCKET_IFNAME.
 # Defaults, set in common.sh when unset: NCCL_DEBUG=WARN, NCCL_IB_TIMEOUT=22,
 # TORCH_NCCL_ASYNC_ERROR_HANDLING=1 (a rank that fails a collective raises instead of hanging the
 # job until its time limit).

@@ -192,3 +192,23 @@ def test_torchrun_and_mpirun_launches_train_identically(torchrun_run, mpirun_run
     assert weights[0].keys() == weights[1].keys()
     differ = [k for k in weights[0] if not torch.equal(weights[0][k], weights[1][k])]
     assert not differ, f"{len(differ)} of {len(weights[0])} tensors differ, e.g. {differ[:3]}"
+
+
+def test_sbatch_scripts_place_ranks_in_blocks_unless_asked_otherwise():
+    env = {"CONFIG": "configs/local/diffmoe-tiny.yaml", "SLURM_JOB_NAME": "x"}
+    assert dry_run("t2i_256gpu.sh", **env)[:2] == ["srun", "--distribution=block"]
+    cyclic = dry_run("t2i_256gpu.sh", **env, SLURM_DISTRIBUTION="cyclic")  # sbatch --distribution=cyclic
+    assert cyclic[1] == "--distribution=cyclic"  # passed on; the trainer refuses it if it splits EP groups
+
+
+def test_data_and_runs_locations_are_set_in_one_place(tmp_path):
+    data, runs = tmp_path / "shared-data", tmp_path / "shared-runs"
+    env = {"CONFIG": "configs/local/diffmoe-tiny.yaml", "DIFFMOE_DATA": str(data), "DIFFMOE_RUNS": str(runs)}
+    cmd = dry_run("local.sh", "-n", "2", **env)
+    # the config's data/digits and runs/diffmoe-tiny land under the shared locations, last (they win)
+    assert cmd[-2:] == [f"data.path={data}/digits", f"train.run_dir={runs}/diffmoe-tiny"], cmd
+    cmd = dry_run("t2i_256gpu.sh", **env, SLURM_JOB_NAME="job7")
+    assert f"train.run_dir={runs}/job7" in cmd and f"data.path={data}/digits" in cmd
+    # an absolute data.path given by the user is left alone
+    cmd = dry_run("local.sh", "-n", "2", "data.path=/elsewhere/digits", **env)
+    assert "data.path=/elsewhere/digits" in cmd and f"data.path={data}/digits" not in cmd

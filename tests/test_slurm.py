@@ -259,3 +259,20 @@ def test_scancel_sigterm_reaches_ranks_and_does_not_requeue(slurm_cluster, tmp_p
     assert info["JobState"] == "CANCELLED" and info["Restarts"] == "0", log
     assert len(list(tmp_path.glob("r0-rank*.SIGTERM"))) == 4
     assert "requeueing" not in log
+
+
+def test_cyclic_layout_that_splits_ep_groups_is_refused_at_start_up(slurm_cluster, tmp_path):
+    # sbatch --distribution=cyclic reaches srun as SLURM_DISTRIBUTION (the launcher's default is
+    # block): ranks 0 and 1, one EP group at EP=2, land on different nodes. Every rank refuses with
+    # the same line before building a model, and the job fails fast.
+    overrides = [*TINY, "train.steps=2", "parallel.expert_parallel_size=2"]
+    job = submit(slurm_cluster, tmp_path, "cyclic", "t2i_256gpu.sh", overrides, sbatch_args=["--distribution=cyclic"])
+    info = slurm_cluster.wait_job(job, timeout=240)
+    log = output(tmp_path, "cyclic", job)
+    assert task_placement(log) == {0: 0, 1: 1, 2: 0, 3: 1}, log[-3000:]
+    assert info["JobState"] == "FAILED", (info, log[-3000:])
+    refusal = "diffmoe-train: error: parallel.expert_parallel_size=2: EP group ranks 0-1 span 2 hosts"
+    refusals = re.findall(re.escape(refusal), log)
+    assert len(refusals) == 4, log[-3000:]  # one line from each rank
+    assert "--distribution=block" in log and "Traceback" not in log
+    assert not (tmp_path / "runs" / "cyclic" / "checkpoints").exists()
