@@ -76,6 +76,7 @@ def _parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--budget", type=float, default=60.0, help="seconds per row before repeats are cut (min 3)")
     p.add_argument("--peak-size", type=int, default=None, help="square matmul size for the peak (default 2048)")
     p.add_argument("--quick", action="store_true", help="tiny sizes, 1 repeat: a smoke run")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="cuda: GPU 0, no Megatron shims")
     p.add_argument("--out", default=None, help="write the results as JSON here")
     p.add_argument("--default-malloc", action="store_true", help="keep glibc's default mmap/trim thresholds")
     p.add_argument("--compare-malloc", action="store_true", help="run tuned and default malloc as subprocesses")
@@ -113,9 +114,19 @@ def _ensure_malloc(tuned: bool) -> None:
         os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
 
 
+# Where the layers run (--device); a module global, so the builders keep their signature.
+DEVICE = torch.device("cpu")
+
+
+def _sync() -> None:
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
+
+
 def _init_single_rank_group() -> None:
     if not torch.distributed.is_initialized():
-        torch.distributed.init_process_group("gloo", store=torch.distributed.HashStore(), rank=0, world_size=1)
+        backend = "nccl" if DEVICE.type == "cuda" else "gloo"
+        torch.distributed.init_process_group(backend, store=torch.distributed.HashStore(), rank=0, world_size=1)
 
 
 def _minor_faults() -> int:
@@ -140,8 +151,8 @@ class Shape:
 
 def _build_ours(shape: Shape, dtype):
     cfg = MoEConfig(router="expert_choice_global", num_experts=shape.experts, capacity=1.0)
-    layer = MoEFeedForward(shape.dim, shape.hidden, cfg).to(dtype).train()
-    one = torch.ones((), dtype=torch.float32)
+    layer = MoEFeedForward(shape.dim, shape.hidden, cfg).to(DEVICE, dtype).train()
+    one = torch.ones((), dtype=torch.float32, device=DEVICE)
 
     def step(x_ND, g_ND):
         y = layer(x_ND.view(-1, min(SEQ, shape.tokens), shape.dim))
@@ -152,7 +163,7 @@ def _build_ours(shape: Shape, dtype):
 
 
 def _build_dense(shape: Shape, dtype):
-    ffn = FeedForward(shape.dim, shape.hidden).to(dtype)
+    ffn = FeedForward(shape.dim, shape.hidden).to(DEVICE, dtype)
 
     def step(x_ND, g_ND):
         ffn(x_ND).backward(g_ND)
@@ -171,7 +182,7 @@ def _build_deepspeed(shape: Shape, dtype):
         import deepspeed.comm as ds_comm
         from deepspeed.moe.layer import MoE
 
-    ds_comm.init_distributed("gloo", dist_init_required=False, verbose=False)
+    ds_comm.init_distributed(torch.distributed.get_backend(), dist_init_required=False, verbose=False)
     with contextlib.redirect_stdout(sys.stderr):  # "creating a new group named ep_size_1"
         moe = MoE(
             shape.dim,
@@ -184,8 +195,8 @@ def _build_deepspeed(shape: Shape, dtype):
             drop_tokens=True,
         )
         moe.set_deepspeed_parallelism()
-    moe = moe.to(dtype).train()
-    one = torch.ones((), dtype=torch.float32)
+    moe = moe.to(DEVICE, dtype).train()
+    one = torch.ones((), dtype=torch.float32, device=DEVICE)
 
     def step(x_ND, g_ND):
         y, l_aux, _ = moe(x_ND.view(-1, min(SEQ, shape.tokens), shape.dim))
@@ -234,7 +245,8 @@ def _megatron_cpu_shims() -> None:
 def _build_megatron(shape: Shape, dtype):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "TransformerEngine and Apex are not installed"
-        _megatron_cpu_shims()
+        if DEVICE.type == "cpu":  # on CUDA megatron-core runs as it is
+            _megatron_cpu_shims()
         from megatron.core import parallel_state
         from megatron.core.models.gpt.moe_module_specs import get_moe_module_spec
         from megatron.core.transformer.spec_utils import build_module
@@ -259,12 +271,12 @@ def _build_megatron(shape: Shape, dtype):
             gated_linear_unit=False,
             activation_func=lambda t: F.gelu(t, approximate="tanh"),
             bias_activation_fusion=False,
-            use_cpu_initialization=True,
+            use_cpu_initialization=DEVICE.type == "cpu",
             params_dtype=dtype,
             bf16=dtype == torch.bfloat16,
         )
         spec = get_moe_module_spec(use_te=False, num_experts=shape.experts, moe_grouped_gemm=False)
-        layer = build_module(spec, config=cfg).to(dtype).train()
+        layer = build_module(spec, config=cfg).to(DEVICE, dtype).train()
 
     def step(x_ND, g_ND):
         # Megatron is sequence-first, (L, B, D); which token sits where does not matter here.
@@ -284,13 +296,15 @@ BUILDERS = {"ours": _build_ours, "dense": _build_dense, "deepspeed": _build_deep
 
 def matmul_peak(dtype, n: int, warmup: int, repeats: int) -> float:
     """FLOP/s of an ``n x n @ n x n`` matmul, the machine's practical peak for this dtype."""
-    a = torch.randn(n, n).to(dtype)
-    b = torch.randn(n, n).to(dtype)
-    out = torch.empty(n, n, dtype=dtype)
+    a = torch.randn(n, n).to(DEVICE, dtype)
+    b = torch.randn(n, n).to(DEVICE, dtype)
+    out = torch.empty(n, n, dtype=dtype, device=DEVICE)
     times = []
     for i in range(warmup + max(repeats, 3)):
+        _sync()
         start = time.perf_counter()
         torch.mm(a, b, out=out)
+        _sync()
         if i >= warmup:
             times.append(time.perf_counter() - start)
     return 2 * n**3 / statistics.median(times)
@@ -302,13 +316,14 @@ def time_impl(name: str, shape: Shape, dtype, warmup: int, repeats: int, budget_
     1 warmup and as many repeats as fit, at least 3, so a slow peer cannot stall the run."""
     torch.manual_seed(0)
     module, step = BUILDERS[name](shape, dtype)
-    x_ND = torch.randn(shape.tokens, shape.dim).to(dtype).requires_grad_()
-    g_ND = torch.randn(shape.tokens, shape.dim).to(dtype)
+    x_ND = torch.randn(shape.tokens, shape.dim).to(DEVICE, dtype).requires_grad_()
+    g_ND = torch.randn(shape.tokens, shape.dim).to(DEVICE, dtype)
 
     def one_iteration():
         module.zero_grad(set_to_none=True)
         x_ND.grad = None
         step(x_ND, g_ND)
+        _sync()  # kernels are asynchronous: time what ran, not what launched
 
     start = time.perf_counter()
     one_iteration()
@@ -328,6 +343,10 @@ def time_impl(name: str, shape: Shape, dtype, warmup: int, repeats: int, budget_
 
 
 def run(args: argparse.Namespace) -> dict:
+    global DEVICE
+    DEVICE = torch.device(args.device)
+    if DEVICE.type == "cuda":
+        torch.cuda.set_device(0)
     torch.set_num_threads(args.threads)
     _init_single_rank_group()
     malloc = "default" if args.default_malloc else "tuned"
@@ -386,6 +405,7 @@ def run(args: argparse.Namespace) -> dict:
         "torch": torch.__version__,
         "cpu": platform.processor() or platform.machine(),
         "cpu_count": os.cpu_count(),
+        "device": torch.cuda.get_device_name() if DEVICE.type == "cuda" else "cpu",
         "rows": rows,
     }
 

@@ -37,6 +37,10 @@ unless ``--default-malloc``; worker processes inherit the setting.
     .venv/bin/python benchmarks/train_throughput.py --quick                                       # smoke run
     .venv/bin/python benchmarks/train_throughput.py --configs diffmoe-S --procs 1 --steps 2
     .venv/bin/python benchmarks/train_throughput.py --configs dense-S,diffmoe-S --precision bf16
+    python benchmarks/train_throughput.py --device cuda --procs 1 --precision bf16 --configs dense-S,diffmoe-S
+
+``--device cuda`` (one process, one GPU): the same rows on the GPU, timed with a CUDA synchronise around
+each step, MFU against the bf16 / fp32 matmul peak measured on that GPU.
 """
 
 from __future__ import annotations
@@ -97,6 +101,7 @@ def _parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--peak-size", type=int, default=None, help="square matmul size for the peak (default 2048)")
     p.add_argument("--no-profile", action="store_true", help="skip the torch.profiler operator split")
     p.add_argument("--quick", action="store_true", help="tiny configs, batch 32, 1 warm-up + 2 steps: a smoke run")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="cuda: one process on GPU 0")
     p.add_argument("--out", default=None, help="write the results as JSON here")
     p.add_argument("--default-malloc", action="store_true", help="keep glibc's default mmap/trim thresholds")
     p.add_argument("overrides", nargs="*", help="config overrides for every row, e.g. optim.adamw_impl=fused")
@@ -109,6 +114,8 @@ def _parse_args(argv=None) -> argparse.Namespace:
     bad = [n for n in args.procs if n < 1 or args.threads % n]
     if bad:
         p.error(f"--procs={bad} is invalid: each count must divide --threads={args.threads}")
+    if args.device == "cuda" and args.procs != [1]:
+        p.error(f"--procs={args.procs} is invalid with --device cuda: use --procs 1 (one GPU)")
     if args.breakdown_steps is None:
         args.breakdown_steps = 1 if args.quick else 2
     args.peak_size = args.peak_size or (1024 if args.quick else 2048)
@@ -129,16 +136,23 @@ def _ensure_malloc(tuned: bool) -> None:
         os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
 
 
-def matmul_peak(dtype: torch.dtype, n: int, threads: int, repeats: int = 7) -> float:
-    """Median FLOP/s of ``torch.mm`` of two ``n x n`` matrices at ``threads`` threads."""
+def _sync(device: str | torch.device = "cpu") -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def matmul_peak(dtype: torch.dtype, n: int, threads: int, repeats: int = 7, device: str = "cpu") -> float:
+    """Median FLOP/s of ``torch.mm`` of two ``n x n`` matrices at ``threads`` threads (on ``device``)."""
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
-    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
-    out = torch.empty(n, n, dtype=dtype)
+    a, b = torch.randn(n, n).to(device, dtype), torch.randn(n, n).to(device, dtype)
+    out = torch.empty(n, n, dtype=dtype, device=device)
     times = []
     for i in range(2 + repeats):
+        _sync(device)
         start = time.perf_counter()
         torch.mm(a, b, out=out)
+        _sync(device)
         if i >= 2:
             times.append(time.perf_counter() - start)
     torch.set_num_threads(before)
@@ -304,6 +318,7 @@ class RowSpec:
     profile: bool
     global_batch: int
     extra: dict = field(default_factory=dict)
+    device: str = "cpu"
 
 
 def phase_step(trainer) -> dict[str, float]:
@@ -321,12 +336,13 @@ def phase_step(trainer) -> dict[str, float]:
 
     def lap(phase: str) -> None:
         nonlocal t
+        _sync(trainer.device)
         now = time.perf_counter()
         sec[phase] += now - t
         t = now
 
     engine.zero_grad()
-    parts = torch.zeros(4)
+    parts = torch.zeros(4, device=trainer.device)
     for _ in range(cfg.optim.grad_accum_steps):
         batch = trainer.loader.next_batch()
         x = batch.pop("x").to(trainer.device)
@@ -340,7 +356,7 @@ def phase_step(trainer) -> dict[str, float]:
         loss = loss_flow + moe["loss"]
         lap("forward")
         engine.backward(loss)
-        parts += torch.stack([loss, loss_flow, moe["predictor_bce"], moe["aux_loss"]]).detach().float().cpu()
+        parts += torch.stack([loss, loss_flow, moe["predictor_bce"], moe["aux_loss"]]).detach().float()
         lap("backward")
     if isinstance(engine, PlainEngine):
         if trainer.dims.distributed:
@@ -383,9 +399,12 @@ def _measure(spec: RowSpec, rank: int) -> dict:
         from diffmoe_dist.parallel.groups import build_parallel_dims
 
         dims = build_parallel_dims(cfg.parallel.expert_parallel_size, cfg.moe.num_experts)
-    trainer = Trainer(cfg, dims, torch.device("cpu"), local_world_size=spec.procs)
+    if spec.device == "cuda":
+        torch.cuda.set_device(0)
+    trainer = Trainer(cfg, dims, torch.device(spec.device), local_world_size=spec.procs)
 
     def barrier() -> None:
+        _sync(spec.device)  # kernels are asynchronous: time what ran, not what launched
         if distributed:
             dist.barrier()
 
@@ -396,6 +415,7 @@ def _measure(spec: RowSpec, rank: int) -> dict:
         barrier()
         c0, w0 = time.process_time(), time.perf_counter()
         losses.append(trainer.train_step()["loss"])
+        _sync(spec.device)
         w, c = time.perf_counter() - w0, time.process_time() - c0
         w_max = _sum_over_ranks([w], distributed, dist.ReduceOp.MAX if distributed else None)[0]
         wall.append(w_max)
@@ -564,6 +584,7 @@ def build_specs(args: argparse.Namespace, tmp: Path) -> list[RowSpec]:
                     profile=not args.no_profile,
                     global_batch=batch,
                     extra={"precision": precision, "tokens_per_image": _tokens(cfg)},
+                    device=args.device,
                 )
             )
     return specs
@@ -583,7 +604,10 @@ def run(args: argparse.Namespace) -> dict:
     precisions = ["fp32"] + (["bf16"] if args.precision in ("bf16", "config") else [])
     thread_counts = sorted({1, *(args.threads // p * p for p in args.procs), args.threads})
     # Before any model: the peak of this machine now, under the same load as the rows below.
-    peaks = {prec: {t: matmul_peak(dtypes[prec], args.peak_size, t) for t in thread_counts} for prec in precisions}
+    peaks = {
+        prec: {t: matmul_peak(dtypes[prec], args.peak_size, t, device=args.device) for t in thread_counts}
+        for prec in precisions
+    }
     print(
         f"matmul peak (GFLOP/s, n={args.peak_size}): "
         + "; ".join(f"{p} " + ", ".join(f"{t} thr {v / 1e9:.0f}" for t, v in d.items()) for p, d in peaks.items()),
@@ -651,6 +675,7 @@ def run(args: argparse.Namespace) -> dict:
     return {
         "benchmark": "train_throughput",
         "machine": machine_info(),
+        "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
         "malloc": "default" if args.default_malloc else "tuned",
         "env": {k: os.environ.get(k) for k in TUNED_MALLOC},
         "threads": args.threads,
