@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 
 from diffmoe_dist.config import Config, save_config
-from diffmoe_dist.data.loader import GlobalBatchLoader
+from diffmoe_dist.data.loader import GlobalPosition
 from diffmoe_dist.diffusion.ema import EMA
 from diffmoe_dist.diffusion.flow import flow_loss, flow_targets
 from diffmoe_dist.eval.sampling import sample_images, save_grid
@@ -65,22 +65,10 @@ class Trainer:
         self.run_dir = cfg.train.run_dir
         self.ckpt_root = os.path.join(self.run_dir, "checkpoints")
 
-    def _build_loader(self) -> GlobalBatchLoader:
-        from diffmoe_dist.data.shards import load_indexed
+    def _build_loader(self) -> GlobalPosition:
+        from diffmoe_dist.data.loader import build_loader
 
-        data = load_indexed(os.path.join(self.cfg.data.path, "train"))
-        if self.cfg.model.task == "t2i":
-            from diffmoe_dist.data.captions import text_tensors
-
-            # Keys are the model's forward kwargs (text, text_mask); class labels stay out of the
-            # batch, which the loop hands to the model whole (the evaluator reads them from shards).
-            tensors = {"x": data["latent"], **text_tensors(data, self.cfg, self.cfg.data.path)}
-        else:
-            tensors = {"x": data["latent"], "y": data["cls"]}
-        # One loader batch is one micro-batch of the global batch (optim.grad_accum_steps of them per
-        # step); its state, the global sample position, does not depend on the split.
-        micro_batch = self.cfg.data.global_batch_size // self.cfg.optim.grad_accum_steps
-        return GlobalBatchLoader(tensors, micro_batch, self.dims.rank, self.dims.world_size, self.cfg.train.seed)
+        return build_loader(self.cfg, self.dims.rank, self.dims.world_size, self.device)
 
     # ---- checkpoints -------------------------------------------------------------------------
     def _slots(self) -> list[ckpt.Slot]:
