@@ -123,7 +123,12 @@ def _stored_dtypes(text_dtype: str) -> dict | None:
 def _add_text_args(p: argparse.ArgumentParser, max_length: int) -> None:
     p.add_argument("--text-encoder", default="minilm", help="'minilm' (packaged all-MiniLM-L6-v2) or a local HF dir")
     p.add_argument("--max-length", type=int, default=max_length, help="caption tokens (= model.text_len)")
-    p.add_argument("--text-dtype", choices=["float16", "bf16", "float32"], default="float16", help="stored embeddings (bf16: T5's range)")
+    p.add_argument(
+        "--text-dtype",
+        choices=["float16", "bf16", "float32"],
+        default="float16",
+        help="stored embeddings (bf16: T5's range)",
+    )
     p.add_argument("--device", default="cpu", help="where the encoders (and the VAE) run, e.g. cuda")
 
 

@@ -52,7 +52,9 @@ class GlobalPosition:
     def _perm(self, epoch: int) -> torch.Tensor:
         if (self.seed, epoch) not in self._perm_cache:
             self._perm_cache = {}  # one epoch at a time
-            self._perm_cache[(self.seed, epoch)] = epoch_permutation(self.num_samples, self.seed, epoch, self._perm_dtype)
+            self._perm_cache[(self.seed, epoch)] = epoch_permutation(
+                self.num_samples, self.seed, epoch, self._perm_dtype
+            )
         return self._perm_cache[(self.seed, epoch)]
 
     def global_indices(self, start: int, count: int) -> torch.Tensor:

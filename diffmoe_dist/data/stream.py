@@ -71,7 +71,9 @@ def tar_index(fileobj, fields: list[str], name: str) -> np.ndarray:
                     continue
                 member_key, field = _member_key_field(member.name)
                 if field not in column:
-                    raise ShardError(f"shard {name}: member {member.name} is not one of the manifest's keys {fields}; {REMAKE}")
+                    raise ShardError(
+                        f"shard {name}: member {member.name} is not one of the manifest's keys {fields}; {REMAKE}"
+                    )
                 if member_key != key:
                     rows.append(np.full((len(fields), 2), -1, np.int64))
                     key = member_key
@@ -105,7 +107,9 @@ def check_shards(path: str | os.PathLike, rank: int = 0, world_size: int = 1) ->
             expected = entry.get("bytes")
             if size == 0 or size % 512 or (expected is not None and size != expected):
                 want = f"{expected} bytes" if expected is not None else "a multiple of 512 bytes"
-                raise ShardError(f"shard {shard} is truncated or corrupt: {size} bytes, the manifest expects {want}; {REMAKE}")
+                raise ShardError(
+                    f"shard {shard} is truncated or corrupt: {size} bytes, the manifest expects {want}; {REMAKE}"
+                )
             if n % world_size != rank:
                 continue
             with open(shard, "rb") as f:
@@ -113,12 +117,16 @@ def check_shards(path: str | os.PathLike, rank: int = 0, world_size: int = 1) ->
             try:
                 tarfile.TarInfo.frombuf(header, tarfile.ENCODING, "surrogateescape")
             except tarfile.HeaderError as exc:
-                raise ShardError(f"shard {shard} is corrupt: its first tar header is unreadable ({exc}); {REMAKE}") from None
+                raise ShardError(
+                    f"shard {shard} is corrupt: its first tar header is unreadable ({exc}); {REMAKE}"
+                ) from None
             idx = index_path(shard)
             if idx.is_file():
                 shape = np.load(idx, mmap_mode="r", allow_pickle=False).shape
                 if shape[0] != entry["num_samples"]:
-                    raise ShardError(f"index {idx} lists {shape[0]} samples, the manifest {entry['num_samples']}; {REMAKE}")
+                    raise ShardError(
+                        f"index {idx} lists {shape[0]} samples, the manifest {entry['num_samples']}; {REMAKE}"
+                    )
 
 
 def _decode_field(field: str, data: bytes, bf16: bool):
@@ -143,7 +151,9 @@ class ShardSamples(torch.utils.data.Dataset):
         self.column = {f: j for j, f in enumerate(manifest["keys"])}
         missing = [f for f in fields.values() if f not in self.column]
         if missing:
-            raise ShardError(f"{self.dir / MANIFEST}: the shards have no field {missing[0]!r} (they hold {manifest['keys']})")
+            raise ShardError(
+                f"{self.dir / MANIFEST}: the shards have no field {missing[0]!r} (they hold {manifest['keys']})"
+            )
         self.keys = list(manifest["keys"])
         self.bf16 = {f for f, d in manifest.get("dtypes", {}).items() if d == "bfloat16"}
         self.fields = dict(fields)
@@ -188,7 +198,9 @@ class ShardSamples(torch.utils.data.Dataset):
             try:
                 out[name] = _decode_field(field, data, field in self.bf16)
             except ValueError as exc:
-                raise ShardError(f"shard {self.dir / self.names[n]}: sample {inner} {field} is corrupt ({exc}); {REMAKE}") from None
+                raise ShardError(
+                    f"shard {self.dir / self.names[n]}: sample {inner} {field} is corrupt ({exc}); {REMAKE}"
+                ) from None
         return out
 
     def close(self) -> None:
@@ -200,7 +212,10 @@ class ShardSamples(torch.utils.data.Dataset):
 
 
 def _collate(samples: list[dict]) -> dict:
-    return {k: torch.stack([s[k] for s in samples]) if torch.is_tensor(samples[0][k]) else [s[k] for s in samples] for k in samples[0]}
+    return {
+        k: torch.stack([s[k] for s in samples]) if torch.is_tensor(samples[0][k]) else [s[k] for s in samples]
+        for k in samples[0]
+    }
 
 
 class _RankBatches:
