@@ -45,7 +45,9 @@ def _atomic_write_bytes(path: Path, data: bytes) -> None:
 def _validate_sample(sample: dict, seen_keys: set[str], fields: list[str] | None, latent_shape) -> dict:
     key = sample.get("__key__")
     if not isinstance(key, str) or not _KEY_RE.match(key):
-        raise ValueError(f"sample __key__={key!r} must be a non-empty str of [A-Za-z0-9_-/] (webdataset splits at '.')")
+        raise ValueError(
+            f"sample __key__={key!r} must be a non-empty str of [A-Za-z0-9_-/] (webdataset splits at '.')"
+        )
     if key in seen_keys:
         raise ValueError(f"sample __key__={key!r} appears twice; keys must be unique across the dataset")
     latent = sample.get("latent.npy")
@@ -53,14 +55,18 @@ def _validate_sample(sample: dict, seen_keys: set[str], fields: list[str] | None
         desc = f"{latent.dtype} {latent.shape}" if isinstance(latent, np.ndarray) else type(latent).__name__
         raise ValueError(f"sample {key!r}: 'latent.npy' must be a float32 np.ndarray (C, H, W), got {desc}")
     if latent_shape is not None and tuple(latent.shape) != tuple(latent_shape):
-        raise ValueError(f"sample {key!r}: latent shape {latent.shape} differs from the first sample's {latent_shape}")
+        raise ValueError(
+            f"sample {key!r}: latent shape {latent.shape} differs from the first sample's {latent_shape}"
+        )
     cls = sample.get("cls")
     if isinstance(cls, (bool, np.bool_)) or not isinstance(cls, (int, np.integer)):
         raise ValueError(f"sample {key!r}: 'cls' must be an int, got {type(cls).__name__}")
     sample_fields = sorted(k for k in sample if k != "__key__")
     for field in sample_fields:
         if not _FIELD_RE.match(field):
-            raise ValueError(f"sample {key!r}: field {field!r} must be lowercase [a-z0-9_] with '.' extensions")
+            raise ValueError(
+                f"sample {key!r}: field {field!r} must be lowercase [a-z0-9_] with '.' extensions"
+            )
     if fields is not None and sample_fields != fields:
         raise ValueError(f"sample {key!r} has fields {sample_fields}, the first sample had {fields}")
     out = dict(sample)
@@ -100,7 +106,9 @@ def write_shards(
     old_manifest = None
     if manifest_path.exists():
         if not overwrite:
-            raise FileExistsError(f"{manifest_path} exists; pass overwrite=True (--overwrite) to replace the shards")
+            raise FileExistsError(
+                f"{manifest_path} exists; pass overwrite=True (--overwrite) to replace the shards"
+            )
         old_manifest = read_manifest(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
 
@@ -272,5 +280,7 @@ def stream(
         seed=pass_seed,
     )
     if shuffle:
-        dataset = dataset.compose(wds.filters.detshuffle(shuffle_buffer, initial=shuffle_buffer, seed=pass_seed))
+        dataset = dataset.compose(
+            wds.filters.detshuffle(shuffle_buffer, initial=shuffle_buffer, seed=pass_seed)
+        )
     return dataset.decode().map(_decode)
