@@ -266,6 +266,9 @@ class StreamBatchLoader(GlobalPosition):
             prefetch_factor=self.prefetch_factor if self.num_workers else None,
             pin_memory=self.pin_memory,
             collate_fn=_collate,
+            # Its own generator: creating an iterator draws a worker base seed, which from the global
+            # RNG would shift the training noise and label dropout (runs would differ by loader).
+            generator=torch.Generator().manual_seed(self.seed),
         )
         self._batches = iter(loader)
 

@@ -216,10 +216,17 @@ class Trainer:
             dist.all_gather(parts, imgs.contiguous())
             imgs = torch.cat(parts)
         if self.rank0:
-            imgs = imgs[: nc * s.per_class]
+            imgs = self._decode(imgs[: nc * s.per_class])  # latent shards: pixels through their VAE
             # rows = classes: transpose (class, k) -> (k, class) so each column is one class
             grid = imgs.view(nc, s.per_class, *imgs.shape[1:]).transpose(0, 1).reshape(-1, *imgs.shape[1:])
             save_grid(grid, path, nrow=nc)
+
+    def _decode(self, latents: torch.Tensor) -> torch.Tensor:
+        if not hasattr(self, "_decoder"):
+            from diffmoe_dist.eval.decode import build_decoder
+
+            self._decoder = build_decoder(self.cfg.data.path, self.cfg.sample.vae, self.device)
+        return latents if self._decoder is None else self._decoder(latents)
 
     # ---- the loop ----------------------------------------------------------------------------
     def fit(self) -> dict:
@@ -276,5 +283,7 @@ class Trainer:
         if self.rank0:
             os.makedirs(os.path.dirname(path), exist_ok=True)
         self.sample_grid(path)
-        logger.log_image(self.step, "samples", path)
+        prompts = os.path.splitext(path)[0] + ".txt"  # t2i: the columns' captions
+        caption = open(prompts).read() if self.rank0 and os.path.isfile(prompts) else None
+        logger.log_image(self.step, "samples", path, caption)
         logger.print(f"[diffmoe] step {self.step}: samples -> {path}")
