@@ -211,11 +211,20 @@ class ShardSamples(torch.utils.data.Dataset):
         return {**self.__dict__, "_open": OrderedDict()}
 
 
-def _collate(samples: list[dict]) -> dict:
-    return {
-        k: torch.stack([s[k] for s in samples]) if torch.is_tensor(samples[0][k]) else [s[k] for s in samples]
-        for k in samples[0]
-    }
+class _Collate:
+    """Casts per sample, then torch's default_collate, which in a worker stacks straight into the
+    shared memory the batch travels in: the rank's main process allocates nothing per batch."""
+
+    def __init__(self, float_fields: tuple[str, ...], bool_fields: tuple[str, ...]):
+        self.float_fields, self.bool_fields = float_fields, bool_fields
+
+    def __call__(self, samples: list[dict]) -> dict:
+        for s in samples:
+            for k in self.float_fields:
+                s[k] = s[k].float()
+            for k in self.bool_fields:
+                s[k] = s[k].bool()
+        return torch.utils.data.default_collate(samples)
 
 
 class _RankBatches:
@@ -234,8 +243,8 @@ class _RankBatches:
 
 class StreamBatchLoader(GlobalPosition):
     """`GlobalBatchLoader`'s interface (next_batch, epoch, state_dict, load_state_dict) over shards
-    read by DataLoader worker processes. `float_fields` are cast to float32 per batch (bf16 / fp16
-    text stays in its stored dtype until then); `bool_fields` to bool."""
+    read by DataLoader worker processes. `float_fields` are cast to float32 sample by sample in the
+    workers (bf16 / fp16 text stays in its stored dtype until then); `bool_fields` to bool."""
 
     def __init__(
         self,
@@ -265,7 +274,7 @@ class StreamBatchLoader(GlobalPosition):
             num_workers=self.num_workers,
             prefetch_factor=self.prefetch_factor if self.num_workers else None,
             pin_memory=self.pin_memory,
-            collate_fn=_collate,
+            collate_fn=_Collate(self.float_fields, self.bool_fields),
             # Its own generator: creating an iterator draws a worker base seed, which from the global
             # RNG would shift the training noise and label dropout (runs would differ by loader).
             generator=torch.Generator().manual_seed(self.seed),
@@ -277,10 +286,6 @@ class StreamBatchLoader(GlobalPosition):
             self._start()
         batch = next(self._batches)
         self.samples_seen += self.global_batch_size
-        for k in self.float_fields:
-            batch[k] = batch[k].float()
-        for k in self.bool_fields:
-            batch[k] = batch[k].bool()
         return batch
 
     def first_sample(self) -> dict:
