@@ -122,6 +122,41 @@ def test_a_twenty_step_run_is_bitwise_identical_with_either_loader(digits, tmp_p
     assert weights.keys() == s_weights.keys() and all(torch.equal(weights[k], s_weights[k]) for k in weights)
 
 
+def _stream_trainer(digits, run_dir, world_size, resume):
+    from diffmoe_dist.train.trainer import Trainer
+
+    over = [*TINY, f"data.path={digits}", f"train.run_dir={run_dir}", "data.loader=stream", "data.num_workers=1"]
+    cfg = load_config("configs/local/diffmoe-tiny.yaml", [*over, f"train.resume={resume}"]).validate(world_size)
+    dims = None
+    if world_size > 1:
+        from diffmoe_dist.parallel.launch import init_distributed, read_launch_env
+
+        dims = init_distributed(read_launch_env(), 1, "cpu", num_experts=4, use_megatron=False)
+    return Trainer(cfg, dims, torch.device("cpu"))
+
+
+def _train_and_save(rank, world_size, digits, run_dir):
+    trainer = _stream_trainer(digits, run_dir, world_size, "never")
+    batches = [trainer.loader.next_batch()["y"] for _ in range(3)]
+    trainer.step = 3  # the loader state is what this test follows; the weights are test_resume_distributed's
+    trainer.save()
+    trainer.loader.close()
+    return batches
+
+
+def test_a_trainer_checkpoint_at_two_ranks_resumes_the_stream_at_one(digits, tmp_path):
+    ref = _global_batches([_indexed(digits, 32, 0, 1, seed=0)], 5)
+    parts = run_distributed(_train_and_save, 2, str(digits), str(tmp_path), timeout=180)
+    for s in range(3):
+        assert torch.equal(torch.cat([parts[0][s], parts[1][s]]), ref[s]["y"])
+    trainer = _stream_trainer(digits, tmp_path, 1, "auto")
+    trainer.maybe_resume(lambda m: None)
+    assert trainer.step == 3 and trainer.loader.samples_seen == 3 * 32
+    for s in (3, 4):
+        assert torch.equal(trainer.loader.next_batch()["y"], ref[s]["y"])
+    trainer.loader.close()
+
+
 def _count_steps(rank, world_size, path, steps):
     """Each rank draws its batches and all-reduces its sample count every step, as training would."""
     import torch.distributed as dist
