@@ -3,8 +3,9 @@
 A sample is {"__key__": str, "latent.npy": float32 (C, H, W), "cls": int, ...extras} where extras
 are further fields such as "caption.txt" (str), "text.npy" / "mask.npy" (arrays) or any field
 webdataset can encode. Small datasets load whole into memory (`load_indexed`, ordered by key, so
-the order never depends on how the shards were split); large ones stream (`stream`), each rank
-reading its own shards.
+the order never depends on how the shards were split); large ones go through data/stream.py, which
+reads the same global batches from the shards (`stream` below is webdataset's shard-split pipeline,
+which gives ranks unequal counts and has no state: not used for training).
 """
 
 from __future__ import annotations
