@@ -137,18 +137,19 @@ def _stream_trainer(digits, run_dir, world_size, resume):
 
 def _train_and_save(rank, world_size, digits, run_dir):
     trainer = _stream_trainer(digits, run_dir, world_size, "never")
-    batches = [trainer.loader.next_batch()["y"] for _ in range(3)]
+    batches = [trainer.loader.next_batch()["y"].tolist() for _ in range(3)]  # plain lists cross processes
     trainer.step = 3  # the loader state is what this test follows; the weights are test_resume_distributed's
     trainer.save()
     trainer.loader.close()
     return batches
 
 
+@pytest.mark.slow
 def test_a_trainer_checkpoint_at_two_ranks_resumes_the_stream_at_one(digits, tmp_path):
     ref = _global_batches([_indexed(digits, 32, 0, 1, seed=0)], 5)
     parts = run_distributed(_train_and_save, 2, str(digits), str(tmp_path), timeout=180)
     for s in range(3):
-        assert torch.equal(torch.cat([parts[0][s], parts[1][s]]), ref[s]["y"])
+        assert parts[0][s] + parts[1][s] == ref[s]["y"].tolist()
     trainer = _stream_trainer(digits, tmp_path, 1, "auto")
     trainer.maybe_resume(lambda m: None)
     assert trainer.step == 3 and trainer.loader.samples_seen == 3 * 32
@@ -171,6 +172,7 @@ def _count_steps(rank, world_size, path, steps):
     return sizes, loader.epoch
 
 
+@pytest.mark.slow
 def test_ranks_never_differ_in_step_count_at_the_epoch_boundary(tmp_path):
     rng = np.random.default_rng(0)
     samples = [
