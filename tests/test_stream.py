@@ -251,10 +251,10 @@ def test_a_missing_or_corrupt_shard_is_one_line_naming_it(digits, tmp_path):
 
 
 # ---- the 256-GPU twin, end to end ----------------------------------------------------------------
-def _tiny_vae(path: Path):
+def _tiny_vae(path: Path, seed: int = 0):
     from diffusers import AutoencoderKL
 
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     vae = AutoencoderKL(
         block_out_channels=(8, 16),
         down_block_types=("DownEncoderBlock2D",) * 2,
@@ -351,11 +351,11 @@ def test_the_256gpu_twin_trains_on_two_ranks_with_vae_decoded_grids_in_png_and_w
     # diffmoe-sample decodes through the recorded VAE too (and through --vae when given)
     from diffmoe_dist.eval.cli import sample_main
 
-    out = tmp_path / "sample.png"
-    assert (
-        sample_main(
-            ["--ckpt", str(run), "--prompt", "a red picture", "--per-class", "2", "--steps", "2", "--out", str(out)]
-        )
-        == 0
-    )
+    out, other = tmp_path / "sample.png", tmp_path / "other.png"
+    args = ["--ckpt", str(run), "--prompt", "a red picture", "--per-class", "2", "--steps", "2"]
+    assert sample_main([*args, "--out", str(out)]) == 0
     assert Image.open(out).mode == "RGB" and Image.open(out).size == ((17 + 1) * 4, (2 * 17 + 1) * 4)
+    _tiny_vae(tmp_path / "other-vae", seed=1)  # same latents, another decoder: other pixels
+    assert sample_main([*args, "--out", str(other), "--vae", str(tmp_path / "other-vae")]) == 0
+    a, b = np.asarray(Image.open(out)), np.asarray(Image.open(other))
+    assert a.shape == b.shape and not np.array_equal(a, b)
