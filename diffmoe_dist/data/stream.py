@@ -90,19 +90,24 @@ def check_shards(path: str | os.PathLike, rank: int = 0, world_size: int = 1) ->
     """Cheap checks before any process group starts: the manifest parses, every shard it lists is on
     disk with the recorded size (a multiple of 512 bytes, the tar block), its first tar header is
     valid, and its offset index (if any) has the manifest's sample count. `path` is a shard directory
-    or a data root with train/ (and heldout/). Rank r reads the headers of shards r, r + W, ... only:
-    the whole job checks each shard once. Raises ShardError, one line naming the shard."""
+    or a data root with train/ (and heldout/). Rank r checks shards r, r + W, ... only: the whole job
+    touches each shard once (100K shards are not 100K stats per rank on a shared file system).
+    Raises ShardError, one line naming the shard."""
     root = Path(path)
     dirs = [root] if (root / MANIFEST).is_file() else [d for d in (root / "train", root / "heldout") if d.is_dir()]
     if not dirs:
         dirs = [root / "train"]
     for shard_dir in dirs:
         try:
-            manifest = read_manifest(shard_dir)
+            manifest = read_manifest(shard_dir, check_files=False)
         except (FileNotFoundError, ValueError) as exc:
             raise ShardError(str(exc)) from None
         for n, entry in enumerate(manifest["shards"]):
+            if n % world_size != rank:
+                continue
             shard = shard_dir / entry["name"]
+            if not shard.is_file():
+                raise ShardError(f"shard {shard} is missing (listed in {shard_dir / MANIFEST}); {REMAKE}")
             size = shard.stat().st_size
             expected = entry.get("bytes")
             if size == 0 or size % 512 or (expected is not None and size != expected):
@@ -110,8 +115,6 @@ def check_shards(path: str | os.PathLike, rank: int = 0, world_size: int = 1) ->
                 raise ShardError(
                     f"shard {shard} is truncated or corrupt: {size} bytes, the manifest expects {want}; {REMAKE}"
                 )
-            if n % world_size != rank:
-                continue
             with open(shard, "rb") as f:
                 header = f.read(512)
             try:
@@ -145,7 +148,7 @@ class ShardSamples(torch.utils.data.Dataset):
 
     def __init__(self, shard_dir: str | os.PathLike, fields: dict[str, str], cache_shards: int = 8):
         self.dir = Path(shard_dir)
-        manifest = read_manifest(self.dir)
+        manifest = read_manifest(self.dir, check_files=False)  # a missing shard is named when opened
         self.names = [s["name"] for s in manifest["shards"]]
         self.ends = np.cumsum([s["num_samples"] for s in manifest["shards"]]).astype(np.int64)
         self.column = {f: j for j, f in enumerate(manifest["keys"])}
@@ -169,7 +172,10 @@ class ShardSamples(torch.utils.data.Dataset):
             self._open.move_to_end(n)
             return self._open[n]
         path = self.dir / self.names[n]
-        fd = os.open(path, os.O_RDONLY)
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError as exc:
+            raise ShardError(f"shard {path} cannot be opened ({exc.strerror}); {REMAKE}") from None
         idx = index_path(path)
         if idx.is_file():
             index = np.load(idx, allow_pickle=False)
