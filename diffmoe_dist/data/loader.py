@@ -109,10 +109,11 @@ def build_loader(cfg, rank: int, world_size: int, device: torch.device) -> Globa
     if cfg.data.loader == "stream":
         from diffmoe_dist.data.stream import StreamBatchLoader
 
+        # A missing field (t2i shards without caption embeddings) is a ShardError naming it.
         fields = {"x": "latent.npy", **({"text": "text.npy", "text_mask": "mask.npy"} if t2i else {"y": "cls"})}
         loader = StreamBatchLoader(
             train,
-            fields if not t2i or "text.npy" in _manifest_keys(train) else {"x": "latent.npy"},
+            fields,
             micro_batch,
             rank,
             world_size,
@@ -122,11 +123,11 @@ def build_loader(cfg, rank: int, world_size: int, device: torch.device) -> Globa
             float_fields=("text",) if t2i else (),
             bool_fields=("text_mask",) if t2i else (),
         )
-        if t2i:  # the same shape / encoder checks as the indexed path, on one sample
+        if t2i:  # the indexed path's shape and encoder checks, on one sample
             from diffmoe_dist.data.captions import text_tensors
 
             first = loader.first_sample()
-            text_tensors({k: v[None] for k, v in _text_of(first).items()}, cfg, cfg.data.path)
+            text_tensors({"text": first["text"][None], "mask": first["text_mask"][None]}, cfg, cfg.data.path)
         return loader
     from diffmoe_dist.data.shards import load_indexed
 
@@ -140,13 +141,3 @@ def build_loader(cfg, rank: int, world_size: int, device: torch.device) -> Globa
     else:
         tensors = {"x": data["latent"], "y": data["cls"]}
     return GlobalBatchLoader(tensors, micro_batch, rank, world_size, cfg.train.seed)
-
-
-def _manifest_keys(shard_dir: str) -> list[str]:
-    from diffmoe_dist.data.shards import read_manifest
-
-    return read_manifest(shard_dir)["keys"]
-
-
-def _text_of(sample: dict) -> dict:
-    return {"text": sample["text"], "mask": sample["text_mask"]} if "text" in sample else {}

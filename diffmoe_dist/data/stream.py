@@ -155,7 +155,8 @@ class ShardSamples(torch.utils.data.Dataset):
         missing = [f for f in fields.values() if f not in self.column]
         if missing:
             raise ShardError(
-                f"{self.dir / MANIFEST}: the shards have no field {missing[0]!r} (they hold {manifest['keys']})"
+                f"{self.dir / MANIFEST}: the shards have no field {missing[0]!r} (they hold {manifest['keys']}): "
+                "make them with a tools/make_shards.py subcommand that writes it (text-to-image: digits-t2i, images)"
             )
         self.keys = list(manifest["keys"])
         self.bf16 = {f for f, d in manifest.get("dtypes", {}).items() if d == "bfloat16"}

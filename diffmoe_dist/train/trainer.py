@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import os
 import time
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -284,6 +285,6 @@ class Trainer:
             os.makedirs(os.path.dirname(path), exist_ok=True)
         self.sample_grid(path)
         prompts = os.path.splitext(path)[0] + ".txt"  # t2i: the columns' captions
-        caption = open(prompts).read() if self.rank0 and os.path.isfile(prompts) else None
+        caption = Path(prompts).read_text() if self.rank0 and os.path.isfile(prompts) else None
         logger.log_image(self.step, "samples", path, caption)
         logger.print(f"[diffmoe] step {self.step}: samples -> {path}")
