@@ -186,6 +186,22 @@ def test_ranks_never_differ_in_step_count_at_the_epoch_boundary(tmp_path):
     assert results[0] == results[1] == ([6] * 12, 3)
 
 
+def test_workers_outlive_the_stop_signals_that_reach_the_whole_job(digits):
+    import signal
+    import time
+
+    loader = _stream(digits / "train", 64, 0, 1, num_workers=2)
+    ref = _global_batches([_indexed(digits, 64, 0, 1)], 6)
+    assert torch.equal(loader.next_batch()["y"], ref[0]["y"])
+    for worker in loader._batches._workers:  # as Slurm signals every process of the step
+        os.kill(worker.pid, signal.SIGTERM)
+        os.kill(worker.pid, signal.SIGUSR1)
+    time.sleep(0.5)
+    for s in range(1, 6):
+        assert torch.equal(loader.next_batch()["y"], ref[s]["y"])
+    loader.close()
+
+
 def test_bf16_text_is_stored_as_bits_and_read_without_a_float_copy(tmp_path):
     rng = np.random.default_rng(1)
     text = torch.from_numpy(rng.normal(size=(5, 3, 4)).astype("float32")) * 1e3  # beyond fp16's precision

@@ -234,6 +234,17 @@ class _Collate:
         return torch.utils.data.default_collate(samples)
 
 
+def _ignore_stop_signals(worker_id: int) -> None:
+    """SIGTERM / SIGUSR1 (preemption, Slurm's time-limit warning) reach every process of the job
+    step, workers included: a worker that died of one would fail the rank's next batch before the
+    trainer stops at the step boundary and saves (train/preemption.py). The rank shuts its workers
+    down itself, and SIGKILL still ends them."""
+    import signal
+
+    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+        signal.signal(sig, signal.SIG_IGN)
+
+
 class _RankBatches:
     """The batch sampler (runs in the rank's main process): this rank's indices of global batches
     start, start + G, ... forever."""
@@ -282,6 +293,7 @@ class StreamBatchLoader(GlobalPosition):
             prefetch_factor=self.prefetch_factor if self.num_workers else None,
             pin_memory=self.pin_memory,
             collate_fn=_Collate(self.float_fields, self.bool_fields),
+            worker_init_fn=_ignore_stop_signals,
             # Its own generator: creating an iterator draws a worker base seed, which from the global
             # RNG would shift the training noise and label dropout (runs would differ by loader).
             generator=torch.Generator().manual_seed(self.seed),
