@@ -140,6 +140,7 @@ class SampleConfig:
     num_steps: int = 50
     sampler: str = "euler"  # euler | heun
     per_class: int = 4
+    vae: str = ""  # latent shards: decode grids with this AutoencoderKL dir ("" = the one the shards record)
 
 
 @dataclass

@@ -70,6 +70,7 @@ def run_digits(args: argparse.Namespace) -> None:
                 samples_per_shard=args.samples_per_shard,
                 created_by=f"tools/make_shards.py digits (split={split})",
                 overwrite=args.overwrite,
+                index=True,
             )
             n, num_shards, shape = manifest["num_samples"], len(manifest["shards"]), manifest["latent_shape"]
             progress.console.print(f"{args.out / split}: {n} samples in {num_shards} shard(s), latent {shape}")
@@ -106,13 +107,28 @@ def _text_encoder(args: argparse.Namespace):
 
 
 def _text_fields(text_LD, mask_L, dtype: str) -> dict:
-    return {"text.npy": text_LD.numpy().astype(dtype), "mask.npy": mask_L.numpy().astype(bool)}
+    if dtype == "bf16":  # numpy has no bfloat16: store the bit patterns (the manifest says so)
+        import torch
+
+        text = text_LD.to(torch.bfloat16).view(torch.int16).numpy().view("uint16")
+    else:
+        text = text_LD.numpy().astype(dtype)
+    return {"text.npy": text, "mask.npy": mask_L.numpy().astype(bool)}
+
+
+def _stored_dtypes(text_dtype: str) -> dict | None:
+    return {"text.npy": "bfloat16"} if text_dtype == "bf16" else None
 
 
 def _add_text_args(p: argparse.ArgumentParser, max_length: int) -> None:
     p.add_argument("--text-encoder", default="minilm", help="'minilm' (packaged all-MiniLM-L6-v2) or a local HF dir")
     p.add_argument("--max-length", type=int, default=max_length, help="caption tokens (= model.text_len)")
-    p.add_argument("--text-dtype", choices=["float16", "float32"], default="float16", help="stored embeddings")
+    p.add_argument(
+        "--text-dtype",
+        choices=["float16", "bf16", "float32"],
+        default="float16",
+        help="stored embeddings (bf16: T5's range)",
+    )
     p.add_argument("--device", default="cpu", help="where the encoders (and the VAE) run, e.g. cuda")
 
 
@@ -153,6 +169,8 @@ def run_digits_t2i(args: argparse.Namespace) -> None:
                 samples_per_shard=args.samples_per_shard,
                 created_by=f"tools/make_shards.py digits-t2i (split={split}, text_encoder={encoder.name})",
                 overwrite=args.overwrite,
+                index=True,
+                dtypes=_stored_dtypes(args.text_dtype),
             )
             progress.console.print(
                 f"{args.out / split}: {manifest['num_samples']} samples in {len(manifest['shards'])} shard(s), "
@@ -281,6 +299,13 @@ def run_images(args: argparse.Namespace) -> None:
     if not (args.vae / "config.json").is_file():
         raise FileNotFoundError(f"--vae {args.vae} has no config.json: pass a diffusers AutoencoderKL directory")
     encoder = _text_encoder(args)
+    vae_config = json.loads((args.vae / "config.json").read_text())
+    # Recorded so that sample grids, diffmoe-sample and diffmoe-eval decode latents through it.
+    vae_meta = {
+        "path": str(args.vae.resolve()),
+        "scaling_factor": float(vae_config.get("scaling_factor", 1.0)),
+        "shift_factor": float(vae_config.get("shift_factor") or 0.0),
+    }
     with _progress() as progress:
         manifest = write_shards(
             args.out / args.split,
@@ -288,6 +313,9 @@ def run_images(args: argparse.Namespace) -> None:
             samples_per_shard=args.samples_per_shard,
             created_by=f"tools/make_shards.py images (split={args.split}, vae={args.vae}, text_encoder={encoder.name})",
             overwrite=args.overwrite,
+            index=True,
+            dtypes=_stored_dtypes(args.text_dtype),
+            meta={"vae": vae_meta},
         )
     print(
         f"{args.out / args.split}: {manifest['num_samples']} samples in {len(manifest['shards'])} shard(s), "

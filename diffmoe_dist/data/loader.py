@@ -4,40 +4,58 @@ The global sample order is a pure function of (seed, epoch, global sample index)
 seeded permutation of the dataset, epochs are concatenated into one stream, global batch s is the
 slice [s*G, (s+1)*G) of that stream, and rank r takes the r-th contiguous part of it. Four ranks
 and two ranks therefore see the same global sequence, and the loader state is one integer.
+`GlobalBatchLoader` holds the dataset in memory (data.loader=indexed); data/stream.py's
+`StreamBatchLoader` reads the same batches from the shards (data.loader=stream).
 """
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 
-def epoch_permutation(num_samples: int, seed: int, epoch: int) -> torch.Tensor:
+def epoch_permutation(num_samples: int, seed: int, epoch: int, dtype: torch.dtype = torch.int64) -> torch.Tensor:
+    # randperm draws the same permutation for int32 and int64 (checked up to 3M samples): int32 halves
+    # the streaming loader's one per-sample array.
     g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    return torch.randperm(num_samples, generator=g)
+    return torch.randperm(num_samples, generator=g, dtype=dtype)
 
 
-class GlobalBatchLoader:
-    def __init__(self, tensors: dict[str, torch.Tensor], global_batch_size: int, rank: int, world_size: int, seed: int):
-        sizes = {len(v) for v in tensors.values()}
-        if len(sizes) != 1:
-            raise ValueError(f"dataset tensors disagree on length: {sizes}")
-        self.tensors = tensors
-        self.num_samples = sizes.pop()
+class GlobalPosition:
+    """The global sample position and the order it walks: the whole state of either loader."""
+
+    def __init__(
+        self,
+        num_samples: int,
+        global_batch_size: int,
+        rank: int,
+        world_size: int,
+        seed: int,
+        perm_dtype: torch.dtype = torch.int64,
+    ):
+        if num_samples < 1:
+            raise ValueError("the dataset is empty")
         if global_batch_size % world_size:
             raise ValueError(
                 f"data.global_batch_size={global_batch_size} must be a multiple of the world size {world_size}"
             )
+        self.num_samples = num_samples
         self.global_batch_size = global_batch_size
         self.local_batch_size = global_batch_size // world_size
         self.rank = rank
         self.seed = seed
         self.samples_seen = 0  # global position in the stream: the whole loader state
-        self._perm_cache: dict[int, torch.Tensor] = {}
+        self._perm_dtype = perm_dtype
+        self._perm_cache: dict[tuple[int, int], torch.Tensor] = {}
 
     def _perm(self, epoch: int) -> torch.Tensor:
-        if epoch not in self._perm_cache:
-            self._perm_cache = {epoch: epoch_permutation(self.num_samples, self.seed, epoch)}
-        return self._perm_cache[epoch]
+        if (self.seed, epoch) not in self._perm_cache:
+            self._perm_cache = {}  # one epoch at a time
+            self._perm_cache[(self.seed, epoch)] = epoch_permutation(
+                self.num_samples, self.seed, epoch, self._perm_dtype
+            )
+        return self._perm_cache[(self.seed, epoch)]
 
     def global_indices(self, start: int, count: int) -> torch.Tensor:
         out, pos = [], start
@@ -52,12 +70,6 @@ class GlobalBatchLoader:
     def epoch(self) -> int:
         return self.samples_seen // self.num_samples
 
-    def next_batch(self) -> dict[str, torch.Tensor]:
-        start = self.samples_seen + self.rank * self.local_batch_size
-        idx = self.global_indices(start, self.local_batch_size)
-        self.samples_seen += self.global_batch_size
-        return {k: v[idx] for k, v in self.tensors.items()}
-
     def state_dict(self) -> dict:
         return {"samples_seen": self.samples_seen, "seed": self.seed, "num_samples": self.num_samples}
 
@@ -69,3 +81,63 @@ class GlobalBatchLoader:
             )
         self.samples_seen = int(state["samples_seen"])
         self.seed = int(state["seed"])
+
+
+class GlobalBatchLoader(GlobalPosition):
+    def __init__(self, tensors: dict[str, torch.Tensor], global_batch_size: int, rank: int, world_size: int, seed: int):
+        sizes = {len(v) for v in tensors.values()}
+        if len(sizes) != 1:
+            raise ValueError(f"dataset tensors disagree on length: {sizes}")
+        super().__init__(sizes.pop(), global_batch_size, rank, world_size, seed)
+        self.tensors = tensors
+
+    def next_batch(self) -> dict[str, torch.Tensor]:
+        start = self.samples_seen + self.rank * self.local_batch_size
+        idx = self.global_indices(start, self.local_batch_size)
+        self.samples_seen += self.global_batch_size
+        return {k: v[idx] for k, v in self.tensors.items()}
+
+
+def build_loader(cfg, rank: int, world_size: int, device: torch.device) -> GlobalPosition:
+    """The training loader of `cfg.data.loader`: batches keyed by the model's forward arguments (x,
+    and y or text + text_mask). One loader batch is one micro-batch of the global batch
+    (optim.grad_accum_steps of them per step); its state, the global sample position, does not
+    depend on the split."""
+    train = os.path.join(cfg.data.path, "train")
+    micro_batch = cfg.data.global_batch_size // cfg.optim.grad_accum_steps
+    t2i = cfg.model.task == "t2i"
+    if cfg.data.loader == "stream":
+        from diffmoe_dist.data.stream import StreamBatchLoader
+
+        # A missing field (t2i shards without caption embeddings) is a ShardError naming it.
+        fields = {"x": "latent.npy", **({"text": "text.npy", "text_mask": "mask.npy"} if t2i else {"y": "cls"})}
+        loader = StreamBatchLoader(
+            train,
+            fields,
+            micro_batch,
+            rank,
+            world_size,
+            cfg.train.seed,
+            num_workers=cfg.data.num_workers,
+            pin_memory=device.type == "cuda",
+            float_fields=("text",) if t2i else (),
+            bool_fields=("text_mask",) if t2i else (),
+        )
+        if t2i:  # the indexed path's shape and encoder checks, on one sample
+            from diffmoe_dist.data.captions import text_tensors
+
+            first = loader.first_sample()
+            text_tensors({"text": first["text"][None], "mask": first["text_mask"][None]}, cfg, cfg.data.path)
+        return loader
+    from diffmoe_dist.data.shards import load_indexed
+
+    data = load_indexed(train)
+    if t2i:
+        from diffmoe_dist.data.captions import text_tensors
+
+        # Keys are the model's forward kwargs (text, text_mask); class labels stay out of the
+        # batch, which the loop hands to the model whole (the evaluator reads them from shards).
+        tensors = {"x": data["latent"], **text_tensors(data, cfg, cfg.data.path)}
+    else:
+        tensors = {"x": data["latent"], "y": data["cls"]}
+    return GlobalBatchLoader(tensors, micro_batch, rank, world_size, cfg.train.seed)

@@ -3,8 +3,9 @@
 A sample is {"__key__": str, "latent.npy": float32 (C, H, W), "cls": int, ...extras} where extras
 are further fields such as "caption.txt" (str), "text.npy" / "mask.npy" (arrays) or any field
 webdataset can encode. Small datasets load whole into memory (`load_indexed`, ordered by key, so
-the order never depends on how the shards were split); large ones stream (`stream`), each rank
-reading its own shards.
+the order never depends on how the shards were split); large ones go through data/stream.py, which
+reads the same global batches from the shards (`stream` below is webdataset's shard-split pipeline,
+which gives ranks unequal counts and has no state: not used for training).
 """
 
 from __future__ import annotations
@@ -82,12 +83,20 @@ def write_shards(
     prefix: str = "shard",
     created_by: str = "diffmoe_dist.data.shards.write_shards",
     overwrite: bool = False,
+    index: bool = False,
+    dtypes: dict[str, str] | None = None,
+    meta: dict | None = None,
 ) -> dict:
     """Writes `samples` into `out_dir/{prefix}-{i:06d}.tar` and `out_dir/manifest.json`; returns it.
 
     Each shard and the manifest are written to a temporary name and renamed, and the manifest last:
     a directory with a manifest is complete. Tar headers carry mtime 0, so equal inputs give
     byte-identical shards.
+
+    index: also write `{prefix}-{i:06d}.idx.npy` beside each shard, the byte offsets of its fields
+    (data/stream.py reads a sample with one pread per field instead of scanning the tar headers).
+    dtypes: field -> stored dtype the .npy cannot say, recorded in the manifest ({"text.npy":
+    "bfloat16"}: the array holds bf16 bit patterns as uint16). meta: more manifest entries ({"vae": ...}).
     """
     if samples_per_shard < 1:
         raise ValueError(f"samples_per_shard={samples_per_shard} must be >= 1")
@@ -115,12 +124,21 @@ def write_shards(
         with wds.TarWriter(stream, mtime=0.0) as writer:
             for sample in buffer:
                 writer.write(sample)
-        _atomic_write_bytes(out_dir / name, stream.getvalue())
-        shards.append({"name": name, "num_samples": len(buffer)})
+        data = stream.getvalue()
+        _atomic_write_bytes(out_dir / name, data)
+        if index:
+            from diffmoe_dist.data.stream import index_path, tar_index
+
+            index_bytes = io.BytesIO()
+            np.save(index_bytes, tar_index(io.BytesIO(data), fields, name))
+            _atomic_write_bytes(index_path(out_dir / name), index_bytes.getvalue())
+        shards.append({"name": name, "num_samples": len(buffer), "bytes": len(data)})
         buffer.clear()
 
+    sorted_keys, last_key = True, ""
     for sample in samples:
         sample = _validate_sample(sample, seen_keys, fields, latent_shape)
+        sorted_keys, last_key = sorted_keys and sample["__key__"] > last_key, sample["__key__"]
         seen_keys.add(sample["__key__"])
         if fields is None:
             fields = sorted(k for k in sample if k != "__key__")
@@ -140,6 +158,10 @@ def write_shards(
         "latent_shape": latent_shape,
         "keys": fields,
         "created_by": created_by,
+        # data/stream.py indexes samples in shard order; equal to load_indexed's key order when True
+        "sorted_keys": sorted_keys,
+        **({"dtypes": dict(dtypes)} if dtypes else {}),
+        **(meta or {}),
     }
     _atomic_write_bytes(manifest_path, (json.dumps(manifest, indent=2) + "\n").encode())
     if old_manifest is not None:
@@ -147,10 +169,11 @@ def write_shards(
         for stale in old_manifest["shards"]:
             if stale["name"] not in current:
                 (out_dir / stale["name"]).unlink(missing_ok=True)
+                (out_dir / stale["name"]).with_suffix(".idx.npy").unlink(missing_ok=True)
     return manifest
 
 
-def read_manifest(shard_dir: str | os.PathLike) -> dict:
+def read_manifest(shard_dir: str | os.PathLike, check_files: bool = True) -> dict:
     shard_dir = Path(shard_dir)
     path = shard_dir / MANIFEST
     if not path.is_file():
@@ -162,7 +185,8 @@ def read_manifest(shard_dir: str | os.PathLike) -> dict:
     for field in ("shards", "num_samples", "latent_shape", "keys"):
         if field not in manifest:
             raise ValueError(f"shard manifest {path} lacks {field!r}; {MAKE_SHARDS_HINT}")
-    missing = [s["name"] for s in manifest["shards"] if not (shard_dir / s["name"]).is_file()]
+    # check_files=False: data/stream.py checks 1/W of the shards per rank (one stat each per job).
+    missing = [s["name"] for s in manifest["shards"] if check_files and not (shard_dir / s["name"]).is_file()]
     if missing:
         raise FileNotFoundError(f"{len(missing)} shard(s) listed in {path} are missing, e.g. {missing[0]}")
     return manifest
@@ -213,6 +237,10 @@ def load_indexed(shard_dir: str | os.PathLike) -> dict:
             out[name] = torch.stack(values)
         else:
             out[name] = values
+    for field, dtype in manifest.get("dtypes", {}).items():  # bf16 stored as its uint16 bit patterns
+        name = field.split(".")[0]
+        if dtype == "bfloat16" and torch.is_tensor(out.get(name)):
+            out[name] = out[name].view(torch.bfloat16)
     if list(out["latent"].shape[1:]) != list(manifest["latent_shape"]):
         raise ValueError(f"{shard_dir}: latents {tuple(out['latent'].shape)} disagree with the manifest")
     return out

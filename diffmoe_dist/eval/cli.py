@@ -36,6 +36,7 @@ def _common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=100)
     p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
     p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--vae", default="", help="decode latents with this AutoencoderKL dir (default: the shards' VAE)")
 
 
 def _prepare(args) -> tuple[torch.nn.Module, object]:
@@ -44,6 +45,7 @@ def _prepare(args) -> tuple[torch.nn.Module, object]:
     model, cfg, _ = load_model(args.ckpt, use_ema=not args.no_ema)
     if args.routing or args.gamma is not None:
         set_inference_routing(model, args.routing or cfg.moe.inference, args.gamma)
+    args.cfg = cfg
     return model, cfg
 
 
@@ -70,7 +72,12 @@ def _sample_batched(
 
         evals = 2 if args.sampler == "heun" else 1
         per_step.extend(capacity_per_step(meter.values, len(moe_layers(model)), args.steps, evals))
-    return torch.cat(out), meter.mean
+    images = torch.cat(out)
+    # Latent shards (made with a VAE): pixels through that VAE (or --vae); the digits are pixels already.
+    from diffmoe_dist.eval.decode import build_decoder
+
+    decoder = build_decoder(args.cfg.data.path, args.vae or args.cfg.sample.vae)
+    return (images if decoder is None else decoder(images)), meter.mean
 
 
 def _prompt_model(model, cfg, captions: list[str]):

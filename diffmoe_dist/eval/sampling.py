@@ -36,10 +36,12 @@ def sample_images(
     return out
 
 
-def save_grid(images_BCHW: torch.Tensor, path: str, nrow: int, scale: int = 4) -> None:
-    """Writes a grid PNG (nrow images per row), each image upscaled by `scale` (nearest)."""
+def save_grid(images_BCHW: torch.Tensor, path: str, nrow: int, scale: int | None = None) -> None:
+    """Writes a grid PNG (nrow images per row), each image upscaled by `scale` (nearest; default 4
+    below 64 pixels, else 1)."""
     x = ((images_BCHW.detach().cpu().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
     B, C, H, W = x.shape
+    scale = scale if scale is not None else (4 if max(H, W) < 64 else 1)
     ncol = (B + nrow - 1) // nrow
     grid = torch.zeros(C, ncol * (H + 1) + 1, nrow * (W + 1) + 1, dtype=torch.uint8)
     for i in range(B):

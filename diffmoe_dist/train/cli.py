@@ -35,6 +35,13 @@ def main(argv=None) -> int:
     except ConfigError as exc:
         print(f"diffmoe-train: error: {exc}", file=sys.stderr)
         return 2
+    from diffmoe_dist.data.stream import ShardError, check_shards
+
+    try:  # a missing or damaged shard, before any process group: each rank reads 1/W of the headers
+        check_shards(cfg.data.path, env.rank, env.world_size)
+    except ShardError as exc:
+        print(f"diffmoe-train: error: data.path: {exc}", file=sys.stderr)
+        return 2
     import torch
 
     from diffmoe_dist.train.trainer import Trainer

@@ -56,11 +56,11 @@ class MetricsLogger:
         if self._wandb is not None:
             self._wandb.log(values, step=step)
 
-    def log_image(self, step: int, key: str, path: str) -> None:
+    def log_image(self, step: int, key: str, path: str, caption: str | None = None) -> None:
         if self.enabled and self._wandb is not None:
             import wandb
 
-            self._wandb.log({key: wandb.Image(path)}, step=step)
+            self._wandb.log({key: wandb.Image(path, caption=caption)}, step=step)
 
     def print(self, msg: str) -> None:
         if self.enabled:

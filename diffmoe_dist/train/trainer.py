@@ -5,12 +5,13 @@ from __future__ import annotations
 import math
 import os
 import time
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
 from diffmoe_dist.config import Config, save_config
-from diffmoe_dist.data.loader import GlobalBatchLoader
+from diffmoe_dist.data.loader import GlobalPosition
 from diffmoe_dist.diffusion.ema import EMA
 from diffmoe_dist.diffusion.flow import flow_loss, flow_targets
 from diffmoe_dist.eval.sampling import sample_images, save_grid
@@ -70,22 +71,10 @@ class Trainer:
         self.run_dir = cfg.train.run_dir
         self.ckpt_root = os.path.join(self.run_dir, "checkpoints")
 
-    def _build_loader(self) -> GlobalBatchLoader:
-        from diffmoe_dist.data.shards import load_indexed
+    def _build_loader(self) -> GlobalPosition:
+        from diffmoe_dist.data.loader import build_loader
 
-        data = load_indexed(os.path.join(self.cfg.data.path, "train"))
-        if self.cfg.model.task == "t2i":
-            from diffmoe_dist.data.captions import text_tensors
-
-            # Keys are the model's forward kwargs (text, text_mask); class labels stay out of the
-            # batch, which the loop hands to the model whole (the evaluator reads them from shards).
-            tensors = {"x": data["latent"], **text_tensors(data, self.cfg, self.cfg.data.path)}
-        else:
-            tensors = {"x": data["latent"], "y": data["cls"]}
-        # One loader batch is one micro-batch of the global batch (optim.grad_accum_steps of them per
-        # step); its state, the global sample position, does not depend on the split.
-        micro_batch = self.cfg.data.global_batch_size // self.cfg.optim.grad_accum_steps
-        return GlobalBatchLoader(tensors, micro_batch, self.dims.rank, self.dims.world_size, self.cfg.train.seed)
+        return build_loader(self.cfg, self.dims.rank, self.dims.world_size, self.device)
 
     # ---- checkpoints -------------------------------------------------------------------------
     def _slots(self) -> list[ckpt.Slot]:
@@ -252,10 +241,17 @@ class Trainer:
             imgs = torch.cat(parts)
         imgs = imgs.cpu()
         if self.rank0:
-            imgs = imgs[: nc * s.per_class]
+            imgs = self._decode(imgs[: nc * s.per_class])  # latent shards: pixels through their VAE
             # rows = classes: transpose (class, k) -> (k, class) so each column is one class
             grid = imgs.view(nc, s.per_class, *imgs.shape[1:]).transpose(0, 1).reshape(-1, *imgs.shape[1:])
             save_grid(grid, path, nrow=nc)
+
+    def _decode(self, latents: torch.Tensor) -> torch.Tensor:
+        if not hasattr(self, "_decoder"):
+            from diffmoe_dist.eval.decode import build_decoder
+
+            self._decoder = build_decoder(self.cfg.data.path, self.cfg.sample.vae, self.device)
+        return latents if self._decoder is None else self._decoder(latents)
 
     # ---- the loop ----------------------------------------------------------------------------
     def fit(self) -> dict:
@@ -312,5 +308,7 @@ class Trainer:
         if self.rank0:
             os.makedirs(os.path.dirname(path), exist_ok=True)
         self.sample_grid(path)
-        logger.log_image(self.step, "samples", path)
+        prompts = os.path.splitext(path)[0] + ".txt"  # t2i: the columns' captions
+        caption = Path(prompts).read_text() if self.rank0 and os.path.isfile(prompts) else None
+        logger.log_image(self.step, "samples", path, caption)
         logger.print(f"[diffmoe] step {self.step}: samples -> {path}")

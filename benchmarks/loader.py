@@ -1,0 +1,240 @@
+"""The streaming loader (data.loader=stream) as the data grows: peak RSS and samples/s per rank.
+
+Writes synthetic shards of the 256-GPU config's sample shape (a 4 x 32 x 32 fp32 latent, 120 x 4096
+bf16 caption features and their mask: ~1 MB a sample) under a temporary directory, once at the
+largest scale; the smaller scales are manifests over a prefix of the same shards. For each scale a
+fresh process plays rank 0 of the 256-GPU job (global batch 2048, 8 samples per rank per step)
+with `--workers` DataLoader workers and measures, after a warm-up:
+
+- samples/s per rank (warm page cache: the shards were just written);
+- peak RSS of the rank's main process and of its largest worker (getrusage; forked workers count
+  the torch pages they share with the parent), and the rank's peak PSS, main process plus workers,
+  sampled every 20 ms (shared pages counted once): the figure the goal is judged on;
+
+and, beside it, what one 256-GPU training step consumes per rank: the planner's (tools/plan.py,
+h100_32x8 cluster) images/s divided by the 256 ranks. `--indexed` also loads the 1x and 10x sets
+with the in-memory indexed loader for contrast. The shards are deleted at the end.
+
+    .venv/bin/python benchmarks/loader.py --out benchmarks/results/loader.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+BIG = "configs/t2i/diffmoe-e16-256gpu.yaml"
+FIELDS = {"x": "latent.npy", "text": "text.npy", "text_mask": "mask.npy"}
+
+
+def make_shards(root: Path, samples: int, per_shard: int) -> None:
+    import numpy as np
+    import torch
+
+    from diffmoe_dist.data.shards import write_shards
+
+    rng = np.random.default_rng(0)
+    bank = torch.from_numpy(rng.normal(size=(8, 120, 4096)).astype("float32")).bfloat16()
+    bank = bank.view(torch.int16).numpy().view("uint16")
+
+    def gen():
+        for i in range(samples):
+            text = np.roll(bank[i % 8], i, axis=0)  # distinct bytes per sample, cheaply
+            mask = np.arange(120) < 8 + i % 100
+            latent = rng.normal(size=(4, 32, 32)).astype("float32")
+            yield {"__key__": f"{i:08d}", "latent.npy": latent, "cls": -1, "text.npy": text, "mask.npy": mask}
+
+    write_shards(root, gen(), per_shard, index=True, dtypes={"text.npy": "bfloat16"})
+
+
+def subset(full: Path, out: Path, shards: int) -> None:
+    """A shard set over the first `shards` shards of `full` (symlinks and a manifest)."""
+    manifest = json.loads((full / "manifest.json").read_text())
+    manifest["shards"] = manifest["shards"][:shards]
+    manifest["num_samples"] = sum(s["num_samples"] for s in manifest["shards"])
+    out.mkdir(parents=True)
+    for s in manifest["shards"]:
+        for name in (s["name"], s["name"].replace(".tar", ".idx.npy")):
+            (out / name).symlink_to(full / name)
+    (out / "manifest.json").write_text(json.dumps(manifest))
+
+
+def _pss_mb(pid: int) -> float:
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            for line in f:
+                if line.startswith("Pss:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:  # a worker that just exited
+        pass
+    return 0.0
+
+
+class PeakPss:
+    """Samples the proportional set size of this process plus its children (the DataLoader workers)
+    every 20 ms: shared pages (torch, the forked parent) count once across the rank, unlike RSS."""
+
+    def __init__(self):
+        import threading
+
+        self.peak, self._stop = 0.0, threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        pid = os.getpid()
+        while not self._stop.is_set():
+            try:
+                children = [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+            except OSError:
+                children = []
+            self.peak = max(self.peak, _pss_mb(pid) + sum(_pss_mb(c) for c in children))
+            self._stop.wait(0.02)
+
+    def stop(self) -> float:
+        self._stop.set()
+        self._thread.join()
+        return self.peak
+
+
+def child(path: str, loader_kind: str, workers: int, steps: int, warmup: int) -> dict:
+    import torch
+
+    from diffmoe_dist.data.loader import GlobalBatchLoader
+    from diffmoe_dist.data.stream import StreamBatchLoader
+
+    torch.set_num_threads(1)
+    pss = PeakPss()
+    G, W = 2048, 256  # the 256-GPU config: rank 0 reads 8 samples a step
+    if loader_kind == "stream":
+        loader = StreamBatchLoader(path, FIELDS, G, 0, W, 0, num_workers=workers, float_fields=("text",))
+    else:
+        from diffmoe_dist.data.shards import load_indexed
+
+        data = load_indexed(path)
+        tensors = {"x": data["latent"], "text": data["text"].float(), "text_mask": data["mask"]}
+        del data
+        loader = GlobalBatchLoader(tensors, G, 0, W, 0)
+    for _ in range(warmup):
+        loader.next_batch()
+    t0 = time.perf_counter()
+    n = 0
+    for _ in range(steps):
+        n += len(loader.next_batch()["x"])
+    seconds = time.perf_counter() - t0
+    peak_pss = pss.stop()
+    if loader_kind == "stream":
+        loader.close()
+    main_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    worker_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    return {
+        "samples_per_s": n / seconds,
+        "rss_main_mb": main_mb,
+        "rss_worker_mb": worker_mb if workers and loader_kind == "stream" else 0.0,
+        "pss_rank_mb": peak_pss,
+    }
+
+
+def consumption_per_rank() -> float:
+    import runpy
+
+    from diffmoe_dist.config import load_config
+
+    plan = runpy.run_path(str(REPO / "tools" / "plan.py"))
+    cluster = plan["load_cluster"](str(REPO / "tools" / "clusters" / "h100_32x8.yaml"))
+    cfg = load_config(str(REPO / BIG))
+    p = plan["plan"](cfg, cluster, 256, cfg.parallel.expert_parallel_size)
+    return p["throughput"]["images_per_s"] / 256
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--base-samples", type=int, default=96, help="samples at 1x (~1 MB each)")
+    p.add_argument("--scales", default="1,10,30")
+    p.add_argument("--samples-per-shard", type=int, default=16)
+    p.add_argument("--workers", type=int, default=4)
+    p.add_argument("--steps", type=int, default=40, help="timed steps of 8 samples")
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--indexed", action="store_true", help="also the in-memory loader at the two smallest scales")
+    p.add_argument("--tmp", default=None, help="where the shards go (default: the system temp dir)")
+    p.add_argument("--out", default=None, help="write the results JSON here")
+    p.add_argument("--child", nargs=5, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.child:
+        path, kind, workers, steps, warmup = args.child
+        print(json.dumps(child(path, kind, int(workers), int(steps), int(warmup))))
+        return 0
+
+    scales = [int(s) for s in args.scales.split(",")]
+    per_shard = args.samples_per_shard
+    shards_at = {s: max(1, s * args.base_samples // per_shard) for s in scales}
+    tmp = Path(tempfile.mkdtemp(prefix="diffmoe-loader-bench-", dir=args.tmp))
+    rows = []
+    try:
+        full = tmp / f"x{max(scales)}"
+        t0 = time.perf_counter()
+        make_shards(full, shards_at[max(scales)] * per_shard, per_shard)
+        size_gb = sum(f.stat().st_size for f in full.iterdir()) / 1e9
+        print(f"wrote {size_gb:.2f} GB of shards in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+        for scale in scales:
+            path = full if scale == max(scales) else tmp / f"x{scale}"
+            if scale != max(scales):
+                subset(full, path, shards_at[scale])
+            kinds = ["stream"] + (["indexed"] if args.indexed and scale in sorted(scales)[:2] else [])
+            for kind in kinds:
+                cmd = [sys.executable, __file__, "--child", str(path), kind, str(args.workers)]
+                cmd += [str(args.steps), str(args.warmup)]
+                out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
+                result = json.loads(out.stdout.strip().splitlines()[-1])
+                rows.append(
+                    {
+                        "scale": scale,
+                        "loader": kind,
+                        "samples": shards_at[scale] * per_shard,
+                        "shards": shards_at[scale],
+                        **result,
+                    }
+                )
+                print(json.dumps(rows[-1]), file=sys.stderr)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    need = consumption_per_rank()
+    base = {}
+    for r in rows:
+        base.setdefault(r["loader"], r["pss_rank_mb"])
+    print(
+        f"256-GPU step consumes {need:.1f} images/s per rank (tools/plan.py, h100_32x8); goal: loader >= {3 * need:.1f}"
+    )
+    print(
+        "| scale | loader | samples | shards | samples/s per rank | x consumption "
+        "| peak RSS main MB | peak RSS worker MB | peak PSS rank MB | PSS vs 1x |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(
+            f"| {r['scale']}x | {r['loader']} | {r['samples']} | {r['shards']} | {r['samples_per_s']:.0f} | "
+            f"{r['samples_per_s'] / need:.1f} | {r['rss_main_mb']:.0f} | {r['rss_worker_mb']:.0f} | "
+            f"{r['pss_rank_mb']:.0f} | {r['pss_rank_mb'] / base[r['loader']] - 1:+.1%} |"
+        )
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(
+            json.dumps({"consumption_per_rank": need, "workers": args.workers, "rows": rows}, indent=2)
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

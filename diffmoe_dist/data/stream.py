@@ -1,0 +1,321 @@
+"""The streaming loader: the indexed loader's global batches, read from tar shards on demand.
+
+Same order as `GlobalBatchLoader` (data/loader.py): global batch s is the slice [s G, (s+1) G) of
+the concatenated seeded epoch permutations, and rank r reads only the r-th contiguous part of it.
+Global sample i is the i-th sample in manifest (shard, then tar) order, which is key order for every
+shard set that tools/make_shards.py writes (the manifest records "sorted_keys"), so on such data the
+two loaders yield the same tensors. The state is the global sample position: a resume is exact at
+any world size and EP size, and every rank gets exactly G / W samples in every step, epoch
+boundaries included (a batch that crosses one takes the end of epoch e and the start of e + 1).
+
+Memory per rank: DataLoader workers x prefetch_factor batches of G / W samples in flight, plus per
+worker an LRU of `cache_shards` open shards (a file descriptor and the shard's (samples, fields, 2)
+int64 offset index), plus the current epoch's permutation as int32 (4 bytes per sample, in the
+main process only; the batch sampler runs there). Nothing else grows with the data: per shard the
+rank keeps its name and one cumulative count.
+
+Why not webdataset's indexed `wids` (a separate package from webdataset 1.0.2, `wids` 0.1.11):
+its ShardListDataset opens every shard through its download cache, which copies the shard into a
+local cache directory or, pointed at the shard itself, creates and deletes a lock file beside it
+(a writable data directory, and file creates on the shared file system for every shard open);
+every open scans all tar headers through an mmap; and its samplers (ShardListSampler,
+ChunkedSampler, DistributedChunkedSampler) shuffle shard-locally with per-rank ranges that depend
+on the world size and may differ in length. A global permutation opens a shard for almost every
+sample (hit rate ~ cache size / number of shards), so the open must cost one small .npy read. We
+therefore keep wids' idea (a per-shard index, map-style access, a small LRU of open shards) and let
+the standard library's tarfile build the offsets (`tar_index`), once, when the shards are written.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import tarfile
+from collections import OrderedDict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from diffmoe_dist.data.loader import GlobalPosition
+from diffmoe_dist.data.shards import MANIFEST, read_manifest
+
+REMAKE = "re-make the shard set with tools/make_shards.py"
+
+
+class ShardError(ValueError):
+    """A one-line message naming the shard (or manifest) and the fix."""
+
+
+def index_path(shard: str | os.PathLike) -> Path:
+    return Path(shard).with_suffix(".idx.npy")
+
+
+def _member_key_field(name: str) -> tuple[str, str]:
+    # webdataset's grouping rule: the key ends at the first "." after the last "/".
+    folder, _, base = name.rpartition("/")
+    stem, _, field = base.partition(".")
+    return (f"{folder}/{stem}" if folder else stem), field.lower()
+
+
+def tar_index(fileobj, fields: list[str], name: str) -> np.ndarray:
+    """(samples, fields, 2) int64: byte offset and size of each sample's fields (in `fields` order),
+    samples in tar order. tarfile reads the headers only and seeks over the data."""
+    column = {f: j for j, f in enumerate(fields)}
+    rows: list[np.ndarray] = []
+    key = None
+    try:
+        with tarfile.open(fileobj=fileobj, mode="r:") as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                member_key, field = _member_key_field(member.name)
+                if field not in column:
+                    raise ShardError(
+                        f"shard {name}: member {member.name} is not one of the manifest's keys {fields}; {REMAKE}"
+                    )
+                if member_key != key:
+                    rows.append(np.full((len(fields), 2), -1, np.int64))
+                    key = member_key
+                rows[-1][column[field]] = (member.offset_data, member.size)
+    except (tarfile.TarError, EOFError, OSError) as exc:
+        raise ShardError(f"shard {name} is corrupt ({type(exc).__name__}: {exc}); {REMAKE}") from None
+    index = np.stack(rows) if rows else np.zeros((0, len(fields), 2), np.int64)
+    if (index[..., 0] < 0).any():
+        raise ShardError(f"shard {name}: a sample lacks some of the fields {fields}; {REMAKE}")
+    return index
+
+
+def check_shards(path: str | os.PathLike, rank: int = 0, world_size: int = 1) -> None:
+    """Cheap checks before any process group starts: the manifest parses, every shard it lists is on
+    disk with the recorded size (a multiple of 512 bytes, the tar block), its first tar header is
+    valid, and its offset index (if any) has the manifest's sample count. `path` is a shard directory
+    or a data root with train/ (and heldout/). Rank r checks shards r, r + W, ... only: the whole job
+    touches each shard once (100K shards are not 100K stats per rank on a shared file system).
+    Raises ShardError, one line naming the shard."""
+    root = Path(path)
+    dirs = [root] if (root / MANIFEST).is_file() else [d for d in (root / "train", root / "heldout") if d.is_dir()]
+    if not dirs:
+        dirs = [root / "train"]
+    for shard_dir in dirs:
+        try:
+            manifest = read_manifest(shard_dir, check_files=False)
+        except (FileNotFoundError, ValueError) as exc:
+            raise ShardError(str(exc)) from None
+        for n, entry in enumerate(manifest["shards"]):
+            if n % world_size != rank:
+                continue
+            shard = shard_dir / entry["name"]
+            if not shard.is_file():
+                raise ShardError(f"shard {shard} is missing (listed in {shard_dir / MANIFEST}); {REMAKE}")
+            size = shard.stat().st_size
+            expected = entry.get("bytes")
+            if size == 0 or size % 512 or (expected is not None and size != expected):
+                want = f"{expected} bytes" if expected is not None else "a multiple of 512 bytes"
+                raise ShardError(
+                    f"shard {shard} is truncated or corrupt: {size} bytes, the manifest expects {want}; {REMAKE}"
+                )
+            with open(shard, "rb") as f:
+                header = f.read(512)
+            try:
+                tarfile.TarInfo.frombuf(header, tarfile.ENCODING, "surrogateescape")
+            except tarfile.HeaderError as exc:
+                raise ShardError(
+                    f"shard {shard} is corrupt: its first tar header is unreadable ({exc}); {REMAKE}"
+                ) from None
+            idx = index_path(shard)
+            if idx.is_file():
+                shape = np.load(idx, mmap_mode="r", allow_pickle=False).shape
+                if shape[0] != entry["num_samples"]:
+                    raise ShardError(
+                        f"index {idx} lists {shape[0]} samples, the manifest {entry['num_samples']}; {REMAKE}"
+                    )
+
+
+def _decode_field(field: str, data: bytes, bf16: bool):
+    if field.endswith(".npy"):
+        array = torch.from_numpy(np.load(io.BytesIO(data), allow_pickle=False))
+        return array.view(torch.bfloat16) if bf16 else array
+    if field == "cls":
+        return torch.tensor(int(data), dtype=torch.long)
+    if field.endswith(".txt"):
+        return data.decode("utf-8")
+    return data
+
+
+class ShardSamples(torch.utils.data.Dataset):
+    """Map-style: sample i (manifest order) -> {name: decoded field} for `fields` {name: tar field}."""
+
+    def __init__(self, shard_dir: str | os.PathLike, fields: dict[str, str], cache_shards: int = 8):
+        self.dir = Path(shard_dir)
+        manifest = read_manifest(self.dir, check_files=False)  # a missing shard is named when opened
+        self.names = [s["name"] for s in manifest["shards"]]
+        self.ends = np.cumsum([s["num_samples"] for s in manifest["shards"]]).astype(np.int64)
+        self.column = {f: j for j, f in enumerate(manifest["keys"])}
+        missing = [f for f in fields.values() if f not in self.column]
+        if missing:
+            raise ShardError(
+                f"{self.dir / MANIFEST}: the shards have no field {missing[0]!r} (they hold {manifest['keys']}): "
+                "make them with a tools/make_shards.py subcommand that writes it (text-to-image: digits-t2i, images)"
+            )
+        self.keys = list(manifest["keys"])
+        self.bf16 = {f for f, d in manifest.get("dtypes", {}).items() if d == "bfloat16"}
+        self.fields = dict(fields)
+        self.sorted_keys = manifest.get("sorted_keys")
+        self.cache_shards = cache_shards
+        self._open: OrderedDict[int, tuple[int, np.ndarray]] = OrderedDict()
+
+    def __len__(self) -> int:
+        return int(self.ends[-1]) if len(self.ends) else 0
+
+    def _shard(self, n: int) -> tuple[int, np.ndarray]:
+        if n in self._open:
+            self._open.move_to_end(n)
+            return self._open[n]
+        path = self.dir / self.names[n]
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError as exc:
+            raise ShardError(f"shard {path} cannot be opened ({exc.strerror}); {REMAKE}") from None
+        idx = index_path(path)
+        if idx.is_file():
+            index = np.load(idx, allow_pickle=False)
+        else:  # shards written without an index: scan the headers once per open
+            with os.fdopen(os.dup(fd), "rb") as f:
+                index = tar_index(f, self.keys, str(path))
+        count = int(self.ends[n] - (self.ends[n - 1] if n else 0))
+        if len(index) != count:
+            os.close(fd)
+            raise ShardError(f"shard {path} holds {len(index)} samples, the manifest lists {count}; {REMAKE}")
+        self._open[n] = (fd, index)
+        if len(self._open) > self.cache_shards:
+            os.close(self._open.popitem(last=False)[1][0])
+        return fd, index
+
+    def __getitem__(self, i: int) -> dict:
+        n = int(np.searchsorted(self.ends, i, side="right"))
+        inner = int(i - (self.ends[n - 1] if n else 0))
+        fd, index = self._shard(n)
+        out = {}
+        for name, field in self.fields.items():
+            offset, size = (int(v) for v in index[inner, self.column[field]])
+            data = os.pread(fd, size, offset)
+            if len(data) != size:
+                raise ShardError(f"shard {self.dir / self.names[n]} is truncated at sample {inner}; {REMAKE}")
+            try:
+                out[name] = _decode_field(field, data, field in self.bf16)
+            except ValueError as exc:
+                raise ShardError(
+                    f"shard {self.dir / self.names[n]}: sample {inner} {field} is corrupt ({exc}); {REMAKE}"
+                ) from None
+        return out
+
+    def close(self) -> None:
+        while self._open:
+            os.close(self._open.popitem()[1][0])
+
+    def __getstate__(self):  # never hand open descriptors to another process
+        return {**self.__dict__, "_open": OrderedDict()}
+
+
+class _Collate:
+    """Casts per sample, then torch's default_collate, which in a worker stacks straight into the
+    shared memory the batch travels in: the rank's main process allocates nothing per batch."""
+
+    def __init__(self, float_fields: tuple[str, ...], bool_fields: tuple[str, ...]):
+        self.float_fields, self.bool_fields = float_fields, bool_fields
+
+    def __call__(self, samples: list[dict]) -> dict:
+        for s in samples:
+            for k in self.float_fields:
+                s[k] = s[k].float()
+            for k in self.bool_fields:
+                s[k] = s[k].bool()
+        return torch.utils.data.default_collate(samples)
+
+
+def _ignore_stop_signals(worker_id: int) -> None:
+    """SIGTERM / SIGUSR1 (preemption, Slurm's time-limit warning) reach every process of the job
+    step, workers included: a worker that died of one would fail the rank's next batch before the
+    trainer stops at the step boundary and saves (train/preemption.py). The rank shuts its workers
+    down itself, and SIGKILL still ends them."""
+    import signal
+
+    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+        signal.signal(sig, signal.SIG_IGN)
+
+
+class _RankBatches:
+    """The batch sampler (runs in the rank's main process): this rank's indices of global batches
+    start, start + G, ... forever."""
+
+    def __init__(self, position: GlobalPosition, start: int):
+        self.position, self.start = position, start
+
+    def __iter__(self):
+        p, pos = self.position, self.start
+        while True:
+            yield p.global_indices(pos + p.rank * p.local_batch_size, p.local_batch_size).tolist()
+            pos += p.global_batch_size
+
+
+class StreamBatchLoader(GlobalPosition):
+    """`GlobalBatchLoader`'s interface (next_batch, epoch, state_dict, load_state_dict) over shards
+    read by DataLoader worker processes. `float_fields` are cast to float32 sample by sample in the
+    workers (bf16 / fp16 text stays in its stored dtype until then); `bool_fields` to bool."""
+
+    def __init__(
+        self,
+        shard_dir: str | os.PathLike,
+        fields: dict[str, str],
+        global_batch_size: int,
+        rank: int,
+        world_size: int,
+        seed: int,
+        num_workers: int = 0,
+        prefetch_factor: int = 2,
+        pin_memory: bool = False,
+        float_fields: tuple[str, ...] = (),
+        bool_fields: tuple[str, ...] = (),
+        cache_shards: int = 8,
+    ):
+        self.dataset = ShardSamples(shard_dir, fields, cache_shards)
+        super().__init__(len(self.dataset), global_batch_size, rank, world_size, seed, perm_dtype=torch.int32)
+        self.num_workers, self.prefetch_factor, self.pin_memory = num_workers, prefetch_factor, pin_memory
+        self.float_fields, self.bool_fields = float_fields, bool_fields
+        self._batches = None
+
+    def _start(self) -> None:
+        loader = torch.utils.data.DataLoader(
+            self.dataset,
+            batch_sampler=_RankBatches(self, self.samples_seen),
+            num_workers=self.num_workers,
+            prefetch_factor=self.prefetch_factor if self.num_workers else None,
+            pin_memory=self.pin_memory,
+            collate_fn=_Collate(self.float_fields, self.bool_fields),
+            worker_init_fn=_ignore_stop_signals,
+            # Its own generator: creating an iterator draws a worker base seed, which from the global
+            # RNG would shift the training noise and label dropout (runs would differ by loader).
+            generator=torch.Generator().manual_seed(self.seed),
+        )
+        self._batches = iter(loader)
+
+    def next_batch(self) -> dict:
+        if self._batches is None:
+            self._start()
+        batch = next(self._batches)
+        self.samples_seen += self.global_batch_size
+        return batch
+
+    def first_sample(self) -> dict:
+        return self.dataset[0]
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self.close()  # the prefetched batches belong to the old position
+
+    def close(self) -> None:
+        batches, self._batches = self._batches, None
+        shutdown = getattr(batches, "_shutdown_workers", None)  # multi-process iterators only
+        if shutdown is not None:
+            shutdown()
