@@ -46,7 +46,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from diffmoe_dist.parallel.groups import ParallelDims
-from diffmoe_dist.train.ownership import OWNER, RunHistory, owner_identity, owner_alive, read_owner
+from diffmoe_dist.train.ownership import OWNER, RunHistory, owner_alive, owner_identity, read_owner
 
 FORMAT = "diffmoe-flat-ranges/1"
 META = "checkpoint.json"
@@ -395,9 +395,7 @@ def _candidates(root: str) -> list[str]:
     return [os.path.join(root, d) for d in candidates]
 
 
-def find_resumable(
-    root: str, log=print, dims: ParallelDims | None = None, skipped: list | None = None
-) -> str | None:
+def find_resumable(root: str, log=print, dims: ParallelDims | None = None, skipped: list | None = None) -> str | None:
     """The newest verified checkpoint, starting from `latest`; bad ones are reported loudly and
     skipped (and appended to ``skipped`` as (path, error)). With ``dims`` a collective: ranks share
     the checksum work and agree on the answer."""

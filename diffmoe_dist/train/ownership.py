@@ -238,7 +238,8 @@ class RunHistory:
         for r in self.records():
             if r.get("run_id") != run_id:
                 continue
-            names = r.get("dirs", []) if r.get("event") == "adopt" else [r.get("dir")] if r.get("event") == "save" else []
+            event = r.get("event")
+            names = r.get("dirs", []) if event == "adopt" else [r.get("dir")] if event == "save" else []
             for name in names:
                 if name in order:
                     order.remove(name)

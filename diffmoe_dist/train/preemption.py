@@ -61,7 +61,9 @@ class SignalGuard:
     def __exit__(self, *exc) -> None:
         SignalGuard.active = None
         for sig, handler in self._previous.items():
-            signal.signal(sig, signal.SIG_IGN if self.ignore_after else handler if handler is not None else signal.SIG_DFL)
+            if self.ignore_after or handler is None:
+                handler = signal.SIG_IGN if self.ignore_after else signal.SIG_DFL
+            signal.signal(sig, handler)
         self._previous = {}
 
 

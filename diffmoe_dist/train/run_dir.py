@@ -259,4 +259,3 @@ class RunOwner:
     def release(self, failed: bool = False) -> None:
         if self.lock is not None:
             self.lock.release(remove_empty_dir=failed)
-
