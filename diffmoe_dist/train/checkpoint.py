@@ -26,7 +26,10 @@ import in every tool that merely samples; this format is plain ``torch.save`` fi
 Atomicity and integrity: everything is written into ``.tmp-step_N``; the manifest comes last; the
 directory is renamed into place and ``latest`` replaced only after every rank finished. Loading
 verifies checksums (each rank a share of the files, the verdict agreed by all); a corrupted or
-partial checkpoint is reported by file name and skipped in favour of the previous good one.
+partial checkpoint is reported by file name and skipped in favour of the previous good one. A save
+that fails on any rank fails on all of them, and its temporary directory (which carries its owner,
+``owner.json``) is removed. Retention deletes only what the run's history (``history.jsonl`` beside
+the checkpoints, train/ownership.py) proves to be an older checkpoint of the same run.
 """
 
 from __future__ import annotations
