@@ -287,3 +287,29 @@ def test_a_second_signal_during_the_stop_save_still_saves_and_exits_75(digits, t
     stopped = int(out.split("stopped at step ")[1].split(",")[0])
     assert ckpt.read_meta(ckpt.find_resumable(str(run / "checkpoints")))["step"] == stopped
     assert not [d for d in os.listdir(run / "checkpoints") if d.startswith(".tmp")]
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real 4 MiB file system (tmpfs; root only): one tiny checkpoint (2.6 MiB) fits, two do not."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(disk)]).returncode:
+        pytest.skip("mounting a small tmpfs needs root")
+    yield disk
+    subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+def test_a_full_disk_during_a_save_fails_in_one_line_and_leaves_no_temporary_directory(digits, small_disk):
+    run = small_disk / "run"
+    out = train(digits, run, "train.steps=3")
+    assert out.returncode == 1, out.stderr[-3000:]
+    (line,) = error_lines(out)
+    assert "saving step 2 failed" in line and "No space left on device" in line and "removed" in line, line
+    assert not [d for d in os.listdir(run / "checkpoints") if d.startswith(".tmp")]
+    assert steps_of(run) == ["step_0000001"] and ckpt.verify(str(run / "checkpoints" / "step_0000001"))
+    # with space again (the disk grown), the same command continues from the last good checkpoint
+    subprocess.run(["mount", "-o", "remount,size=16m", str(small_disk)], check=True)
+    out = train(digits, run, "train.steps=3")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "at step 1" in out.stdout and steps_of(run) == ["step_0000002", "step_0000003"]
