@@ -248,6 +248,27 @@ def test_a_lock_from_another_host_is_stale_only_after_its_heartbeat_stops(tmp_pa
     assert json.loads(Path(other.path).read_text())["token"] == mine.me["token"]
 
 
+def test_slurm_owners_an_earlier_restart_of_the_same_job_is_stale_and_without_squeue_the_pid_decides(
+    tmp_path, monkeypatch
+):
+    from diffmoe_dist.train.ownership import owner_alive, owner_identity
+
+    monkeypatch.setenv("SLURM_JOB_ID", "41")
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    me = owner_identity()
+    sleeper = subprocess.Popen(["sleep", "60"])
+    try:
+        same_job_before = {**me, "slurm_restart": 0, "pid": sleeper.pid, "start": None}
+        assert owner_alive(same_job_before, me, time.time()) == (False, "an earlier run (restart 0) of this job")
+        monkeypatch.setenv("PATH", str(tmp_path))  # no squeue: another job's owner is judged by its pid
+        other_job = {**me, "slurm_job_id": "40", "pid": sleeper.pid, "start": None}
+        assert owner_alive(other_job, me, time.time())[0] is True
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    assert owner_alive(other_job, me, time.time()) == (False, f"pid {sleeper.pid} is gone")
+
+
 def _run_with_slow_saves(digits, run, tmp_path, *overrides):
     env = {**ENV, "SLOW_SAVE_DIR": str(tmp_path), "SLOW_SAVE_SECONDS": "3"}
     cmd = command(digits, run, "checkpoint.every=0", *overrides, script=("tests/slow_save.py",))
