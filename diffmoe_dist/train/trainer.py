@@ -101,7 +101,6 @@ class Trainer:
             "ema_num_updates": self.ema.num_updates,
             "optimizer_steps": self.engine.optimizer_steps(),
             "loader": self.loader.state_dict(),
-            "run_id": self.run_id,
         }
         rank_state = {"rng_torch": torch.get_rng_state(), "rng_noise": self.noise_gen.get_state()}
         log = print if self.rank0 else lambda _: None
