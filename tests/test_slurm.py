@@ -275,17 +275,19 @@ def test_two_jobs_of_one_name_the_second_is_refused_and_the_first_finishes_intac
     first_args = [*TINY, f"train.steps={steps}", "checkpoint.every=5"]
     first = submit(slurm_cluster, tmp_path, "twins", "t2i_256gpu.sh", first_args, env=slow, sbatch_args=ONE_NODE)
     run_dir = tmp_path / "runs" / "twins"
-    wait_for((run_dir / "checkpoints" / "step_0000005").is_dir, 240, slurm_cluster, first, "the first checkpoint")
-    # the common mistake: the same name again, here with another learning rate
-    second = submit(slurm_cluster, tmp_path, "twins", "t2i_256gpu.sh", [*TINY, f"train.steps={steps}",
-                    "optim.lr=2e-3"], sbatch_args=ONE_NODE)  # fmt: skip
-    info = slurm_cluster.wait_job(second, timeout=240)
-    log = output(tmp_path, "twins", second)
-    errors = [line for line in log.splitlines() if "diffmoe-train: error:" in line]
-    assert info["JobState"] == "FAILED" and info["Restarts"] == "0", log[-3000:]
-    assert len(errors) == 1 and f"is in use by slurm job {first}" in errors[0], log[-3000:]
-    assert "requeueing" not in log and slurm_cluster.job(first)["JobState"] == "RUNNING"
-    release.touch()
+    try:
+        wait_for((run_dir / "checkpoints" / "step_0000005").is_dir, 240, slurm_cluster, first, "the first checkpoint")
+        # the common mistake: the same name again, here with another learning rate
+        second = submit(slurm_cluster, tmp_path, "twins", "t2i_256gpu.sh", [*TINY, f"train.steps={steps}",
+                        "optim.lr=2e-3"], sbatch_args=ONE_NODE)  # fmt: skip
+        info = slurm_cluster.wait_job(second, timeout=240)
+        log = output(tmp_path, "twins", second)
+        errors = [line for line in log.splitlines() if "diffmoe-train: error:" in line]
+        assert info["JobState"] == "FAILED" and info["Restarts"] == "0", log[-3000:]
+        assert len(errors) == 1 and f"is in use by slurm job {first}" in errors[0], log[-3000:]
+        assert "requeueing" not in log and slurm_cluster.job(first)["JobState"] == "RUNNING"
+    finally:
+        release.touch()  # never leave the first job holding a node
     info = slurm_cluster.wait_job(first, timeout=240)
     log = output(tmp_path, "twins", first)
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", log[-3000:]
