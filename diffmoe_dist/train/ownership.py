@@ -165,6 +165,11 @@ class RunLock:
                     os.rename(self.path, aside)  # one taker wins; the others retry against its lock
                 except FileNotFoundError:
                     continue
+                if read_owner(aside)[0] != (None if why == "unreadable" else other):
+                    try:  # another taker's fresh lock replaced the stale one meanwhile: give it back
+                        os.link(aside, self.path)
+                    except FileExistsError:
+                        pass
                 os.remove(aside)
                 continue
             with os.fdopen(fd, "w") as f:
