@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import time
 from pathlib import Path
 
@@ -276,3 +277,73 @@ def test_cyclic_layout_that_splits_ep_groups_is_refused_at_start_up(slurm_cluste
     assert len(refusals) == 4, log[-3000:]  # one line from each rank
     assert "--distribution=block" in log and "Traceback" not in log
     assert not (tmp_path / "runs" / "cyclic" / "checkpoints").exists()
+
+
+# ---- one run per run directory, and signals that arrive too late to matter ---------------------
+SLOW_SAVE = f"python {REPO / 'tests' / 'slow_save.py'}"  # the real trainer with a slow disk
+ONE_NODE = ["--nodes=1", "--ntasks-per-node=2"]
+
+
+def test_two_jobs_of_one_name_the_second_is_refused_and_the_first_finishes_intact(slurm_cluster, tmp_path):
+    # The first job's final save waits for `release`: it is a live owner for as long as the test needs.
+    steps, release = 10, tmp_path / "release"
+    slow = {"DIFFMOE_TRAIN": SLOW_SAVE, "SLOW_SAVE_DIR": str(tmp_path), "SLOW_SAVE_STEP": str(steps),
+            "SLOW_SAVE_UNTIL": str(release)}  # fmt: skip
+    first_args = [*TINY, f"train.steps={steps}", "checkpoint.every=5"]
+    first = submit(slurm_cluster, tmp_path, "twins", "t2i_256gpu.sh", first_args, env=slow, sbatch_args=ONE_NODE)
+    run_dir = tmp_path / "runs" / "twins"
+    try:
+        wait_for((run_dir / "checkpoints" / "step_0000005").is_dir, 240, slurm_cluster, first, "the first checkpoint")
+        # the common mistake: the same name again, here with another learning rate
+        second = submit(slurm_cluster, tmp_path, "twins", "t2i_256gpu.sh", [*TINY, f"train.steps={steps}",
+                        "optim.lr=2e-3"], sbatch_args=ONE_NODE)  # fmt: skip
+        info = slurm_cluster.wait_job(second, timeout=240)
+        log = output(tmp_path, "twins", second)
+        errors = [line for line in log.splitlines() if "diffmoe-train: error:" in line]
+        assert info["JobState"] == "FAILED" and info["Restarts"] == "0", log[-3000:]
+        assert len(errors) == 1 and f"is in use by slurm job {first}" in errors[0], log[-3000:]
+        assert "requeueing" not in log and slurm_cluster.job(first)["JobState"] == "RUNNING"
+    finally:
+        release.touch()  # never leave the first job holding a node
+    info = slurm_cluster.wait_job(first, timeout=240)
+    log = output(tmp_path, "twins", first)
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", log[-3000:]
+    # the first run is whole: its metrics in order, once each; its config; its checkpoints; its history
+    with open(run_dir / "metrics.jsonl") as f:
+        assert [json.loads(line)["step"] for line in f] == [5, 10]
+    assert "lr: 0.001" in (run_dir / "config.yaml").read_text()
+    from diffmoe_dist.train import checkpoint as ckpt
+
+    assert ckpt.verify(str(run_dir / "checkpoints" / "step_0000010"))["world_size"] == 2
+    with open(run_dir / "checkpoints" / "history.jsonl") as f:
+        starts = [r for r in map(json.loads, f) if r["event"] in ("start", "resume")]
+    assert [(r["event"], r["slurm_job_id"]) for r in starts] == [("start", str(first))]
+    assert not (run_dir / "owner.lock").exists()
+
+
+def test_a_signal_to_one_node_during_the_final_save_ends_completed_and_is_not_requeued(slurm_cluster, tmp_path):
+    steps = 6
+    slow = {"DIFFMOE_TRAIN": SLOW_SAVE, "SLOW_SAVE_DIR": str(tmp_path), "SLOW_SAVE_SECONDS": "6"}
+    job = submit(slurm_cluster, tmp_path, "late", "t2i_256gpu.sh", [*TINY, f"train.steps={steps}",
+                 "checkpoint.every=0"], env=slow)  # fmt: skip
+    markers = [tmp_path / f"saving-rank{r}.pid" for r in range(4)]
+    wait_for(lambda: all(m.is_file() for m in markers), 240, slurm_cluster, job, "the final save on all ranks")
+    # node 1's ranks get USR1 first (a signal reaching one node before the other), then the batch
+    # shell gets the time-limit warning (--signal=B:USR1) and forwards it to every rank
+    node1 = [int(pid) for pid, node in (m.read_text().split() for m in markers) if node == "1"]
+    assert len(node1) == 2
+    for pid in node1:
+        os.kill(pid, signal.SIGUSR1)
+    time.sleep(0.25)
+    slurm_cluster.cmd("scancel", "--batch", "--signal=USR1", str(job))
+    info = slurm_cluster.wait_job(job, timeout=240)
+    log = output(tmp_path, "late", job)
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0" and info["Restarts"] == "0", log[-3000:]
+    assert "requeueing" not in log and "SIGUSR1 received" in log, log[-3000:]
+    from diffmoe_dist.train import checkpoint as ckpt
+
+    root = tmp_path / "runs" / "late" / "checkpoints"
+    assert (root / "latest").read_text().strip() == f"step_{steps:07d}"
+    manifest = ckpt.verify(str(root / f"step_{steps:07d}"))
+    assert {f"rank{r:05d}.pt" for r in range(4)} <= set(manifest["files"])
+    assert not [d for d in os.listdir(root) if d.startswith(".tmp")]

@@ -26,7 +26,10 @@ import in every tool that merely samples; this format is plain ``torch.save`` fi
 Atomicity and integrity: everything is written into ``.tmp-step_N``; the manifest comes last; the
 directory is renamed into place and ``latest`` replaced only after every rank finished. Loading
 verifies checksums (each rank a share of the files, the verdict agreed by all); a corrupted or
-partial checkpoint is reported by file name and skipped in favour of the previous good one.
+partial checkpoint is reported by file name and skipped in favour of the previous good one. A save
+that fails on any rank fails on all of them, and its temporary directory (which carries its owner,
+``owner.json``) is removed. Retention deletes only what the run's history (``history.jsonl`` beside
+the checkpoints, train/ownership.py) proves to be an older checkpoint of the same run.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ import json
 import math
 import os
 import shutil
+import time
 import zlib
 from collections import defaultdict
 from dataclasses import dataclass
@@ -45,6 +49,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from diffmoe_dist.parallel.groups import ParallelDims
+from diffmoe_dist.train.ownership import OWNER, RunHistory, owner_alive, owner_identity, read_owner
 
 FORMAT = "diffmoe-flat-ranges/1"
 META = "checkpoint.json"
@@ -184,52 +189,116 @@ def save(
     rank_state: dict,
     dims: ParallelDims | None = None,
     keep_last: int = 2,
+    run_id: str | None = None,
+    log=print,
 ) -> str:
-    """Collective: every rank calls it with its own slots. Returns the step directory."""
+    """Collective: every rank calls it with its own slots. Returns the step directory.
+
+    A failure on any rank (a full disk, an I/O error) is agreed by all: the temporary directory is
+    removed and every rank raises the same CheckpointError. After the rename, rank 0 records the save
+    in the run's history and applies retention (`_retain`)."""
     rank = dims.rank if dims is not None else 0
     world_size = dims.world_size if dims is not None else 1
     final = step_dir(root, step)
     tmp = os.path.join(root, f".tmp-step_{step:07d}")
+    error = None
     if rank == 0:
-        os.makedirs(root, exist_ok=True)
-        for stale in (d for d in os.listdir(root) if d.startswith(".tmp-step_")):  # an earlier crash
-            shutil.rmtree(os.path.join(root, stale), ignore_errors=True)
-        os.makedirs(tmp)
-    _barrier(dims)
+        try:
+            os.makedirs(root, exist_ok=True)
+            _clear_stale_tmp(root, log)
+            os.makedirs(tmp)
+            _write_json(os.path.join(tmp, OWNER), owner_identity())  # only its owner deletes it
+        except OSError as exc:
+            error = f"rank 0: {exc}"
+    _agree_or_raise(error, dims, tmp, step, rank)
 
-    pieces, index, specs = {}, [], {}
-    for slot in slots:
-        specs[slot.key] = [list(slot.global_shape), str(slot.tensor.dtype).removeprefix("torch.")]
-        flat = slot.tensor.detach().reshape(-1)
-        for offset, numel in owned_ranges(slot):
-            start = slot.start + offset
-            # a copy: torch.save of a view would write the view's whole storage (and CPU: readers map it)
-            pieces[f"{slot.key}@{start}"] = flat[offset : offset + numel].to("cpu", copy=True)
-            index.append([slot.key, start, numel])
-    name = rank_file(rank)
-    path = os.path.join(tmp, name)
-    _fsync_write(path, lambda f: torch.save({"pieces": pieces, "rank_state": rank_state}, f))
-    gathered = _gather_to_rank0((name, _sha256(path), index, specs), dims)  # also: every rank wrote
+    error = None
+    try:
+        pieces, index, specs = {}, [], {}
+        for slot in slots:
+            specs[slot.key] = [list(slot.global_shape), str(slot.tensor.dtype).removeprefix("torch.")]
+            flat = slot.tensor.detach().reshape(-1)
+            for offset, numel in owned_ranges(slot):
+                start = slot.start + offset
+                # a copy: torch.save of a view would write the view's whole storage (and CPU: readers map it)
+                pieces[f"{slot.key}@{start}"] = flat[offset : offset + numel].to("cpu", copy=True)
+                index.append([slot.key, start, numel])
+        name = rank_file(rank)
+        path = os.path.join(tmp, name)
+        _fsync_write(path, lambda f: torch.save({"pieces": pieces, "rank_state": rank_state}, f))
+        mine = (name, _sha256(path), index, specs)
+    except Exception as exc:  # noqa: BLE001 - torch.save reports a full disk as RuntimeError
+        mine = ("error", f"rank {rank}: {type(exc).__name__}: {exc}")
+    gathered = _gather_to_rank0(mine, dims)  # also: every rank wrote (or failed)
 
+    error = None
     if rank == 0:
-        files, digests, tensors = {}, {}, {}
-        for fname, digest, findex, fspecs in gathered:
-            files[fname], digests[fname] = findex, digest
-            for key, spec in fspecs.items():
-                if tensors.setdefault(key, spec) != spec:
-                    raise CheckpointError(f"ranks disagree on the global shape of {key}: {tensors[key]} vs {spec}")
-        doc = {"format": FORMAT, "step": step, "world_size": world_size, **meta}
-        doc["tensors"] = {k: {"shape": s, "dtype": d} for k, (s, d) in sorted(tensors.items())}
-        doc["files"] = files
-        _write_json(os.path.join(tmp, META), doc)
-        digests[META] = _sha256(os.path.join(tmp, META))
-        _write_json(os.path.join(tmp, MANIFEST), {"step": step, "world_size": world_size, "files": digests})
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        _write_latest(root, os.path.basename(final))
-        _retain(root, keep_last)
+        try:
+            failed = [g[1] for g in gathered if g[0] == "error"]
+            if failed:
+                raise CheckpointError("; ".join(failed))
+            files, digests, tensors = {}, {}, {}
+            for fname, digest, findex, fspecs in gathered:
+                files[fname], digests[fname] = findex, digest
+                for key, spec in fspecs.items():
+                    if tensors.setdefault(key, spec) != spec:
+                        raise CheckpointError(f"ranks disagree on the global shape of {key}: {tensors[key]} vs {spec}")
+            doc = {"format": FORMAT, "step": step, "world_size": world_size, "run_id": run_id, **meta}
+            doc["tensors"] = {k: {"shape": s, "dtype": d} for k, (s, d) in sorted(tensors.items())}
+            doc["files"] = files
+            _write_json(os.path.join(tmp, META), doc)
+            digests[META] = _sha256(os.path.join(tmp, META))
+            _write_json(os.path.join(tmp, MANIFEST), {"step": step, "world_size": world_size, "files": digests})
+            history = RunHistory(root)
+            if os.path.isdir(final):
+                _replace_aside(root, final, history, run_id, log)
+            os.replace(tmp, final)
+        except (OSError, CheckpointError) as exc:
+            error = str(exc)
+    _agree_or_raise(error, dims, tmp, step, rank)
+    if rank == 0:
+        try:  # the checkpoint is complete: a failure from here on loses nothing
+            _write_latest(root, os.path.basename(final))
+            history.append("save", run_id=run_id, step=step, dir=os.path.basename(final))
+            _retain(root, keep_last, history, run_id, os.path.basename(final))
+        except OSError as exc:
+            log(f"[diffmoe] WARNING: {final} is saved, but recording it failed ({exc}): retention skipped")
     _barrier(dims)
     return final
+
+
+def _agree_or_raise(error: str | None, dims: ParallelDims | None, tmp: str, step: int, rank: int) -> None:
+    """Collective: every rank learns whether any rank failed; then rank 0 removes ``tmp`` and all raise."""
+    if dims is not None and dims.world_size > 1:
+        errors = [None] * dims.world_size
+        dist.all_gather_object(errors, error, group=dims.dp_group)
+        error = "; ".join(e for e in errors if e) or None
+    if error is None:
+        return
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+    raise CheckpointError(
+        f"saving step {step} failed ({error}); removed {tmp}: free space there (or lower checkpoint.keep_last) "
+        "and run again (train.resume=auto continues from the last good checkpoint)"
+    )
+
+
+def _clear_stale_tmp(root: str, log) -> None:
+    """Removes ``.tmp-step_*`` directories of earlier saves whose owner is this process or is gone;
+    one of a live owner stays (and is named)."""
+    me = owner_identity()
+    for name in sorted(d for d in os.listdir(root) if d.startswith(".tmp-step_")):
+        path = os.path.join(root, name)
+        try:
+            other, mtime = read_owner(os.path.join(path, OWNER))
+        except FileNotFoundError:
+            other, mtime = None, 0.0  # written before owners were recorded, or died creating it
+        if other is not None:
+            alive, why = owner_alive(other, me, mtime)
+            if alive:
+                log(f"[diffmoe] WARNING: leaving {path}: it belongs to {other.get('owner')} ({why})")
+                continue
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def _write_latest(root: str, name: str) -> None:
@@ -238,10 +307,34 @@ def _write_latest(root: str, name: str) -> None:
     os.replace(tmp, os.path.join(root, "latest"))
 
 
-def _retain(root: str, keep_last: int) -> None:
-    steps = sorted(d for d in os.listdir(root) if d.startswith("step_"))
-    for d in steps[:-keep_last]:
-        shutil.rmtree(os.path.join(root, d), ignore_errors=True)
+def _replace_aside(root: str, final: str, history: RunHistory, run_id: str | None, log) -> None:
+    """A step directory of the same name exists: replaced if this run wrote it, else set aside."""
+    name = os.path.basename(final)
+    if name in history.lineage(run_id):
+        shutil.rmtree(final, ignore_errors=True)
+        return
+    aside = os.path.join(root, f"archive-{time.strftime('%Y%m%d-%H%M%S')}")
+    os.makedirs(aside, exist_ok=True)
+    os.replace(final, os.path.join(aside, name))
+    log(f"[diffmoe] WARNING: {final} was not written by this run: moved to {aside}")
+
+
+def _retain(root: str, keep_last: int, history: RunHistory, run_id: str | None, written: str) -> None:
+    """Keeps the ``keep_last`` newest verified checkpoints of this run's lineage (the one just written
+    always); deletes only older ones of that lineage. Directories the history does not prove to be
+    this run's - another run's, adopted-later ones, anything unknown - are never touched. Verified:
+    its save completed (a ``save`` record) with a manifest, and no resume has found it corrupt since."""
+    bad, kept = history.corrupt(), 0
+    for name in reversed(history.lineage(run_id)):
+        path = os.path.join(root, name)
+        if not os.path.isdir(path):
+            continue
+        if name == written:
+            kept += 1
+        elif kept >= keep_last:
+            shutil.rmtree(path, ignore_errors=True)
+        elif name not in bad and os.path.isfile(os.path.join(path, MANIFEST)):
+            kept += 1
 
 
 # ---- integrity --------------------------------------------------------------------------------
@@ -305,9 +398,10 @@ def _candidates(root: str) -> list[str]:
     return [os.path.join(root, d) for d in candidates]
 
 
-def find_resumable(root: str, log=print, dims: ParallelDims | None = None) -> str | None:
+def find_resumable(root: str, log=print, dims: ParallelDims | None = None, skipped: list | None = None) -> str | None:
     """The newest verified checkpoint, starting from `latest`; bad ones are reported loudly and
-    skipped. With ``dims`` a collective: ranks share the checksum work and agree on the answer."""
+    skipped (and appended to ``skipped`` as (path, error)). With ``dims`` a collective: ranks share
+    the checksum work and agree on the answer."""
     candidates = _candidates(root)
     if dims is not None and dims.distributed:
         box = [candidates]  # one listing for all ranks
@@ -319,6 +413,8 @@ def find_resumable(root: str, log=print, dims: ParallelDims | None = None) -> st
             return path
         except CheckpointError as exc:
             log(f"[diffmoe] WARNING: skipping bad checkpoint {path}: {exc}")
+            if skipped is not None:
+                skipped.append((path, str(exc)))
     return None
 
 

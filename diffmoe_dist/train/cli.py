@@ -2,9 +2,12 @@
 
 Runs single-process, or under torchrun / srun / mpirun with one process per device.
 
-Exit status: 0 finished (train.steps reached); 2 bad config; 75 stopped early by SIGTERM, SIGUSR1
-or train.max_minutes after saving a checkpoint ("run me again": train.resume=auto continues);
-anything else is a crash (resume from the last periodic checkpoint).
+Exit status: 0 finished (train.steps reached); 2 bad config, or a run directory that may not be
+used as asked (another live owner, another run's checkpoints, every checkpoint corrupt, a refused
+config change: one line naming the choices); 75 stopped early by SIGTERM, SIGUSR1 or
+train.max_minutes after saving a checkpoint ("run me again": train.resume=auto continues);
+anything else is a crash (resume from the last periodic checkpoint). A signal that arrives after
+the run finished or stopped (during the final save or the teardown) does not change the status.
 """
 
 from __future__ import annotations
@@ -42,8 +45,18 @@ def main(argv=None) -> int:
     except ShardError as exc:
         print(f"diffmoe-train: error: data.path: {exc}", file=sys.stderr)
         return 2
+    from diffmoe_dist.train.preemption import SignalGuard
+
+    # Signals only set the stop flag from here until the process has left (train/preemption.py).
+    with SignalGuard():
+        return _train(cfg, env)
+
+
+def _train(cfg, env) -> int:
     import torch
 
+    from diffmoe_dist.train.checkpoint import CheckpointError
+    from diffmoe_dist.train.ownership import RunDirError
     from diffmoe_dist.train.trainer import Trainer
 
     device = torch.device(
@@ -75,7 +88,16 @@ def main(argv=None) -> int:
             return 2
     if device.type == "cuda":
         torch.cuda.set_device(env.local_rank)
-    result = Trainer(cfg, dims, device, env.local_world_size).fit()
+    try:
+        result = Trainer(cfg, dims, device, env.local_world_size).fit()
+    except (RunDirError, CheckpointError) as exc:
+        if env.rank == 0:  # every rank raised the same error; one line is enough
+            print(f"diffmoe-train: error: {exc}", file=sys.stderr)
+        if dims is not None:
+            from diffmoe_dist.parallel.launch import destroy_distributed
+
+            destroy_distributed()
+        return 2 if isinstance(exc, RunDirError) else 1
     if env.rank == 0:
         print(
             json.dumps(

@@ -11,6 +11,13 @@ every rank agrees on; the trainer then saves and the process exits with `EXIT_RE
 
 The exit status 75 (sysexits.h EX_TEMPFAIL, "try again") is what ``launchers/common.sh``
 (``DIFFMOE_EXIT_REQUEUE``) takes as "checkpoint saved, requeue me".
+
+Signals stay caught until the process ends: `diffmoe-train` holds a `SignalGuard` around the whole
+run (training, the stop or final save, sampling, the process group's teardown), so a late SIGTERM
+or USR1 - Slurm's TERM after a USR1, a signal reaching one node after the other, a time-limit
+warning after the last step - only sets the flag: it can neither kill a save nor turn a finished
+(exit 0) or stopped (exit 75) run into a crash. The handlers are then set to ignore, not restored
+to the default (CPython's finalisation resets Python handlers to the default; an ignore stays).
 """
 
 from __future__ import annotations
@@ -29,23 +36,61 @@ SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 _REASONS = {0: None, 1: "time limit (train.max_minutes)", 2: "SIGUSR1", 3: "SIGTERM"}
 
 
+class SignalGuard:
+    """From enter to exit SIGTERM and SIGUSR1 only record themselves (main thread only); at exit the
+    handlers become SIG_IGN (``ignore_after``, for a process that is ending) or the previous ones."""
+
+    active: SignalGuard | None = None
+
+    def __init__(self, ignore_after: bool = True):
+        self.ignore_after = ignore_after
+        self.received: int | None = None
+        self._previous: dict = {}
+
+    def _handle(self, signum, frame) -> None:
+        if self.received != signal.SIGTERM:  # SIGTERM (preemption, requeue) outranks a USR1 warning
+            self.received = signum
+
+    def __enter__(self) -> SignalGuard:
+        if threading.current_thread() is threading.main_thread():
+            for sig in SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        SignalGuard.active = self
+        return self
+
+    def __exit__(self, *exc) -> None:
+        SignalGuard.active = None
+        for sig, handler in self._previous.items():
+            if self.ignore_after or handler is None:
+                handler = signal.SIG_IGN if self.ignore_after else signal.SIG_DFL
+            signal.signal(sig, handler)
+        self._previous = {}
+
+
 class StopRequest:
-    """Installs the handlers on construction (main thread only) and restores them on `close`."""
+    """Installs the handlers on construction (main thread only) and restores them on `close`; inside
+    a `SignalGuard` (the CLI) it reads the guard's flag instead, and `close` leaves the guard's handlers."""
 
     def __init__(self, dims: ParallelDims, max_minutes: float = 0.0, check_every: int = 1):
         self.dims = dims
         self.deadline = time.monotonic() + max_minutes * 60.0 if max_minutes > 0 else None
         self.check_every = max(1, check_every)
-        self.received: int | None = None
+        self._own: int | None = None
+        self._guard = SignalGuard.active
         self._checks = 0
         self._last_check = time.monotonic()
         self._previous = {}
-        if threading.current_thread() is threading.main_thread():
+        if self._guard is None and threading.current_thread() is threading.main_thread():
             for sig in SIGNALS:
                 self._previous[sig] = signal.signal(sig, self._handle)
 
+    @property
+    def received(self) -> int | None:
+        return self._guard.received if self._guard is not None else self._own
+
     def _handle(self, signum, frame) -> None:
-        self.received = signum
+        if self._own != signal.SIGTERM:
+            self._own = signum
 
     def _local_code(self, step_seconds: float) -> int:
         if self.received == signal.SIGTERM:

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from diffmoe_dist.config import Config, save_config
+from diffmoe_dist.config import Config
 from diffmoe_dist.data.loader import GlobalPosition
 from diffmoe_dist.diffusion.ema import EMA
 from diffmoe_dist.diffusion.flow import flow_loss, flow_targets
@@ -23,6 +23,7 @@ from diffmoe_dist.train import checkpoint as ckpt
 from diffmoe_dist.train.engine import build_engine, checkpoint_blocks, lr_lambda  # noqa: F401 (lr_lambda: API)
 from diffmoe_dist.train.metrics import MetricsLogger
 from diffmoe_dist.train.preemption import EXIT_REQUEUE, StopRequest
+from diffmoe_dist.train.run_dir import RunDirError, RunOwner, begin, plan_start
 from diffmoe_dist.train.telemetry import RoutingTelemetry
 
 
@@ -70,6 +71,7 @@ class Trainer:
         self.step = 0
         self.run_dir = cfg.train.run_dir
         self.ckpt_root = os.path.join(self.run_dir, "checkpoints")
+        self.run_id = self.run_plan = None  # set by maybe_resume (train/run_dir.py)
 
     def _build_loader(self) -> GlobalPosition:
         from diffmoe_dist.data.loader import build_loader
@@ -98,9 +100,11 @@ class Trainer:
         rank_state = {"rng_torch": torch.get_rng_state(), "rng_noise": self.noise_gen.get_state()}
         if self.device.type == "cuda":  # label / caption dropout draws from the CUDA default generator
             rank_state["rng_cuda"] = torch.cuda.get_rng_state(self.device)
+        log = print if self.rank0 else lambda _: None
         path = ckpt.save(
-            self.ckpt_root, self.step, self._slots(), meta, rank_state, self.dims, self.cfg.checkpoint.keep_last
-        )
+            self.ckpt_root, self.step, self._slots(), meta, rank_state, self.dims, self.cfg.checkpoint.keep_last,
+            self.run_id, log,
+        )  # fmt: skip
         self.last_save_seconds = time.time() - t0
         self._saved_step = self.step
         return path
@@ -109,16 +113,12 @@ class Trainer:
         """``train.resume``: ``auto`` (the run's newest verified checkpoint), ``never``, or a path.
         Any world size, EP size and ZeRO stage can load any checkpoint of the same model; RNG states
         are restored only on the topology that wrote them (elsewhere the streams are reseeded from
-        the step, and the data continues from the global sample position either way)."""
-        mode = self.cfg.train.resume
-        if mode == "never":
-            return
+        the step, and the data continues from the global sample position either way). The decision
+        and its checks (run_dir.plan_start: run identity, corrupt checkpoints, config changes) come
+        first and write nothing; `fit` records them once the load succeeded."""
         t0 = time.time()
-        if mode == "auto":
-            path = ckpt.find_resumable(self.ckpt_root, log, self.dims)
-        else:
-            path = ckpt.resolve_checkpoint(mode)
-            ckpt.verify_distributed(path, self.dims)
+        self.run_plan = plan_start(self.cfg, self.ckpt_root, self.dims, log)
+        self.run_id, path = self.run_plan.run_id, self.run_plan.path
         if path is None:
             return
         reader = ckpt.ShardReader(path)
@@ -137,7 +137,10 @@ class Trainer:
         self.engine.set_optimizer_steps(int(meta["optimizer_steps"]))
         self.engine.set_schedule_step(self.step)
         self.ema.num_updates = int(meta["ema_num_updates"])
-        self.loader.load_state_dict(meta["loader"])
+        try:
+            self.loader.load_state_dict(meta["loader"])
+        except ValueError as exc:  # another data set: another data order
+            raise RunDirError(f"{path}: {exc}") from None
         same_topology = meta["world_size"] == self.dims.world_size and meta["ep_size"] == self.dims.ep_size
         if same_topology and meta.get("device_type", "cpu") == self.device.type:
             mine = reader.rank_state(self.dims.rank)
@@ -255,15 +258,26 @@ class Trainer:
 
     # ---- the loop ----------------------------------------------------------------------------
     def fit(self) -> dict:
+        """Collective. Takes the run directory (one live owner: train/run_dir.py), decides and checks
+        the resume, and only then writes into it; raises RunDirError (one line) when it may not."""
+        say = print if self.rank0 else lambda _: None
+        self._owner = RunOwner.take(self.run_dir, self.dims, say)
+        failed = True
+        try:
+            self._saved_step = None
+            self.maybe_resume(say)
+            if self.rank0:
+                begin(self.run_plan, self.cfg, self.run_dir, self.ckpt_root, say)
+            failed = False
+            return self._fit()
+        finally:
+            self._owner.release(failed=failed)
+
+    def _fit(self) -> dict:
         cfg = self.cfg
-        if self.rank0:
-            os.makedirs(self.run_dir, exist_ok=True)
-            save_config(cfg, os.path.join(self.run_dir, "config.yaml"))
         logger = MetricsLogger(
             self.run_dir, self.rank0, cfg.logging.wandb, cfg.logging.wandb_project, cfg.to_dict(), cfg.train.steps
         )
-        self._saved_step = None
-        self.maybe_resume(logger.print)
         logger.advance_to(self.step)
         stop = StopRequest(self.dims, cfg.train.max_minutes)  # SIGTERM / SIGUSR1 / time limit
         stopped = None
@@ -273,6 +287,7 @@ class Trainer:
         window_t, window_steps = time.time(), 0
         while self.step < cfg.train.steps:
             last = self.train_step()
+            self._owner.heartbeat()
             telemetry.after_step(self.step)  # routing.jsonl every logging.routing_every steps
             window_steps += 1
             if self.step % cfg.logging.log_every == 0 or self.step == cfg.train.steps:
@@ -291,7 +306,8 @@ class Trainer:
             if stopped and self.step < cfg.train.steps:
                 break
             stopped = None
-        stop.close()
+        # Signals stay caught through the final save and the samples (and, under diffmoe-train's
+        # SignalGuard, until the process ends): a late one can neither kill a save nor change the outcome.
         if self._saved_step != self.step:
             self.save()
         if stopped:
@@ -300,6 +316,7 @@ class Trainer:
             )
         else:
             self._write_samples(logger)
+        stop.close()
         logger.close()
         return {"final": last, "seconds": time.time() - t_start, "step": self.step, "stopped": stopped}
 
