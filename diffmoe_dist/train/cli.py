@@ -21,6 +21,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="diffmoe-train", description=__doc__)
     p.add_argument("--config", required=True, help="YAML file, e.g. configs/local/diffmoe-tiny.yaml")
     p.add_argument("overrides", nargs="*", help="dotted overrides such as optim.lr=3e-4 model.depth=6")
+    p.add_argument(
+        "--validate-only",
+        action="store_true",
+        help="check the config and the files it names (data, resume path), then exit 0 or 2; the launchers "
+        "run this once before starting any rank",
+    )
+    p.add_argument(
+        "--world-size", type=int, default=None, help="with --validate-only: the number of ranks the job will have"
+    )
     return p.parse_args(argv)
 
 
@@ -30,11 +39,17 @@ def main(argv=None) -> int:
 
     env = read_launch_env(dict(os.environ))
     try:
-        # Every bad value is reported before any process group or model is built.
-        cfg = load_config(args.config, args.overrides).validate(world_size=env.world_size)
+        # Every bad value is reported before any process group or model is built. A launcher that
+        # ran --validate-only already checked the files once (DIFFMOE_FILES_CHECKED=1): its ranks
+        # do not walk every shard's headers again.
+        files = args.validate_only or os.environ.get("DIFFMOE_FILES_CHECKED") != "1"
+        world_size = args.world_size if args.validate_only and args.world_size else env.world_size
+        cfg = load_config(args.config, args.overrides).validate(world_size=world_size, files=files)
     except ConfigError as exc:
         print(f"diffmoe-train: error: {exc}", file=sys.stderr)
         return 2
+    if args.validate_only:
+        return 0
     import torch
 
     from diffmoe_dist.train.trainer import Trainer
