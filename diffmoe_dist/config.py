@@ -473,7 +473,8 @@ def _apply(section_obj: Any, section: str, values: dict[str, Any], origin: str) 
     for key, raw in values.items():
         name = f"{section}.{key}"
         if key not in fields:
-            raise ConfigError(f"{name} (from {origin}) is not a config field: {_did_you_mean(key, fields, section + '.')}")
+            hint = _did_you_mean(key, fields, section + ".")
+            raise ConfigError(f"{name} (from {origin}) is not a config field: {hint}")
         current = getattr(section_obj, key)
         value = _coerce(name, raw if isinstance(raw, str) else yaml.safe_dump(raw), current, fields[key].type)
         setattr(section_obj, key, value)

@@ -148,7 +148,8 @@ def digits_copy(tmp_path_factory):
     import sys
 
     out = tmp_path_factory.mktemp("digits") / "digits"
-    subprocess.run([sys.executable, "tools/make_shards.py", "digits", "--out", str(out)], check=True, capture_output=True)
+    cmd = [sys.executable, "tools/make_shards.py", "digits", "--out", str(out)]
+    subprocess.run(cmd, check=True, capture_output=True)
     return out
 
 
