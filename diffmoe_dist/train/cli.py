@@ -97,15 +97,17 @@ def main(argv=None) -> int:
                 }
             )
         )
-    if env.world_size > 1:
-        from diffmoe_dist.parallel.launch import destroy_distributed
-
-        destroy_distributed()
+    status = 0
     if result.get("stopped"):
         from diffmoe_dist.train.preemption import EXIT_REQUEUE
 
-        return _requeue_status(env.rank, EXIT_REQUEUE)
-    return 0
+        status = _requeue_status(env.rank, EXIT_REQUEUE)
+    if env.world_size > 1:
+        from diffmoe_dist.parallel.launch import destroy_distributed, exit_process
+
+        destroy_distributed(barrier=True)
+        exit_process(status)  # no interpreter finalization with gloo threads still running
+    return status
 
 
 def _requeue_status(rank: int, status: int) -> int:
