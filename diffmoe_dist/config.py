@@ -8,6 +8,8 @@ before any process group or model is built.
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,7 +58,9 @@ class ModelConfig:
 
     def resolved(self) -> tuple[int, int, int]:
         depth, hidden, heads = MODEL_SIZES[self.size]
-        return (self.depth or depth, self.hidden_size or hidden, self.num_heads or heads)
+        # None (not 0) means "from size": an explicit 0 is refused by validate(), not replaced.
+        pick = lambda mine, default: default if mine is None else mine  # noqa: E731
+        return (pick(self.depth, depth), pick(self.hidden_size, hidden), pick(self.num_heads, heads))
 
 
 @dataclass
@@ -172,9 +176,13 @@ class Config:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
-    def validate(self, world_size: int | None = None) -> Config:
-        """Raises ConfigError naming the first bad field; returns self so calls can chain."""
+    def validate(self, world_size: int | None = None, *, files: bool = False) -> Config:
+        """Raises ConfigError naming the first bad field; returns self so calls can chain.
+        ``files``: also check what the run reads from disk (`check_files`): the CLI does, before any
+        process group starts; tests that build a Config for a fake data path do not."""
         _validate(self, world_size if world_size is not None else int(os.environ.get("WORLD_SIZE", "1")))
+        if files:
+            check_files(self)
         return self
 
 
@@ -184,15 +192,26 @@ def _fail(name: str, value: Any, fix: str) -> None:
 
 def _validate(cfg: Config, world_size: int) -> None:
     m, moe, par, data, opt, tr = cfg.model, cfg.moe, cfg.parallel, cfg.data, cfg.optim, cfg.train
+    for section in dataclasses.fields(cfg):  # nan / inf pass every range check below: refuse them first
+        for f in dataclasses.fields(getattr(cfg, section.name)):
+            value = getattr(getattr(cfg, section.name), f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                _fail(f"{section.name}.{f.name}", value, "use a finite number")
     if m.size not in MODEL_SIZES:
         _fail("model.size", m.size, f"use one of {', '.join(MODEL_SIZES)}")
+    for name in ("depth", "hidden_size", "num_heads"):
+        if getattr(m, name) is not None and getattr(m, name) < 1:
+            _fail(f"model.{name}", getattr(m, name), f"use a positive integer, or leave it unset (model.size={m.size})")
     depth, hidden, heads = m.resolved()
-    if depth < 1:
-        _fail("model.depth", depth, "use at least 1 block")
-    if heads < 1 or hidden % heads:
+    if hidden % heads:
         _fail("model.num_heads", heads, f"must divide model.hidden_size={hidden}")
+    for name in ("image_size", "in_channels", "num_classes"):
+        if getattr(m, name) < 1:
+            _fail(f"model.{name}", getattr(m, name), "use a positive integer")
     if m.patch_size < 1 or m.image_size % m.patch_size:
         _fail("model.patch_size", m.patch_size, f"must divide model.image_size={m.image_size}")
+    if m.mlp_ratio <= 0 or int(hidden * m.mlp_ratio) < 1:
+        _fail("model.mlp_ratio", m.mlp_ratio, "use a positive FFN width ratio, e.g. 4.0")
     if not 0.0 <= m.class_dropout < 1.0:
         _fail("model.class_dropout", m.class_dropout, "use a probability in [0, 1)")
     if m.task not in TASKS:
@@ -210,6 +229,8 @@ def _validate(cfg: Config, world_size: int) -> None:
             _fail("moe.capacity", moe.capacity, f"use a capacity in (0, moe.num_experts={moe.num_experts}]")
         if moe.interleave < 1:
             _fail("moe.interleave", moe.interleave, "use 1 (every block) or 2 (every other block)")
+        if moe.interleave > depth:  # block i is MoE iff i % interleave == interleave - 1
+            _fail("moe.interleave", moe.interleave, f"leaves no MoE block in model.depth={depth}: use at most {depth}")
         if moe.router == "token_choice" and not 1 <= moe.top_k <= moe.num_experts:
             _fail("moe.top_k", moe.top_k, f"use 1..moe.num_experts={moe.num_experts}")
     if moe.pool not in POOLS:
@@ -222,6 +243,8 @@ def _validate(cfg: Config, world_size: int) -> None:
         _fail("moe.threshold_momentum", moe.threshold_momentum, "use a value in [0, 1), e.g. 0.95")
     if moe.predictor_loss_weight < 0:
         _fail("moe.predictor_loss_weight", moe.predictor_loss_weight, "use a non-negative weight")
+    if moe.aux_loss_weight < 0:
+        _fail("moe.aux_loss_weight", moe.aux_loss_weight, "use a non-negative weight, e.g. 0.01")
     p = par.expert_parallel_size
     if p < 1:
         _fail("parallel.expert_parallel_size", p, "use a positive integer")
@@ -241,8 +264,19 @@ def _validate(cfg: Config, world_size: int) -> None:
         _fail("data.global_batch_size", data.global_batch_size, f"use a multiple of the world size {world_size}")
     if data.loader not in ("indexed", "stream"):
         _fail("data.loader", data.loader, "use indexed or stream")
+    if data.num_workers < 0:
+        _fail("data.num_workers", data.num_workers, "use 0 (load in the training process) or more workers")
+    if data.shuffle_buffer < 1:
+        _fail("data.shuffle_buffer", data.shuffle_buffer, "use at least 1 sample (1: no shuffling)")
     if opt.lr <= 0:
         _fail("optim.lr", opt.lr, "use a positive learning rate such as 1e-4")
+    if opt.weight_decay < 0:
+        _fail("optim.weight_decay", opt.weight_decay, "use 0 (none) or a positive decay such as 0.01")
+    for name in ("beta1", "beta2"):
+        if not 0.0 <= getattr(opt, name) < 1.0:
+            _fail(f"optim.{name}", getattr(opt, name), "use a value in [0, 1), e.g. beta1=0.9 beta2=0.999")
+    if opt.eps <= 0:
+        _fail("optim.eps", opt.eps, "use a small positive number such as 1e-8")
     if opt.warmup_steps < 0:
         _fail("optim.warmup_steps", opt.warmup_steps, "use 0 or more steps")
     if opt.grad_clip < 0:
@@ -265,6 +299,12 @@ def _validate(cfg: Config, world_size: int) -> None:
         _fail("train.max_minutes", tr.max_minutes, "use 0 (no limit) or a positive number of minutes")
     if tr.steps < 1:
         _fail("train.steps", tr.steps, "use at least 1 step")
+    if tr.seed < 0:
+        _fail("train.seed", tr.seed, "use a non-negative integer")
+    if tr.threads < 0:
+        _fail("train.threads", tr.threads, "use 0 (cores / local processes) or a positive thread count")
+    if not tr.run_dir:
+        _fail("train.run_dir", tr.run_dir, "name a directory, e.g. runs/my-run")
     if tr.precision not in ("fp32", "bf16"):
         _fail("train.precision", tr.precision, "use fp32 or bf16")
     if not 0.0 <= tr.ema_decay < 1.0:
@@ -273,10 +313,24 @@ def _validate(cfg: Config, world_size: int) -> None:
         _fail("sample.sampler", cfg.sample.sampler, "use euler or heun")
     if cfg.sample.num_steps < 1:
         _fail("sample.num_steps", cfg.sample.num_steps, "use at least 1 ODE step")
+    if cfg.sample.every < 0:
+        _fail("sample.every", cfg.sample.every, "use 0 (only at the end) or a positive number of steps")
+    if cfg.sample.per_class < 1:
+        _fail("sample.per_class", cfg.sample.per_class, "use at least 1 image per class")
+    if cfg.sample.cfg_scale < 0:
+        _fail("sample.cfg_scale", cfg.sample.cfg_scale, "use 1 (no guidance) or more, e.g. 2.0")
+    if cfg.checkpoint.every < 0:
+        _fail("checkpoint.every", cfg.checkpoint.every, "use 0 (only at the end) or a positive number of steps")
     if cfg.checkpoint.keep_last < 1:
         _fail("checkpoint.keep_last", cfg.checkpoint.keep_last, "keep at least 1 checkpoint")
+    if cfg.logging.log_every < 1:
+        _fail("logging.log_every", cfg.logging.log_every, "use a positive number of steps, e.g. 10")
+    if cfg.logging.routing_every < 0:
+        _fail("logging.routing_every", cfg.logging.routing_every, "use 0 (off) or a positive number of steps")
     if cfg.logging.wandb not in ("offline", "online", "disabled"):
         _fail("logging.wandb", cfg.logging.wandb, "use offline, online or disabled")
+    if not tr.resume:
+        _fail("train.resume", tr.resume, "use auto, never, or a run / checkpoint directory")
 
 
 def deepspeed_config_path(train: TrainConfig) -> str:
@@ -300,9 +354,104 @@ def _validate_deepspeed_json(train: TrainConfig) -> None:
         _fail("train.zero_stage", train.zero_stage, f"{path} sets zero_optimization.stage={stage}: make them agree")
 
 
+def check_files(cfg: Config) -> None:
+    """What the run will read, checked before anything starts: a ``train.resume`` path, the
+    text encoder directory, and the training shards (`check_shards`)."""
+    tr = cfg.train
+    if tr.resume not in ("auto", "never"):
+        if not os.path.exists(tr.resume):
+            _fail("train.resume", tr.resume, "does not exist: use auto, never, or a run / checkpoint directory")
+        if not os.path.isdir(tr.resume):
+            _fail("train.resume", tr.resume, "is not a directory: pass a run directory or its step_* directories")
+    if cfg.model.task == "t2i" and cfg.data.text_encoder != "minilm" and not os.path.isdir(cfg.data.text_encoder):
+        _fail("data.text_encoder", cfg.data.text_encoder, "use minilm or a local Hugging Face model directory")
+    check_shards(cfg.data.path)
+
+
+_SHARDS_HINT = "make the shards with `python tools/make_shards.py digits --out DIR`, or pass data.path=DIR"
+
+
+def check_shards(path: str) -> None:
+    """``path/train``: a manifest listing at least one sample, and every listed shard a whole tar.
+
+    Cost: one 512-byte header read per tar member (no payload is read): a non-tar file fails its
+    first header's checksum; a truncated one ends inside a member or before the end-of-archive blocks.
+    """
+    import json
+    import tarfile
+
+    train = os.path.join(path, "train")
+    if not os.path.isdir(path):
+        _fail("data.path", path, f"the directory does not exist: {_SHARDS_HINT}")
+    manifest_path = os.path.join(train, "manifest.json")
+    if not os.path.isfile(manifest_path):
+        what = "has no train/" if not os.path.isdir(train) else "has no train/manifest.json"
+        _fail("data.path", path, f"{what}: {_SHARDS_HINT}")
+    try:
+        with open(manifest_path) as f:
+            manifest = json.load(f)
+        shards = [s["name"] for s in manifest["shards"]]
+        num_samples = int(manifest["num_samples"])
+    except (ValueError, KeyError, TypeError) as exc:
+        _fail("data.path", path, f"{manifest_path} is not a shard manifest ({exc!r}): {_SHARDS_HINT}")
+    if not shards or num_samples < 1:
+        _fail("data.path", path, f"{manifest_path} lists no samples: {_SHARDS_HINT}")
+    for name in shards:
+        shard = os.path.join(train, name)
+        problem = _tar_problem(shard, tarfile)
+        if problem:
+            _fail("data.path", path, f"shard {shard} {problem}: remake the shards ({_SHARDS_HINT})")
+
+
+def _tar_problem(path: str, tarfile) -> str | None:
+    """None for a complete tar file, else what is wrong with it (walks the member headers only)."""
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            offset = 0
+            while offset + 512 <= size:
+                f.seek(offset)
+                block = f.read(512)
+                if block == b"\0" * 512:
+                    return None  # end-of-archive marker
+                try:
+                    info = tarfile.TarInfo.frombuf(block, "utf-8", "surrogateescape")
+                except tarfile.HeaderError:
+                    return "is not a tar file" if offset == 0 else f"has a damaged tar header at byte {offset}"
+                offset += 512 + -(-info.size // 512) * 512
+    except OSError as exc:
+        return f"cannot be read ({exc.strerror})"
+    if size == 0:
+        return "is empty"
+    return "is truncated"
+
+
+def _did_you_mean(name: str, known, prefix: str = "") -> str:
+    close = difflib.get_close_matches(name, list(known), n=1, cutoff=0.6)
+    listed = f"known are {', '.join(known)}"
+    return f"did you mean {prefix}{close[0]}? ({listed})" if close else listed
+
+
+def _yaml_load(text_or_file, origin: str) -> Any:
+    """yaml.safe_load with its errors as one line: a syntax error's position, or a refused tag."""
+    try:
+        return yaml.safe_load(text_or_file)
+    except yaml.constructor.ConstructorError as exc:
+        tag = next(iter(str(exc.problem).split("'")[1:2]), exc.problem)
+        where = f" at line {exc.problem_mark.line + 1}" if exc.problem_mark else ""
+        raise ConfigError(
+            f"{origin}: the YAML tag {tag!r}{where} is refused (configs are plain YAML: numbers, strings, lists, maps)"
+        ) from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"{origin} is not valid YAML{where}: {problem}") from None
+
+
 def _coerce(name: str, text: str, current: Any, annotation: Any) -> Any:
     """Parses an override string with YAML and checks it against the field's type."""
-    value = yaml.safe_load(text)
+    value = _yaml_load(text, name)
     kinds = str(annotation)
     if isinstance(current, bool) or kinds == "bool":
         if not isinstance(value, bool):
@@ -331,7 +480,8 @@ def _apply(section_obj: Any, section: str, values: dict[str, Any], origin: str) 
     for key, raw in values.items():
         name = f"{section}.{key}"
         if key not in fields:
-            raise ConfigError(f"{name} (from {origin}) is not a config field: known are {', '.join(fields)}")
+            hint = _did_you_mean(key, fields, section + ".")
+            raise ConfigError(f"{name} (from {origin}) is not a config field: {hint}")
         current = getattr(section_obj, key)
         value = _coerce(name, raw if isinstance(raw, str) else yaml.safe_dump(raw), current, fields[key].type)
         setattr(section_obj, key, value)
@@ -347,12 +497,16 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tu
                 f"--config {str(path)!r} does not exist: pass a YAML file such as configs/local/diffmoe-tiny.yaml"
             )
         with open(path) as f:
-            data = yaml.safe_load(f) or {}
+            data = _yaml_load(f, f"--config {str(path)!r}") or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"--config {str(path)!r} is not a YAML mapping of sections (model:, moe:, optim:, ...)")
         for section, values in data.items():
             if section not in sections:
                 raise ConfigError(
-                    f"{section} (in {path}) is not a config section: known are {', '.join(sorted(sections))}"
+                    f"{section} (in {path}) is not a config section: {_did_you_mean(str(section), sorted(sections))}"
                 )
+            if values is not None and not isinstance(values, dict):
+                raise ConfigError(f"{section} (in {path}) must map field names to values")
             _apply(getattr(cfg, section), section, values or {}, str(path))
     for item in overrides:
         if "=" not in item or "." not in item.split("=", 1)[0]:
@@ -360,7 +514,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tu
         key, text = item.split("=", 1)
         section, fname = key.split(".", 1)
         if section not in sections:
-            raise ConfigError(f"override {item!r} names no config section: known are {', '.join(sorted(sections))}")
+            raise ConfigError(f"override {item!r} names no config section: {_did_you_mean(section, sorted(sections))}")
         _apply(getattr(cfg, section), section, {fname: text}, "command line")
     return cfg
 

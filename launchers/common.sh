@@ -168,6 +168,79 @@ EOF
   fi
 }
 
+# The config and the files it names (data shards, a resume path), checked once before any rank
+# starts: a bad value is one line and exit 2 here, not one line per rank plus torchrun's traceback.
+# Always the real trainer's check (DIFFMOE_TRAIN may be a wrapper or a stub); DIFFMOE_VALIDATE=0
+# skips it. $1: the job's world size; $2 "values": the values only (before diffmoe_prepare_data makes
+# the digits shards), else the files too. Uses CONFIG and OVERRIDES; exports DIFFMOE_EXIT_STATUS_FILE
+# (see diffmoe_run_keeping_status) for the run directory it read.
+diffmoe_validate() {
+  local run_dir=runs/unnamed rc=0 values=()
+  [[ ${2:-} == values ]] && values=(--no-file-checks)
+  if [[ ${DIFFMOE_VALIDATE:-1} != 0 ]]; then
+    run_dir=$("$PYTHON" -m diffmoe_dist.train.cli --validate-only --world-size "$1" "${values[@]}" \
+      --config "$CONFIG" "${OVERRIDES[@]}") || rc=$?
+    ((rc == 0)) || exit "$rc" # the trainer printed the one line
+    # the ranks need not walk every shard's tar headers again
+    ((${#values[@]})) || export DIFFMOE_FILES_CHECKED=1
+  fi
+  [[ $run_dir == /* ]] || run_dir=$DIFFMOE_ROOT/$run_dir
+  mkdir -p "$(dirname "$run_dir")"
+  export DIFFMOE_EXIT_STATUS_FILE
+  DIFFMOE_EXIT_STATUS_FILE="$(dirname "$run_dir")/.$(basename "$run_dir").exit-status.$(hostname -s).$$"
+}
+
+# Runs a torchrun / mpirun command and keeps the trainer's "stopped, checkpoint saved, run me again"
+# status: both turn a rank's exit 75 into 1 (torchrun also kills the other ranks in their teardown),
+# so each rank appends "RANK 75" to DIFFMOE_EXIT_STATUS_FILE and exits 0 (train/cli.py), and this
+# exits 75 when all $1 ranks did. The file (diffmoe_validate names it) sits beside the run directory
+# (a shared file system for several hosts), never inside it. TERM, INT and HUP are forwarded to the launcher process, which
+# passes them to every rank (bash runs traps only between commands: the command runs in the
+# background and the shell waits). $1: world size, then the command.
+diffmoe_run_keeping_status() {
+  local world=$1
+  shift
+  if [[ ${DRY_RUN:-0} == 1 ]]; then
+    printf '%q ' "$@"
+    echo
+    exit 0
+  fi
+  [[ -n ${DIFFMOE_EXIT_STATUS_FILE:-} ]] || diffmoe_die "diffmoe_validate must run before diffmoe_run_keeping_status"
+  rm -f "$DIFFMOE_EXIT_STATUS_FILE"
+  diffmoe_log "$*"
+  "$@" &
+  local pid=$! rc=0 sig
+  for sig in TERM INT HUP; do
+    # shellcheck disable=SC2064
+    trap "diffmoe_log 'SIG$sig received: forwarding it'; kill -$sig $pid 2>/dev/null" "$sig"
+  done
+  while :; do
+    rc=0
+    wait "$pid" || rc=$?
+    # a wait that a trapped signal interrupted returns > 128 while the command may still run (or
+    # may have ended meanwhile: its status is then still to be collected; 127: it was collected)
+    if ((rc > 128)); then
+      kill -0 "$pid" 2>/dev/null && continue
+      local again=0
+      wait "$pid" 2>/dev/null || again=$?
+      ((again == 127)) || rc=$again
+    fi
+    break
+  done
+  trap - TERM INT HUP
+  local stopped=0
+  [[ -f $DIFFMOE_EXIT_STATUS_FILE ]] && stopped=$(wc -l <"$DIFFMOE_EXIT_STATUS_FILE")
+  rm -f "$DIFFMOE_EXIT_STATUS_FILE"
+  if ((stopped > 0)); then
+    diffmoe_log "$stopped of $world ranks exited $DIFFMOE_EXIT_REQUEUE (checkpoint saved, run again to resume); launcher exit $rc"
+    # every rank stopped cleanly after the checkpoint: what the launcher made of the last one's
+    # teardown (e.g. torchrun's status after a forwarded SIGTERM) does not matter
+    ((stopped >= world)) && rc=$DIFFMOE_EXIT_REQUEUE
+    ((rc != 0)) || rc=$DIFFMOE_EXIT_REQUEUE
+  fi
+  exit "$rc"
+}
+
 # Everything a launcher needs before it builds its command. $1: processes per node.
 diffmoe_setup() {
   cd "$DIFFMOE_ROOT" || diffmoe_die "cannot cd to $DIFFMOE_ROOT"
@@ -302,7 +375,10 @@ diffmoe_slurm_train() {
     exit 0
   fi
   # Data is made once, on the batch node, before any task starts (a shared file system is assumed).
+  diffmoe_validate "${SLURM_NTASKS:-1}" values
   diffmoe_prepare_data
+  diffmoe_validate "${SLURM_NTASKS:-1}"
+  unset DIFFMOE_EXIT_STATUS_FILE # each task's shell keeps the status 75 here (diffmoe_srun)
   diffmoe_log "job $SLURM_JOB_ID ($job) restart ${SLURM_RESTART_COUNT:-0}: ${SLURM_NTASKS:-?} tasks on ${SLURM_JOB_NODELIST:-?}, OMP_NUM_THREADS=$OMP_NUM_THREADS"
   diffmoe_log "${cmd[*]}"
   mkdir -p "$run_dir"

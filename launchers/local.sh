@@ -7,6 +7,8 @@
 #
 # -n N (or NPROC=N) processes; the arguments are dotted overrides; CONFIG, TRAIN_ARGS, threads,
 # allocator and data preparation (the digits shards are made when missing) as in common.sh.
+# The config is checked once before any rank starts (a bad value: one line, exit 2); the exit status
+# is the trainer's: 0 finished, 75 stopped by a signal or train.max_minutes after saving (run again).
 set -euo pipefail
 # shellcheck source=common.sh
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
@@ -21,8 +23,12 @@ fi
 diffmoe_resolve_config configs/local/diffmoe-tiny.yaml
 diffmoe_setup "$NPROC"
 diffmoe_overrides -- "$@"
-[[ ${DRY_RUN:-0} == 1 ]] || diffmoe_prepare_data
+if [[ ${DRY_RUN:-0} != 1 ]]; then
+  diffmoe_validate "$NPROC" values
+  diffmoe_prepare_data
+  diffmoe_validate "$NPROC"
+fi
 # --standalone: a rendezvous on localhost with a free port, so two local runs do not collide.
 # --no-python: torchrun runs TRAIN_CMD as given (it already names the interpreter).
-diffmoe_exec "$PYTHON" -m torch.distributed.run --standalone --nproc-per-node "$NPROC" --no-python \
-  "${TRAIN_CMD[@]}" --config "$CONFIG" "${OVERRIDES[@]}"
+diffmoe_run_keeping_status "$NPROC" "$PYTHON" -m torch.distributed.run --standalone --nproc-per-node "$NPROC" \
+  --no-python "${TRAIN_CMD[@]}" --config "$CONFIG" "${OVERRIDES[@]}"

@@ -7,6 +7,8 @@
 #
 # -n N (or NPROC=N) processes; MPIRUN_ARGS go to mpirun before the program; the arguments are dotted
 # overrides; CONFIG, TRAIN_ARGS, threads, allocator and data as in common.sh.
+# The config is checked once before any rank starts (a bad value: one line, exit 2); the exit status
+# is the trainer's: 0 finished, 75 stopped by a signal or train.max_minutes after saving (run again).
 set -euo pipefail
 # shellcheck source=common.sh
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
@@ -30,7 +32,11 @@ else
   diffmoe_setup "$NPROC"
 fi
 diffmoe_overrides -- "$@"
-[[ ${DRY_RUN:-0} == 1 ]] || diffmoe_prepare_data
+if [[ ${DRY_RUN:-0} != 1 ]]; then
+  diffmoe_validate "$NPROC" values
+  diffmoe_prepare_data
+  diffmoe_validate "$NPROC"
+fi
 
 # Rendezvous: on one machine, 127.0.0.1 and a free port. Across machines, leave MASTER_* unset
 # (unless given) and the trainer broadcasts rank 0's host and a free port through mpi4py.
@@ -49,8 +55,9 @@ opts=(-np "$NPROC")
 opts+=(--bind-to "${MPI_BIND:-none}")
 # Local processes inherit the environment; remote ones get only what -x names.
 for var in PATH VIRTUAL_ENV PYTHONPATH MASTER_ADDR MASTER_PORT OMP_NUM_THREADS MKL_NUM_THREADS \
-  MALLOC_MMAP_THRESHOLD_ MALLOC_TRIM_THRESHOLD_ NCCL_DEBUG NCCL_IB_TIMEOUT TORCH_NCCL_ASYNC_ERROR_HANDLING; do
+  MALLOC_MMAP_THRESHOLD_ MALLOC_TRIM_THRESHOLD_ NCCL_DEBUG NCCL_IB_TIMEOUT TORCH_NCCL_ASYNC_ERROR_HANDLING \
+  DIFFMOE_FILES_CHECKED DIFFMOE_EXIT_STATUS_FILE; do
   [[ -n ${!var:-} ]] && opts+=(-x "$var")
 done
-diffmoe_exec "$MPIRUN" "${opts[@]}" "${mpirun_args[@]}" --wdir "$DIFFMOE_ROOT" \
+diffmoe_run_keeping_status "$NPROC" "$MPIRUN" "${opts[@]}" "${mpirun_args[@]}" --wdir "$DIFFMOE_ROOT" \
   "${TRAIN_CMD[@]}" --config "$CONFIG" "${OVERRIDES[@]}"

@@ -64,10 +64,16 @@ def _child(
         results.put((rank, True, value))
     except BaseException:  # noqa: B036 - the parent must see every failure, with its traceback
         results.put((rank, False, traceback.format_exc()))
-        raise
-    finally:
         if init_process_group and dist.is_initialized():
             dist.destroy_process_group()
+        raise
+    # Torn down as a trainer's rank is (diffmoe-train): all ranks meet, the groups go, and the
+    # process ends without interpreter finalization, which would tear down gloo threads that
+    # destroy_process_group leaves running (diffmoe_dist.parallel.launch.exit_process).
+    from diffmoe_dist.parallel.launch import destroy_distributed, exit_process
+
+    destroy_distributed(barrier=dist.is_initialized())
+    exit_process(0)
 
 
 def run_distributed(

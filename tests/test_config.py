@@ -60,3 +60,157 @@ def test_every_shipped_config_validates():
     for path in paths:
         cfg = load_config(path)
         cfg.validate(world_size=cfg.parallel.expert_parallel_size * 2)
+
+
+# ---- every bad input: one line naming the field, before anything starts -------------------------
+@pytest.mark.parametrize(
+    "override, field",
+    [
+        ("optim.lr=nan", "optim.lr"),
+        ("optim.beta1=1.5", "optim.beta1"),
+        ("optim.beta2=-0.1", "optim.beta2"),
+        ("optim.weight_decay=-1", "optim.weight_decay"),
+        ("optim.eps=0", "optim.eps"),
+        ("optim.grad_clip=inf", "optim.grad_clip"),
+        ("model.image_size=0", "model.image_size"),
+        ("model.mlp_ratio=0", "model.mlp_ratio"),
+        ("model.num_classes=0", "model.num_classes"),
+        ("model.depth=0", "model.depth"),
+        ("model.hidden_size=0", "model.hidden_size"),
+        ("moe.interleave=7", "moe.interleave"),  # depth 6: no MoE block left
+        ("checkpoint.every=-2", "checkpoint.every"),
+        ("sample.per_class=0", "sample.per_class"),
+        ("sample.cfg_scale=nan", "sample.cfg_scale"),
+        ("sample.every=-1", "sample.every"),
+        ("logging.log_every=0", "logging.log_every"),
+        ("moe.aux_loss_weight=-1", "moe.aux_loss_weight"),
+        ("train.max_minutes=inf", "train.max_minutes"),
+        ("train.seed=-3", "train.seed"),
+        ("data.num_workers=-1", "data.num_workers"),
+    ],
+)
+def test_every_field_is_range_and_finiteness_checked(override, field):
+    cfg = load_config("configs/local/diffmoe-tiny.yaml", [override])
+    with pytest.raises(ConfigError) as err:
+        cfg.validate(world_size=2)
+    msg = str(err.value)
+    assert msg.startswith(field + "=") and "\n" not in msg
+
+
+def test_explicit_zero_sizes_are_refused_not_replaced_by_the_size_defaults():
+    cfg = load_config("configs/local/diffmoe-tiny.yaml", ["model.depth=0"])
+    assert cfg.model.resolved()[0] == 0  # config.yaml records 0: the model must not silently get 6
+    assert load_config("configs/local/diffmoe-tiny.yaml").model.resolved() == (6, 192, 6)
+
+
+def test_interleave_up_to_depth_keeps_an_moe_block_and_dense_ignores_it():
+    load_config("configs/local/diffmoe-tiny.yaml", ["moe.interleave=6"]).validate(world_size=2)
+    load_config("configs/local/dense-tiny.yaml", ["moe.interleave=7"]).validate(world_size=2)
+
+
+def test_yaml_syntax_error_and_python_tag_are_one_line(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  depth: 2\n   hidden_size: [\n")
+    with pytest.raises(ConfigError, match=r"not valid YAML at line \d+") as err:
+        load_config(bad)
+    assert "\n" not in str(err.value)
+    evil = tmp_path / "evil.yaml"
+    evil.write_text("model: !!python/object/apply:os.system ['touch pwned']\n")
+    with pytest.raises(ConfigError, match="python/object/apply:os.system.*refused") as err:
+        load_config(evil)
+    assert "\n" not in str(err.value) and not (tmp_path / "pwned").exists()
+    with pytest.raises(ConfigError, match="optim.lr is not valid YAML"):
+        load_config("configs/local/dense-tiny.yaml", ["optim.lr=["])
+    listy = tmp_path / "list.yaml"
+    listy.write_text("- model\n")
+    with pytest.raises(ConfigError, match="not a YAML mapping"):
+        load_config(listy)
+
+
+def test_unknown_keys_say_which_was_meant(tmp_path):
+    with pytest.raises(ConfigError, match=r"did you mean moe\.capacity\?"):
+        load_config("configs/local/diffmoe-tiny.yaml", ["moe.capacty=1"])
+    with pytest.raises(ConfigError, match=r"did you mean model\?"):
+        load_config("configs/local/diffmoe-tiny.yaml", ["modle.depth=2"])
+    typo = tmp_path / "typo.yaml"
+    typo.write_text("optim:\n  learning_rat: 1e-3\n")
+    with pytest.raises(ConfigError, match="not a config field: known are"):  # nothing close: the list
+        load_config(typo)
+    typo.write_text("optimm:\n  lr: 1e-3\n")
+    with pytest.raises(ConfigError, match=r"did you mean optim\?"):
+        load_config(typo)
+
+
+# ---- files the run reads: resume path, data path, manifest, every shard's tar headers ----------
+@pytest.fixture(scope="module")
+def digits_copy(tmp_path_factory):
+    import subprocess
+    import sys
+
+    out = tmp_path_factory.mktemp("digits") / "digits"
+    cmd = [sys.executable, "tools/make_shards.py", "digits", "--out", str(out)]
+    subprocess.run(cmd, check=True, capture_output=True)
+    return out
+
+
+def _files_error(tmp_path, *overrides) -> str:
+    cfg = load_config("configs/local/diffmoe-tiny.yaml", list(overrides))
+    with pytest.raises(ConfigError) as err:
+        cfg.validate(world_size=2, files=True)
+    assert "\n" not in str(err.value)
+    return str(err.value)
+
+
+def test_file_checks_pass_on_real_shards(digits_copy):
+    load_config("configs/local/diffmoe-tiny.yaml", [f"data.path={digits_copy}"]).validate(world_size=2, files=True)
+
+
+def test_missing_or_empty_data_and_missing_resume_path_are_one_line(digits_copy, tmp_path):
+    msg = _files_error(tmp_path, f"data.path={tmp_path}/nope")
+    assert msg.startswith("data.path=") and "does not exist" in msg and "make_shards.py" in msg
+    (tmp_path / "empty" / "train").mkdir(parents=True)
+    assert "has no train/manifest.json" in _files_error(tmp_path, f"data.path={tmp_path}/empty")
+    msg = _files_error(tmp_path, f"data.path={digits_copy}", f"train.resume={tmp_path}/missing/path")
+    assert msg.startswith("train.resume=") and "does not exist" in msg
+
+
+def _damaged_copy(digits_copy, tmp_path, damage) -> str:
+    import shutil
+
+    out = tmp_path / "damaged"
+    shutil.copytree(digits_copy, out)
+    damage(out / "train" / "shard-000002.tar")
+    return str(out)
+
+
+def test_a_shard_that_is_not_a_tar_is_named(digits_copy, tmp_path):
+    path = _damaged_copy(digits_copy, tmp_path, lambda p: p.write_bytes(b"<html>not found</html>\n" * 100))
+    msg = _files_error(tmp_path, f"data.path={path}")
+    assert "shard-000002.tar is not a tar file" in msg
+
+
+@pytest.mark.parametrize("cut", ["half", "before_end_blocks", "block_edge"])
+def test_a_truncated_shard_is_named(digits_copy, tmp_path, cut):
+    import tarfile
+
+    def truncate(p):
+        data = p.read_bytes()
+        last = tarfile.open(p).getmembers()[-1]
+        end = last.offset_data + -(-last.size // 512) * 512  # where the end-of-archive blocks start
+        keep = {"half": len(data) // 2, "before_end_blocks": end, "block_edge": 512 * 20}[cut]
+        p.write_bytes(data[:keep])
+
+    path = _damaged_copy(digits_copy, tmp_path, truncate)
+    assert "shard-000002.tar is truncated" in _files_error(tmp_path, f"data.path={path}")
+
+
+def test_a_manifest_listing_no_samples_is_refused(digits_copy, tmp_path):
+    import json
+
+    def empty(p):
+        manifest = p.parent / "manifest.json"
+        data = json.loads(manifest.read_text())
+        manifest.write_text(json.dumps({**data, "shards": [], "num_samples": 0}))
+
+    path = _damaged_copy(digits_copy, tmp_path, empty)
+    assert "lists no samples" in _files_error(tmp_path, f"data.path={path}")

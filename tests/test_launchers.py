@@ -212,3 +212,55 @@ def test_data_and_runs_locations_are_set_in_one_place(tmp_path):
     # an absolute data.path given by the user is left alone
     cmd = dry_run("local.sh", "-n", "2", "data.path=/elsewhere/digits", **env)
     assert "data.path=/elsewhere/digits" in cmd and f"data.path={data}/digits" not in cmd
+
+
+# ---- one check before any rank starts; the trainer's exit status 75 kept -----------------------
+@pytest.mark.parametrize(
+    "script, env",
+    [
+        ("local.sh", {}),
+        pytest.param("mpi.sh", {}, marks=pytest.mark.skipif(not HAVE_MPIRUN, reason="no mpirun")),
+        ("t2i_256gpu.sh", {"SLURM_JOB_ID": "4242", "SLURM_NTASKS": "4"}),  # fails before srun is needed
+        ("c2i.sh", {"SLURM_JOB_ID": "4242", "SLURM_NTASKS": "4"}),
+    ],
+)
+@pytest.mark.parametrize(
+    "bad, field",
+    [("optim.lr=nan", "optim.lr"), ("moe.capacty=2", "moe.capacity"), ("train.resume=/missing/path", "train.resume")],
+)
+def test_bad_config_is_one_line_and_exit_2_before_any_rank_starts(script, env, bad, field, tmp_path):
+    env = {"CONFIG": "configs/local/diffmoe-tiny.yaml", "RUNS": str(tmp_path), **env}
+    res = launch(script, "-n", "2", bad, env=env) if script in ("local.sh", "mpi.sh") else launch(script, bad, env=env)
+    lines = res.stderr.strip().splitlines()
+    assert res.returncode == 2, res.stderr[-2000:]
+    assert len(lines) == 1 and lines[0].startswith("diffmoe-train: error: ") and field in lines[0], res.stderr
+    assert not (tmp_path / "diffmoe-tiny").exists()
+
+
+def test_bad_data_is_one_line_before_any_rank_starts(tmp_path):
+    (tmp_path / "empty" / "train").mkdir(parents=True)
+    res = launch("local.sh", "-n", "2", f"data.path={tmp_path}/empty")
+    assert res.returncode == 2 and res.stderr.strip().count("\n") == 0 and "manifest.json" in res.stderr
+
+
+@pytest.fixture(scope="module")
+def digits_path(tmp_path_factory):
+    out = tmp_path_factory.mktemp("d") / "digits"
+    subprocess.run([sys.executable, "tools/make_shards.py", "digits", "--out", str(out)], cwd=REPO, check=True,
+                   capture_output=True)  # fmt: skip
+    return out
+
+
+@pytest.mark.parametrize(
+    "script", ["local.sh", pytest.param("mpi.sh", marks=pytest.mark.skipif(not HAVE_MPIRUN, reason="no mpirun"))]
+)
+def test_launcher_keeps_the_trainers_exit_75_after_a_stop(script, digits_path, tmp_path):
+    # train.max_minutes ends the run after its first step: every rank saves and exits 75, which
+    # torchrun alone turns into 1 (and a ChildFailedError traceback).
+    run_dir = tmp_path / "run"
+    over = [*TINY, "train.steps=50", "train.max_minutes=0.0001", f"data.path={digits_path}", f"train.run_dir={run_dir}"]
+    res = launch(script, "-n", "2", *over, env={"DIFFMOE_NO_MEGATRON": "1"}, timeout=240)
+    assert res.returncode == 75, res.stdout[-2000:] + res.stderr[-3000:]
+    assert "2 of 2 ranks exited 75" in res.stderr and "ChildFailedError" not in res.stderr
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_0000001"
+    assert not list(tmp_path.glob(".run.exit-status.*"))  # the status file is gone with the launcher

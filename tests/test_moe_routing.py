@@ -115,3 +115,21 @@ def test_dynamic_counts_tokens_above_threshold_then_takes_top_by_router_score():
     assert mask[:, 0].tolist() == [True, False, False, False]
     assert mask[:, 1].tolist() == [False, True, True, True]
     assert routers.capacity_avg(k_E, 4) == (2 * 1 / 4 + 2 * 3 / 4) / 2
+
+
+def test_router_scores_are_batch_invariant_bit_for_bit():
+    # A row's score must not depend on how many rows share its matrix product (a rank of the dp
+    # pool may hold 1 token) nor on its position: the dp pool's exactness rests on it.
+    g = torch.Generator().manual_seed(0)
+    for dim, experts in ((48, 16), (384, 16), (384, 4)):
+        w = torch.randn(experts, dim, generator=g) * 0.02
+        x = torch.randn(700, dim, generator=g)
+        full = routers.router_scores(x, w)
+        for n in [*range(1, 20), 127, 128, 129, 300]:
+            for start in (0, 3, 131, 399):
+                assert torch.equal(routers.router_scores(x[start : start + n], w), full[start : start + n]), (
+                    dim,
+                    experts,
+                    n,
+                    start,
+                )

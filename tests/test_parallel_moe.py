@@ -200,3 +200,50 @@ def test_parallelize_keeps_one_process_model_unchanged():
     assert isinstance(layer.pool, LocalPool) and layer.experts.num_local == EXPERTS
     for name, value in layer.state_dict().items():
         assert torch.equal(value, before[name])
+
+
+# ---- router scores are batch invariant: a 1-token rank and ties that straddle ranks -------------
+TIE_DIM, TIE_EXPERTS = 48, 16
+
+
+def _tie_layer(pool: str) -> MoEFeedForward:
+    torch.manual_seed(3)
+    cfg = MoEConfig(router="expert_choice_global", num_experts=TIE_EXPERTS, capacity=1.0, pool=pool)
+    layer = MoEFeedForward(TIE_DIM, 16, cfg)
+    with torch.no_grad():
+        layer.router_weight_ED.normal_(0, 0.5)  # non-integer logits: their rounding depends on the kernel
+    return layer
+
+
+def _tie_tokens(seed: int) -> torch.Tensor:
+    """64 tokens, copies of 5 prototypes (so every score ties with others bitwise); token 0 is rank
+    0's only token and a copy of tokens on rank 1."""
+    g = torch.Generator().manual_seed(seed)
+    prototypes = torch.randn(5, TIE_DIM, generator=g)
+    index = torch.randint(0, 5, (64,), generator=g)
+    index[0] = index[1 + int(torch.randint(0, 63, (1,), generator=g))]
+    return prototypes[index].view(1, 64, TIE_DIM)
+
+
+def _one_token_rank_matches(rank: int, world_size: int, seeds: list[int]) -> list[int]:
+    dims = build_parallel_dims(1, TIE_EXPERTS)
+    layer = parallelize(_tie_layer("dp"), dims, MoEConfig(pool="dp"))
+    ref_layer = _tie_layer("dp")
+    rows = slice(0, 1) if rank == 0 else slice(1, 64)  # rank 0 holds one token, rank 1 the other 63
+    differ = []
+    for seed in seeds:
+        x_all = _tie_tokens(seed)
+        with torch.no_grad():
+            layer(x_all[:, rows].contiguous())
+            ref_layer(x_all)
+        if not torch.equal(layer.last_assignment.mask_NE, ref_layer.last_assignment.mask_NE[rows]):
+            differ.append(seed)
+    return differ
+
+
+def test_one_token_rank_and_straddling_ties_select_as_one_process_on_the_concatenation():
+    """Pool dp on 2 gloo ranks, rank 0 with a single token whose exact copies sit on rank 1: each
+    expert's k-th score is a tie across ranks, broken by global index only if rank 0's lone score has
+    the same bits as its copies' (a one-row matrix product rounds differently: routers.py)."""
+    per_rank = run_distributed(_one_token_rank_matches, 2, list(range(12)))
+    assert per_rank == [[], []], f"selection differs from one process for seeds {per_rank}"

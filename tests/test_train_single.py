@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -138,10 +139,14 @@ def test_sample_and_eval_clis_read_the_run(digits, tmp_path):
         check=True,
         capture_output=True,
         text=True,
-        env=env,
+        env={**env, "DIFFMOE_NO_PROGRESS": "0"},  # the progress bar must not reach stdout either
     )
-    result = json.loads(out.stdout.strip().splitlines()[-1])
+    result = json.loads(out.stdout)  # the JSON alone on stdout: `diffmoe-eval ... | tee eval.json` parses
     assert 0.0 <= result["class_accuracy"] <= 1.0 and result["digits_fid"] > 0 and result["capacity_avg"] > 0
+    # logs go to stderr: the first classifier training (fresh cache dir) and the sampling speed
+    assert "trained digits classifier in" in out.stderr
+    assert "sampling 20 images" in out.stderr and "model evaluations" in out.stderr
+    assert re.search(r"sampled 20 images \(euler, 2 steps, CFG 2.0\) in [\d.]+ s: [\d.]+ images/s", out.stderr)
 
 
 def test_train_cli_rejects_bad_values_before_starting(tmp_path):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import sys
 import tempfile
 import time
 import warnings
@@ -191,5 +192,7 @@ def load_or_train_classifier(cache_dir: str | os.PathLike | None = None) -> Digi
     except OSError as exc:
         warnings.warn(f"could not cache the digits classifier at {path} ({exc})", stacklevel=2)
     elapsed = time.perf_counter() - start
-    print(f"trained digits classifier in {elapsed:.1f}s, held-out accuracy {accuracy:.2%}; cached at {path}")
+    # stderr: the evaluators' stdout carries their JSON alone (`diffmoe-eval ... | tee eval.json`)
+    msg = f"trained digits classifier in {elapsed:.1f}s, held-out accuracy {accuracy:.2%}; cached at {path}"
+    print(msg, file=sys.stderr)
     return model

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import sys
+import time
 
 import torch
 
@@ -54,17 +57,28 @@ def _sample_batched(
 ) -> tuple[torch.Tensor, float | None]:
     meter = CapacityMeter(model)
     out = []
-    for i, chunk in enumerate(labels.split(args.batch_size)):
-        out.append(
-            sample_images(
-                model,
-                chunk,
-                cfg_scale=args.cfg_scale,
-                num_steps=args.steps,
-                sampler=args.sampler,
-                seed=args.seed + i,
+    evals = args.steps * (2 if args.sampler == "heun" else 1)  # velocity evaluations per batch
+    chunks = labels.split(args.batch_size)
+    t0 = time.perf_counter()
+    with _progress(f"sampling {len(labels)} images", len(chunks) * evals) as advance:
+        for i, chunk in enumerate(chunks):
+            out.append(
+                sample_images(
+                    model,
+                    chunk,
+                    cfg_scale=args.cfg_scale,
+                    num_steps=args.steps,
+                    sampler=args.sampler,
+                    seed=args.seed + i,
+                    on_evaluation=advance,
+                )
             )
-        )
+    seconds = time.perf_counter() - t0
+    print(
+        f"sampled {len(labels)} images ({args.sampler}, {args.steps} steps, CFG {args.cfg_scale}) in {seconds:.1f} s: "
+        f"{len(labels) / max(seconds, 1e-9):.2f} images/s",
+        file=sys.stderr,
+    )
     meter.close()
     if per_step is not None and meter.values:  # C_avg per ODE step (routing telemetry at evaluation)
         from diffmoe_dist.model.moe.layer import moe_layers
@@ -78,6 +92,27 @@ def _sample_batched(
 
     decoder = build_decoder(args.cfg.data.path, args.vae or args.cfg.sample.vae)
     return (images if decoder is None else decoder(images)), meter.mean
+
+
+@contextlib.contextmanager
+def _progress(description: str, total: int):
+    """A rich progress bar on stderr (stdout carries the JSON alone); off with DIFFMOE_NO_PROGRESS=1.
+    Yields the function that advances it by one velocity evaluation."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    progress = Progress(
+        TextColumn(description),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("model evaluations"),
+        TimeRemainingColumn(),
+        console=Console(file=sys.stderr),
+        disable=os.environ.get("DIFFMOE_NO_PROGRESS") == "1",
+    )
+    task = progress.add_task(description, total=total)
+    with progress:
+        yield lambda: progress.advance(task)
 
 
 def _prompt_model(model, cfg, captions: list[str]):
@@ -143,6 +178,15 @@ def eval_main(argv=None) -> int:
         help="TorchScript feature extractor file (e.g. Inception); default: digits CNN",
     )
     args = p.parse_args(argv)
+    # stdout carries the JSON alone (`diffmoe-eval ... | tee eval.json` must parse): whatever a
+    # library or the classifier's first training prints goes to stderr.
+    with contextlib.redirect_stdout(sys.stderr):
+        result = _evaluate(args)
+    print(json.dumps(result))
+    return 0
+
+
+def _evaluate(args) -> dict:
     model, cfg = _prepare(args)
     from diffmoe_dist.eval.metrics import evaluate_images
 
@@ -179,5 +223,4 @@ def eval_main(argv=None) -> int:
             "routing": args.routing or (cfg.moe.inference if cfg.moe.router == "expert_choice_global" else None),
         }
     )
-    print(json.dumps(result))
-    return 0
+    return result

@@ -20,8 +20,10 @@ def sample_images(
     sampler: str,
     seed: int,
     device: torch.device | str = "cpu",
+    on_evaluation=None,
 ) -> torch.Tensor:
-    """Returns images_BCHW in [-1, 1] for the given class labels (EMA model expected)."""
+    """Returns images_BCHW in [-1, 1] for the given class labels (EMA model expected).
+    ``on_evaluation()``, if given, is called after each velocity evaluation (progress bars)."""
     was_training = model.training
     model.eval()
     g = torch.Generator(device="cpu").manual_seed(seed)
@@ -29,7 +31,10 @@ def sample_images(
     labels_B = labels_B.to(device)
 
     def velocity(x, t):
-        return model.forward_with_cfg(x, t, labels_B, cfg_scale).float()
+        v = model.forward_with_cfg(x, t, labels_B, cfg_scale).float()
+        if on_evaluation is not None:
+            on_evaluation()
+        return v
 
     out = sample_ode(velocity, noise, num_steps, sampler).clamp(-1, 1)
     model.train(was_training)

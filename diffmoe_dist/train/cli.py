@@ -8,6 +8,11 @@ config change: one line naming the choices); 75 stopped early by SIGTERM, SIGUSR
 train.max_minutes after saving a checkpoint ("run me again": train.resume=auto continues);
 anything else is a crash (resume from the last periodic checkpoint). A signal that arrives after
 the run finished or stopped (during the final save or the teardown) does not change the status.
+With DIFFMOE_EXIT_STATUS_FILE set (by launchers/local.sh and mpi.sh), a stopped rank appends
+"RANK 75" there and exits 0 instead.
+
+`--validate-only [--world-size N]` checks the config and the files it names, prints train.run_dir
+and exits 0, or prints one line and exits 2.
 """
 
 from __future__ import annotations
@@ -24,17 +29,37 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="diffmoe-train", description=__doc__)
     p.add_argument("--config", required=True, help="YAML file, e.g. configs/local/diffmoe-tiny.yaml")
     p.add_argument("overrides", nargs="*", help="dotted overrides such as optim.lr=3e-4 model.depth=6")
+    p.add_argument(
+        "--validate-only",
+        action="store_true",
+        help="check the config and the files it names (data, resume path), then exit 0 or 2; the launchers "
+        "run this once before starting any rank",
+    )
+    p.add_argument(
+        "--world-size", type=int, default=None, help="with --validate-only: the number of ranks the job will have"
+    )
+    p.add_argument(
+        "--no-file-checks", action="store_true", help="with --validate-only: the values only (data may be made next)"
+    )
     return p.parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from diffmoe_dist.parallel.launch import read_launch_env
-
-    env = read_launch_env(dict(os.environ))
     try:
-        # Every bad value is reported before any process group or model is built.
-        cfg = load_config(args.config, args.overrides).validate(world_size=env.world_size)
+        # Every bad value is reported before any process group or model is built. A launcher that
+        # ran --validate-only already checked the files once (DIFFMOE_FILES_CHECKED=1): its ranks
+        # do not walk every shard's headers again.
+        if args.validate_only:  # no torch import: the launchers' check takes a fraction of a second
+            cfg = load_config(args.config, args.overrides)
+            cfg.validate(world_size=args.world_size or 1, files=not args.no_file_checks)
+            print(cfg.train.run_dir)
+            return 0
+        from diffmoe_dist.parallel.launch import read_launch_env
+
+        env = read_launch_env(dict(os.environ))
+        files = os.environ.get("DIFFMOE_FILES_CHECKED") != "1"
+        cfg = load_config(args.config, args.overrides).validate(world_size=env.world_size, files=files)
     except ConfigError as exc:
         print(f"diffmoe-train: error: {exc}", file=sys.stderr)
         return 2
@@ -110,14 +135,28 @@ def _train(cfg, env) -> int:
                 }
             )
         )
-    if distributed:
-        from diffmoe_dist.parallel.launch import destroy_distributed
-
-        destroy_distributed()
+    status = 0
     if result.get("stopped"):
         from diffmoe_dist.train.preemption import EXIT_REQUEUE
 
-        return EXIT_REQUEUE
+        status = _requeue_status(env.rank, EXIT_REQUEUE)
+    if dims is not None:
+        from diffmoe_dist.parallel.launch import destroy_distributed, exit_process
+
+        destroy_distributed(barrier=True)
+        exit_process(status)  # no interpreter finalization with gloo threads still running
+    return status
+
+
+def _requeue_status(rank: int, status: int) -> int:
+    """torchrun and mpirun turn a rank's exit 75 into 1 (and kill its peers in their teardown): under
+    a launcher that names DIFFMOE_EXIT_STATUS_FILE, each rank appends its rank there and exits 0;
+    the launcher exits 75 when every rank did (launchers/common.sh, diffmoe_run_keeping_status)."""
+    path = os.environ.get("DIFFMOE_EXIT_STATUS_FILE")
+    if not path:
+        return status
+    with open(path, "a") as f:  # one short line per rank: O_APPEND writes do not interleave
+        f.write(f"{rank} {status}\n")
     return 0
 
 
