@@ -234,7 +234,7 @@ def test_a_missing_or_corrupt_shard_is_one_line_naming_it(digits, tmp_path):
         check_shards(bad)
     assert "\n" not in str(info.value)
     shard.write_bytes(b"\x01" * len(original))  # same size, garbage header
-    with pytest.raises(ShardError, match=r"shard-000003\.tar is corrupt: its first tar header is unreadable"):
+    with pytest.raises(ShardError, match=r"shard-000003\.tar is not a tar file: its first header is unreadable"):
         check_shards(bad)
     # Rank 1 of 2 reads the headers of shards 1, 3, 5 only; rank 0 does not open shard 3.
     check_shards(bad / "train", rank=0, world_size=2)
@@ -256,7 +256,7 @@ def test_a_missing_or_corrupt_shard_is_one_line_naming_it(digits, tmp_path):
     assert out.returncode == 2
     lines = out.stderr.strip().splitlines()
     assert (
-        len(lines) == 1 and lines[0].startswith("diffmoe-train: error: data.path:") and "shard-000003.tar" in lines[0]
+        len(lines) == 1 and lines[0].startswith("diffmoe-train: error: data.path=") and "shard-000003.tar" in lines[0]
     )
 
     # A shard damaged inside, past what the cheap check reads, is named by the loader.

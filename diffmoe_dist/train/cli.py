@@ -59,16 +59,11 @@ def main(argv=None) -> int:
 
         env = read_launch_env(dict(os.environ))
         files = os.environ.get("DIFFMOE_FILES_CHECKED") != "1"
-        cfg = load_config(args.config, args.overrides).validate(world_size=env.world_size, files=files)
+        cfg = load_config(args.config, args.overrides).validate(
+            world_size=env.world_size, files=files, files_share=(env.rank, env.world_size)
+        )
     except ConfigError as exc:
         print(f"diffmoe-train: error: {exc}", file=sys.stderr)
-        return 2
-    from diffmoe_dist.data.stream import ShardError, check_shards
-
-    try:  # a missing or damaged shard, before any process group: each rank reads 1/W of the headers
-        check_shards(cfg.data.path, env.rank, env.world_size)
-    except ShardError as exc:
-        print(f"diffmoe-train: error: data.path: {exc}", file=sys.stderr)
         return 2
     from diffmoe_dist.train.preemption import SignalGuard
 
