@@ -358,16 +358,14 @@ def _validate_deepspeed_json(train: TrainConfig) -> None:
 
 
 def check_files(cfg: Config, rank: int = 0, world_size: int = 1) -> None:
-    """What the run will read, checked before anything starts: a ``train.resume`` path, the
-    text encoder directory, and the training shards (`check_shards`)."""
+    """What the run will read, checked before anything starts: a ``train.resume`` path and the
+    training shards (`check_shards`). (The text encoder is only loaded to sample: not checked.)"""
     tr = cfg.train
     if tr.resume not in ("auto", "never", "archive"):
         if not os.path.exists(tr.resume):
             _fail("train.resume", tr.resume, "does not exist: use auto, never, or a run / checkpoint directory")
         if not os.path.isdir(tr.resume):
             _fail("train.resume", tr.resume, "is not a directory: pass a run directory or its step_* directories")
-    if cfg.model.task == "t2i" and cfg.data.text_encoder != "minilm" and not os.path.isdir(cfg.data.text_encoder):
-        _fail("data.text_encoder", cfg.data.text_encoder, "use minilm or a local Hugging Face model directory")
     check_shards(cfg.data.path, rank, world_size)
 
 

@@ -214,3 +214,21 @@ def test_a_manifest_listing_no_samples_is_refused(digits_copy, tmp_path):
 
     path = _damaged_copy(digits_copy, tmp_path, empty)
     assert "lists no samples" in _files_error(tmp_path, f"data.path={path}")
+
+
+@pytest.mark.parametrize("bad", ["optim.lr=nan", "damaged_shard", "model.depth=0"])
+def test_train_cli_as_a_torchrun_rank_prints_one_line_and_exits_2_before_any_group(bad, digits_copy, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    path = digits_copy
+    if bad == "damaged_shard":
+        path = _damaged_copy(digits_copy, tmp_path, lambda p: p.write_bytes(p.read_bytes()[:5000]))
+    # a torchrun rank whose master does not exist: building a process group would hang, not exit 2
+    env = {**os.environ, "RANK": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "9"}
+    over = [f"data.path={path}"] + ([] if bad == "damaged_shard" else [bad])
+    cmd = [sys.executable, "-m", "diffmoe_dist.train.cli", "--config", "configs/local/diffmoe-tiny.yaml", *over]
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2, res.stderr[-2000:]
+    assert res.stderr.count("\n") == 1 and res.stderr.startswith("diffmoe-train: error: "), res.stderr
