@@ -141,7 +141,7 @@ def test_unknown_keys_say_which_was_meant(tmp_path):
         load_config(typo)
 
 
-# ---- files the run reads: resume path, data path, manifest, every shard's tar headers ----------
+# ---- files the run reads: resume path, data path, manifest, each shard's size and first header ----------
 @pytest.fixture(scope="module")
 def digits_copy(tmp_path_factory):
     import subprocess
