@@ -115,6 +115,12 @@ diffmoe_overrides() {
   diffmoe_locations
 }
 
+# A config read above failed: status 2 means the line naming the field is printed already.
+diffmoe_config_failed() {
+  (($1 == 2)) && exit 2
+  diffmoe_die "$2"
+}
+
 # DIFFMOE_DATA / DIFFMOE_RUNS (when set) for relative data/... and runs/... paths of the config and
 # overrides; appended last, so the paths resolve to the same place on every node.
 diffmoe_locations() {
@@ -126,12 +132,13 @@ import sys
 from diffmoe_dist.config import ConfigError, load_config
 try:
     cfg = load_config(sys.argv[1], sys.argv[2:])
-except ConfigError as exc:
-    sys.exit(f"config error: {exc}")
+except ConfigError as exc:  # the trainer's own line, once (the launchers' contract: one line, exit 2)
+    print(f"diffmoe-train: error: {exc}", file=sys.stderr)
+    sys.exit(2)
 print(cfg.data.path)
 print(cfg.train.run_dir)
 EOF
-  ) || diffmoe_die "cannot read data.path / train.run_dir from $CONFIG ${OVERRIDES[*]}"
+  ) || diffmoe_config_failed $? "cannot read data.path / train.run_dir from $CONFIG ${OVERRIDES[*]}"
   {
     read -r data
     read -r run
@@ -153,10 +160,11 @@ import sys
 from diffmoe_dist.config import ConfigError, load_config
 try:
     print(load_config(sys.argv[1], sys.argv[2:]).data.path)
-except ConfigError as exc:
-    sys.exit(f"config error: {exc}")
+except ConfigError as exc:  # the trainer's own line, once (the launchers' contract: one line, exit 2)
+    print(f"diffmoe-train: error: {exc}", file=sys.stderr)
+    sys.exit(2)
 EOF
-  ) || diffmoe_die "cannot read data.path from $CONFIG ${OVERRIDES[*]}"
+  ) || diffmoe_config_failed $? "cannot read data.path from $CONFIG ${OVERRIDES[*]}"
   [[ -e $path ]] && return 0
   local kind
   kind=$(basename "$path")

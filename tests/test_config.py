@@ -174,12 +174,12 @@ def test_missing_or_empty_data_and_missing_resume_path_are_one_line(digits_copy,
     assert msg.startswith("train.resume=") and "does not exist" in msg
 
 
-def _damaged_copy(digits_copy, tmp_path, damage) -> str:
+def _damaged_copy(digits_copy, tmp_path, damage, shard: int = 2) -> str:
     import shutil
 
     out = tmp_path / "damaged"
     shutil.copytree(digits_copy, out)
-    damage(out / "train" / "shard-000002.tar")
+    damage(out / "train" / f"shard-{shard:06d}.tar")
     return str(out)
 
 
@@ -224,7 +224,8 @@ def test_train_cli_as_a_torchrun_rank_prints_one_line_and_exits_2_before_any_gro
 
     path = digits_copy
     if bad == "damaged_shard":
-        path = _damaged_copy(digits_copy, tmp_path, lambda p: p.write_bytes(p.read_bytes()[:5000]))
+        # shard 3 is rank 1's to check (shards r, r + W, ...); torchrun ends the peers of a rank that exits
+        path = _damaged_copy(digits_copy, tmp_path, lambda p: p.write_bytes(p.read_bytes()[:5000]), shard=3)
     # a torchrun rank whose master does not exist: building a process group would hang, not exit 2
     env = {**os.environ, "RANK": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "9"}
     over = [f"data.path={path}"] + ([] if bad == "damaged_shard" else [bad])
