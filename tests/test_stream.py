@@ -200,6 +200,10 @@ def test_workers_outlive_the_stop_signals_that_reach_the_whole_job(digits):
     for s in range(1, 6):
         assert torch.equal(loader.next_batch()["y"], ref[s]["y"])
     loader.close()
+    # ... and a process that exits without closing its loader still exits (multiprocessing's exit
+    # hook SIGTERMs daemonic workers and joins them: ignored, that join would never return).
+    code = "import sys; from tests.test_stream import _stream as s; s(sys.argv[1], 8, 0, 1, num_workers=2).next_batch()"
+    subprocess.run([sys.executable, "-c", code, str(digits / "train")], cwd=REPO_ROOT, check=True, timeout=120)
 
 
 def test_bf16_text_is_stored_as_bits_and_read_without_a_float_copy(tmp_path):

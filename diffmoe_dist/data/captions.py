@@ -127,23 +127,27 @@ def text_tensors(data: dict, cfg, data_path: str) -> dict[str, torch.Tensor]:
 def grid_prompts(data_path: str, count: int) -> dict:
     """Prompts for training-time sample grids, without running an encoder: from the first shard of
     the held-out split (else train), the first caption of each class 0..count-1 (or, for data
-    without classes, cls = -1, the first `count` captions). Returns text, mask, caption, cls."""
-    import webdataset as wds
-
-    from diffmoe_dist.data.shards import MANIFEST, shard_urls
+    without classes, cls = -1, the first `count` captions). Returns text, mask, caption, cls.
+    Reads the first shard's class labels and then only the picked samples (data/stream.py): a
+    shard of T5-XXL features is ~1 GB, and every rank draws a grid."""
+    from diffmoe_dist.data.shards import MANIFEST
+    from diffmoe_dist.data.stream import ShardSamples
 
     root = Path(data_path)
     split_dir = root / "heldout" if (root / "heldout" / MANIFEST).is_file() else root / "train"
-    first = shard_urls(split_dir)[0]  # a bounded read: a real held-out split can be large
-    dataset = wds.WebDataset([first], shardshuffle=False, nodesplitter=lambda s: s, workersplitter=lambda s: s)
-    rows = sorted(dataset.decode(), key=lambda r: r["__key__"])
-    by_class = {}
-    for row in rows:
-        by_class.setdefault(int(row["cls"]), row)
-    picked = [by_class[c] for c in range(count) if c in by_class] or rows[:count]
+    labels = ShardSamples(split_dir, {"cls": "cls"})
+    first_shard = range(int(labels.ends[0]))  # samples in key order (make_shards writes them so)
+    by_class: dict[int, int] = {}
+    for i in first_shard:
+        by_class.setdefault(int(labels[i]["cls"]), i)
+    labels.close()
+    picked = [by_class[c] for c in range(count) if c in by_class] or list(first_shard)[:count]
+    rows = ShardSamples(split_dir, {"text": "text.npy", "mask": "mask.npy", "caption": "caption.txt", "cls": "cls"})
+    samples = [rows[i] for i in picked]
+    rows.close()
     return {
-        "text": torch.from_numpy(np.stack([r["text.npy"] for r in picked])).float(),
-        "mask": torch.from_numpy(np.stack([r["mask.npy"] for r in picked])).bool(),
-        "caption": [r["caption.txt"] for r in picked],
-        "cls": [int(r["cls"]) for r in picked],
+        "text": torch.stack([r["text"] for r in samples]).float(),
+        "mask": torch.stack([r["mask"] for r in samples]).bool(),
+        "caption": [r["caption"] for r in samples],
+        "cls": [int(r["cls"]) for r in samples],
     }

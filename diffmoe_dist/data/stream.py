@@ -28,8 +28,10 @@ the standard library's tarfile build the offsets (`tar_index`), once, when the s
 
 from __future__ import annotations
 
+import atexit
 import io
 import os
+import weakref
 import tarfile
 from collections import OrderedDict
 from pathlib import Path
@@ -236,11 +238,17 @@ class _Collate:
         return torch.utils.data.default_collate(samples)
 
 
+def _close_at_exit(ref: weakref.ref) -> None:
+    loader = ref()
+    if loader is not None:
+        loader.close()
+
+
 def _ignore_stop_signals(worker_id: int) -> None:
     """SIGTERM / SIGUSR1 (preemption, Slurm's time-limit warning) reach every process of the job
     step, workers included: a worker that died of one would fail the rank's next batch before the
     trainer stops at the step boundary and saves (train/preemption.py). The rank shuts its workers
-    down itself, and SIGKILL still ends them."""
+    down itself (`close`, also at exit), and SIGKILL still ends them."""
     import signal
 
     for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
@@ -288,6 +296,9 @@ class StreamBatchLoader(GlobalPosition):
         self._batches = None
 
     def _start(self) -> None:
+        # Before multiprocessing's own exit hook (registered earlier, so run later), which would
+        # SIGTERM the workers, which ignore it, and join them forever.
+        atexit.register(_close_at_exit, weakref.ref(self))
         loader = torch.utils.data.DataLoader(
             self.dataset,
             batch_sampler=_RankBatches(self, self.samples_seen),
@@ -317,7 +328,7 @@ class StreamBatchLoader(GlobalPosition):
         self.close()  # the prefetched batches belong to the old position
 
     def close(self) -> None:
-        batches, self._batches = self._batches, None
+        batches, self._batches = getattr(self, "_batches", None), None
         shutdown = getattr(batches, "_shutdown_workers", None)  # multi-process iterators only
         if shutdown is not None:
             shutdown()
