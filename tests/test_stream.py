@@ -206,6 +206,14 @@ def test_workers_outlive_the_stop_signals_that_reach_the_whole_job(digits):
     subprocess.run([sys.executable, "-c", code, str(digits / "train")], cwd=REPO_ROOT, check=True, timeout=120)
 
 
+def test_a_process_that_drops_a_stream_trainer_unclosed_still_exits():
+    # Found by the suite itself: after the 20-step test's dropped Trainer, pytest finished and then
+    # waited forever in multiprocessing's exit hook, joining workers that ignore its SIGTERM.
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", "twenty_step_run"]
+    res = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+
+
 def test_bf16_text_is_stored_as_bits_and_read_without_a_float_copy(tmp_path):
     rng = np.random.default_rng(1)
     text = torch.from_numpy(rng.normal(size=(5, 3, 4)).astype("float32")) * 1e3  # beyond fp16's precision

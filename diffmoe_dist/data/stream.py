@@ -242,6 +242,17 @@ def _close_at_exit(ref: weakref.ref) -> None:
     loader = ref()
     if loader is not None:
         loader.close()
+    # Workers of an iterator that outlived its loader's weakref (a dropped Trainer whose reference
+    # cycle gc has not collected) ignore the SIGTERM multiprocessing's exit hook sends before it
+    # joins them forever. That hook terminates every daemonic child anyway (DataLoader workers are
+    # daemonic; a started Process no longer knows its target): do it with SIGKILL, which they cannot
+    # ignore. Workers only read shards.
+    import multiprocessing
+
+    for proc in multiprocessing.active_children():
+        if proc.daemon:
+            proc.kill()
+            proc.join(5)
 
 
 def _ignore_stop_signals(worker_id: int) -> None:
