@@ -186,7 +186,10 @@ def train_one(model: Model, seed: int, args, data: Path) -> dict:
     trainer = Trainer(cfg, None, torch.device("cpu"))
     params = count_parameters(trainer.model, cfg.moe)
     t0 = time.time()
-    result = trainer.fit()
+    from diffmoe_dist.train.preemption import SignalGuard
+
+    with SignalGuard(ignore_after=False):  # as diffmoe-train: a signal at any point of fit() is a stop
+        result = trainer.fit()
     train_s = time.time() - t0
     if result["stopped"]:  # SIGTERM / SIGUSR1 reach the trainer as a preemption: never score a half-trained model
         from diffmoe_dist.train.preemption import EXIT_REQUEUE
