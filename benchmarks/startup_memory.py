@@ -52,7 +52,7 @@ def child(mode: str, config: str, overrides: list[str], ep_rank: int, ep_size: i
 
     from diffmoe_dist.config import load_config
     from diffmoe_dist.diffusion.ema import EMA
-    from diffmoe_dist.model.dit import build_model
+    from diffmoe_dist.model.build import build_model
     from diffmoe_dist.model.moe.experts import expert_shard
     from diffmoe_dist.model.moe.layer import moe_layers
 
@@ -92,7 +92,7 @@ def full_model_bytes(config: str, overrides: list[str]) -> int:
     import torch
 
     from diffmoe_dist.config import load_config
-    from diffmoe_dist.model.dit import build_model
+    from diffmoe_dist.model.build import build_model
 
     cfg = load_config(config, overrides)
     with torch.device("meta"):

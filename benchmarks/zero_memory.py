@@ -45,7 +45,7 @@ def _max(value: float) -> float:
 
 def _measure(args, world_size: int, ep_size: int, stage: int) -> dict:
     from diffmoe_dist.config import load_config
-    from diffmoe_dist.model.dit import build_model
+    from diffmoe_dist.model.build import build_model
     from diffmoe_dist.model.moe.layer import collect_moe_losses
     from diffmoe_dist.parallel import build_parallel_dims, parallelize
     from diffmoe_dist.train.engine import build_engine, optimizer_state_bytes

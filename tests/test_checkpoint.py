@@ -86,7 +86,7 @@ def test_missing_piece_and_wrong_shape_are_reported_by_key(tmp_path):
 def test_expert_shards_are_flat_ranges_of_the_global_tensor(tmp_path):
     """Two ranks of EP=2 hold experts [0, 2) and [2, 4): each slot is a contiguous flat range."""
     from diffmoe_dist.config import ModelConfig, MoEConfig
-    from diffmoe_dist.model.dit import build_model
+    from diffmoe_dist.model.build import build_model
     from diffmoe_dist.parallel.groups import ParallelDims
 
     torch.manual_seed(0)

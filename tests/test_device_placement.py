@@ -101,7 +101,7 @@ from torch._subclasses.fake_tensor import FakeTensor, FakeTensorDeviceMismatchEr
 
 from diffmoe_dist.config import load_config
 from diffmoe_dist.eval.sampling import sample_images
-from diffmoe_dist.model.dit import build_model
+from diffmoe_dist.model.build import build_model
 from diffmoe_dist.parallel.groups import ParallelDims
 from diffmoe_dist.train.engine import _Engine
 from diffmoe_dist.train.trainer import Trainer

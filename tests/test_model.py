@@ -2,7 +2,7 @@ import torch
 
 from diffmoe_dist.config import load_config
 from diffmoe_dist.diffusion.ema import EMA
-from diffmoe_dist.model.dit import build_model
+from diffmoe_dist.model.build import build_model
 
 
 def _tiny(router="dense", **kw):

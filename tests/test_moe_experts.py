@@ -27,14 +27,15 @@ def test_forward_grouped_equals_per_expert_feedforward_and_empty_experts_get_zer
     y = experts.forward_grouped(x, counts)
     start = 0
     for e, n in enumerate(counts.tolist()):
-        ffn = FeedForward(6, 24)
+        # the reference: expert e's stacked weights in a plain nn.Linear MLP (D -> H -> D, GELU tanh)
+        fc1, fc2 = torch.nn.Linear(6, 24), torch.nn.Linear(24, 6)
         with torch.no_grad():
-            ffn.fc1.weight.copy_(experts.w1_EDH[e].T)
-            ffn.fc1.bias.copy_(experts.b1_EH[e])
-            ffn.fc2.weight.copy_(experts.w2_EHD[e].T)
-            ffn.fc2.bias.copy_(experts.b2_ED[e])
-        torch.testing.assert_close(y[start : start + n], ffn(x[start : start + n]))
-        torch.testing.assert_close(experts.expert_feedforward(e)(x[start : start + n]), y[start : start + n])
+            fc1.weight.copy_(experts.w1_EDH[e].T)
+            fc1.bias.copy_(experts.b1_EH[e])
+            fc2.weight.copy_(experts.w2_EHD[e].T)
+            fc2.bias.copy_(experts.b2_ED[e])
+        ref = torch.nn.Sequential(fc1, torch.nn.GELU(approximate="tanh"), fc2)
+        torch.testing.assert_close(y[start : start + n], ref(x[start : start + n]))
         start += n
     y.sum().backward()
     for p in experts.parameters():

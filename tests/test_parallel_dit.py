@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from diffmoe_dist.config import ModelConfig, MoEConfig
-from diffmoe_dist.model.dit import build_model
+from diffmoe_dist.model.build import build_model
 from diffmoe_dist.model.moe.layer import collect_moe_losses
 from diffmoe_dist.parallel import build_parallel_dims, parallelize, reduce_gradients
 

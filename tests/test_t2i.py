@@ -24,7 +24,7 @@ from diffmoe_dist.data.captions import (
 )
 from diffmoe_dist.data.digits import load_digits_split
 from diffmoe_dist.data.shards import load_indexed
-from diffmoe_dist.model.dit import build_model
+from diffmoe_dist.model.build import build_model
 from diffmoe_dist.model.moe.layer import moe_layers
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

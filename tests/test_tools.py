@@ -133,7 +133,7 @@ def test_telemetry_counts_each_micro_batch_once_under_activation_checkpointing(d
 
 
 def test_telemetry_off_installs_no_hooks_timers_or_collectives(tmp_path):
-    from diffmoe_dist.model.dit import build_model
+    from diffmoe_dist.model.build import build_model
     from diffmoe_dist.model.moe.layer import moe_layers
 
     cfg = load_config("configs/local/diffmoe-tiny.yaml", TINY)
@@ -232,7 +232,7 @@ H100 = "tools/clusters/h100_32x8.yaml"
 def test_plan_forward_flops_match_torch_flop_counter():
     from torch.utils.flop_counter import FlopCounterMode
 
-    from diffmoe_dist.model.dit import build_model
+    from diffmoe_dist.model.build import build_model
 
     plan = _tool("plan")
     for extra in ([], ["model.task=t2i", "model.text_dim=32", "model.text_len=8"]):

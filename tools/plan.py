@@ -171,7 +171,7 @@ def count_params(cfg) -> dict[str, int]:
     expert parameters (all E experts of every layer)."""
     import torch
 
-    from diffmoe_dist.model.dit import build_model
+    from diffmoe_dist.model.build import build_model
     from diffmoe_dist.model.moe.layer import moe_layers
 
     with torch.device("meta"):
@@ -569,7 +569,7 @@ def measure_mfu(config: str, nproc: int, peak: float, reps: int = 4) -> float:
     import torch
 
     from diffmoe_dist.config import load_config
-    from diffmoe_dist.model.dit import build_model
+    from diffmoe_dist.model.build import build_model
 
     torch.set_num_threads(1)
     cfg = load_config(config, ["moe.router=dense"])

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch.nn as nn
 from torch import Tensor
 
+from diffmoe_dist.model.moe.layer import MoEFeedForward
+
 DENSE = "dense"
 
 
@@ -44,6 +46,4 @@ def build_ffn(dim: int, hidden_dim: int, moe_cfg, block_index: int) -> nn.Module
     """The FFN of transformer block ``block_index``: dense, or an MoE of full-size experts."""
     if not is_moe_block(moe_cfg, block_index):
         return FeedForward(dim, hidden_dim)
-    from diffmoe_dist.model.moe.layer import MoEFeedForward
-
     return MoEFeedForward(dim, hidden_dim, moe_cfg)

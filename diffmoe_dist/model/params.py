@@ -45,7 +45,7 @@ def main(argv=None) -> int:
     except ConfigError as exc:
         print(f"diffmoe-params: error: {exc}", file=sys.stderr)
         return 2
-    from diffmoe_dist.model.dit import build_model
+    from diffmoe_dist.model.build import build_model
 
     with torch.device("meta"):  # XL-size models without allocating their weights
         model = build_model(cfg.model, cfg.moe)

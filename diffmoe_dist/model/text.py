@@ -2,7 +2,7 @@
 
 Conditioning enters twice, as in PixArt-alpha and SD3: every block cross-attends to the projected
 caption tokens (padding masked out), and the masked mean of the caption tokens is added to the
-timestep embedding that drives adaLN. Everything else is the class-conditional DiT of `dit.py`:
+timestep embedding that drives adaLN. Everything else is the class-conditional DiT's (`layers.py`):
 adaLN-Zero, the FFN slot (`build_ffn`, so DiffMoE layers sit on the same blocks with the same
 routing), patch embedding and final layer. Cross-attention starts at zero (its output projection is
 zero-initialised, as PixArt-alpha does), so every block still starts as the identity.
@@ -17,8 +17,16 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from diffmoe_dist.config import ModelConfig, MoEConfig
-from diffmoe_dist.model.dit import Attention, FinalLayer, TimestepEmbedder, modulate, sincos_pos_embed_2d
 from diffmoe_dist.model.ffn import build_ffn
+from diffmoe_dist.model.layers import (
+    Attention,
+    FinalLayer,
+    TimestepEmbedder,
+    init_adaln_zero,
+    modulate,
+    sincos_pos_embed_2d,
+    unpatchify,
+)
 
 
 class TextEmbedder(nn.Module):
@@ -135,39 +143,13 @@ class TextDiT(nn.Module):
         self.initialize_weights()
 
     def initialize_weights(self) -> None:
-        # As DiT: xavier linears, then adaLN-Zero; plus zero cross-attention output (PixArt-alpha).
-        def _basic_init(module: nn.Module) -> None:
-            if isinstance(module, nn.Linear):
-                torch.nn.init.xavier_uniform_(module.weight)
-                if module.bias is not None:
-                    nn.init.constant_(module.bias, 0)
-
-        for block in self.blocks:
-            block.attn.apply(_basic_init)
-            block.cross_attn.apply(_basic_init)
-            block.adaLN_modulation.apply(_basic_init)
-            if not hasattr(block.ffn, "experts"):  # MoE layers initialise themselves
-                block.ffn.apply(_basic_init)
-        self.t_embedder.apply(_basic_init)
-        self.text_embedder.token_proj.apply(_basic_init)
-        self.text_embedder.pooled_proj.apply(_basic_init)
-        self.final_layer.apply(_basic_init)
-        w = self.x_embedder.weight.data
-        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
-        nn.init.constant_(self.x_embedder.bias, 0)
-        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
-        zero = [self.final_layer.adaLN_modulation[-1], self.final_layer.linear]
-        for block in self.blocks:
-            zero += [block.adaLN_modulation[-1], block.cross_attn.proj]
-        for linear in zero:
-            nn.init.constant_(linear.weight, 0)
-            nn.init.constant_(linear.bias, 0)
-
-    def unpatchify(self, x_BLP: torch.Tensor) -> torch.Tensor:
-        B, p, c, g = x_BLP.shape[0], self.patch_size, self.in_channels, self.grid
-        x = x_BLP.reshape(B, g, g, p, p, c).permute(0, 5, 1, 3, 2, 4)
-        return x.reshape(B, c, g * p, g * p)
+        # As DiT, plus a zero cross-attention output (PixArt-alpha).
+        init_adaln_zero(
+            self,
+            block_parts=("attn", "cross_attn", "adaLN_modulation"),
+            conditioning=[self.text_embedder.token_proj, self.text_embedder.pooled_proj],
+            zero_block_parts=("cross_attn.proj",),
+        )
 
     def _forward(
         self, x_BCHW: torch.Tensor, t_B: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor, drop_B=None
@@ -177,7 +159,7 @@ class TextDiT(nn.Module):
         c_BD = self.t_embedder(t_B) + pooled_BD
         for block in self.blocks:
             x_BLD = block(x_BLD, c_BD, text_BTD, mask_BT)
-        return self.unpatchify(self.final_layer(x_BLD, c_BD))
+        return unpatchify(self.final_layer(x_BLD, c_BD), self.patch_size, self.in_channels, self.grid)
 
     def forward(self, x_BCHW: torch.Tensor, t_B: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor):
         """Rectified-flow velocity at time t for captions `text` (B, T, E) with `text_mask` (B, T),

@@ -15,7 +15,7 @@ from diffmoe_dist.data.loader import GlobalPosition
 from diffmoe_dist.diffusion.ema import EMA
 from diffmoe_dist.diffusion.flow import flow_loss, flow_targets
 from diffmoe_dist.eval.sampling import sample_images, save_grid
-from diffmoe_dist.model.dit import build_model
+from diffmoe_dist.model.build import build_model
 from diffmoe_dist.model.moe.experts import expert_shard
 from diffmoe_dist.model.moe.layer import collect_moe_losses, mean_capacity
 from diffmoe_dist.parallel.groups import ParallelDims, comm_device

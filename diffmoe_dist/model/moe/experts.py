@@ -18,8 +18,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from diffmoe_dist.model.ffn import FeedForward
-
 _SHARD = threading.local()
 
 
@@ -146,16 +144,6 @@ class StackedExperts(nn.Module):
             setattr(self, name, _tag_expert(nn.Parameter(old.detach()[lo : lo + per].clone())))
         self.num_local, self.offset = per, self.offset + lo
         return self
-
-    def expert_feedforward(self, e: int) -> FeedForward:
-        """A FeedForward holding a copy of local expert ``e``'s weights (tests, inspection)."""
-        ffn = FeedForward(self.dim, self.hidden_dim).to(self.w1_EDH.device, self.w1_EDH.dtype)
-        with torch.no_grad():
-            ffn.fc1.weight.copy_(self.w1_EDH[e].T)
-            ffn.fc1.bias.copy_(self.b1_EH[e])
-            ffn.fc2.weight.copy_(self.w2_EHD[e].T)
-            ffn.fc2.bias.copy_(self.b2_ED[e])
-        return ffn
 
     def extra_repr(self) -> str:
         return (
