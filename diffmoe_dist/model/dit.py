@@ -11,15 +11,7 @@ import torch.nn as nn
 
 from diffmoe_dist.config import ModelConfig, MoEConfig
 from diffmoe_dist.model.ffn import build_ffn
-from diffmoe_dist.model.layers import (
-    Attention,
-    FinalLayer,
-    TimestepEmbedder,
-    init_adaln_zero,
-    modulate,
-    sincos_pos_embed_2d,
-    unpatchify,
-)
+from diffmoe_dist.model.layers import Attention, DiTBase, init_adaln_zero, modulate
 
 
 class LabelEmbedder(nn.Module):
@@ -53,21 +45,14 @@ class DiTBlock(nn.Module):
         return x_BLD + gate_mlp.unsqueeze(1) * self.ffn(modulate(self.norm2(x_BLD), shift_mlp, scale_mlp))
 
 
-class DiT(nn.Module):
+class DiT(DiTBase):
     def __init__(self, model: ModelConfig, moe: MoEConfig):
         super().__init__()
         depth, dim, heads = model.resolved()
-        self.in_channels = model.in_channels
-        self.patch_size = model.patch_size
-        self.image_size = model.image_size
         self.num_classes = model.num_classes
-        self.grid = model.image_size // model.patch_size
-        self.x_embedder = nn.Conv2d(model.in_channels, dim, kernel_size=model.patch_size, stride=model.patch_size)
-        self.t_embedder = TimestepEmbedder(dim)
+        self._build_patch_embedding(model, dim)
         self.y_embedder = LabelEmbedder(model.num_classes, dim, model.class_dropout)
-        self.register_buffer("pos_embed", sincos_pos_embed_2d(dim, self.grid).unsqueeze(0), persistent=False)
-        self.blocks = nn.ModuleList([DiTBlock(dim, heads, model.mlp_ratio, moe, i) for i in range(depth)])
-        self.final_layer = FinalLayer(dim, model.patch_size, model.in_channels)
+        self._build_trunk(dim, [DiTBlock(dim, heads, model.mlp_ratio, moe, i) for i in range(depth)])
         self.initialize_weights()
 
     def initialize_weights(self) -> None:
@@ -76,11 +61,11 @@ class DiT(nn.Module):
     def forward(self, x_BCHW: torch.Tensor, t_B: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Predicts the rectified-flow velocity v = x_data - noise at time t (t=0 is noise).
         `y` (class labels, shape B) is named as the trainer's batch key."""
-        x_BLD = self.x_embedder(x_BCHW).flatten(2).transpose(1, 2) + self.pos_embed
+        x_BLD = self.embed_patches(x_BCHW)
         c_BD = self.t_embedder(t_B) + self.y_embedder(y)
         for block in self.blocks:
             x_BLD = block(x_BLD, c_BD)
-        return unpatchify(self.final_layer(x_BLD, c_BD), self.patch_size, self.in_channels, self.grid)
+        return self.output(x_BLD, c_BD)
 
     def forward_with_cfg(
         self, x_BCHW: torch.Tensor, t_B: torch.Tensor, y_B: torch.Tensor, scale: float

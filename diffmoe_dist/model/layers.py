@@ -1,7 +1,7 @@
 """The DiT building blocks both DiTs share (Peebles & Xie): adaLN modulation, timestep embedding,
-self-attention, the final layer, the 2-D sin-cos position embedding, patch (un)embedding and the
-adaLN-Zero initialisation. `dit.py` (class labels) and `text.py` (captions) compose them; neither
-imports the other.
+self-attention, the final layer, the 2-D sin-cos position embedding, patch (un)embedding, the
+trunk both DiTs hold (`DiTBase`) and the adaLN-Zero initialisation. `dit.py` (class labels) and
+`text.py` (captions) compose them; neither imports the other.
 """
 
 from __future__ import annotations
@@ -82,6 +82,31 @@ def unpatchify(x_BLP: torch.Tensor, patch_size: int, channels: int, grid: int) -
     B, p, c, g = x_BLP.shape[0], patch_size, channels, grid
     x = x_BLP.reshape(B, g, g, p, p, c).permute(0, 5, 1, 3, 2, 4)
     return x.reshape(B, c, g * p, g * p)
+
+
+class DiTBase(nn.Module):
+    """What both DiTs hold, built in two calls around the conditioning embedder so that modules are
+    registered (and their construction draws taken) in the order the checkpoints and the exactness
+    tests depend on: x_embedder, t_embedder, <conditioning>, pos_embed, blocks, final_layer."""
+
+    def _build_patch_embedding(self, model, dim: int) -> None:
+        self.in_channels = model.in_channels
+        self.patch_size = model.patch_size
+        self.image_size = model.image_size
+        self.grid = model.image_size // model.patch_size
+        self.x_embedder = nn.Conv2d(model.in_channels, dim, kernel_size=model.patch_size, stride=model.patch_size)
+        self.t_embedder = TimestepEmbedder(dim)
+
+    def _build_trunk(self, dim: int, blocks: list[nn.Module]) -> None:
+        self.register_buffer("pos_embed", sincos_pos_embed_2d(dim, self.grid).unsqueeze(0), persistent=False)
+        self.blocks = nn.ModuleList(blocks)
+        self.final_layer = FinalLayer(dim, self.patch_size, self.in_channels)
+
+    def embed_patches(self, x_BCHW: torch.Tensor) -> torch.Tensor:
+        return self.x_embedder(x_BCHW).flatten(2).transpose(1, 2) + self.pos_embed
+
+    def output(self, x_BLD: torch.Tensor, c_BD: torch.Tensor) -> torch.Tensor:
+        return unpatchify(self.final_layer(x_BLD, c_BD), self.patch_size, self.in_channels, self.grid)
 
 
 def xavier_init(module: nn.Module) -> None:

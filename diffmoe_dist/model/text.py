@@ -18,15 +18,7 @@ import torch.nn.functional as F
 
 from diffmoe_dist.config import ModelConfig, MoEConfig
 from diffmoe_dist.model.ffn import build_ffn
-from diffmoe_dist.model.layers import (
-    Attention,
-    FinalLayer,
-    TimestepEmbedder,
-    init_adaln_zero,
-    modulate,
-    sincos_pos_embed_2d,
-    unpatchify,
-)
+from diffmoe_dist.model.layers import Attention, DiTBase, init_adaln_zero, modulate
 
 
 class TextEmbedder(nn.Module):
@@ -123,23 +115,16 @@ class TextDiTBlock(nn.Module):
         return x_BLD + gate_mlp.unsqueeze(1) * self.ffn(modulate(self.norm2(x_BLD), shift_mlp, scale_mlp))
 
 
-class TextDiT(nn.Module):
+class TextDiT(DiTBase):
     """`forward(x, t, text, text_mask)`: keyword names match the trainer's batch keys."""
 
     def __init__(self, model: ModelConfig, moe: MoEConfig):
         super().__init__()
         depth, dim, heads = model.resolved()
-        self.in_channels = model.in_channels
-        self.patch_size = model.patch_size
-        self.image_size = model.image_size
         self.text_len, self.text_dim = model.text_len, model.text_dim
-        self.grid = model.image_size // model.patch_size
-        self.x_embedder = nn.Conv2d(model.in_channels, dim, kernel_size=model.patch_size, stride=model.patch_size)
-        self.t_embedder = TimestepEmbedder(dim)
+        self._build_patch_embedding(model, dim)
         self.text_embedder = TextEmbedder(model.text_dim, model.text_len, dim, model.class_dropout)
-        self.register_buffer("pos_embed", sincos_pos_embed_2d(dim, self.grid).unsqueeze(0), persistent=False)
-        self.blocks = nn.ModuleList([TextDiTBlock(dim, heads, model.mlp_ratio, moe, i) for i in range(depth)])
-        self.final_layer = FinalLayer(dim, model.patch_size, model.in_channels)
+        self._build_trunk(dim, [TextDiTBlock(dim, heads, model.mlp_ratio, moe, i) for i in range(depth)])
         self.initialize_weights()
 
     def initialize_weights(self) -> None:
@@ -154,12 +139,12 @@ class TextDiT(nn.Module):
     def _forward(
         self, x_BCHW: torch.Tensor, t_B: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor, drop_B=None
     ) -> torch.Tensor:
-        x_BLD = self.x_embedder(x_BCHW).flatten(2).transpose(1, 2) + self.pos_embed
+        x_BLD = self.embed_patches(x_BCHW)
         text_BTD, pooled_BD, mask_BT = self.text_embedder(text, text_mask, drop_B)
         c_BD = self.t_embedder(t_B) + pooled_BD
         for block in self.blocks:
             x_BLD = block(x_BLD, c_BD, text_BTD, mask_BT)
-        return unpatchify(self.final_layer(x_BLD, c_BD), self.patch_size, self.in_channels, self.grid)
+        return self.output(x_BLD, c_BD)
 
     def forward(self, x_BCHW: torch.Tensor, t_B: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor):
         """Rectified-flow velocity at time t for captions `text` (B, T, E) with `text_mask` (B, T),
