@@ -1,6 +1,7 @@
 import pytest
 
 from diffmoe_dist.config import ConfigError, config_from_dict, load_config, save_config
+from diffmoe_dist.data.check import check_files
 
 
 @pytest.mark.parametrize(
@@ -141,6 +142,115 @@ def test_unknown_keys_say_which_was_meant(tmp_path):
         load_config(typo)
 
 
+def test_gradient_reduction_fields_default_to_fp32_overlapped_and_device_chosen_buckets():
+    par = load_config("configs/local/diffmoe-tiny.yaml").validate(world_size=2).parallel
+    assert (par.grad_reduce_dtype, par.overlap_grad_reduce, par.grad_bucket_mb) == ("fp32", True, 0.0)
+    cfg = load_config(
+        "configs/local/diffmoe-tiny.yaml",
+        ["parallel.grad_reduce_dtype=bf16", "parallel.overlap_grad_reduce=false", "parallel.grad_bucket_mb=25"],
+    ).validate(world_size=2)
+    assert (cfg.parallel.grad_reduce_dtype, cfg.parallel.overlap_grad_reduce, cfg.parallel.grad_bucket_mb) == (
+        "bf16",
+        False,
+        25.0,
+    )
+    with pytest.raises(ConfigError) as err:
+        load_config("configs/local/diffmoe-tiny.yaml", ["parallel.grad_reduce_dtype=x"]).validate(world_size=2)
+    assert str(err.value) == "parallel.grad_reduce_dtype='x' is invalid: use fp32 or bf16"
+    with pytest.raises(ConfigError, match=r"^parallel.grad_bucket_mb=-1.0 is invalid"):
+        load_config("configs/local/diffmoe-tiny.yaml", ["parallel.grad_bucket_mb=-1"]).validate(world_size=2)
+
+
+@pytest.mark.parametrize("peak", ["measure", "off", "989", "0.5", "tools/clusters/h100_32x8.yaml"])
+def test_mfu_peak_takes_measure_off_tflops_or_a_cluster_yaml(peak):
+    cfg = load_config("configs/local/diffmoe-tiny.yaml", [f"logging.mfu_peak={peak}"]).validate(world_size=2)
+    assert cfg.logging.mfu_peak == peak
+
+
+def test_mfu_peak_number_in_a_yaml_file_is_kept_as_written(tmp_path):
+    path = tmp_path / "peak.yaml"
+    path.write_text("logging:\n  mfu_peak: 989\n")
+    assert load_config(path).validate(world_size=1).logging.mfu_peak == "989"
+
+
+@pytest.mark.parametrize(
+    "peak, why",
+    [
+        ("fast", "not a known value"),
+        ("-3", "positive number of TFLOPS"),
+        ("0", "positive number of TFLOPS"),
+        ("nan", "positive number of TFLOPS"),
+        ("tools/clusters/nope.yaml", "does not exist"),
+        ("configs/local/diffmoe-tiny.yaml", "no positive peak_flops for train.precision=fp32"),
+    ],
+)
+def test_bad_mfu_peak_is_one_line_naming_the_field(peak, why):
+    with pytest.raises(ConfigError) as err:
+        load_config("configs/local/diffmoe-tiny.yaml", [f"logging.mfu_peak={peak}"]).validate(world_size=2)
+    msg = str(err.value)
+    assert msg.startswith(f"logging.mfu_peak={peak!r} is invalid") and why in msg and "\n" not in msg
+
+
+def test_cluster_yaml_must_give_the_peak_for_the_runs_precision(tmp_path):
+    cluster = tmp_path / "cluster.yaml"
+    cluster.write_text("peak_flops:\n  bf16: 989.0e12\n")
+    over = [f"logging.mfu_peak={cluster}"]
+    load_config("configs/local/diffmoe-tiny.yaml", over + ["train.precision=bf16"]).validate(world_size=2)
+    with pytest.raises(ConfigError, match="no positive peak_flops for train.precision=fp32"):
+        load_config("configs/local/diffmoe-tiny.yaml", over).validate(world_size=2)
+
+
+def test_removed_fields_are_an_error_in_yaml_but_ignored_in_an_old_checkpoints_config(tmp_path):
+    old_yaml = tmp_path / "old.yaml"
+    old_yaml.write_text("data:\n  dataset: digits\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(old_yaml)
+    assert str(err.value).startswith("data.dataset (from ") and "no longer a config field" in str(err.value)
+    with pytest.raises(ConfigError, match="data.shuffle_buffer .*no longer a config field.*delete it"):
+        load_config("configs/local/diffmoe-tiny.yaml", ["data.shuffle_buffer=10"])
+    # meta["config"] of a checkpoint written before the removal (and before the new fields existed)
+    stored = load_config("configs/local/diffmoe-tiny.yaml").to_dict()
+    stored["data"].update(dataset="digits", shuffle_buffer=1000)
+    del stored["logging"]["mfu_peak"], stored["parallel"]["grad_reduce_dtype"]
+    assert config_from_dict(stored) == load_config("configs/local/diffmoe-tiny.yaml")
+
+
+def test_option_lists_are_declared_once_in_the_config_package():
+    """No module of diffmoe_dist outside config/ spells out a config value list of its own."""
+    import ast
+    import pathlib
+
+    from diffmoe_dist.config import options
+    from diffmoe_dist.model.moe import routers
+
+    assert routers.ROUTERS is options.ROUTERS and "dense" not in routers.ROUTERS  # an MoE layer's routers
+    assert options.ROUTER_CHOICES == ("dense", *options.ROUTERS)
+    lists = {
+        name: frozenset(value)
+        for name, value in vars(options).items()
+        if name.isupper() and isinstance(value, tuple) and len(value) > 1 and all(isinstance(v, str) for v in value)
+    }
+    assert {"ROUTERS", "ROUTER_CHOICES", "POOLS", "INFERENCE_MODES", "SAMPLERS"} <= set(lists)
+    copies = []
+    for path in sorted(pathlib.Path("diffmoe_dist").glob("**/*.py")):
+        if path.parts[1] == "config":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.Tuple, ast.List, ast.Set)) and node.elts:
+                if all(isinstance(e, ast.Constant) for e in node.elts):
+                    values = frozenset(e.value for e in node.elts)
+                    copies += [f"{path}:{node.lineno} {name}" for name, v in lists.items() if values == v]
+    assert not copies, f"import these from diffmoe_dist.config: {copies}"
+
+
+def test_moe_layer_refuses_the_dense_router_by_name():
+    from diffmoe_dist.config import MoEConfig
+    from diffmoe_dist.model.moe.layer import MoEFeedForward
+
+    with pytest.raises(ValueError, match="moe.router='dense'.*expert_choice_global"):
+        MoEFeedForward(8, 16, MoEConfig(router="dense", num_experts=4))
+
+
 # ---- files the run reads: resume path, data path, manifest, each shard's size and first header ----------
 @pytest.fixture(scope="module")
 def digits_copy(tmp_path_factory):
@@ -156,13 +266,13 @@ def digits_copy(tmp_path_factory):
 def _files_error(tmp_path, *overrides) -> str:
     cfg = load_config("configs/local/diffmoe-tiny.yaml", list(overrides))
     with pytest.raises(ConfigError) as err:
-        cfg.validate(world_size=2, files=True)
+        check_files(cfg.validate(world_size=2))
     assert "\n" not in str(err.value)
     return str(err.value)
 
 
 def test_file_checks_pass_on_real_shards(digits_copy):
-    load_config("configs/local/diffmoe-tiny.yaml", [f"data.path={digits_copy}"]).validate(world_size=2, files=True)
+    check_files(load_config("configs/local/diffmoe-tiny.yaml", [f"data.path={digits_copy}"]).validate(world_size=2))
 
 
 def test_missing_or_empty_data_and_missing_resume_path_are_one_line(digits_copy, tmp_path):

@@ -11,7 +11,7 @@ import time
 
 import torch
 
-from diffmoe_dist.config import INFERENCE_MODES, config_from_dict
+from diffmoe_dist.config import INFERENCE_MODES, SAMPLERS, config_from_dict
 from diffmoe_dist.eval.sampling import CapacityMeter, sample_images, save_grid
 from diffmoe_dist.model.build import build_model
 from diffmoe_dist.model.moe.layer import set_inference_routing
@@ -32,7 +32,7 @@ def _common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ckpt", required=True, help="run directory or checkpoint step directory")
     p.add_argument("--cfg-scale", type=float, default=2.0)
     p.add_argument("--steps", type=int, default=50, help="ODE steps")
-    p.add_argument("--sampler", choices=["euler", "heun"], default="euler")
+    p.add_argument("--sampler", choices=SAMPLERS, default="euler")
     p.add_argument("--routing", choices=INFERENCE_MODES, default=None, help="DiffMoE inference mode (default: config)")
     p.add_argument("--gamma", type=float, default=None, help="interval-mode threshold")
     p.add_argument("--seed", type=int, default=0)

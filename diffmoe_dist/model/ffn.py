@@ -5,9 +5,8 @@ from __future__ import annotations
 import torch.nn as nn
 from torch import Tensor
 
+from diffmoe_dist.config import DENSE_ROUTER
 from diffmoe_dist.model.moe.layer import MoEFeedForward
-
-DENSE = "dense"
 
 
 class FeedForward(nn.Module):
@@ -35,7 +34,7 @@ class FeedForward(nn.Module):
 def is_moe_block(moe_cfg, block_index: int) -> bool:
     """Block i is MoE iff the router is not dense and ``i % interleave == interleave - 1``
     (the odd blocks for interleave 2, as in DiffMoE)."""
-    if moe_cfg is None or moe_cfg.router == DENSE:
+    if moe_cfg is None or moe_cfg.router == DENSE_ROUTER:
         return False
     if moe_cfg.interleave < 1:
         raise ValueError(f"moe.interleave={moe_cfg.interleave} must be >= 1 (2 = every other block)")

@@ -20,14 +20,13 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
+from diffmoe_dist.config import POOLS
 from diffmoe_dist.model.moe.layer import MoEFeedForward, moe_layers
 from diffmoe_dist.model.moe.pool import LocalPool, TokenPool
 from diffmoe_dist.parallel.dispatch import AllToAllDispatcher
 from diffmoe_dist.parallel.grads import BUCKET_BYTES, is_expert_param
 from diffmoe_dist.parallel.groups import ParallelDims
 from diffmoe_dist.parallel.selection import DistributedPool, RankPool
-
-POOLS = ("rank", "ep", "dp")
 
 
 def make_pool(pool: str, dims: ParallelDims, bits_per_pass: int = 8) -> TokenPool:

@@ -50,18 +50,22 @@ def main(argv=None) -> int:
         # Every bad value is reported before any process group or model is built. A launcher that
         # ran --validate-only already checked the files once (DIFFMOE_FILES_CHECKED=1): its ranks
         # do not walk every shard's headers again.
-        if args.validate_only:  # no torch import: the launchers' check takes a fraction of a second
-            cfg = load_config(args.config, args.overrides)
-            cfg.validate(world_size=args.world_size or 1, files=not args.no_file_checks)
+        if args.validate_only:  # no torch import for the values: the launchers' check is quick
+            cfg = load_config(args.config, args.overrides).validate(world_size=args.world_size or 1)
+            if not args.no_file_checks:
+                from diffmoe_dist.data.check import check_files
+
+                check_files(cfg)
             print(cfg.train.run_dir)
             return 0
         from diffmoe_dist.parallel.launch import read_launch_env
 
         env = read_launch_env(dict(os.environ))
-        files = os.environ.get("DIFFMOE_FILES_CHECKED") != "1"
-        cfg = load_config(args.config, args.overrides).validate(
-            world_size=env.world_size, files=files, files_share=(env.rank, env.world_size)
-        )
+        cfg = load_config(args.config, args.overrides).validate(world_size=env.world_size)
+        if os.environ.get("DIFFMOE_FILES_CHECKED") != "1":
+            from diffmoe_dist.data.check import check_files
+
+            check_files(cfg, env.rank, env.world_size)  # rank r reads the headers of shards r, r + W, ...
     except ConfigError as exc:
         print(f"diffmoe-train: error: {exc}", file=sys.stderr)
         return 2

@@ -14,10 +14,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from diffmoe_dist.config import INFERENCE_MODES, ROUTERS  # noqa: F401 (the MoE layer reads routers.ROUTERS)
 from diffmoe_dist.model.moe.pool import TokenPool
-
-ROUTERS = ("expert_choice_global", "expert_choice_local", "token_choice")
-INFERENCE_MODES = ("dynamic", "static", "interval")
 
 
 @dataclass

@@ -1,0 +1,162 @@
+"""The typed config tree: one small dataclass per section, with the defaults every run starts from."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from diffmoe_dist.config.options import MODEL_SIZES
+from diffmoe_dist.config.validate import validate_config
+
+
+@dataclass
+class ModelConfig:
+    size: str = "tiny"
+    depth: int | None = None  # None: from `size`
+    hidden_size: int | None = None
+    num_heads: int | None = None
+    patch_size: int = 2
+    in_channels: int = 1
+    image_size: int = 16  # latent / pixel side length
+    num_classes: int = 10
+    class_dropout: float = 0.1  # label (c2i) or caption (t2i) dropout for classifier-free guidance
+    mlp_ratio: float = 4.0
+    task: str = "c2i"  # c2i (class labels) | t2i (captions: cross-attention to text-encoder tokens)
+    text_dim: int = 384  # t2i: text-encoder width (384 all-MiniLM-L6-v2, 4096 T5-XXL)
+    text_len: int = 16  # t2i: caption tokens per sample, padded / truncated (shards store exactly this)
+
+    def resolved(self) -> tuple[int, int, int]:
+        depth, hidden, heads = MODEL_SIZES[self.size]
+        # None (not 0) means "from size": an explicit 0 is refused by validate(), not replaced.
+        pick = lambda mine, default: default if mine is None else mine  # noqa: E731
+        return (pick(self.depth, depth), pick(self.hidden_size, hidden), pick(self.num_heads, heads))
+
+
+@dataclass
+class MoEConfig:
+    router: str = "dense"  # dense | expert_choice_global (DiffMoE) | expert_choice_local (EC) | token_choice (TC)
+    num_experts: int = 16
+    capacity: float = 1.0  # C
+    top_k: int = 1  # token_choice only
+    interleave: int = 2  # block i is MoE iff i % interleave == interleave - 1
+    predictor_loss_weight: float = 1.0
+    aux_loss_weight: float = 0.01
+    threshold_momentum: float = 0.95
+    pool: str = "dp"  # rank | ep | dp
+    inference: str = "dynamic"  # dynamic | static | interval
+    gamma: float = 0.5  # interval-mode threshold on sigmoid(predictor logit)
+
+
+@dataclass
+class ParallelConfig:
+    expert_parallel_size: int = 1
+    backend: str = "auto"  # auto | gloo | nccl
+    device: str = "auto"  # auto | cpu | cuda
+    # A rank stuck in a collective this long raises (NCCL's watchdog) instead of idling the whole job.
+    timeout_minutes: float = 10.0
+    # The distributed path (process group, parallelize, pool, all-to-all, collectives) at world size 1.
+    force_distributed: bool = False
+    grad_reduce_dtype: str = (
+        "fp32"  # fp32 | bf16: the dtype DP / EDP gradient reduction travels in (master weights fp32)
+    )
+    # Reduce gradient buckets during backward (plain engine) / DeepSpeed ZeRO's overlap_comm; false: after it.
+    overlap_grad_reduce: bool = True
+    grad_bucket_mb: float = 0.0  # gradient bucket size in MB; 0 = chosen by device
+
+
+@dataclass
+class DataConfig:
+    path: str = "data/digits"  # directory made by tools/make_shards.py (train/ and heldout/)
+    global_batch_size: int = 128
+    loader: str = "indexed"  # indexed (in memory, exact resume) | stream (webdataset streaming)
+    num_workers: int = 0
+    text_encoder: str = "minilm"  # t2i: "minilm" (packaged all-MiniLM-L6-v2) or a local HF model directory
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+    warmup_steps: int = 50
+    grad_clip: float = 1.0  # 0 disables
+    grad_accum_steps: int = 1  # micro-batches per optimizer step (the global batch is split into them)
+    # torch AdamW kernel: foreach (multi-tensor; bitwise equal to the per-parameter loop, which torch
+    # picks on CPU by default), fused (one pass over param, grad and moments; differs in the last
+    # bits), or loop. On CPU the optimizer touches every expert every step (benchmarks/train_throughput.py).
+    adamw_impl: str = "foreach"
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000
+    seed: int = 0
+    run_dir: str = "runs/default"
+    precision: str = "fp32"  # fp32 | bf16 (autocast)
+    ema_decay: float = 0.9999
+    ema_warmup: bool = True  # decay min(ema_decay, (1+step)/(10+step)) so short runs get a useful EMA
+    threads: int = 0  # torch threads per process; 0 = cores / local processes
+    max_minutes: float = 0.0  # 0 = no limit
+    resume: str = "auto"  # auto | never | path to a checkpoint directory
+    # Bitwise-reproducible steps (and so exact resume): with 2+ threads some CPU kernels reduce in
+    # a run-dependent order (measured: weights drifted by 1e-10 between identical runs).
+    deterministic: bool = True
+    # 0: plain data parallelism (bucketed all-reduce, replicated AdamW states); 1 / 2: DeepSpeed ZeRO
+    # stage 1 / 2 (optimizer states / and gradients partitioned, experts over their EDP group).
+    zero_stage: int = 0
+    deepspeed_config: str = ""  # DeepSpeed JSON; "" = configs/deepspeed/zero{zero_stage}.json
+    activation_checkpointing: bool = False  # recompute each DiT block in backward
+
+
+@dataclass
+class SampleConfig:
+    every: int = 0  # steps between sample grids; 0 = only at the end
+    cfg_scale: float = 2.0
+    num_steps: int = 50
+    sampler: str = "euler"  # euler | heun
+    per_class: int = 4
+    vae: str = ""  # latent shards: decode grids with this AutoencoderKL dir ("" = the one the shards record)
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 500  # steps; 0 = only at the end
+    keep_last: int = 2
+
+
+@dataclass
+class LoggingConfig:
+    log_every: int = 10
+    wandb: str = "offline"  # offline | online | disabled
+    wandb_project: str = "diffmoe-dist"
+    routing_every: int = 0
+    # Per-rank peak that MFU is measured against: measure (a matmul timed at start-up), off (no MFU),
+    # TFLOPS per rank (e.g. "989"), or a cluster YAML (tools/clusters/*.yaml: its peak for train.precision).
+    mfu_peak: str = "measure"
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    moe: MoEConfig = field(default_factory=MoEConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def validate(self, world_size: int | None = None) -> Config:
+        """Raises ConfigError naming the first bad field; returns self so calls can chain. The values
+        only: the files the run reads (shards, a resume path) are checked by
+        `diffmoe_dist.data.check.check_files`, which the CLI runs before any process group starts."""
+        validate_config(self, world_size if world_size is not None else int(os.environ.get("WORLD_SIZE", "1")))
+        return self

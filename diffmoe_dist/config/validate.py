@@ -1,0 +1,239 @@
+"""`validate_config`: every value checked before any process group or model is built, each bad one
+reported on one line naming the field, the value and the fix. The values only: the files the run
+reads (shards, a resume path) are checked by `diffmoe_dist.data.check`."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import yaml
+
+from diffmoe_dist.config.options import (
+    ADAMW_IMPLS,
+    BACKENDS,
+    DENSE_ROUTER,
+    DEVICES,
+    GRAD_REDUCE_DTYPES,
+    INFERENCE_MODES,
+    LOADERS,
+    MFU_PEAK_WORDS,
+    MODEL_SIZES,
+    POOLS,
+    PRECISIONS,
+    ROUTER_CHOICES,
+    SAMPLERS,
+    TASKS,
+    WANDB_MODES,
+    ZERO_STAGES,
+    fail,
+)
+
+if TYPE_CHECKING:
+    from diffmoe_dist.config.schema import Config, TrainConfig
+
+
+def validate_config(cfg: Config, world_size: int) -> None:
+    """Raises ConfigError naming the first bad field of `cfg` for a job of `world_size` ranks."""
+    m, moe, par, data, opt, tr = cfg.model, cfg.moe, cfg.parallel, cfg.data, cfg.optim, cfg.train
+    for section in dataclasses.fields(cfg):  # nan / inf pass every range check below: refuse them first
+        for f in dataclasses.fields(getattr(cfg, section.name)):
+            value = getattr(getattr(cfg, section.name), f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                fail(f"{section.name}.{f.name}", value, "use a finite number")
+    if m.size not in MODEL_SIZES:
+        fail("model.size", m.size, f"use one of {', '.join(MODEL_SIZES)}")
+    for name in ("depth", "hidden_size", "num_heads"):
+        if getattr(m, name) is not None and getattr(m, name) < 1:
+            fail(f"model.{name}", getattr(m, name), f"use a positive integer, or leave it unset (model.size={m.size})")
+    depth, hidden, heads = m.resolved()
+    if hidden % heads:
+        fail("model.num_heads", heads, f"must divide model.hidden_size={hidden}")
+    for name in ("image_size", "in_channels", "num_classes"):
+        if getattr(m, name) < 1:
+            fail(f"model.{name}", getattr(m, name), "use a positive integer")
+    if m.patch_size < 1 or m.image_size % m.patch_size:
+        fail("model.patch_size", m.patch_size, f"must divide model.image_size={m.image_size}")
+    if m.mlp_ratio <= 0 or int(hidden * m.mlp_ratio) < 1:
+        fail("model.mlp_ratio", m.mlp_ratio, "use a positive FFN width ratio, e.g. 4.0")
+    if not 0.0 <= m.class_dropout < 1.0:
+        fail("model.class_dropout", m.class_dropout, "use a probability in [0, 1)")
+    if m.task not in TASKS:
+        fail("model.task", m.task, f"use one of {', '.join(TASKS)}")
+    if m.task == "t2i" and m.text_dim < 1:
+        fail("model.text_dim", m.text_dim, "use the text encoder's width, e.g. 384 (MiniLM) or 4096 (T5-XXL)")
+    if m.task == "t2i" and m.text_len < 2:
+        fail("model.text_len", m.text_len, "use at least 2 caption tokens, e.g. 16 for digits, 120 for T5")
+    if moe.router not in ROUTER_CHOICES:
+        fail("moe.router", moe.router, f"use one of {', '.join(ROUTER_CHOICES)}")
+    if moe.router != DENSE_ROUTER:
+        if moe.num_experts < 2:
+            fail("moe.num_experts", moe.num_experts, "use at least 2 experts, or moe.router=dense")
+        if not 0.0 < moe.capacity <= moe.num_experts:
+            fail("moe.capacity", moe.capacity, f"use a capacity in (0, moe.num_experts={moe.num_experts}]")
+        if moe.interleave < 1:
+            fail("moe.interleave", moe.interleave, "use 1 (every block) or 2 (every other block)")
+        if moe.interleave > depth:  # block i is MoE iff i % interleave == interleave - 1
+            fail("moe.interleave", moe.interleave, f"leaves no MoE block in model.depth={depth}: use at most {depth}")
+        if moe.router == "token_choice" and not 1 <= moe.top_k <= moe.num_experts:
+            fail("moe.top_k", moe.top_k, f"use 1..moe.num_experts={moe.num_experts}")
+    if moe.pool not in POOLS:
+        fail("moe.pool", moe.pool, f"use one of {', '.join(POOLS)}")
+    if moe.inference not in INFERENCE_MODES:
+        fail("moe.inference", moe.inference, f"use one of {', '.join(INFERENCE_MODES)}")
+    if not 0.0 < moe.gamma < 1.0:
+        fail("moe.gamma", moe.gamma, "use a threshold strictly between 0 and 1")
+    if not 0.0 <= moe.threshold_momentum < 1.0:
+        fail("moe.threshold_momentum", moe.threshold_momentum, "use a value in [0, 1), e.g. 0.95")
+    if moe.predictor_loss_weight < 0:
+        fail("moe.predictor_loss_weight", moe.predictor_loss_weight, "use a non-negative weight")
+    if moe.aux_loss_weight < 0:
+        fail("moe.aux_loss_weight", moe.aux_loss_weight, "use a non-negative weight, e.g. 0.01")
+    p = par.expert_parallel_size
+    if p < 1:
+        fail("parallel.expert_parallel_size", p, "use a positive integer")
+    if p > 1 and moe.router == DENSE_ROUTER:
+        fail("parallel.expert_parallel_size", p, "expert parallelism needs experts: set moe.router or use 1")
+    if moe.router != DENSE_ROUTER and moe.num_experts % p:
+        fail("parallel.expert_parallel_size", p, f"must divide moe.num_experts={moe.num_experts}")
+    if world_size % p:
+        fail("parallel.expert_parallel_size", p, f"must divide the world size {world_size}")
+    if par.backend not in BACKENDS:
+        fail("parallel.backend", par.backend, "use auto, gloo or nccl")
+    if par.device not in DEVICES:
+        fail("parallel.device", par.device, "use auto, cpu or cuda")
+    if not 0 < par.timeout_minutes <= 24 * 60:
+        fail("parallel.timeout_minutes", par.timeout_minutes, "use a positive number of minutes, e.g. 10")
+    if par.grad_reduce_dtype not in GRAD_REDUCE_DTYPES:
+        fail("parallel.grad_reduce_dtype", par.grad_reduce_dtype, "use fp32 or bf16")
+    if par.grad_bucket_mb < 0:
+        fail("parallel.grad_bucket_mb", par.grad_bucket_mb, "use 0 (chosen by device) or a positive size in MB")
+    if data.global_batch_size < 1 or data.global_batch_size % world_size:
+        fail("data.global_batch_size", data.global_batch_size, f"use a multiple of the world size {world_size}")
+    if data.loader not in LOADERS:
+        fail("data.loader", data.loader, "use indexed or stream")
+    if data.num_workers < 0:
+        fail("data.num_workers", data.num_workers, "use 0 (load in the training process) or more workers")
+    if opt.lr <= 0:
+        fail("optim.lr", opt.lr, "use a positive learning rate such as 1e-4")
+    if opt.weight_decay < 0:
+        fail("optim.weight_decay", opt.weight_decay, "use 0 (none) or a positive decay such as 0.01")
+    for name in ("beta1", "beta2"):
+        if not 0.0 <= getattr(opt, name) < 1.0:
+            fail(f"optim.{name}", getattr(opt, name), "use a value in [0, 1), e.g. beta1=0.9 beta2=0.999")
+    if opt.eps <= 0:
+        fail("optim.eps", opt.eps, "use a small positive number such as 1e-8")
+    if opt.warmup_steps < 0:
+        fail("optim.warmup_steps", opt.warmup_steps, "use 0 or more steps")
+    if opt.grad_clip < 0:
+        fail("optim.grad_clip", opt.grad_clip, "use 0 to disable or a positive norm")
+    if opt.adamw_impl not in ADAMW_IMPLS:
+        fail("optim.adamw_impl", opt.adamw_impl, f"choose one of {', '.join(ADAMW_IMPLS)}")
+    if opt.grad_accum_steps < 1:
+        fail("optim.grad_accum_steps", opt.grad_accum_steps, "use 1 or more micro-batches per step")
+    if data.global_batch_size % (world_size * opt.grad_accum_steps):
+        fail(
+            "optim.grad_accum_steps",
+            opt.grad_accum_steps,
+            f"world size {world_size} x accumulation steps must divide data.global_batch_size={data.global_batch_size}",
+        )
+    if tr.zero_stage not in ZERO_STAGES:
+        fail("train.zero_stage", tr.zero_stage, "use 0 (plain data parallelism), 1 or 2 (ZeRO; MoE refuses 3)")
+    if tr.zero_stage > 0:
+        _validate_deepspeed_json(tr)
+    if tr.max_minutes < 0:
+        fail("train.max_minutes", tr.max_minutes, "use 0 (no limit) or a positive number of minutes")
+    if tr.steps < 1:
+        fail("train.steps", tr.steps, "use at least 1 step")
+    if tr.seed < 0:
+        fail("train.seed", tr.seed, "use a non-negative integer")
+    if tr.threads < 0:
+        fail("train.threads", tr.threads, "use 0 (cores / local processes) or a positive thread count")
+    if not tr.run_dir:
+        fail("train.run_dir", tr.run_dir, "name a directory, e.g. runs/my-run")
+    if tr.precision not in PRECISIONS:
+        fail("train.precision", tr.precision, "use fp32 or bf16")
+    if not 0.0 <= tr.ema_decay < 1.0:
+        fail("train.ema_decay", tr.ema_decay, "use a decay in [0, 1), e.g. 0.9999 (0.999 for short runs)")
+    if cfg.sample.sampler not in SAMPLERS:
+        fail("sample.sampler", cfg.sample.sampler, "use euler or heun")
+    if cfg.sample.num_steps < 1:
+        fail("sample.num_steps", cfg.sample.num_steps, "use at least 1 ODE step")
+    if cfg.sample.every < 0:
+        fail("sample.every", cfg.sample.every, "use 0 (only at the end) or a positive number of steps")
+    if cfg.sample.per_class < 1:
+        fail("sample.per_class", cfg.sample.per_class, "use at least 1 image per class")
+    if cfg.sample.cfg_scale < 0:
+        fail("sample.cfg_scale", cfg.sample.cfg_scale, "use 1 (no guidance) or more, e.g. 2.0")
+    if cfg.checkpoint.every < 0:
+        fail("checkpoint.every", cfg.checkpoint.every, "use 0 (only at the end) or a positive number of steps")
+    if cfg.checkpoint.keep_last < 1:
+        fail("checkpoint.keep_last", cfg.checkpoint.keep_last, "keep at least 1 checkpoint")
+    if cfg.logging.log_every < 1:
+        fail("logging.log_every", cfg.logging.log_every, "use a positive number of steps, e.g. 10")
+    if cfg.logging.routing_every < 0:
+        fail("logging.routing_every", cfg.logging.routing_every, "use 0 (off) or a positive number of steps")
+    if cfg.logging.wandb not in WANDB_MODES:
+        fail("logging.wandb", cfg.logging.wandb, "use offline, online or disabled")
+    _validate_mfu_peak(cfg.logging.mfu_peak, tr.precision)
+    if not tr.resume:
+        fail("train.resume", tr.resume, "use auto, never, or a run / checkpoint directory")
+
+
+def deepspeed_config_path(train: TrainConfig) -> str:
+    """``train.deepspeed_config``, else the checkout's ``configs/deepspeed/zero{train.zero_stage}.json``."""
+    default = Path(__file__).resolve().parents[2] / "configs" / "deepspeed" / f"zero{train.zero_stage}.json"
+    return train.deepspeed_config or str(default)
+
+
+def _validate_deepspeed_json(train: TrainConfig) -> None:
+    path = deepspeed_config_path(train)
+    if not os.path.isfile(path):
+        fail("train.deepspeed_config", path, "pass an existing DeepSpeed JSON, e.g. configs/deepspeed/zero1.json")
+    try:
+        with open(path) as f:
+            stage = json.load(f).get("zero_optimization", {}).get("stage", 0)
+    except ValueError as exc:
+        fail("train.deepspeed_config", path, f"the file is not valid JSON ({exc})")
+    if stage != train.zero_stage:
+        fail("train.zero_stage", train.zero_stage, f"{path} sets zero_optimization.stage={stage}: make them agree")
+
+
+_MFU_PEAK_FIX = "use measure, off, TFLOPS per rank (e.g. 989) or a cluster YAML such as tools/clusters/h100_32x8.yaml"
+
+
+def _validate_mfu_peak(value: str, precision: str) -> None:
+    """measure | off | TFLOPS per rank | a cluster YAML whose ``peak_flops`` (a number, or one per
+    precision, per device) gives `precision`'s peak (tools/clusters/*.yaml)."""
+    name = "logging.mfu_peak"
+    if value in MFU_PEAK_WORDS:
+        return
+    try:
+        tflops = float(value)
+    except ValueError:
+        tflops = None
+    if tflops is not None:
+        if not (math.isfinite(tflops) and tflops > 0):
+            fail(name, value, f"a peak must be a positive number of TFLOPS: {_MFU_PEAK_FIX}")
+        return
+    if not os.path.isfile(value):
+        what = "the file does not exist" if value.endswith((".yaml", ".yml")) else "not a known value"
+        fail(name, value, f"{what}: {_MFU_PEAK_FIX}")
+    try:
+        with open(value) as f:
+            peak = yaml.safe_load(f).get("peak_flops")
+    except (yaml.YAMLError, AttributeError, UnicodeDecodeError):
+        fail(name, value, f"the file is not a cluster YAML mapping: {_MFU_PEAK_FIX}")
+    peak = peak.get(precision) if isinstance(peak, dict) else peak
+    if isinstance(peak, bool) or not isinstance(peak, (int, float, str)):
+        peak = None
+    try:
+        positive = peak is not None and float(peak) > 0
+    except ValueError:  # YAML 1.1 reads 989e12 as a string: float() parses it
+        positive = False
+    if not positive:
+        fail(name, value, f"the file gives no positive peak_flops for train.precision={precision}: add one")

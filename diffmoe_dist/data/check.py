@@ -1,0 +1,59 @@
+"""What a run will read from disk, checked before any process group starts: a ``train.resume``
+path and the training shards. Bad files are a `ConfigError` on one line naming the field (the CLI
+prints it and exits 2), like a bad value from `Config.validate`, which checks the values only.
+
+`diffmoe-train` runs `check_files` after `validate` (and `--validate-only` does, unless
+``--no-file-checks``); rank r of W checks the headers of shards r, r + W, ... only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+from diffmoe_dist.config import RESUME_WORDS, Config, ConfigError
+from diffmoe_dist.config.options import fail
+from diffmoe_dist.data.stream import ShardError
+from diffmoe_dist.data.stream import check_shards as check_each_shard
+
+
+def check_files(cfg: Config, rank: int = 0, world_size: int = 1) -> None:
+    """What the run will read, checked before anything starts: a ``train.resume`` path and the
+    training shards (`check_data_path`). (The text encoder is only loaded to sample: not checked.)"""
+    tr = cfg.train
+    if tr.resume not in RESUME_WORDS:
+        if not os.path.exists(tr.resume):
+            fail("train.resume", tr.resume, "does not exist: use auto, never, or a run / checkpoint directory")
+        if not os.path.isdir(tr.resume):
+            fail("train.resume", tr.resume, "is not a directory: pass a run directory or its step_* directories")
+    check_data_path(cfg.data.path, rank, world_size)
+
+
+_SHARDS_HINT = "make the shards with `python tools/make_shards.py digits --out DIR`, or pass data.path=DIR"
+
+
+def check_data_path(path: str, rank: int = 0, world_size: int = 1) -> None:
+    """``path/train``: a manifest listing at least one sample, and every listed shard a tar of the
+    size the manifest records."""
+    train = os.path.join(path, "train")
+    if not os.path.isdir(path):
+        fail("data.path", path, f"the directory does not exist: {_SHARDS_HINT}")
+    manifest_path = os.path.join(train, "manifest.json")
+    if not os.path.isfile(manifest_path):
+        what = "has no train/" if not os.path.isdir(train) else "has no train/manifest.json"
+        fail("data.path", path, f"{what}: {_SHARDS_HINT}")
+    try:
+        with open(manifest_path) as f:
+            manifest = json.load(f)
+        shards = [s["name"] for s in manifest["shards"]]
+        num_samples = int(manifest["num_samples"])
+    except (ValueError, KeyError, TypeError) as exc:
+        fail("data.path", path, f"{manifest_path} is not a shard manifest ({exc!r}): {_SHARDS_HINT}")
+    if not shards or num_samples < 1:
+        fail("data.path", path, f"{manifest_path} lists no samples: {_SHARDS_HINT}")
+    # Shard by shard: the one check the stream loader also relies on (data/stream.py), one stat and
+    # one header read per shard, each rank a 1/W share.
+    try:
+        check_each_shard(path, rank, world_size)  # train/ and heldout/
+    except ShardError as exc:
+        raise ConfigError(f"data.path={path!r} is invalid: {exc}") from None
