@@ -1,5 +1,6 @@
 """Exponential moving average of weights and buffers (DESIGN.md: EMA covers buffers too, so the
-MoE thresholds used by dynamic inference come from the averaged model)."""
+MoE thresholds used by dynamic inference come from the averaged model). The trainer's
+checkpoint holds `model` (keys ema/NAME) and `num_updates` (meta "ema_num_updates")."""
 
 from __future__ import annotations
 
@@ -33,10 +34,3 @@ class EMA:
                 ema_b.lerp_(b.to(ema_b.dtype), 1.0 - d)
             else:
                 ema_b.copy_(b)
-
-    def state_dict(self) -> dict:
-        return {"model": self.model.state_dict(), "num_updates": self.num_updates}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.model.load_state_dict(state["model"])
-        self.num_updates = int(state["num_updates"])
