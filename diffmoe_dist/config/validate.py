@@ -9,7 +9,6 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import yaml
 
@@ -33,12 +32,10 @@ from diffmoe_dist.config.options import (
     fail,
 )
 
-if TYPE_CHECKING:
-    from diffmoe_dist.config.schema import Config, TrainConfig
 
-
-def validate_config(cfg: Config, world_size: int) -> None:
-    """Raises ConfigError naming the first bad field of `cfg` for a job of `world_size` ranks."""
+def validate_config(cfg, world_size: int) -> None:
+    """Raises ConfigError naming the first bad field of `cfg` (a `schema.Config`, which imports this
+    module: hence no annotation) for a job of `world_size` ranks."""
     m, moe, par, data, opt, tr = cfg.model, cfg.moe, cfg.parallel, cfg.data, cfg.optim, cfg.train
     for section in dataclasses.fields(cfg):  # nan / inf pass every range check below: refuse them first
         for f in dataclasses.fields(getattr(cfg, section.name)):
@@ -184,13 +181,13 @@ def validate_config(cfg: Config, world_size: int) -> None:
         fail("train.resume", tr.resume, "use auto, never, or a run / checkpoint directory")
 
 
-def deepspeed_config_path(train: TrainConfig) -> str:
+def deepspeed_config_path(train) -> str:
     """``train.deepspeed_config``, else the checkout's ``configs/deepspeed/zero{train.zero_stage}.json``."""
     default = Path(__file__).resolve().parents[2] / "configs" / "deepspeed" / f"zero{train.zero_stage}.json"
     return train.deepspeed_config or str(default)
 
 
-def _validate_deepspeed_json(train: TrainConfig) -> None:
+def _validate_deepspeed_json(train) -> None:
     path = deepspeed_config_path(train)
     if not os.path.isfile(path):
         fail("train.deepspeed_config", path, "pass an existing DeepSpeed JSON, e.g. configs/deepspeed/zero1.json")
