@@ -12,25 +12,8 @@ from pathlib import Path
 
 import yaml
 
-from diffmoe_dist.config.options import (
-    ADAMW_IMPLS,
-    BACKENDS,
-    DENSE_ROUTER,
-    DEVICES,
-    GRAD_REDUCE_DTYPES,
-    INFERENCE_MODES,
-    LOADERS,
-    MFU_PEAK_WORDS,
-    MODEL_SIZES,
-    POOLS,
-    PRECISIONS,
-    ROUTER_CHOICES,
-    SAMPLERS,
-    TASKS,
-    WANDB_MODES,
-    ZERO_STAGES,
-    fail,
-)
+import diffmoe_dist.config.options as options
+from diffmoe_dist.config.options import fail
 
 
 def validate_config(cfg, world_size: int) -> None:
@@ -42,8 +25,8 @@ def validate_config(cfg, world_size: int) -> None:
             value = getattr(getattr(cfg, section.name), f.name)
             if isinstance(value, float) and not math.isfinite(value):
                 fail(f"{section.name}.{f.name}", value, "use a finite number")
-    if m.size not in MODEL_SIZES:
-        fail("model.size", m.size, f"use one of {', '.join(MODEL_SIZES)}")
+    if m.size not in options.MODEL_SIZES:
+        fail("model.size", m.size, f"use one of {', '.join(options.MODEL_SIZES)}")
     for name in ("depth", "hidden_size", "num_heads"):
         if getattr(m, name) is not None and getattr(m, name) < 1:
             fail(f"model.{name}", getattr(m, name), f"use a positive integer, or leave it unset (model.size={m.size})")
@@ -59,15 +42,15 @@ def validate_config(cfg, world_size: int) -> None:
         fail("model.mlp_ratio", m.mlp_ratio, "use a positive FFN width ratio, e.g. 4.0")
     if not 0.0 <= m.class_dropout < 1.0:
         fail("model.class_dropout", m.class_dropout, "use a probability in [0, 1)")
-    if m.task not in TASKS:
-        fail("model.task", m.task, f"use one of {', '.join(TASKS)}")
+    if m.task not in options.TASKS:
+        fail("model.task", m.task, f"use one of {', '.join(options.TASKS)}")
     if m.task == "t2i" and m.text_dim < 1:
         fail("model.text_dim", m.text_dim, "use the text encoder's width, e.g. 384 (MiniLM) or 4096 (T5-XXL)")
     if m.task == "t2i" and m.text_len < 2:
         fail("model.text_len", m.text_len, "use at least 2 caption tokens, e.g. 16 for digits, 120 for T5")
-    if moe.router not in ROUTER_CHOICES:
-        fail("moe.router", moe.router, f"use one of {', '.join(ROUTER_CHOICES)}")
-    if moe.router != DENSE_ROUTER:
+    if moe.router not in options.ROUTER_CHOICES:
+        fail("moe.router", moe.router, f"use one of {', '.join(options.ROUTER_CHOICES)}")
+    if moe.router != options.DENSE_ROUTER:
         if moe.num_experts < 2:
             fail("moe.num_experts", moe.num_experts, "use at least 2 experts, or moe.router=dense")
         if not 0.0 < moe.capacity <= moe.num_experts:
@@ -78,10 +61,10 @@ def validate_config(cfg, world_size: int) -> None:
             fail("moe.interleave", moe.interleave, f"leaves no MoE block in model.depth={depth}: use at most {depth}")
         if moe.router == "token_choice" and not 1 <= moe.top_k <= moe.num_experts:
             fail("moe.top_k", moe.top_k, f"use 1..moe.num_experts={moe.num_experts}")
-    if moe.pool not in POOLS:
-        fail("moe.pool", moe.pool, f"use one of {', '.join(POOLS)}")
-    if moe.inference not in INFERENCE_MODES:
-        fail("moe.inference", moe.inference, f"use one of {', '.join(INFERENCE_MODES)}")
+    if moe.pool not in options.POOLS:
+        fail("moe.pool", moe.pool, f"use one of {', '.join(options.POOLS)}")
+    if moe.inference not in options.INFERENCE_MODES:
+        fail("moe.inference", moe.inference, f"use one of {', '.join(options.INFERENCE_MODES)}")
     if not 0.0 < moe.gamma < 1.0:
         fail("moe.gamma", moe.gamma, "use a threshold strictly between 0 and 1")
     if not 0.0 <= moe.threshold_momentum < 1.0:
@@ -93,25 +76,25 @@ def validate_config(cfg, world_size: int) -> None:
     p = par.expert_parallel_size
     if p < 1:
         fail("parallel.expert_parallel_size", p, "use a positive integer")
-    if p > 1 and moe.router == DENSE_ROUTER:
+    if p > 1 and moe.router == options.DENSE_ROUTER:
         fail("parallel.expert_parallel_size", p, "expert parallelism needs experts: set moe.router or use 1")
-    if moe.router != DENSE_ROUTER and moe.num_experts % p:
+    if moe.router != options.DENSE_ROUTER and moe.num_experts % p:
         fail("parallel.expert_parallel_size", p, f"must divide moe.num_experts={moe.num_experts}")
     if world_size % p:
         fail("parallel.expert_parallel_size", p, f"must divide the world size {world_size}")
-    if par.backend not in BACKENDS:
+    if par.backend not in options.BACKENDS:
         fail("parallel.backend", par.backend, "use auto, gloo or nccl")
-    if par.device not in DEVICES:
+    if par.device not in options.DEVICES:
         fail("parallel.device", par.device, "use auto, cpu or cuda")
     if not 0 < par.timeout_minutes <= 24 * 60:
         fail("parallel.timeout_minutes", par.timeout_minutes, "use a positive number of minutes, e.g. 10")
-    if par.grad_reduce_dtype not in GRAD_REDUCE_DTYPES:
+    if par.grad_reduce_dtype not in options.GRAD_REDUCE_DTYPES:
         fail("parallel.grad_reduce_dtype", par.grad_reduce_dtype, "use fp32 or bf16")
     if par.grad_bucket_mb < 0:
         fail("parallel.grad_bucket_mb", par.grad_bucket_mb, "use 0 (chosen by device) or a positive size in MB")
     if data.global_batch_size < 1 or data.global_batch_size % world_size:
         fail("data.global_batch_size", data.global_batch_size, f"use a multiple of the world size {world_size}")
-    if data.loader not in LOADERS:
+    if data.loader not in options.LOADERS:
         fail("data.loader", data.loader, "use indexed or stream")
     if data.num_workers < 0:
         fail("data.num_workers", data.num_workers, "use 0 (load in the training process) or more workers")
@@ -128,8 +111,8 @@ def validate_config(cfg, world_size: int) -> None:
         fail("optim.warmup_steps", opt.warmup_steps, "use 0 or more steps")
     if opt.grad_clip < 0:
         fail("optim.grad_clip", opt.grad_clip, "use 0 to disable or a positive norm")
-    if opt.adamw_impl not in ADAMW_IMPLS:
-        fail("optim.adamw_impl", opt.adamw_impl, f"choose one of {', '.join(ADAMW_IMPLS)}")
+    if opt.adamw_impl not in options.ADAMW_IMPLS:
+        fail("optim.adamw_impl", opt.adamw_impl, f"choose one of {', '.join(options.ADAMW_IMPLS)}")
     if opt.grad_accum_steps < 1:
         fail("optim.grad_accum_steps", opt.grad_accum_steps, "use 1 or more micro-batches per step")
     if data.global_batch_size % (world_size * opt.grad_accum_steps):
@@ -138,47 +121,47 @@ def validate_config(cfg, world_size: int) -> None:
             opt.grad_accum_steps,
             f"world size {world_size} x accumulation steps must divide data.global_batch_size={data.global_batch_size}",
         )
-    if tr.zero_stage not in ZERO_STAGES:
+    if tr.zero_stage not in options.ZERO_STAGES:
         fail("train.zero_stage", tr.zero_stage, "use 0 (plain data parallelism), 1 or 2 (ZeRO; MoE refuses 3)")
     if tr.zero_stage > 0:
         _validate_deepspeed_json(tr)
-    if tr.max_minutes < 0:
-        fail("train.max_minutes", tr.max_minutes, "use 0 (no limit) or a positive number of minutes")
-    if tr.steps < 1:
-        fail("train.steps", tr.steps, "use at least 1 step")
-    if tr.seed < 0:
-        fail("train.seed", tr.seed, "use a non-negative integer")
-    if tr.threads < 0:
-        fail("train.threads", tr.threads, "use 0 (cores / local processes) or a positive thread count")
     if not tr.run_dir:
         fail("train.run_dir", tr.run_dir, "name a directory, e.g. runs/my-run")
-    if tr.precision not in PRECISIONS:
+    if tr.precision not in options.PRECISIONS:
         fail("train.precision", tr.precision, "use fp32 or bf16")
     if not 0.0 <= tr.ema_decay < 1.0:
         fail("train.ema_decay", tr.ema_decay, "use a decay in [0, 1), e.g. 0.9999 (0.999 for short runs)")
-    if cfg.sample.sampler not in SAMPLERS:
+    if cfg.sample.sampler not in options.SAMPLERS:
         fail("sample.sampler", cfg.sample.sampler, "use euler or heun")
-    if cfg.sample.num_steps < 1:
-        fail("sample.num_steps", cfg.sample.num_steps, "use at least 1 ODE step")
-    if cfg.sample.every < 0:
-        fail("sample.every", cfg.sample.every, "use 0 (only at the end) or a positive number of steps")
-    if cfg.sample.per_class < 1:
-        fail("sample.per_class", cfg.sample.per_class, "use at least 1 image per class")
-    if cfg.sample.cfg_scale < 0:
-        fail("sample.cfg_scale", cfg.sample.cfg_scale, "use 1 (no guidance) or more, e.g. 2.0")
-    if cfg.checkpoint.every < 0:
-        fail("checkpoint.every", cfg.checkpoint.every, "use 0 (only at the end) or a positive number of steps")
-    if cfg.checkpoint.keep_last < 1:
-        fail("checkpoint.keep_last", cfg.checkpoint.keep_last, "keep at least 1 checkpoint")
-    if cfg.logging.log_every < 1:
-        fail("logging.log_every", cfg.logging.log_every, "use a positive number of steps, e.g. 10")
-    if cfg.logging.routing_every < 0:
-        fail("logging.routing_every", cfg.logging.routing_every, "use 0 (off) or a positive number of steps")
-    if cfg.logging.wandb not in WANDB_MODES:
+    _at_least(
+        cfg,
+        ("train.max_minutes", 0, "use 0 (no limit) or a positive number of minutes"),
+        ("train.steps", 1, "use at least 1 step"),
+        ("train.seed", 0, "use a non-negative integer"),
+        ("train.threads", 0, "use 0 (cores / local processes) or a positive thread count"),
+        ("sample.num_steps", 1, "use at least 1 ODE step"),
+        ("sample.every", 0, "use 0 (only at the end) or a positive number of steps"),
+        ("sample.per_class", 1, "use at least 1 image per class"),
+        ("sample.cfg_scale", 0, "use 1 (no guidance) or more, e.g. 2.0"),
+        ("checkpoint.every", 0, "use 0 (only at the end) or a positive number of steps"),
+        ("checkpoint.keep_last", 1, "keep at least 1 checkpoint"),
+        ("logging.log_every", 1, "use a positive number of steps, e.g. 10"),
+        ("logging.routing_every", 0, "use 0 (off) or a positive number of steps"),
+    )
+    if cfg.logging.wandb not in options.WANDB_MODES:
         fail("logging.wandb", cfg.logging.wandb, "use offline, online or disabled")
     _validate_mfu_peak(cfg.logging.mfu_peak, tr.precision)
     if not tr.resume:
         fail("train.resume", tr.resume, "use auto, never, or a run / checkpoint directory")
+
+
+def _at_least(cfg, *checks: tuple[str, float, str]) -> None:
+    """Each (section.field, smallest allowed value, fix), in order."""
+    for name, least, fix in checks:
+        section, key = name.split(".")
+        value = getattr(getattr(cfg, section), key)
+        if value < least:
+            fail(name, value, fix)
 
 
 def deepspeed_config_path(train) -> str:
@@ -207,7 +190,7 @@ def _validate_mfu_peak(value: str, precision: str) -> None:
     """measure | off | TFLOPS per rank | a cluster YAML whose ``peak_flops`` (a number, or one per
     precision, per device) gives `precision`'s peak (tools/clusters/*.yaml)."""
     name = "logging.mfu_peak"
-    if value in MFU_PEAK_WORDS:
+    if value in options.MFU_PEAK_WORDS:
         return
     try:
         tflops = float(value)
