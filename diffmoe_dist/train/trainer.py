@@ -19,7 +19,7 @@ from diffmoe_dist.model.dit import build_model
 from diffmoe_dist.model.moe.experts import expert_shard
 from diffmoe_dist.model.moe.layer import collect_moe_losses, mean_capacity
 from diffmoe_dist.parallel.groups import ParallelDims, comm_device
-from diffmoe_dist.train import checkpoint as ckpt
+from diffmoe_dist import checkpoint as ckpt
 from diffmoe_dist.train.engine import build_engine, checkpoint_blocks, lr_lambda  # noqa: F401 (lr_lambda: API)
 from diffmoe_dist.train.metrics import MetricsLogger
 from diffmoe_dist.train.preemption import EXIT_REQUEUE, StopRequest
@@ -80,7 +80,7 @@ class Trainer:
 
     # ---- checkpoints -------------------------------------------------------------------------
     def _slots(self) -> list[ckpt.Slot]:
-        """Everything this rank holds, placed in global tensors (train/checkpoint.py)."""
+        """Everything this rank holds, placed in global tensors (checkpoint/)."""
         model = ckpt.module_slots("model", self.model, self.dims)
         ema = ckpt.module_slots("ema", self.ema.model, self.dims)
         return [*model.values(), *ema.values(), *ckpt.optimizer_slots(self.engine.state_fragments(), model)]
