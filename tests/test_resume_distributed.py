@@ -14,8 +14,8 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from diffmoe_dist.config import load_config
 from diffmoe_dist import checkpoint as ckpt
+from diffmoe_dist.config import load_config
 
 try:
     from tests.distributed import DistributedTestError, run_distributed

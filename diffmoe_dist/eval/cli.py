@@ -11,11 +11,11 @@ import time
 
 import torch
 
+from diffmoe_dist import checkpoint as ckpt
 from diffmoe_dist.config import INFERENCE_MODES, config_from_dict
 from diffmoe_dist.eval.sampling import CapacityMeter, sample_images, save_grid
 from diffmoe_dist.model.dit import build_model
 from diffmoe_dist.model.moe.layer import set_inference_routing
-from diffmoe_dist import checkpoint as ckpt
 
 
 def load_model(path: str, use_ema: bool = True) -> tuple[torch.nn.Module, object, str]:

@@ -29,9 +29,9 @@ from typing import Any
 
 import torch.distributed as dist
 
-from diffmoe_dist.config import MODEL_SIZES
 from diffmoe_dist import checkpoint as ckpt
 from diffmoe_dist.checkpoint.ownership import HISTORY, RunDirError, RunHistory, RunLock, owner_identity
+from diffmoe_dist.config import MODEL_SIZES
 
 # A change of any of these makes a different run: refused on resume.
 IDENTITY = {

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from diffmoe_dist import checkpoint as ckpt
 from diffmoe_dist.config import Config
 from diffmoe_dist.data.loader import GlobalPosition
 from diffmoe_dist.diffusion.ema import EMA
@@ -19,7 +20,6 @@ from diffmoe_dist.model.dit import build_model
 from diffmoe_dist.model.moe.experts import expert_shard
 from diffmoe_dist.model.moe.layer import collect_moe_losses, mean_capacity
 from diffmoe_dist.parallel.groups import ParallelDims, comm_device
-from diffmoe_dist import checkpoint as ckpt
 from diffmoe_dist.train.engine import build_engine, checkpoint_blocks, lr_lambda  # noqa: F401 (lr_lambda: API)
 from diffmoe_dist.train.metrics import MetricsLogger
 from diffmoe_dist.train.preemption import EXIT_REQUEUE, StopRequest
