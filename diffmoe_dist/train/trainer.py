@@ -15,7 +15,7 @@ from diffmoe_dist.config import Config
 from diffmoe_dist.data.loader import GlobalPosition
 from diffmoe_dist.diffusion.ema import EMA
 from diffmoe_dist.diffusion.flow import flow_loss, flow_targets
-from diffmoe_dist.eval.sampling import sample_images, save_grid
+from diffmoe_dist.diffusion.sampling import sample_images, save_grid
 from diffmoe_dist.model.dit import build_model
 from diffmoe_dist.model.moe.experts import expert_shard
 from diffmoe_dist.model.moe.layer import collect_moe_losses, mean_capacity
@@ -251,7 +251,7 @@ class Trainer:
 
     def _decode(self, latents: torch.Tensor) -> torch.Tensor:
         if not hasattr(self, "_decoder"):
-            from diffmoe_dist.eval.decode import build_decoder
+            from diffmoe_dist.data.decode import build_decoder
 
             self._decoder = build_decoder(self.cfg.data.path, self.cfg.sample.vae, self.device)
         return latents if self._decoder is None else self._decoder(latents)
