@@ -229,8 +229,8 @@ def _with_routing(model, mode):
 def evaluate(model, mode: str | None, seed: int, args) -> dict:
     import torch
 
-    from diffmoe_dist.eval.metrics import evaluate_images
     from diffmoe_dist.diffusion.sampling import CapacityMeter, sample_images
+    from diffmoe_dist.eval.metrics import evaluate_images
 
     _with_routing(model, mode)
     labels = torch.arange(args.num_samples) % 10

@@ -22,9 +22,9 @@ import sys
 
 import torch
 
+from diffmoe_dist.diffusion.sampling import CapacityMeter, sample_images
 from diffmoe_dist.eval.cli import load_model
 from diffmoe_dist.eval.metrics import evaluate_images
-from diffmoe_dist.diffusion.sampling import CapacityMeter, sample_images
 from diffmoe_dist.model.moe.layer import moe_layers, set_inference_routing
 from diffmoe_dist.train.telemetry import capacity_per_step
 
