@@ -20,7 +20,8 @@ from diffmoe_dist.model.dit import build_model
 from diffmoe_dist.model.moe.experts import expert_shard
 from diffmoe_dist.model.moe.layer import collect_moe_losses, mean_capacity
 from diffmoe_dist.parallel.groups import ParallelDims, comm_device
-from diffmoe_dist.train.engine import build_engine, checkpoint_blocks, lr_lambda  # noqa: F401 (lr_lambda: API)
+from diffmoe_dist.parallel.parallelize import parallelize
+from diffmoe_dist.train.engine import build_engine
 from diffmoe_dist.train.metrics import MetricsLogger
 from diffmoe_dist.train.preemption import EXIT_REQUEUE, StopRequest
 from diffmoe_dist.train.run_dir import RunDirError, RunOwner, begin, plan_start
@@ -52,13 +53,15 @@ class Trainer:
         with expert_shard(self.dims.ep_rank, self.dims.ep_size):
             self.model = build_model(cfg.model, cfg.moe).to(device)
         self.ema = EMA(self.model, cfg.train.ema_decay, cfg.train.ema_warmup)
-        if self.dims.distributed:
-            from diffmoe_dist.parallel.parallelize import parallelize
-
-            parallelize(self.model, self.dims, cfg.moe)
-            parallelize(self.ema.model, self.dims, cfg.moe)
-        if cfg.train.activation_checkpointing:
-            checkpoint_blocks(self.model)  # after the EMA copy: the EMA model never runs backward
+        # Everything parallel, the same way on the model and its EMA (parallel/parallelize.py):
+        # expert shards and tags, dispatchers, pools, the replica broadcast, activation checkpointing.
+        parallelize(
+            self.model,
+            self.dims,
+            cfg.moe,
+            ema=self.ema.model,
+            activation_checkpointing=cfg.train.activation_checkpointing,
+        )
         # Per-rank stream for t, noise and label dropout: ranks draw different noise for their samples.
         torch.manual_seed(cfg.train.seed * 7919 + self.dims.rank + 1)
         # On the device it draws on (flow_targets checks): a CPU generator cannot draw CUDA noise.
