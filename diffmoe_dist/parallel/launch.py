@@ -229,7 +229,8 @@ def init_distributed(
     """
     validate_parallel(env.world_size, num_experts, expert_parallel_size)
     # DeepSpeed asserts LOCAL_RANK (torchrun's) or Open MPI's variable; srun and MPICH set others.
-    os.environ.setdefault("LOCAL_RANK", str(env.local_rank))
+    # Assigned, not defaulted: a LOCAL_RANK inherited from a parent process would be another's.
+    os.environ["LOCAL_RANK"] = str(env.local_rank)
     device = resolve_device(device, env.local_rank)
     if backend == "auto":
         backend = "nccl" if device.type == "cuda" else "gloo"
