@@ -1,4 +1,4 @@
-"""Checkpoint save and load times: each rank writes its own share (train/checkpoint.py).
+"""Checkpoint save and load times: each rank writes its own share (checkpoint/).
 
 Spawns W gloo processes (4 by default) that build the trainer at expert-parallel size P with
 DeepSpeed ZeRO-1 (``--zero 0`` for plain data parallelism), take one step on the digits data, then
@@ -114,7 +114,7 @@ def _spawn(args, phase: str, size: str, run_dir: str, world_size: int, ep_size: 
 
 
 def measure(args, size: str) -> dict:
-    from diffmoe_dist.train import checkpoint as ckpt
+    from diffmoe_dist import checkpoint as ckpt
 
     run_dir = tempfile.mkdtemp(prefix=f"ckpt-io-{size}-", dir=args.tmp)
     try:

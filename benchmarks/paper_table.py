@@ -229,8 +229,8 @@ def _with_routing(model, mode):
 def evaluate(model, mode: str | None, seed: int, args) -> dict:
     import torch
 
+    from diffmoe_dist.diffusion.sampling import CapacityMeter, sample_images
     from diffmoe_dist.eval.metrics import evaluate_images
-    from diffmoe_dist.eval.sampling import CapacityMeter, sample_images
 
     _with_routing(model, mode)
     labels = torch.arange(args.num_samples) % 10
@@ -263,7 +263,7 @@ def evaluate(model, mode: str | None, seed: int, args) -> dict:
 def _grid(model, mode: str | None, seed: int, args, path: Path) -> None:
     import torch
 
-    from diffmoe_dist.eval.sampling import sample_images, save_grid
+    from diffmoe_dist.diffusion.sampling import sample_images, save_grid
 
     _with_routing(model, mode)
     labels = torch.arange(10).repeat(4)  # 4 rows, one column per class

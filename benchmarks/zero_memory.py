@@ -43,12 +43,20 @@ def _max(value: float) -> float:
     return float(t)
 
 
+def optimizer_state_bytes(engine) -> int:
+    """Bytes of optimizer state (Adam moments and step counts) this rank holds."""
+    total = 0
+    for state in engine.base_optimizer.state.values():
+        total += sum(t.numel() * t.element_size() for t in state.values() if torch.is_tensor(t))
+    return total
+
+
 def _measure(args, world_size: int, ep_size: int, stage: int) -> dict:
     from diffmoe_dist.config import load_config
     from diffmoe_dist.model.build import build_model
     from diffmoe_dist.model.moe.layer import collect_moe_losses
     from diffmoe_dist.parallel import build_parallel_dims, parallelize
-    from diffmoe_dist.train.engine import build_engine, optimizer_state_bytes
+    from diffmoe_dist.train.engine import build_engine
 
     cfg = load_config(
         None,
@@ -98,7 +106,7 @@ def _measure(args, world_size: int, ep_size: int, stage: int) -> dict:
 
 
 def _worker(rank: int, world_size: int, port: int, args, queue) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), LOCAL_RANK=str(rank), OMP_NUM_THREADS="1")
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
     try:

@@ -16,10 +16,10 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from diffmoe_dist.train import checkpoint as ckpt  # noqa: E402
+from diffmoe_dist.checkpoint import io as ckpt_io  # noqa: E402
 from diffmoe_dist.train.cli import main  # noqa: E402
 
-_write = ckpt._fsync_write
+_write = ckpt_io._fsync_write
 
 
 def _slow_write(path, write):
@@ -41,7 +41,7 @@ def _slow_write(path, write):
     _write(path, write)
 
 
-ckpt._fsync_write = _slow_write
+ckpt_io._fsync_write = _slow_write
 
 if __name__ == "__main__":
     sys.exit(main())

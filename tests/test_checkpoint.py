@@ -4,7 +4,7 @@ import os
 import pytest
 import torch
 
-from diffmoe_dist.train import checkpoint as ckpt
+from diffmoe_dist import checkpoint as ckpt
 
 
 def _save(root, step, value):
@@ -87,6 +87,7 @@ def test_expert_shards_are_flat_ranges_of_the_global_tensor(tmp_path):
     """Two ranks of EP=2 hold experts [0, 2) and [2, 4): each slot is a contiguous flat range."""
     from diffmoe_dist.config import ModelConfig, MoEConfig
     from diffmoe_dist.model.build import build_model
+    from diffmoe_dist.model.moe.experts import expert_modules
     from diffmoe_dist.parallel.groups import ParallelDims
 
     torch.manual_seed(0)
@@ -95,7 +96,7 @@ def test_expert_shards_are_flat_ranges_of_the_global_tensor(tmp_path):
     for rank in (0, 1):
         torch.manual_seed(0)
         model = build_model(ModelConfig(depth=2, hidden_size=32, num_heads=4), MoEConfig("expert_choice_global", 4))
-        for m in ckpt._expert_modules(model).values():
+        for m in expert_modules(model).values():
             m.shard(rank, 2)
         dims = ParallelDims(2, rank, 2, rank, (0, 1), (rank,))
         for name, slot in ckpt.module_slots("model", model, dims).items():

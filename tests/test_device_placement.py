@@ -100,7 +100,7 @@ import torch.utils.backend_registration as registration
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorDeviceMismatchError, FakeTensorMode
 
 from diffmoe_dist.config import load_config
-from diffmoe_dist.eval.sampling import sample_images
+from diffmoe_dist.diffusion.sampling import sample_images
 from diffmoe_dist.model.build import build_model
 from diffmoe_dist.parallel.groups import ParallelDims
 from diffmoe_dist.train.engine import _Engine

@@ -178,7 +178,7 @@ def test_launcher_trains_a_tiny_job_with_four_processes_and_ep_2(which, request)
 def test_torchrun_and_mpirun_launches_train_identically(torchrun_run, mpirun_run):
     import torch
 
-    from diffmoe_dist.train import checkpoint as ckpt
+    from diffmoe_dist import checkpoint as ckpt
 
     # Same ranks, same data, same threads per rank (both launchers export OMP_NUM_THREADS = cores / 4,
     # which the trainer must honour): every step's loss and the final weights agree bit for bit.

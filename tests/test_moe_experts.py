@@ -1,5 +1,6 @@
 """Specification of StackedExperts (grouped compute, init, sharding) and the local dispatcher."""
 
+import copy
 import math
 
 import pytest
@@ -9,6 +10,7 @@ import torch.nn.functional as F
 from diffmoe_dist.model.ffn import FeedForward
 from diffmoe_dist.model.moe.dispatch import LocalDispatcher
 from diffmoe_dist.model.moe.experts import StackedExperts
+from diffmoe_dist.parallel.grads import is_expert_param
 
 
 def _experts(e=4, d=6, h=24, seed=0):
@@ -61,19 +63,20 @@ def test_experts_initialised_like_feedforward_xavier_and_zero_bias():
     assert not torch.equal(experts.w1_EDH[0], experts.w1_EDH[1])  # experts differ
 
 
-def test_expert_params_carry_deepspeed_tags():
-    for p in _experts().parameters():
-        assert p.is_expert is True and p.allreduce is False
+def test_expert_params_are_known_as_such_without_deepspeed_tags_and_after_a_copy():
+    experts = _experts()
+    for p in [*experts.parameters(), *copy.deepcopy(experts).parameters()]:
+        assert is_expert_param(p) and not hasattr(p, "allreduce")  # DeepSpeed's tags: parallelize's job
 
 
-def test_shard_keeps_owned_slice_in_place_and_retags():
+def test_shard_keeps_owned_slice_in_place_as_expert_params():
     experts = _experts(e=8)
     full = {n: p.detach().clone() for n, p in experts.named_parameters()}
     assert experts.shard(ep_rank=1, ep_size=4) is experts
     assert (experts.num_experts, experts.num_local, experts.offset) == (8, 2, 2)
     for n, p in experts.named_parameters():
         assert torch.equal(p, full[n][2:4])
-        assert p.is_expert is True and p.allreduce is False
+        assert is_expert_param(p)
     with pytest.raises(ValueError, match="already sharded"):
         experts.shard(0, 2)
     with pytest.raises(ValueError, match="divide"):

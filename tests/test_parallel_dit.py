@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
 from diffmoe_dist.config import ModelConfig, MoEConfig
 from diffmoe_dist.model.build import build_model
-from diffmoe_dist.model.moe.layer import collect_moe_losses
-from diffmoe_dist.parallel import build_parallel_dims, parallelize, reduce_gradients
+from diffmoe_dist.model.moe.experts import expert_modules
+from diffmoe_dist.model.moe.layer import collect_moe_losses, moe_layers
+from diffmoe_dist.parallel import AllToAllDispatcher, build_parallel_dims, parallelize, reduce_gradients
+from diffmoe_dist.parallel.groups import ParallelDims
 
 try:
     from tests.distributed import run_distributed
@@ -65,3 +69,64 @@ def _dit_matches(rank: int, world_size: int, ep_size: int) -> float:
 def test_dit_forward_backward_at_w4_ep2_matches_single_process_on_concatenated_batch():
     worst = run_distributed(_dit_matches, 4, 2)
     assert max(worst) < 1e-5
+
+
+def _expert_names(model: torch.nn.Module) -> set[str]:
+    return {f"{prefix}.{n}" for prefix, m in expert_modules(model).items() for n, _ in m.named_parameters()}
+
+
+def test_parallelize_on_one_process_tags_model_and_ema_alike_and_checkpoints_only_the_model():
+    ref, _ = build_dit()
+    dit, moe = build_dit()
+    ema = copy.deepcopy(dit)
+    parallelize(dit, ParallelDims.single(), moe, ema=ema, activation_checkpointing=True)
+    experts = _expert_names(ref)
+    assert len(experts) == 2 * 4  # 2 MoE layers (interleaved) x 4 stacked tensors
+    ref_state = ref.state_dict()
+    for m in (dit, ema):
+        for name, p in m.named_parameters():
+            # DeepSpeed's tags on expert parameters only (parallelize's, not the model's)
+            tags = (getattr(p, "allreduce", None), getattr(p, "group_name", None))
+            assert tags == ((False, "ep_size_1") if name in experts else (None, None)), name
+        for name, value in m.state_dict().items():  # one process: no weight changes
+            assert torch.equal(value, ref_state[name]), name
+    assert all("forward" in vars(b) for b in dit.blocks) and not any("forward" in vars(b) for b in ema.blocks)
+    # checkpointed blocks recompute in backward: the same gradients and thresholds as without
+    g = torch.Generator().manual_seed(3)
+    x, t = torch.randn(4, 1, 8, 8, generator=g), torch.rand(4, generator=g)
+    y, target = torch.randint(0, 10, (4,), generator=g), torch.randn(4, 1, 8, 8, generator=g)
+    dit_loss(ref, x, t, y, target).backward()
+    dit_loss(dit, x, t, y, target).backward()
+    ref_params = dict(ref.named_parameters())
+    for name, p in dit.named_parameters():
+        torch.testing.assert_close(p.grad, ref_params[name].grad, msg=lambda m, n=name: f"{n}: {m}")
+    for (name, buf), (_, ref_buf) in zip(dit.named_buffers(), ref.named_buffers(), strict=True):
+        assert torch.equal(buf, ref_buf), name
+
+
+def _ema_parallelized_like_model(rank: int, world_size: int) -> bool:
+    dims = build_parallel_dims(2, EXPERTS)  # W=2, EP=2: each rank its own 2 experts, EDP groups of one
+    full, moe = build_dit()
+    dit = copy.deepcopy(full)
+    with torch.no_grad():  # replicas that differ before parallelize: the broadcast must fix the dense part
+        for p in dit.parameters():
+            p.add_(rank)
+    ema = copy.deepcopy(dit)
+    parallelize(dit, dims, moe, ema=ema)
+    full_params, experts, per = dict(full.named_parameters()), _expert_names(full), EXPERTS // 2
+    for m in (dit, ema):
+        for name, p in m.named_parameters():
+            if name in experts:  # this rank's shard, kept (its EDP group is itself), tagged for DeepSpeed
+                expected = full_params[name][rank * per : (rank + 1) * per] + rank
+                assert (p.allreduce, p.group_name) == (False, "ep_size_2"), name
+            else:  # rank 0's replica
+                expected = full_params[name]
+                assert not hasattr(p, "allreduce"), name
+            assert torch.equal(p, expected), name
+        assert all(isinstance(layer.dispatcher, AllToAllDispatcher) for layer in moe_layers(m))
+    return True
+
+
+@pytest.mark.slow
+def test_parallelize_shards_tags_and_broadcasts_the_ema_as_the_model_at_w2_ep2():
+    assert run_distributed(_ema_parallelized_like_model, 2) == [True, True]

@@ -13,7 +13,7 @@ import time
 import pytest
 import torch
 
-from diffmoe_dist.train import checkpoint as ckpt
+from diffmoe_dist import checkpoint as ckpt
 from diffmoe_dist.train.preemption import EXIT_REQUEUE
 
 try:

@@ -14,8 +14,8 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from diffmoe_dist import checkpoint as ckpt
 from diffmoe_dist.config import load_config
-from diffmoe_dist.train import checkpoint as ckpt
 
 try:
     from tests.distributed import DistributedTestError, run_distributed
@@ -158,7 +158,9 @@ def test_checkpoint_from_w4_ep2_zero1_resumes_exactly_at_other_world_and_expert_
 
 def _train_and_die_while_saving(rank, world_size, digits, run_dir):
     trainer = _trainer(digits, run_dir, world_size, 2, stage=1, extra=["train.steps=6", "checkpoint.every=2"])
-    write = ckpt._fsync_write
+    from diffmoe_dist.checkpoint import io as ckpt_io
+
+    write = ckpt_io._fsync_write
 
     def dying_write(path, fn):
         if rank == 1 and f".tmp-step_{6:07d}" in path and path.endswith(".pt"):
@@ -167,7 +169,7 @@ def _train_and_die_while_saving(rank, world_size, digits, run_dir):
             os.kill(os.getpid(), signal.SIGKILL)
         write(path, fn)
 
-    ckpt._fsync_write = dying_write
+    ckpt_io._fsync_write = dying_write
     trainer.fit()
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from diffmoe_dist.train import checkpoint as ckpt
+from diffmoe_dist import checkpoint as ckpt
 
 try:
     from tests.distributed import run_distributed
@@ -230,7 +230,7 @@ def test_one_live_owner_a_second_is_refused_a_dead_ones_lock_is_taken_over(digit
 
 
 def test_a_lock_from_another_host_is_stale_only_after_its_heartbeat_stops(tmp_path, monkeypatch):
-    from diffmoe_dist.train.ownership import RunDirError, RunLock
+    from diffmoe_dist.checkpoint.ownership import RunDirError, RunLock
 
     monkeypatch.delenv("SLURM_JOB_ID", raising=False)
     other = RunLock(str(tmp_path))
@@ -251,7 +251,7 @@ def test_a_lock_from_another_host_is_stale_only_after_its_heartbeat_stops(tmp_pa
 def test_slurm_owners_an_earlier_restart_of_the_same_job_is_stale_and_without_squeue_the_pid_decides(
     tmp_path, monkeypatch
 ):
-    from diffmoe_dist.train.ownership import owner_alive, owner_identity
+    from diffmoe_dist.checkpoint.ownership import owner_alive, owner_identity
 
     monkeypatch.setenv("SLURM_JOB_ID", "41")
     monkeypatch.setenv("SLURM_RESTART_COUNT", "1")

@@ -94,7 +94,7 @@ def stopped_steps(log: str, reason: str) -> list[int]:
 
 
 def final_weights(run_dir: Path) -> dict:
-    from diffmoe_dist.train import checkpoint as ckpt
+    from diffmoe_dist import checkpoint as ckpt
 
     path = str(run_dir / "checkpoints" / (run_dir / "checkpoints" / "latest").read_text().strip())
     return {
@@ -171,7 +171,7 @@ def test_scancel_usr1_saves_on_every_rank_at_one_step_exits_75_and_requeues_bitw
     assert "4 of 4 ranks exited 75" in log and "srun: error" not in log, log[-3000:]
     assert "step exited 75 (warning: none): requeueing job" in log and "SIGUSR1 received" not in log
     # the checkpoint at the stop step is complete: every rank's file, every checksum
-    from diffmoe_dist.train import checkpoint as ckpt
+    from diffmoe_dist import checkpoint as ckpt
 
     manifest = ckpt.verify(ckpt.step_dir(str(run_dir / "checkpoints"), stop))
     assert manifest["step"] == stop and manifest["world_size"] == 4
@@ -312,7 +312,7 @@ def test_two_jobs_of_one_name_the_second_is_refused_and_the_first_finishes_intac
     with open(run_dir / "metrics.jsonl") as f:
         assert [json.loads(line)["step"] for line in f] == [5, 10]
     assert "lr: 0.001" in (run_dir / "config.yaml").read_text()
-    from diffmoe_dist.train import checkpoint as ckpt
+    from diffmoe_dist import checkpoint as ckpt
 
     assert ckpt.verify(str(run_dir / "checkpoints" / "step_0000010"))["world_size"] == 2
     with open(run_dir / "checkpoints" / "history.jsonl") as f:
@@ -340,7 +340,7 @@ def test_a_signal_to_one_node_during_the_final_save_ends_completed_and_is_not_re
     log = output(tmp_path, "late", job)
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0" and info["Restarts"] == "0", log[-3000:]
     assert "requeueing" not in log and "SIGUSR1 received" in log, log[-3000:]
-    from diffmoe_dist.train import checkpoint as ckpt
+    from diffmoe_dist import checkpoint as ckpt
 
     root = tmp_path / "runs" / "late" / "checkpoints"
     assert (root / "latest").read_text().strip() == f"step_{steps:07d}"

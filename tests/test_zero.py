@@ -64,7 +64,7 @@ def _train(cfg, dims, steps=STEPS) -> dict:
 
 def _zero_runs(rank: int, world_size: int, digits: str, run_dir: str) -> dict:
     from diffmoe_dist.parallel.launch import init_distributed, read_launch_env
-    from diffmoe_dist.train.engine import create_deepspeed_expert_groups
+    from diffmoe_dist.train.deepspeed import create_deepspeed_expert_groups
 
     # megatron-core's groups: the ZeRO engine asserts that DeepSpeed's are the same rank sets
     dims = init_distributed(read_launch_env(), 2, "cpu", num_experts=4, use_megatron=True)

@@ -22,9 +22,9 @@ import sys
 
 import torch
 
+from diffmoe_dist.diffusion.sampling import CapacityMeter, sample_images
 from diffmoe_dist.eval.cli import load_model
 from diffmoe_dist.eval.metrics import evaluate_images
-from diffmoe_dist.eval.sampling import CapacityMeter, sample_images
 from diffmoe_dist.model.moe.layer import moe_layers, set_inference_routing
 from diffmoe_dist.train.telemetry import capacity_per_step
 
@@ -51,12 +51,12 @@ def _conditioning(model, cfg, num_samples: int):
         labels = torch.arange(num_samples) % cfg.model.num_classes
         return model, labels, labels
     from diffmoe_dist.data.captions import heldout_prompts
-    from diffmoe_dist.eval.cli import _prompt_model
+    from diffmoe_dist.data.text_encoders import prompt_model
 
     captions, digits = heldout_prompts(num_samples)
     unique = sorted(set(captions))
     index = torch.tensor([unique.index(c) for c in captions])
-    return _prompt_model(model, cfg, unique), index, digits
+    return prompt_model(model, cfg, unique), index, digits
 
 
 def best_gamma(runs: list[dict], max_capacity: float = 1.0) -> dict | None:

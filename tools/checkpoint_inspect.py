@@ -17,7 +17,7 @@ import os
 import sys
 from collections import Counter
 
-from diffmoe_dist.train import checkpoint as ckpt
+from diffmoe_dist import checkpoint as ckpt
 
 
 def main(argv=None) -> int:

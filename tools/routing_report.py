@@ -150,8 +150,8 @@ def sample_capacity(run_dir: str, num_samples: int, steps: int) -> list[tuple[st
     """Draws ``num_samples`` images per inference mode from the run's EMA weights; C_avg per step."""
     import torch
 
+    from diffmoe_dist.diffusion.sampling import CapacityMeter, sample_images
     from diffmoe_dist.eval.cli import load_model
-    from diffmoe_dist.eval.sampling import CapacityMeter, sample_images
     from diffmoe_dist.model.moe.layer import moe_layers, set_inference_routing
     from diffmoe_dist.train.telemetry import capacity_per_step
 

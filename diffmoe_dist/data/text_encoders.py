@@ -143,3 +143,13 @@ def build_text_encoder(
 ) -> HFTextEncoder:
     """`name` is data.text_encoder: 'minilm' (the packaged all-MiniLM-L6-v2) or a local directory."""
     return HFTextEncoder(None if name == MINILM else name, max_length=max_length, device=device, dtype=dtype)
+
+
+def prompt_model(model: torch.nn.Module, cfg, captions: list[str]) -> torch.nn.Module:
+    """Text-to-image: encodes ``captions`` with the encoder the run's shards were made with
+    (``cfg.data.text_encoder``, ``cfg.model.text_len``) and returns the model seen as conditioned on
+    prompt indices (`model.text.PromptConditioned`), so the class-conditional sampler drives it."""
+    from diffmoe_dist.model.text import PromptConditioned
+
+    text, mask = build_text_encoder(cfg.data.text_encoder, cfg.model.text_len).encode(captions)
+    return PromptConditioned(model, text, mask)

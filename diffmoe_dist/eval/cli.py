@@ -11,11 +11,12 @@ import time
 
 import torch
 
+from diffmoe_dist import checkpoint as ckpt
 from diffmoe_dist.config import INFERENCE_MODES, SAMPLERS, config_from_dict
-from diffmoe_dist.eval.sampling import CapacityMeter, sample_images, save_grid
+from diffmoe_dist.data.text_encoders import prompt_model
+from diffmoe_dist.diffusion.sampling import CapacityMeter, sample_images, save_grid
 from diffmoe_dist.model.build import build_model
 from diffmoe_dist.model.moe.layer import set_inference_routing
-from diffmoe_dist.train import checkpoint as ckpt
 
 
 def load_model(path: str, use_ema: bool = True) -> tuple[torch.nn.Module, object, str]:
@@ -88,7 +89,7 @@ def _sample_batched(
         per_step.extend(capacity_per_step(meter.values, len(moe_layers(model)), args.steps, evals))
     images = torch.cat(out)
     # Latent shards (made with a VAE): pixels through that VAE (or --vae); the digits are pixels already.
-    from diffmoe_dist.eval.decode import build_decoder
+    from diffmoe_dist.data.decode import build_decoder
 
     decoder = build_decoder(args.cfg.data.path, args.vae or args.cfg.sample.vae)
     return (images if decoder is None else decoder(images)), meter.mean
@@ -115,16 +116,6 @@ def _progress(description: str, total: int):
         yield lambda: progress.advance(task)
 
 
-def _prompt_model(model, cfg, captions: list[str]):
-    """Text-to-image: encodes `captions` with the encoder the run's shards were made with
-    (data.text_encoder, model.text_len) and returns the model seen as conditioned on prompt indices."""
-    from diffmoe_dist.data.text_encoders import build_text_encoder
-    from diffmoe_dist.model.text import PromptConditioned
-
-    text, mask = build_text_encoder(cfg.data.text_encoder, cfg.model.text_len).encode(captions)
-    return PromptConditioned(model, text, mask)
-
-
 def sample_main(argv=None) -> int:
     p = argparse.ArgumentParser(
         prog="diffmoe-sample", description="Sample a class grid (or, text-to-image, a prompt grid) from a checkpoint."
@@ -142,7 +133,7 @@ def sample_main(argv=None) -> int:
             print(f"diffmoe-sample: error: the checkpoint has model.task={cfg.model.task}: {fix}", file=sys.stderr)
             return 2
         labels = torch.arange(len(args.prompt)).repeat_interleave(args.per_class)
-        images, c_avg = _sample_batched(_prompt_model(model, cfg, args.prompt), labels, args)
+        images, c_avg = _sample_batched(prompt_model(model, cfg, args.prompt), labels, args)
         grid = images.view(len(args.prompt), args.per_class, *images.shape[1:]).transpose(0, 1)
         save_grid(grid.reshape(-1, *images.shape[1:]), args.out, nrow=len(args.prompt))
         print(json.dumps({"out": args.out, "num_images": len(labels), "capacity_avg": c_avg, "prompts": args.prompt}))
@@ -200,7 +191,7 @@ def _evaluate(args) -> dict:
         captions, labels = heldout_prompts(args.num_samples)
         unique = sorted(set(captions))
         index = torch.tensor([unique.index(c) for c in captions])
-        images, c_avg = _sample_batched(_prompt_model(model, cfg, unique), index, args, per_step)
+        images, c_avg = _sample_batched(prompt_model(model, cfg, unique), index, args, per_step)
     else:
         labels = torch.arange(args.num_samples) % cfg.model.num_classes
         images, c_avg = _sample_batched(model, labels, args, per_step)

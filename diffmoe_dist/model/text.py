@@ -175,7 +175,7 @@ class TextDiT(DiTBase):
 
 class PromptConditioned(nn.Module):
     """A TextDiT seen as a class-conditional model over a bank of P encoded prompts: "label" i means
-    prompt i. Lets the class-conditional sampler (`eval.sampling.sample_images`) and its seeding,
+    prompt i. Lets the class-conditional sampler (`diffusion.sampling.sample_images`) and its seeding,
     CFG and grids drive text-to-image sampling unchanged."""
 
     def __init__(self, model: TextDiT, text_PTE: torch.Tensor, mask_PT: torch.Tensor):

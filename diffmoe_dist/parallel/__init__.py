@@ -1,6 +1,8 @@
 """Parallelism applied from outside the model: launch env, process groups, distributed token pools,
-expert-parallel dispatch, gradient reduction, and `parallelize` that ties them to a built model."""
+expert-parallel dispatch, gradient reduction, activation checkpointing, and `parallelize` that ties
+them to a built model and its EMA."""
 
+from diffmoe_dist.parallel.activation_checkpoint import checkpoint_blocks
 from diffmoe_dist.parallel.dispatch import AllToAllDispatcher
 from diffmoe_dist.parallel.grads import (
     clip_grad_norm_,
@@ -19,7 +21,7 @@ from diffmoe_dist.parallel.groups import (
     validate_parallel,
 )
 from diffmoe_dist.parallel.launch import LaunchEnv, destroy_distributed, init_distributed, read_launch_env
-from diffmoe_dist.parallel.parallelize import broadcast_replicas, make_pool, parallelize
+from diffmoe_dist.parallel.parallelize import broadcast_replicas, make_pool, parallelize, tag_expert_params
 from diffmoe_dist.parallel.selection import DistributedPool, RankPool
 
 __all__ = [
@@ -31,6 +33,7 @@ __all__ = [
     "RankPool",
     "broadcast_replicas",
     "build_parallel_dims",
+    "checkpoint_blocks",
     "clip_grad_norm_",
     "destroy_distributed",
     "expert_data_parallel_ranks",
@@ -44,5 +47,6 @@ __all__ = [
     "read_launch_env",
     "reduce_gradients",
     "split_params",
+    "tag_expert_params",
     "validate_parallel",
 ]

@@ -228,6 +228,9 @@ def init_distributed(
     them sets ``GLOO_SOCKET_IFNAME``). ``force_collectives``: the distributed path at any world size.
     """
     validate_parallel(env.world_size, num_experts, expert_parallel_size)
+    # DeepSpeed asserts LOCAL_RANK (torchrun's) or Open MPI's variable; srun and MPICH set others.
+    # Assigned, not defaulted: a LOCAL_RANK inherited from a parent process would be another's.
+    os.environ["LOCAL_RANK"] = str(env.local_rank)
     device = resolve_device(device, env.local_rank)
     if backend == "auto":
         backend = "nccl" if device.type == "cuda" else "gloo"

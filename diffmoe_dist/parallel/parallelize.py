@@ -1,16 +1,21 @@
-"""Apply data and expert parallelism to a built model, from the outside (torchtitan's parallelize_*).
+"""Everything parallel, applied from outside to a built model and its EMA (torchtitan's parallelize_*).
 
-The model code builds every MoE layer with all E experts, a `LocalPool` and a `LocalDispatcher`.
-`parallelize` then, for each `MoEFeedForward`:
-- keeps only this rank's ``E/P`` experts (``experts.shard``), tagged for DeepSpeed's MoE paths;
+The model code builds every MoE layer with all E experts (or, inside `expert_shard`, only this
+rank's), a `LocalPool` and a `LocalDispatcher`, and knows nothing of processes or DeepSpeed.
+`parallelize` then, on the model and in the same way on its EMA copy:
+- keeps only this rank's ``E/P`` experts (``experts.shard``) and tags them for DeepSpeed's MoE
+  paths (`tag_expert_params`);
 - swaps in the `AllToAllDispatcher` over the EP group when ``P > 1``;
 - swaps in the token pool ``moe.pool`` asks for (DESIGN.md section 2): ``rank`` (own batch),
   ``ep`` (the EP group's batches) or ``dp`` (every rank's batch), all with thresholds averaged
   over DP so the predictor buffers stay identical;
-and finally broadcasts parameters and buffers so that all replicas start identical: non-expert
-tensors from rank 0 over DP, expert shards from the first rank of each EDP group.
+- broadcasts parameters and buffers so that all replicas start identical: non-expert tensors
+  from rank 0 over DP, expert shards from the first rank of each EDP group;
+and to the trained model alone (the EMA never runs backward): activation checkpointing, and the
+gradient reduction (issue 15).
 
-Call it before building the optimizer: sharding replaces the expert Parameters.
+Call it once, after the EMA copy and before building the optimizer: sharding replaces the expert
+Parameters. On one process it changes no weight (only checkpointing, when asked, wraps blocks).
 """
 
 from __future__ import annotations
@@ -21,8 +26,10 @@ import torch.nn as nn
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from diffmoe_dist.config import POOLS
+from diffmoe_dist.model.moe.experts import expert_modules
 from diffmoe_dist.model.moe.layer import MoEFeedForward, moe_layers
 from diffmoe_dist.model.moe.pool import LocalPool, TokenPool
+from diffmoe_dist.parallel.activation_checkpoint import checkpoint_blocks
 from diffmoe_dist.parallel.dispatch import AllToAllDispatcher
 from diffmoe_dist.parallel.grads import BUCKET_BYTES, is_expert_param
 from diffmoe_dist.parallel.groups import ParallelDims
@@ -42,21 +49,41 @@ def make_pool(pool: str, dims: ParallelDims, bits_per_pass: int = 8) -> TokenPoo
     return RankPool(dims.dp_group)
 
 
-def parallelize(model: nn.Module, dims: ParallelDims, moe_cfg, *, broadcast: bool = True) -> nn.Module:
-    """Shards experts, installs dispatchers and pools, syncs replicas. Returns ``model`` (in place)."""
-    for layer in moe_layers(model):
-        parallelize_moe_layer(layer, dims, moe_cfg.pool)
-    if broadcast and dims.distributed:
-        broadcast_replicas(model, dims)
+def parallelize(
+    model: nn.Module,
+    dims: ParallelDims,
+    moe_cfg,
+    *,
+    ema: nn.Module | None = None,
+    activation_checkpointing: bool = False,
+    broadcast: bool = True,
+) -> nn.Module:
+    """Applies all parallelism to ``model`` and, the same way, to its EMA copy ``ema`` (module
+    docstring). ``moe_cfg``: the MoEConfig (``pool``). Returns ``model`` (changed in place)."""
+    for m in (model,) if ema is None else (model, ema):
+        for layer in moe_layers(m):
+            parallelize_moe_layer(layer, dims, moe_cfg.pool)
+        tag_expert_params(m, dims)
+        if broadcast and dims.distributed:
+            broadcast_replicas(m, dims)
+    if activation_checkpointing:
+        checkpoint_blocks(model)  # the trained model only: the EMA model never runs backward
+    # The gradient reducer overlapped with backward (issue 15) is created here, for ``model`` only,
+    # after sharding: its hooks go on the final expert Parameters.
     return model
 
 
+def tag_expert_params(model: nn.Module, dims: ParallelDims) -> None:
+    """DeepSpeed's MoE convention (DESIGN.md section 4): ``allreduce=False`` keeps ZeRO from
+    reducing expert gradients over all DP ranks, and ``group_name`` (its MoE optimizer-group key)
+    names the EDP group they are reduced over. Set again on every call (a copy drops attributes)."""
+    for experts in expert_modules(model).values():
+        for p in experts.parameters():
+            p.allreduce = False
+            p.group_name = f"ep_size_{dims.ep_size}"
+
+
 def parallelize_moe_layer(layer: MoEFeedForward, dims: ParallelDims, pool: str) -> None:
-    if layer.num_experts % dims.ep_size:
-        raise ValueError(
-            f"parallel.expert_parallel_size={dims.ep_size} is invalid: "
-            f"must divide moe.num_experts={layer.num_experts}"
-        )
     experts = layer.experts
     if experts.num_local == experts.num_experts and dims.ep_size > 1:
         experts.shard(dims.ep_rank, dims.ep_size)  # built whole (tests, tools); Trainer builds its shard only
@@ -68,8 +95,6 @@ def parallelize_moe_layer(layer: MoEFeedForward, dims: ParallelDims, pool: str) 
         )
     if dims.ep_size > 1 or dims.force_collectives:
         layer.dispatcher = AllToAllDispatcher(dims.ep_group)
-    for p in layer.experts.parameters():
-        p.group_name = f"ep_size_{dims.ep_size}"  # DeepSpeed's MoE optimizer-group key
     layer.pool = make_pool(pool, dims)
 
 

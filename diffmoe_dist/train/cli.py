@@ -79,8 +79,8 @@ def main(argv=None) -> int:
 def _train(cfg, env) -> int:
     import torch
 
-    from diffmoe_dist.train.checkpoint import CheckpointError
-    from diffmoe_dist.train.ownership import RunDirError
+    from diffmoe_dist.checkpoint import CheckpointError
+    from diffmoe_dist.checkpoint.ownership import RunDirError
     from diffmoe_dist.train.trainer import Trainer
 
     device = torch.device(

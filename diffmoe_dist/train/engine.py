@@ -18,26 +18,19 @@ the forward under autocast. DeepSpeed's own bf16 / fp16 modes are refused (see `
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import json
-import logging
-import os
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
-import torch.utils.checkpoint
 
 from diffmoe_dist.config import Config, ConfigError, deepspeed_config_path
 from diffmoe_dist.parallel.grads import clip_grad_norm_, is_expert_param, reduce_gradients, split_params
-from diffmoe_dist.parallel.groups import ParallelDims, expert_data_parallel_ranks, expert_parallel_ranks
+from diffmoe_dist.parallel.groups import ParallelDims
+from diffmoe_dist.train.deepspeed import EngineModule, create_deepspeed_expert_groups, quiet_deepspeed
+from diffmoe_dist.train.optim import adamw, lr_schedule
 
 ADAM_STATES = ("exp_avg", "exp_avg_sq")
-
-
-def lr_lambda(warmup_steps: int):
-    return lambda step: min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
 
 
 @dataclass
@@ -61,14 +54,10 @@ class _Engine:
         self._names = {p: n for n, p in model.named_parameters()}
 
     def _adamw(self, params) -> torch.optim.AdamW:
-        o = self.cfg.optim
-        kernel = {"foreach": {"foreach": True}, "fused": {"fused": True}, "loop": {"foreach": False}}[o.adamw_impl]
-        return torch.optim.AdamW(
-            params, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=o.weight_decay, **kernel
-        )
+        return adamw(params, self.cfg.optim)
 
     def _scheduler(self, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
-        return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(self.cfg.optim.warmup_steps))
+        return lr_schedule(optimizer, self.cfg.optim.warmup_steps)
 
     @property
     def base_optimizer(self) -> torch.optim.Optimizer:
@@ -172,76 +161,6 @@ class PlainEngine(_Engine):
         return out
 
 
-@functools.cache
-def _moe_marker_class():
-    """A placeholder whose only job is to be an instance of `deepspeed.moe.layer.MoE`: the engine
-    enables its MoE paths (expert groups in ZeRO, ``has_moe_layers``) only when it finds one, and
-    ZeRO-2's backward fails in ``average_tensor`` without them (DESIGN.md section 4). No
-    parameters, never called. Built lazily: importing DeepSpeed takes seconds."""
-    from deepspeed.moe.layer import MoE
-
-    class DeepSpeedMoEMarker(MoE):
-        def __init__(self, num_experts: int, ep_size: int):
-            nn.Module.__init__(self)  # MoE.__init__ would build experts and a gate
-            self.num_experts = num_experts
-            self.ep_size = ep_size
-            self.expert_group_name = f"ep_size_{ep_size}"
-
-        def set_deepspeed_parallelism(self, *args, **kwargs) -> None:
-            pass  # groups are created (and checked) before deepspeed.initialize
-
-        def forward(self, *args, **kwargs):
-            raise RuntimeError("DeepSpeedMoEMarker is a marker for the DeepSpeed engine; it computes nothing")
-
-    return DeepSpeedMoEMarker
-
-
-class _EngineModule(nn.Module):
-    """What DeepSpeed wraps: the DiT plus the MoE marker. Parameters are the DiT's, named ``dit.*``."""
-
-    def __init__(self, dit: nn.Module, num_experts: int, ep_size: int):
-        super().__init__()
-        self.dit = dit
-        self.moe_marker = _moe_marker_class()(num_experts, ep_size)
-
-    def forward(self, *args, **kwargs):
-        return self.dit(*args, **kwargs)
-
-
-def _quiet_deepspeed() -> None:
-    import importlib
-
-    import deepspeed
-
-    # not `import deepspeed.comm.torch as m`: the package's `torch` attribute is the torch module
-    ds_torch_comm = importlib.import_module("deepspeed.comm.torch")
-    deepspeed.utils.logger.setLevel(logging.WARNING)
-    # DeepSpeed's torch backend JIT-builds its shared-memory all-reduce (~40 s, and a C++ toolchain)
-    # the first time it wraps a process group, even one we created; gloo does every collective here.
-    ds_torch_comm.build_shm_op = lambda: None
-
-
-def create_deepspeed_expert_groups(dims: ParallelDims) -> str:
-    """DeepSpeed's EP / EDP groups (``ep_size_P``), checked to be the same rank sets as ours
-    (and so megatron-core's). A collective: every rank calls it. Returns the group name."""
-    from deepspeed.utils import groups
-
-    name = f"ep_size_{dims.ep_size}"
-    if name not in groups._get_expert_parallel_group_dict():
-        groups._create_expert_and_data_parallel(dims.ep_size)
-    ep = tuple(groups._get_expert_parallel_group_ranks(name))
-    edp = tuple(groups._get_expert_data_parallel_group_ranks(name))
-    expect_ep = next(r for r in expert_parallel_ranks(dims.world_size, dims.ep_size) if dims.rank in r)
-    expect_edp = next(r for r in expert_data_parallel_ranks(dims.world_size, dims.ep_size) if dims.rank in r)
-    if ep != tuple(expect_ep) or edp != tuple(expect_edp) or ep != dims.ep_ranks or edp != dims.edp_ranks:
-        raise RuntimeError(
-            f"rank {dims.rank}: DeepSpeed's expert groups EP {list(ep)} / EDP {list(edp)} differ from ours "
-            f"EP {list(dims.ep_ranks)} / EDP {list(dims.edp_ranks)}: expert gradients would be reduced over "
-            "the wrong ranks"
-        )
-    return name
-
-
 def _ds_config(cfg: Config, dims: ParallelDims) -> dict:
     path = deepspeed_config_path(cfg.train)  # existence and stage checked by Config.validate
     with open(path) as f:
@@ -271,14 +190,7 @@ class ZeroEngine(_Engine):
         import deepspeed
         from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
 
-        _quiet_deepspeed()
-        # DeepSpeed asserts LOCAL_RANK (torchrun's) or Open MPI's variable; srun and MPICH set others.
-        for name in ("LOCAL_RANK", "SLURM_LOCALID", "OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID", "PMI_LOCAL_RANK"):
-            if os.environ.get(name, "").isdigit():
-                os.environ.setdefault("LOCAL_RANK", os.environ[name])
-                break
-        else:
-            os.environ.setdefault("LOCAL_RANK", "0")
+        quiet_deepspeed()
         # Wraps the process group we started (deepspeed.comm needs its own handle on it).
         deepspeed.init_distributed(dist_backend=torch.distributed.get_backend(), dist_init_required=False)
         self.zero_stage = cfg.train.zero_stage
@@ -290,7 +202,7 @@ class ZeroEngine(_Engine):
         groups = split_params_into_different_moe_groups_for_optimizer({"params": dense + expert, "name": "dense"})
         base = self._adamw(groups)
         self.scheduler = self._scheduler(base)  # ZeRO keeps the base optimizer's param-group dicts
-        wrapper = _EngineModule(model, cfg.moe.num_experts, dims.ep_size)
+        wrapper = EngineModule(model, cfg.moe.num_experts, dims.ep_size)
         self.ds, self.optimizer, _, _ = deepspeed.initialize(
             model=wrapper, optimizer=base, config=_ds_config(cfg, dims), dist_init_required=False
         )
@@ -366,60 +278,3 @@ def build_engine(model: nn.Module, cfg: Config, dims: ParallelDims, log=print) -
     if cfg.train.zero_stage > 0:
         log(f"[diffmoe] train.zero_stage={cfg.train.zero_stage} with one process: nothing to partition, plain AdamW")
     return PlainEngine(model, cfg, dims)
-
-
-# ---- activation checkpointing -----------------------------------------------------------------
-def _skip_threshold_update(*args, **kwargs) -> None:
-    pass
-
-
-@contextlib.contextmanager
-def _recompute_without_threshold_updates(block: nn.Module):
-    """The MoE layer updates its thresholds (an EMA, with collectives) inside forward; the recompute
-    in backward must not update them a second time. Shadows `update_threshold` on the block's
-    predictors for the duration of the recompute (every rank recomputes the same blocks)."""
-    from diffmoe_dist.model.moe.predictor import CapacityPredictor
-
-    saved = [(m, m.__dict__.get("update_threshold")) for m in block.modules() if isinstance(m, CapacityPredictor)]
-    for predictor, _ in saved:
-        predictor.update_threshold = _skip_threshold_update
-    try:
-        yield
-    finally:
-        for predictor, previous in saved:
-            if previous is None:
-                del predictor.update_threshold
-            else:
-                predictor.update_threshold = previous
-
-
-def checkpoint_blocks(model: nn.Module) -> int:
-    """Recompute every DiT block in backward instead of keeping its activations (non-reentrant
-    `torch.utils.checkpoint`, RNG state preserved, so a step's numbers do not change). Patches each
-    block's ``forward`` in place, so parameter names (and checkpoints) stay the same. Apply it to
-    the trained model only, after the EMA copy. Returns the number of blocks wrapped."""
-    blocks = getattr(model, "blocks", [])
-    for block in blocks:
-        inner = block.forward
-
-        def forward(*args, _inner=inner, _block=block, **kwargs):
-            if not (torch.is_grad_enabled() and _block.training):
-                return _inner(*args, **kwargs)
-            return torch.utils.checkpoint.checkpoint(
-                _inner,
-                *args,
-                use_reentrant=False,
-                context_fn=lambda: (contextlib.nullcontext(), _recompute_without_threshold_updates(_block)),
-                **kwargs,
-            )
-
-        block.forward = forward
-    return len(blocks)
-
-
-def optimizer_state_bytes(engine: _Engine) -> int:
-    """Bytes of optimizer state (Adam moments and step counts) this rank holds."""
-    total = 0
-    for state in engine.base_optimizer.state.values():
-        total += sum(t.numel() * t.element_size() for t in state.values() if torch.is_tensor(t))
-    return total

@@ -1,6 +1,6 @@
 """A run directory belongs to one run: the start decision, made and checked before anything is written.
 
-`RunOwner.take` (collective) takes ``RUN/owner.lock`` on rank 0 (train/ownership.py). `plan_start`
+`RunOwner.take` (collective) takes ``RUN/owner.lock`` on rank 0 (checkpoint/ownership.py). `plan_start`
 (collective) decides what this start is, from ``train.resume`` and what the directory holds:
 
 - ``never``: a new run; refused when ``RUN/checkpoints`` holds checkpoints (they would be another
@@ -29,9 +29,9 @@ from typing import Any
 
 import torch.distributed as dist
 
+from diffmoe_dist import checkpoint as ckpt
+from diffmoe_dist.checkpoint.ownership import HISTORY, RunDirError, RunHistory, RunLock, owner_identity
 from diffmoe_dist.config import MODEL_SIZES
-from diffmoe_dist.train import checkpoint as ckpt
-from diffmoe_dist.train.ownership import HISTORY, RunDirError, RunHistory, RunLock, owner_identity
 
 # A change of any of these makes a different run: refused on resume.
 IDENTITY = {

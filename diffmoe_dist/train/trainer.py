@@ -10,17 +10,18 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from diffmoe_dist import checkpoint as ckpt
 from diffmoe_dist.config import Config
 from diffmoe_dist.data.loader import GlobalPosition
 from diffmoe_dist.diffusion.ema import EMA
 from diffmoe_dist.diffusion.flow import flow_loss, flow_targets
-from diffmoe_dist.eval.sampling import sample_images, save_grid
+from diffmoe_dist.diffusion.sampling import sample_images, save_grid
 from diffmoe_dist.model.build import build_model
 from diffmoe_dist.model.moe.experts import expert_shard
 from diffmoe_dist.model.moe.layer import collect_moe_losses, mean_capacity
 from diffmoe_dist.parallel.groups import ParallelDims, comm_device
-from diffmoe_dist.train import checkpoint as ckpt
-from diffmoe_dist.train.engine import build_engine, checkpoint_blocks, lr_lambda  # noqa: F401 (lr_lambda: API)
+from diffmoe_dist.parallel.parallelize import parallelize
+from diffmoe_dist.train.engine import build_engine
 from diffmoe_dist.train.metrics import MetricsLogger
 from diffmoe_dist.train.preemption import EXIT_REQUEUE, StopRequest
 from diffmoe_dist.train.run_dir import RunDirError, RunOwner, begin, plan_start
@@ -52,13 +53,15 @@ class Trainer:
         with expert_shard(self.dims.ep_rank, self.dims.ep_size):
             self.model = build_model(cfg.model, cfg.moe).to(device)
         self.ema = EMA(self.model, cfg.train.ema_decay, cfg.train.ema_warmup)
-        if self.dims.distributed:
-            from diffmoe_dist.parallel.parallelize import parallelize
-
-            parallelize(self.model, self.dims, cfg.moe)
-            parallelize(self.ema.model, self.dims, cfg.moe)
-        if cfg.train.activation_checkpointing:
-            checkpoint_blocks(self.model)  # after the EMA copy: the EMA model never runs backward
+        # Everything parallel, the same way on the model and its EMA (parallel/parallelize.py):
+        # expert shards and tags, dispatchers, pools, the replica broadcast, activation checkpointing.
+        parallelize(
+            self.model,
+            self.dims,
+            cfg.moe,
+            ema=self.ema.model,
+            activation_checkpointing=cfg.train.activation_checkpointing,
+        )
         # Per-rank stream for t, noise and label dropout: ranks draw different noise for their samples.
         torch.manual_seed(cfg.train.seed * 7919 + self.dims.rank + 1)
         # On the device it draws on (flow_targets checks): a CPU generator cannot draw CUDA noise.
@@ -80,7 +83,7 @@ class Trainer:
 
     # ---- checkpoints -------------------------------------------------------------------------
     def _slots(self) -> list[ckpt.Slot]:
-        """Everything this rank holds, placed in global tensors (train/checkpoint.py)."""
+        """Everything this rank holds, placed in global tensors (checkpoint/)."""
         model = ckpt.module_slots("model", self.model, self.dims)
         ema = ckpt.module_slots("ema", self.ema.model, self.dims)
         return [*model.values(), *ema.values(), *ckpt.optimizer_slots(self.engine.state_fragments(), model)]
@@ -251,7 +254,7 @@ class Trainer:
 
     def _decode(self, latents: torch.Tensor) -> torch.Tensor:
         if not hasattr(self, "_decoder"):
-            from diffmoe_dist.eval.decode import build_decoder
+            from diffmoe_dist.data.decode import build_decoder
 
             self._decoder = build_decoder(self.cfg.data.path, self.cfg.sample.vae, self.device)
         return latents if self._decoder is None else self._decoder(latents)

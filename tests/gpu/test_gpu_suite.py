@@ -91,7 +91,7 @@ def train(run_dir: Path, data: str, steps: int, resume: str = "never") -> dict:
 
 
 def final_state(run_dir: Path) -> dict:
-    from diffmoe_dist.train import checkpoint as ckpt
+    from diffmoe_dist import checkpoint as ckpt
 
     root = run_dir / "checkpoints"
     path = str(root / (root / "latest").read_text().strip())

@@ -37,13 +37,25 @@ def _expert_seed(init_seed: int, e: int) -> int:
     return (init_seed * 1_000_003 + e * 7_919 + 1) % (1 << 63)
 
 
-def _tag_expert(param: nn.Parameter) -> nn.Parameter:
-    # DeepSpeed's MoE convention (DESIGN.md section 4): expert grads are reduced over the
-    # expert-data-parallel group only, never over all DP ranks. The parallel code adds
-    # `group_name` when it knows the EP size.
-    param.is_expert = True
-    param.allreduce = False
-    return param
+def _local_range(num_experts: int, ep_rank: int, ep_size: int) -> range:
+    """Global indices of the experts EP rank ``ep_rank`` of ``ep_size`` holds: the one place that
+    checks that the EP size divides the expert count (the config checks it first, by field name)."""
+    if ep_size < 1 or num_experts % ep_size or not 0 <= ep_rank < ep_size:
+        raise ValueError(
+            f"{num_experts} experts cannot be split over EP rank {ep_rank} of {ep_size}: "
+            "num_experts must divide by ep_size and 0 <= ep_rank < ep_size"
+        )
+    per = num_experts // ep_size
+    return range(ep_rank * per, (ep_rank + 1) * per)
+
+
+class ExpertParameter(nn.Parameter):
+    """A parameter stacking experts along dim 0. Its type says so: a copy keeps it (the EMA model is
+    a deepcopy; an attribute would be dropped), and `parallel.grads.is_expert_param` reads
+    ``is_expert`` on any model, parallelized or not. How its gradients are reduced is the parallel
+    code's business (`parallel.parallelize`)."""
+
+    is_expert = True
 
 
 class StackedExperts(nn.Module):
@@ -58,22 +70,16 @@ class StackedExperts(nn.Module):
         self.offset = offset
         shard = getattr(_SHARD, "value", None)
         if shard is not None and offset == 0:
-            ep_rank, ep_size = shard
-            if ep_size < 1 or num_experts % ep_size or not 0 <= ep_rank < ep_size:
-                raise ValueError(
-                    f"expert_shard({ep_rank}, {ep_size}): num_experts={num_experts} must divide by ep_size "
-                    "and 0 <= ep_rank < ep_size"
-                )
-            self.num_local = num_experts // ep_size
-            self.offset = ep_rank * self.num_local
+            local = _local_range(num_experts, *shard)
+            self.num_local, self.offset = len(local), local.start
         self.dim, self.hidden_dim = dim, hidden_dim
         # One draw from the global RNG, identical on every rank: the seed of this module's experts.
         self.init_seed = int(torch.randint(0, 1 << 62, (), device="cpu"))
         n = self.num_local
-        self.w1_EDH = _tag_expert(nn.Parameter(torch.empty(n, dim, hidden_dim)))
-        self.b1_EH = _tag_expert(nn.Parameter(torch.empty(n, hidden_dim)))
-        self.w2_EHD = _tag_expert(nn.Parameter(torch.empty(n, hidden_dim, dim)))
-        self.b2_ED = _tag_expert(nn.Parameter(torch.empty(n, dim)))
+        self.w1_EDH = ExpertParameter(torch.empty(n, dim, hidden_dim))
+        self.b1_EH = ExpertParameter(torch.empty(n, hidden_dim))
+        self.w2_EHD = ExpertParameter(torch.empty(n, hidden_dim, dim))
+        self.b2_ED = ExpertParameter(torch.empty(n, dim))
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -89,13 +95,6 @@ class StackedExperts(nn.Module):
                         w.copy_(nn.init.xavier_uniform_(torch.empty(w.shape, dtype=w.dtype, device="cpu"), generator=g))
             self.b1_EH.zero_()
             self.b2_ED.zero_()
-
-    def __setstate__(self, state):
-        # Parameter.__deepcopy__ and pickling drop Python attributes: re-tag after a copy (the
-        # EMA model is a deepcopy, and DeepSpeed would otherwise all-reduce its expert grads).
-        super().__setstate__(state)
-        for p in self.parameters(recurse=False):
-            _tag_expert(p)
 
     def forward_grouped(self, x_MD: Tensor, counts_E: Tensor) -> Tensor:
         """Rows of ``x_MD`` are contiguous per local expert, in expert order, ``counts_E[e]`` rows
@@ -129,19 +128,14 @@ class StackedExperts(nn.Module):
 
     def shard(self, ep_rank: int, ep_size: int) -> StackedExperts:
         """Keep only experts ``[ep_rank * E/P, (ep_rank + 1) * E/P)`` (DESIGN.md section 2), in
-        place, as new (tagged) Parameters. Returns self."""
+        place, as new Parameters. Returns self."""
         if self.num_local != self.num_experts:
             raise ValueError(f"shard: experts are already sharded (offset {self.offset}, {self.num_local} local)")
-        if ep_size < 1 or self.num_experts % ep_size != 0 or not 0 <= ep_rank < ep_size:
-            raise ValueError(
-                f"shard: num_experts={self.num_experts} must divide by ep_size={ep_size} and "
-                f"0 <= ep_rank={ep_rank} < ep_size"
-            )
-        per = self.num_experts // ep_size
-        lo = ep_rank * per
+        local = _local_range(self.num_experts, ep_rank, ep_size)
+        per, lo = len(local), local.start
         for name in ("w1_EDH", "b1_EH", "w2_EHD", "b2_ED"):
             old = getattr(self, name)
-            setattr(self, name, _tag_expert(nn.Parameter(old.detach()[lo : lo + per].clone())))
+            setattr(self, name, ExpertParameter(old.detach()[lo : lo + per].clone()))
         self.num_local, self.offset = per, self.offset + lo
         return self
 
@@ -150,3 +144,8 @@ class StackedExperts(nn.Module):
             f"num_experts={self.num_experts}, num_local={self.num_local}, offset={self.offset}, "
             f"dim={self.dim}, hidden_dim={self.hidden_dim}"
         )
+
+
+def expert_modules(model: nn.Module) -> dict[str, StackedExperts]:
+    """The model's `StackedExperts` by module name: their parameters are its expert parameters."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, StackedExperts)}

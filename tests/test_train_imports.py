@@ -1,0 +1,17 @@
+"""A training start imports neither the evaluation code (the digits classifier, FID's scipy) nor
+DeepSpeed (only the ZeRO engine does): train/ sits below eval/ (DESIGN.md section 3)."""
+
+import subprocess
+import sys
+
+CODE = """
+import sys
+import diffmoe_dist.train.cli, diffmoe_dist.train.trainer
+heavy = ("diffmoe_dist.eval", "scipy", "deepspeed")
+print(sorted(m for m in sys.modules if m.startswith(heavy)))
+"""
+
+
+def test_training_start_imports_no_eval_code_no_scipy_no_deepspeed():
+    out = subprocess.run([sys.executable, "-c", CODE], capture_output=True, text=True, timeout=300, check=True)
+    assert out.stdout.strip() == "[]", out.stdout
