@@ -1,7 +1,7 @@
 """Parallelism applied from outside the model: launch env, process groups, distributed token pools,
 expert-parallel dispatch, gradient reduction, and `parallelize` that ties them to a built model."""
 
-from diffmoe_dist.parallel.dispatch import AllToAllDispatcher
+from diffmoe_dist.parallel.all_to_all import AllToAllDispatcher
 from diffmoe_dist.parallel.grads import (
     clip_grad_norm_,
     grad_norm,
@@ -20,7 +20,7 @@ from diffmoe_dist.parallel.groups import (
 )
 from diffmoe_dist.parallel.launch import LaunchEnv, destroy_distributed, init_distributed, read_launch_env
 from diffmoe_dist.parallel.parallelize import broadcast_replicas, make_pool, parallelize
-from diffmoe_dist.parallel.selection import DistributedPool, RankPool
+from diffmoe_dist.parallel.pools import DistributedPool, ReplicatedLocalPool
 
 __all__ = [
     "AllToAllDispatcher",
@@ -28,7 +28,7 @@ __all__ = [
     "LaunchEnv",
     "ParallelDims",
     "ParallelSetupError",
-    "RankPool",
+    "ReplicatedLocalPool",
     "broadcast_replicas",
     "build_parallel_dims",
     "clip_grad_norm_",
