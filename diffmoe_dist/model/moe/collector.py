@@ -75,7 +75,9 @@ def recording(layer: nn.Module) -> bool:
 class MoECollector:
     """Collects `LayerRecord`s per micro-batch over one training step; see the module docstring."""
 
-    def __init__(self):
+    def __init__(self, on_record=None):
+        # on_record(layer, record): called instead of keeping the record (a sampler's meter keeps C_avg only)
+        self.on_record = on_record
         self.layers: list[nn.Module] = []  # the MoE layers of the collected model, in model order
         self._ids: set[int] = set()
         self.micro_batches: list[dict[int, list[LayerRecord]]] = []
@@ -106,6 +108,9 @@ class MoECollector:
         return id(layer) in self._ids
 
     def _add(self, layer: nn.Module, rec: LayerRecord) -> None:
+        if self.on_record is not None:
+            self.on_record(layer, rec)
+            return
         self.micro_batches[-1].setdefault(id(layer), []).append(rec)
 
     def clear(self) -> None:

@@ -89,7 +89,8 @@ def expert_choice_dynamic(scores_NE: Tensor, prob_NE: Tensor, threshold_E: Tenso
     """DiffMoE dynamic / interval inference: ``k_e = #{t in pool: sigmoid(pred[t, e]) > tau_e}``,
     then expert e takes its top-``k_e`` tokens of the pool *by router score*. ``k_e`` counts
     tokens, so it scales with the pool and stays meaningful at batch size 1 (paper Fig. 6).
-    Pass a constant ``threshold_E = gamma`` for interval mode. Returns ``(mask_NE, k_E, n_pool)``."""
+    Pass a constant ``threshold_E = gamma`` for interval mode. Returns ``(mask_NE, k_E, n_pool)``
+    with ``n_pool`` the pool's size (it comes with the selection's first histogram)."""
     return pool.count_topk_mask(scores_NE, prob_NE > threshold_E.to(prob_NE).view(1, -1))
 
 
