@@ -112,3 +112,23 @@ def test_training_forward_of_a_dp_pool_layer_has_few_collectives_and_host_syncs(
         n_coll, n_sync = sum(collectives.values()), sum(syncs.values())
         what = f"rank {rank}: {n_coll} collectives {collectives}, {n_sync} host syncs {syncs}"
         assert n_coll <= MAX_COLLECTIVES and n_sync <= MAX_SYNCS, what
+
+
+def _step_counts(rank: int, world_size: int) -> tuple[dict, dict, int]:
+    from diffmoe_dist.model.moe.collector import MoECollector
+
+    dims = build_parallel_dims(2, EXPERTS)
+    model = torch.nn.Sequential(_layer(dims), _layer(dims), _layer(dims))
+    collector = MoECollector()
+    for micro in range(2):  # two micro-batches: the step's pool is both
+        x = torch.randn(BATCH, SEQ, DIM, generator=torch.Generator().manual_seed(10 * rank + micro))
+        with collector.collect(model):
+            model(x)
+    collectives, syncs = _count(collector.update_thresholds)
+    return collectives, syncs, len(collector.layers)
+
+
+def test_step_threshold_update_selects_all_layers_in_one_radix_search_without_host_syncs():
+    """Pool dp: the quantiles are global, no replica mean; 3 layers share the 3 histogram passes."""
+    for rank, (collectives, syncs, layers) in enumerate(run_distributed(_step_counts, 2)):
+        assert layers == 3 and collectives == {"all_reduce": 3} and syncs == {}, (rank, collectives, syncs)
