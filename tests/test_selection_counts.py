@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import collections
 
+import pytest
 import torch
 import torch.distributed as dist
 
@@ -98,26 +99,34 @@ def _layer(dims) -> MoEFeedForward:
     return parallelize(MoEFeedForward(DIM, 4 * DIM, cfg), dims, cfg).train()
 
 
-def _forward_counts(rank: int, world_size: int) -> tuple[dict, dict]:
-    dims = build_parallel_dims(2, EXPERTS)
+def _forward_counts(dims) -> tuple[dict, dict]:
     layer = _layer(dims)
-    x = torch.randn(BATCH, SEQ, DIM, generator=torch.Generator().manual_seed(rank))
+    x = torch.randn(BATCH, SEQ, DIM, generator=torch.Generator().manual_seed(dims.rank))
     layer(x)  # warm-up: first calls may initialise lazily
     return _count(lambda: layer(x))
 
 
-def test_training_forward_of_a_dp_pool_layer_has_few_collectives_and_host_syncs():
-    per_rank = run_distributed(_forward_counts, 2)
-    for rank, (collectives, syncs) in enumerate(per_rank):
+def _counts(rank: int, world_size: int) -> dict:
+    dims = build_parallel_dims(2, EXPERTS)
+    return {"forward": _forward_counts(dims), "step": _step_counts(dims)}
+
+
+@pytest.fixture(scope="module")
+def counts() -> list[dict]:
+    return run_distributed(_counts, 2)
+
+
+def test_training_forward_of_a_dp_pool_layer_has_few_collectives_and_host_syncs(counts):
+    for rank, (collectives, syncs) in enumerate(c["forward"] for c in counts):
         n_coll, n_sync = sum(collectives.values()), sum(syncs.values())
         what = f"rank {rank}: {n_coll} collectives {collectives}, {n_sync} host syncs {syncs}"
         assert n_coll <= MAX_COLLECTIVES and n_sync <= MAX_SYNCS, what
 
 
-def _step_counts(rank: int, world_size: int) -> tuple[dict, dict, int]:
+def _step_counts(dims) -> tuple[dict, dict, int]:
     from diffmoe_dist.model.moe.collector import MoECollector
 
-    dims = build_parallel_dims(2, EXPERTS)
+    rank = dims.rank
     model = torch.nn.Sequential(_layer(dims), _layer(dims), _layer(dims))
     collector = MoECollector()
     for micro in range(2):  # two micro-batches: the step's pool is both
@@ -128,7 +137,7 @@ def _step_counts(rank: int, world_size: int) -> tuple[dict, dict, int]:
     return collectives, syncs, len(collector.layers)
 
 
-def test_step_threshold_update_selects_all_layers_in_one_radix_search_without_host_syncs():
+def test_step_threshold_update_selects_all_layers_in_one_radix_search_without_host_syncs(counts):
     """Pool dp: the quantiles are global, no replica mean; 3 layers share the 3 histogram passes."""
-    for rank, (collectives, syncs, layers) in enumerate(run_distributed(_step_counts, 2)):
+    for rank, (collectives, syncs, layers) in enumerate(c["step"] for c in counts):
         assert layers == 3 and collectives == {"all_reduce": 3} and syncs == {}, (rank, collectives, syncs)
