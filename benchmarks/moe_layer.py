@@ -55,6 +55,7 @@ if str(REPO) not in sys.path:  # run as a script from anywhere
 
 from diffmoe_dist.config import MoEConfig  # noqa: E402
 from diffmoe_dist.model.ffn import FeedForward  # noqa: E402
+from diffmoe_dist.model.moe.collector import MoECollector  # noqa: E402
 from diffmoe_dist.model.moe.layer import MoEFeedForward  # noqa: E402
 
 TUNED_MALLOC = {"MALLOC_MMAP_THRESHOLD_": "4294967296", "MALLOC_TRIM_THRESHOLD_": "4294967296"}
@@ -155,8 +156,9 @@ def _build_ours(shape: Shape, dtype):
     one = torch.ones((), dtype=torch.float32, device=DEVICE)
 
     def step(x_ND, g_ND):
-        y = layer(x_ND.view(-1, min(SEQ, shape.tokens), shape.dim))
-        bce = layer.predictor_loss_weight * layer.stats["predictor_bce"]
+        with (moe := MoECollector()).collect(layer):
+            y = layer(x_ND.view(-1, min(SEQ, shape.tokens), shape.dim))
+        bce = moe.losses()["loss"]  # predictor_loss_weight * BCE
         torch.autograd.backward((y, bce), (g_ND.view_as(y), one))
 
     return layer, step

@@ -326,7 +326,6 @@ def phase_step(trainer) -> dict[str, float]:
     (kept in step with diffmoe_dist/train/trainer.py); plain engine phases split into gradient
     reduction, clipping and AdamW, DeepSpeed's step timed whole as "optimizer"."""
     from diffmoe_dist.diffusion.flow import flow_loss, flow_targets
-    from diffmoe_dist.model.moe.layer import collect_moe_losses, mean_capacity
     from diffmoe_dist.parallel.grads import clip_grad_norm_, reduce_gradients
     from diffmoe_dist.train.engine import PlainEngine
 
@@ -342,6 +341,7 @@ def phase_step(trainer) -> dict[str, float]:
         t = now
 
     engine.zero_grad()
+    trainer.moe.clear()
     parts = torch.zeros(4, device=trainer.device)
     for _ in range(cfg.optim.grad_accum_steps):
         batch = trainer.loader.next_batch()
@@ -349,15 +349,16 @@ def phase_step(trainer) -> dict[str, float]:
         cond = {k: v.to(trainer.device) for k, v in batch.items()}
         x_t, t_B, v_target = flow_targets(x, trainer.noise_gen)
         lap("data")
-        with autocast:
+        with trainer.moe.collect(trainer.model), autocast:
             v_pred = engine.forward(x_t, t_B, **cond)
         loss_flow = flow_loss(v_pred, v_target)
-        moe = collect_moe_losses(trainer.model)
+        moe = trainer.moe.losses()
         loss = loss_flow + moe["loss"]
         lap("forward")
         engine.backward(loss)
         parts += torch.stack([loss, loss_flow, moe["predictor_bce"], moe["aux_loss"]]).detach().float()
         lap("backward")
+    trainer.moe.update_thresholds()
     if isinstance(engine, PlainEngine):
         if trainer.dims.distributed:
             reduce_gradients(engine.model, trainer.dims)
@@ -376,7 +377,7 @@ def phase_step(trainer) -> dict[str, float]:
     if trainer.dims.distributed:
         dist.all_reduce(parts, group=trainer.dims.dp_group)
         parts /= trainer.dims.world_size
-    _ = parts.tolist(), trainer.scheduler.get_last_lr()[0], float(mean_capacity(trainer.model))
+    _ = parts.tolist(), trainer.scheduler.get_last_lr()[0], float(trainer.moe.capacity_avg())
     lap("metrics")
     return sec
 

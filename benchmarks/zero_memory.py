@@ -54,7 +54,7 @@ def optimizer_state_bytes(engine) -> int:
 def _measure(args, world_size: int, ep_size: int, stage: int) -> dict:
     from diffmoe_dist.config import load_config
     from diffmoe_dist.model.build import build_model
-    from diffmoe_dist.model.moe.layer import collect_moe_losses
+    from diffmoe_dist.model.moe.collector import MoECollector
     from diffmoe_dist.parallel import build_parallel_dims, parallelize
     from diffmoe_dist.train.engine import build_engine
 
@@ -85,7 +85,9 @@ def _measure(args, world_size: int, ep_size: int, stage: int) -> dict:
         dist.barrier()
         t0 = time.perf_counter()
         engine.zero_grad()
-        loss = engine.forward(x, t, y).square().mean() + collect_moe_losses(model)["loss"]
+        with (moe := MoECollector()).collect(model):
+            out = engine.forward(x, t, y)
+        loss = out.square().mean() + moe.losses()["loss"]
         engine.backward(loss)
         engine.step()
         if i >= args.warmup:

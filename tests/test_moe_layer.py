@@ -9,12 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from diffmoe_dist.model.ffn import FeedForward, build_ffn, is_moe_block
-from diffmoe_dist.model.moe import (
-    MoEFeedForward,
-    collect_moe_losses,
-    mean_capacity,
-    set_inference_routing,
-)
+from diffmoe_dist.model.moe import MoECollector, MoEFeedForward, routers, set_inference_routing
 
 
 @dataclass
@@ -66,9 +61,17 @@ def _loop_reference(layer, x_ND, picks):
     return y.float()
 
 
-def _picks(layer):
-    a = layer.last_assignment
-    return {e: a.token_idx_M[a.expert_idx_M == e].tolist() for e in range(layer.num_experts)}
+def _run(layer, x, collector=None):
+    """One forward inside a collector (as the trainer runs it): the output and the layer's record."""
+    collector = MoECollector() if collector is None else collector
+    with collector.collect(layer):
+        y = layer(x)
+    return y, collector.last(layer)
+
+
+def _picks(rec):
+    mask = rec.mask_NE
+    return {e: mask[:, e].nonzero().flatten().tolist() for e in range(mask.shape[1])}
 
 
 def test_global_router_takes_k_per_expert_over_the_whole_batch():
@@ -76,38 +79,38 @@ def test_global_router_takes_k_per_expert_over_the_whole_batch():
     x = torch.randn(2, 8, D)
     with torch.no_grad():
         x[0] += 2.0 * layer.router_weight_ED[0]  # sample 0 wants expert 0 far beyond its share
-    y = layer(x)
+    y, rec = _run(layer, x)
     x_ND = x.view(16, D)
     s = _scores(layer, x_ND)
     k = 16 // 4
-    picks = _picks(layer)
+    picks = _picks(rec)
     for e in range(4):
         assert picks[e] == _top(s[:, e].tolist(), k)
     assert all(t < 8 for t in picks[0])  # all of expert 0's k tokens come from sample 0
-    assert layer.stats["tokens_per_expert"].tolist() == [k] * 4
-    assert layer.stats["capacity_avg"] == 1.0
+    assert rec.tokens_per_expert.tolist() == [k] * 4
+    assert rec.capacity_avg == 1.0
     torch.testing.assert_close(y.view(16, D), _loop_reference(layer, x_ND, picks).detach(), rtol=1e-4, atol=1e-4)
 
 
 def test_global_router_capacity_two_and_fractional_pool():
     layer = _layer(capacity=2.0)
     x = torch.randn(3, 5, D)  # N = 15: k = floor(2 * 15 / 4) = 7
-    y = layer(x)
+    y, rec = _run(layer, x)
     s = _scores(layer, x.view(15, D))
-    picks = _picks(layer)
+    picks = _picks(rec)
     assert all(picks[e] == _top(s[:, e].tolist(), 7) for e in range(4))
     torch.testing.assert_close(
         y.view(15, D), _loop_reference(layer, x.view(15, D), picks).detach(), rtol=1e-4, atol=1e-4
     )
-    assert layer.stats["capacity_avg"] == pytest.approx(4 * 7 / 15)
+    assert float(rec.capacity_avg) == pytest.approx(4 * 7 / 15)
 
 
 def test_global_router_ties_select_lower_token_indices():
     layer = _layer()
     with torch.no_grad():
         layer.router_weight_ED.zero_()  # every score is exactly 1/E
-    layer(torch.randn(2, 6, D))
-    assert all(tokens == [0, 1, 2] for tokens in _picks(layer).values())
+    _, rec = _run(layer, torch.randn(2, 6, D))
+    assert all(tokens == [0, 1, 2] for tokens in _picks(rec).values())
 
 
 def test_local_router_never_crosses_samples_and_matches_loop():
@@ -115,48 +118,48 @@ def test_local_router_never_crosses_samples_and_matches_loop():
     x = torch.randn(3, 8, D)
     with torch.no_grad():
         x[0] += 2.0 * layer.router_weight_ED[0]
-    y = layer(x)
+    y, rec = _run(layer, x)
     x_ND = x.view(24, D)
     s = _scores(layer, x_ND)
     expected = {e: [] for e in range(4)}
     for b in range(3):
         for e in range(4):
             expected[e] += [8 * b + t for t in _top(s[8 * b : 8 * b + 8, e].tolist(), 2)]
-    assert _picks(layer) == {e: sorted(v) for e, v in expected.items()}
+    assert _picks(rec) == {e: sorted(v) for e, v in expected.items()}
     torch.testing.assert_close(y.view(24, D), _loop_reference(layer, x_ND, expected).detach(), rtol=1e-4, atol=1e-4)
-    assert layer.capacity_predictor is None and layer.stats["predictor_bce"].item() == 0
+    assert layer.capacity_predictor is None and rec.predictor_bce.item() == 0
 
 
 def test_token_choice_top_k_output_and_aux_loss():
     layer = _layer(router="token_choice", top_k=2)
     x = torch.randn(2, 6, D)
-    y = layer(x)
+    y, rec = _run(layer, x)
     x_ND = x.view(12, D)
     s = _scores(layer, x_ND)
     picks = {e: [] for e in range(4)}
     for t in range(12):
         for e in _top(s[t].tolist(), 2):
             picks[e].append(t)
-    assert _picks(layer) == picks
+    assert _picks(rec) == picks
     # combine weights are the raw softmax probabilities (not renormalised over the chosen 2)
     torch.testing.assert_close(y.view(12, D), _loop_reference(layer, x_ND, picks).detach(), rtol=1e-4, atol=1e-4)
     f = [len(picks[i]) / 24 for i in range(4)]
     p = s.mean(0).tolist()
     expected_aux = 0.01 * 4 * sum(pi * fi for pi, fi in zip(p, f, strict=True))
-    assert layer.stats["aux_loss"].item() == pytest.approx(expected_aux, rel=1e-5)
-    assert layer.stats["capacity_avg"] == pytest.approx(2.0)
+    assert rec.aux_loss.item() == pytest.approx(expected_aux, rel=1e-5)
+    assert float(rec.capacity_avg) == pytest.approx(2.0)
     layer.eval()
-    layer(x)
-    assert layer.stats["aux_loss"].item() == 0  # no aux loss at inference
+    _, rec = _run(layer, x)
+    assert rec.aux_loss.item() == 0  # no aux loss at inference
 
 
 def test_predictor_input_is_detached_and_target_is_the_selection_mask():
     layer = _layer()
     x = torch.randn(2, 8, D, requires_grad=True)
-    layer(x)
-    bce = layer.stats["predictor_bce"]
+    _, rec = _run(layer, x)
+    bce = rec.predictor_bce
     pred = layer.capacity_predictor.net(x.detach().view(16, D))
-    mask = layer.last_assignment.mask_NE
+    mask = rec.mask_NE
     assert mask.sum().item() == 16 and torch.equal(mask.sum(0), torch.full((4,), 4))
     torch.testing.assert_close(bce, F.binary_cross_entropy_with_logits(pred, mask.float()))
     bce.backward()
@@ -173,26 +176,31 @@ def test_threshold_ema_update_value():
     with torch.no_grad():
         prob = torch.sigmoid(layer.capacity_predictor.net(x.view(12, D)))
     q = torch.tensor([sorted(prob[:, e].tolist(), reverse=True)[2] for e in range(4)])
-    layer(x)
+    collector = MoECollector()
+    _run(layer, x, collector)
+    assert torch.equal(layer.capacity_predictor.threshold_E, tau0)  # forward only computes
+    collector.update_thresholds()  # the trainer's call, once per optimizer step
     torch.testing.assert_close(layer.capacity_predictor.threshold_E, 0.9 * tau0 + 0.1 * q)
     assert "capacity_predictor.threshold_E" in layer.state_dict()  # checkpointed (and EMA'd) buffer
     layer.eval()
-    layer(x)
+    collector.clear()
+    _run(layer, x, collector)
+    collector.update_thresholds()
     torch.testing.assert_close(layer.capacity_predictor.threshold_E, 0.9 * tau0 + 0.1 * q)  # frozen in eval
 
 
 def test_static_inference_equals_training_selection():
     layer = _layer()
     x = torch.randn(2, 8, D)
-    y_train = layer(x)
-    train_mask = layer.last_assignment.mask_NE
+    y_train, rec = _run(layer, x)
+    train_mask = rec.mask_NE
     layer.eval()
     layer.inference = "static"
     with torch.no_grad():
-        y_eval = layer(x)
-    assert torch.equal(layer.last_assignment.mask_NE, train_mask)
+        y_eval, rec = _run(layer, x)
+    assert torch.equal(rec.mask_NE, train_mask)
     torch.testing.assert_close(y_eval, y_train.detach())
-    assert layer.stats["capacity_avg"] == 1.0 and layer.stats["predictor_bce"].item() == 0
+    assert rec.capacity_avg == 1.0 and rec.predictor_bce.item() == 0
 
 
 def test_dynamic_inference_takes_k_e_from_predictor_and_threshold():
@@ -203,15 +211,15 @@ def test_dynamic_inference_takes_k_e_from_predictor_and_threshold():
         layer.capacity_predictor.net[2].weight.mul_(20)  # spread the predicted probabilities
     x = torch.randn(2, 10, D)
     with torch.no_grad():
-        y = layer(x)
+        y, rec = _run(layer, x)
         prob = torch.sigmoid(layer.capacity_predictor.net(x.view(20, D)))
     k = [sum(p > tau[e].item() for p in prob[:, e].tolist()) for e in range(4)]
     assert len(set(k)) > 1  # the test exercises different k per expert
     s = _scores(layer, x.view(20, D))
     picks = {e: _top(s[:, e].tolist(), k[e]) for e in range(4)}
-    assert _picks(layer) == picks
+    assert _picks(rec) == picks
     torch.testing.assert_close(y.view(20, D), _loop_reference(layer, x.view(20, D), picks), rtol=1e-4, atol=1e-4)
-    assert layer.stats["capacity_avg"] == pytest.approx(sum(4 * ke / 20 for ke in k) / 4)
+    assert float(rec.capacity_avg) == pytest.approx(sum(4 * ke / 20 for ke in k) / 4)
 
 
 def test_interval_inference_uses_one_gamma_for_every_expert():
@@ -223,10 +231,10 @@ def test_interval_inference_uses_one_gamma_for_every_expert():
     assert layer.inference == "interval" and layer.gamma == 0.4
     x = torch.randn(2, 10, D)
     with torch.no_grad():
-        layer(x)
+        _, rec = _run(layer, x)
         prob = torch.sigmoid(layer.capacity_predictor.net(x.view(20, D)))
     k = (prob > 0.4).sum(0).tolist()
-    assert layer.last_assignment.mask_NE.sum(0).tolist() == k
+    assert rec.mask_NE.sum(0).tolist() == k
     with pytest.raises(ValueError, match="choose one of"):
         set_inference_routing(layer, "adaptive")
 
@@ -238,33 +246,37 @@ def test_dynamic_inference_at_batch_size_one_is_sensible():
     with torch.no_grad():
         layer.router_weight_ED.normal_()
     opt = torch.optim.Adam(layer.capacity_predictor.parameters(), lr=1e-2)
+    collector = MoECollector()
     for _ in range(150):  # train the predictor alone on the router's choices over a batch of 16
-        layer(torch.randn(16, 16, D))
+        collector.clear()
+        _, rec = _run(layer, torch.randn(16, 16, D), collector)
         opt.zero_grad()
-        layer.stats["predictor_bce"].backward()
+        rec.predictor_bce.backward()
+        collector.update_thresholds()
         opt.step()
     layer.eval()
     caps = []
     for _ in range(8):
         with torch.no_grad():
-            layer(torch.randn(1, 16, D))
-        counts = layer.stats["tokens_per_expert"]
+            _, rec = _run(layer, torch.randn(1, 16, D))
+        counts = rec.tokens_per_expert
         assert (counts > 0).sum() >= 3  # not collapsed onto few experts
-        assert layer.last_assignment.mask_NE.any(1).float().mean() > 0.4  # most tokens computed
-        caps.append(layer.stats["capacity_avg"])
+        assert rec.mask_NE.any(1).float().mean() > 0.4  # most tokens computed
+        caps.append(float(rec.capacity_avg))
     assert 0.5 < sum(caps) / len(caps) < 1.6, caps
 
 
 def test_bf16_autocast_keeps_scores_and_selection_in_fp32():
     layer = _layer()
     x = torch.randn(2, 8, D)
-    layer(x)
-    fp32_mask = layer.last_assignment.mask_NE
+    _, rec = _run(layer, x)
+    fp32_mask = rec.mask_NE
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        y = layer(x)
-    assert torch.equal(layer.last_assignment.mask_NE, fp32_mask)
-    assert layer.last_assignment.weight_M.dtype == torch.float32
-    assert y.dtype == torch.float32 and layer.stats["predictor_bce"].dtype == torch.float32
+        y, rec = _run(layer, x)
+        scores = routers.router_scores(x.view(16, D), layer.router_weight_ED)
+    assert torch.equal(rec.mask_NE, fp32_mask)
+    assert scores.dtype == torch.float32  # the combine weights
+    assert y.dtype == torch.float32 and rec.predictor_bce.dtype == torch.float32
 
 
 def test_build_ffn_places_moe_on_odd_blocks():
@@ -282,25 +294,28 @@ def test_build_ffn_places_moe_on_odd_blocks():
 def test_model_helpers_collect_losses_capacity_and_routing():
     torch.manual_seed(0)
     model = nn.Sequential(*[build_ffn(D, H, Cfg(predictor_loss_weight=2.0), i) for i in range(4)])
-    assert mean_capacity(model) == 0.0 and collect_moe_losses(model)["loss"].item() == 0
+    collector = MoECollector()
+    assert collector.capacity_avg() == 0.0 and collector.losses()["loss"].item() == 0
     x = torch.randn(2, 8, D)
-    model(x)
+    with collector.collect(model):
+        model(x)
     layers = [model[1], model[3]]
-    losses = collect_moe_losses(model)
-    bce = layers[0].stats["predictor_bce"] + layers[1].stats["predictor_bce"]
+    losses = collector.losses()
+    bce = collector.last(layers[0]).predictor_bce + collector.last(layers[1]).predictor_bce
     torch.testing.assert_close(losses["predictor_bce"], bce)
     torch.testing.assert_close(losses["loss"], 2.0 * bce)
     assert losses["aux_loss"].item() == 0 and losses["loss"].requires_grad
-    assert mean_capacity(model) == 1.0
+    assert collector.capacity_avg() == 1.0
     set_inference_routing(model, "static")
     assert all(layer.inference == "static" for layer in layers)
 
 
 def test_layer_deepcopies_after_a_training_forward_for_the_ema_model():
     layer = _layer()
-    layer(torch.randn(2, 4, D))
-    ema = copy.deepcopy(layer)
-    assert ema.stats == {} and layer.stats  # per-step stats are not copied, the original keeps them
+    collector = MoECollector()
+    _run(layer, torch.randn(2, 4, D), collector)
+    ema = copy.deepcopy(layer)  # no per-step state on the module: nothing to drop
+    assert not collector.covers(ema) and collector.records(layer)
     assert torch.equal(ema.capacity_predictor.threshold_E, layer.capacity_predictor.threshold_E)
     assert torch.equal(ema.experts.w1_EDH, layer.experts.w1_EDH) and ema.experts.w1_EDH.is_expert
 
@@ -309,8 +324,10 @@ def test_pool_smaller_than_experts_over_capacity_selects_nothing_without_error()
     layer = _layer(num_experts=4)
     x = torch.randn(1, 3, D, requires_grad=True)  # k = floor(1 * 3 / 4) = 0
     tau0 = layer.capacity_predictor.threshold_E.clone()
-    y = layer(x)
-    assert y.abs().sum() == 0 and layer.stats["capacity_avg"] == 0.0
+    collector = MoECollector()
+    y, rec = _run(layer, x, collector)
+    collector.update_thresholds()
+    assert y.abs().sum() == 0 and rec.capacity_avg == 0.0
     assert torch.equal(layer.capacity_predictor.threshold_E, tau0)  # no quantile, no EMA update
-    (y.sum() + layer.stats["predictor_bce"]).backward()
+    (y.sum() + rec.predictor_bce).backward()
     assert layer.experts.w1_EDH.grad is not None  # every expert still takes part in backward

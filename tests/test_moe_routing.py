@@ -109,7 +109,7 @@ def test_assignment_is_sorted_by_expert_then_token():
 def test_dynamic_counts_tokens_above_threshold_then_takes_top_by_router_score():
     scores = torch.tensor([[0.9, 0.1], [0.8, 0.2], [0.1, 0.9], [0.2, 0.8]])
     prob = torch.tensor([[0.1, 0.9], [0.1, 0.9], [0.9, 0.9], [0.1, 0.1]])
-    mask, k_E = routers.expert_choice_dynamic(scores, prob, torch.tensor([0.5, 0.5]), LocalPool())
+    mask, k_E, n_pool = routers.expert_choice_dynamic(scores, prob, torch.tensor([0.5, 0.5]), LocalPool())
     assert k_E.tolist() == [1, 3]
     # expert 0 takes 1 token by *router score* (t=0), not the one the predictor flagged (t=2)
     assert mask[:, 0].tolist() == [True, False, False, False]
@@ -133,3 +133,14 @@ def test_router_scores_are_batch_invariant_bit_for_bit():
                     n,
                     start,
                 )
+
+
+def test_assignment_at_a_known_size_equals_the_nonzero_enumeration():
+    g = torch.Generator().manual_seed(4)
+    for n, e in ((0, 3), (1, 1), (17, 4), (64, 16)):
+        mask = torch.rand(n, e, generator=g) < 0.3
+        scores = torch.rand(n, e, generator=g)
+        ref = routers.assignment_from_mask(mask, scores)
+        got = routers.assignment_from_mask(mask, scores, int(mask.sum()))
+        assert torch.equal(got.token_idx_M, ref.token_idx_M) and torch.equal(got.expert_idx_M, ref.expert_idx_M)
+        assert torch.equal(got.weight_M, ref.weight_M)

@@ -11,7 +11,7 @@ import torch
 from diffmoe_dist.model.moe.dispatch import LocalDispatcher
 from diffmoe_dist.model.moe.experts import StackedExperts
 from diffmoe_dist.parallel import AllToAllDispatcher, build_parallel_dims
-from diffmoe_dist.parallel.dispatch import _block_permutation
+from diffmoe_dist.parallel.all_to_all import _block_permutation
 
 try:
     from tests.distributed import run_distributed

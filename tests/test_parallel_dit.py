@@ -9,8 +9,9 @@ import torch
 
 from diffmoe_dist.config import ModelConfig, MoEConfig
 from diffmoe_dist.model.build import build_model
+from diffmoe_dist.model.moe.collector import MoECollector
 from diffmoe_dist.model.moe.experts import expert_modules
-from diffmoe_dist.model.moe.layer import collect_moe_losses, moe_layers
+from diffmoe_dist.model.moe.layer import moe_layers
 from diffmoe_dist.parallel import AllToAllDispatcher, build_parallel_dims, parallelize, reduce_gradients
 from diffmoe_dist.parallel.groups import ParallelDims
 
@@ -35,7 +36,9 @@ def build_dit() -> tuple[torch.nn.Module, MoEConfig]:
 
 
 def dit_loss(dit, x, t, y, target) -> torch.Tensor:
-    return ((dit(x, t, y) - target) ** 2).mean() + collect_moe_losses(dit)["loss"]
+    with (moe := MoECollector()).collect(dit):
+        out = dit(x, t, y)
+    return ((out - target) ** 2).mean() + moe.losses()["loss"]
 
 
 def _dit_matches(rank: int, world_size: int, ep_size: int) -> float:

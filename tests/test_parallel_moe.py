@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from diffmoe_dist.config import MoEConfig
+from diffmoe_dist.model.moe.collector import MoECollector
 from diffmoe_dist.model.moe.layer import MoEFeedForward
 from diffmoe_dist.model.moe.pool import LocalPool
 from diffmoe_dist.model.moe.routers import expert_capacity
@@ -50,11 +51,23 @@ def global_batch(world_size: int, tie_mode: str) -> tuple[torch.Tensor, torch.Te
 
 
 def layer_loss(
-    layer: MoEFeedForward, x: torch.Tensor, target: torch.Tensor
+    layer: MoEFeedForward, x: torch.Tensor, target: torch.Tensor, collector: MoECollector
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Local-mean loss: a linear readout of the MoE output plus the capacity predictor's BCE."""
-    y = layer(x)
-    return (y * target).sum(-1).mean() + layer.stats["predictor_bce"], y
+    with collector.collect(layer):
+        y = layer(x)
+    return (y * target).sum(-1).mean() + collector.last(layer).predictor_bce, y
+
+
+def selected(layer, collector: MoECollector) -> torch.Tensor:
+    return collector.last(layer).mask_NE
+
+
+def forward_mask(layer, x: torch.Tensor) -> torch.Tensor:
+    collector = MoECollector()
+    with collector.collect(layer):
+        layer(x)
+    return selected(layer, collector)
 
 
 def reference(world_size: int, ep_size: int, pool: str, tie_mode: str, capacity: float) -> dict:
@@ -74,10 +87,10 @@ def reference(world_size: int, ep_size: int, pool: str, tie_mode: str, capacity:
             k = expert_capacity(capacity, prob.shape[0], EXPERTS)
             if k > 0:  # k = 0 selects nothing and leaves the thresholds alone
                 q.append(LocalPool().kth_largest(prob, k))
-        loss, y = layer_loss(layer, xs, ts)
+        loss, y = layer_loss(layer, xs, ts, collector := MoECollector())
         losses.append(loss)
         ys.append(y)
-        masks.append(layer.last_assignment.mask_NE.view(-1, SEQ, EXPERTS))
+        masks.append(selected(layer, collector).view(-1, SEQ, EXPERTS))
     torch.stack(losses).mean().backward()
     m = layer.capacity_predictor.momentum
     norm = torch.nn.utils.clip_grad_norm_(layer.parameters(), float("inf"))
@@ -99,11 +112,13 @@ def _check_layer(rank: int, world_size: int, ep_size: int, pool: str, tie_mode: 
     x_all, target_all = global_batch(world_size, tie_mode)
     rows = slice(rank * BATCH, (rank + 1) * BATCH)
     x = x_all[rows].clone().requires_grad_(True)
-    loss, y = layer_loss(layer, x, target_all[rows])
+    collector = MoECollector()
+    loss, y = layer_loss(layer, x, target_all[rows], collector)
     loss.backward()
+    collector.update_thresholds()  # the trainer's call at the optimizer step
     reduce_gradients(layer, dims)
 
-    mask = layer.last_assignment.mask_NE.view(BATCH, SEQ, EXPERTS)
+    mask = selected(layer, collector).view(BATCH, SEQ, EXPERTS)
     assert torch.equal(mask, ref["mask"][rows]), f"{what}: selected (token, expert) set differs"
     torch.testing.assert_close(y, ref["y"][rows], **TOL, msg=lambda m: f"{what}: output: {m}")
     # d(global mean)/dx_r = (1/W) d(local mean)/dx_r: selection is not differentiable.
@@ -162,7 +177,9 @@ def _empty_rank_matches(rank: int, world_size: int) -> None:
     x_all, target_all = x_all[: sum(sizes)], target_all[: sum(sizes)]
     n_tokens = sum(sizes) * SEQ
     x_ref = x_all.clone().requires_grad_(True)
-    y_ref = ref_layer(x_ref)
+    ref = MoECollector()
+    with ref.collect(ref_layer):
+        y_ref = ref_layer(x_ref)
     ((y_ref * target_all).sum() / n_tokens).backward()
 
     dims = build_parallel_dims(2, EXPERTS)
@@ -170,12 +187,14 @@ def _empty_rank_matches(rank: int, world_size: int) -> None:
     lo = sum(sizes[:rank])
     rows = slice(lo, lo + sizes[rank])
     x = x_all[rows].clone().requires_grad_(True)
-    y = layer(x)
+    mine = MoECollector()
+    with mine.collect(layer):
+        y = layer(x)
     # Unequal batches: scale so that reduce_gradients' 1/W gives the global-token mean.
     (world_size * (y * target_all[rows]).sum() / n_tokens).backward()
     reduce_gradients(layer, dims)
     assert torch.equal(
-        layer.last_assignment.mask_NE, ref_layer.last_assignment.mask_NE[lo * SEQ : (lo + sizes[rank]) * SEQ]
+        selected(layer, mine), selected(ref_layer, ref)[lo * SEQ : (lo + sizes[rank]) * SEQ]
     )
     torch.testing.assert_close(y, y_ref[rows], **TOL)
     torch.testing.assert_close(x.grad / world_size, x_ref.grad[rows], **TOL)
@@ -234,9 +253,9 @@ def _one_token_rank_matches(rank: int, world_size: int, seeds: list[int]) -> lis
     for seed in seeds:
         x_all = _tie_tokens(seed)
         with torch.no_grad():
-            layer(x_all[:, rows].contiguous())
-            ref_layer(x_all)
-        if not torch.equal(layer.last_assignment.mask_NE, ref_layer.last_assignment.mask_NE[rows]):
+            mask = forward_mask(layer, x_all[:, rows].contiguous())
+            ref_mask = forward_mask(ref_layer, x_all)
+        if not torch.equal(mask, ref_mask[rows]):
             differ.append(seed)
     return differ
 

@@ -11,7 +11,8 @@ import torch.distributed as dist
 
 from diffmoe_dist.model.moe.pool import LocalPool
 from diffmoe_dist.parallel.groups import build_parallel_dims
-from diffmoe_dist.parallel.selection import DistributedPool, RankPool, key_to_float, order_preserving_key
+from diffmoe_dist.parallel.pools import DistributedPool, ReplicatedLocalPool
+from diffmoe_dist.parallel.radix_select import key_to_float, order_preserving_key
 
 try:
     from tests.distributed import run_distributed
@@ -58,12 +59,25 @@ def _check_against_concat(pool, local, sizes, rank_in_pool, num_experts, generat
     if n_pool:
         k = int(torch.randint(1, n_pool + 1, (1,), generator=generator))
         assert torch.equal(pool.kth_largest(mine, k), local.kth_largest(all_scores, k))
+    # training: k = floor(C N_pool / E) from the selection itself (no size collective)
+    for capacity in (1.0, 2.5):
+        mask, k_E, n = pool.capacity_topk_mask(mine, capacity)
+        ref_mask, ref_k, ref_n = local.capacity_topk_mask(all_scores, capacity)
+        assert torch.equal(mask, ref_mask[lo : lo + mine.shape[0]]) and torch.equal(k_E, ref_k) and n == ref_n
+        q, qk = pool.capacity_kth_largest(mine, capacity, num_experts)
+        ref_q, ref_qk = local.capacity_kth_largest(all_scores, capacity, num_experts)
+        assert torch.equal(qk, ref_qk) and torch.equal(q[qk > 0], ref_q[ref_qk > 0])
+    # dynamic inference: k_e counted over the pool, in the same first all-reduce
+    counted = mine > 0.3
+    mask, k_E, _ = pool.count_topk_mask(mine, counted)
+    ref_mask, ref_k, _ = local.count_topk_mask(all_scores, all_scores > 0.3)
+    assert torch.equal(mask, ref_mask[lo : lo + mine.shape[0]]) and torch.equal(k_E, ref_k)
 
 
 def _dp_and_ep_pools_match(rank: int, world_size: int, trials: int) -> None:
     dims = build_parallel_dims(ep_size=2)
     dp_pool = DistributedPool(dims.dp_group, dims.dp_group)
-    ep_pool = DistributedPool(dims.ep_group, dims.dp_group, bits_per_pass=11)
+    ep_pool = DistributedPool(dims.ep_group, dims.dp_group, bits_per_pass=8)
     local = LocalPool()
     for trial in range(trials):
         # Same stream on the ranks of one pool; EP groups draw their own data.
@@ -77,10 +91,12 @@ def _dp_and_ep_pools_match(rank: int, world_size: int, trials: int) -> None:
         group_sizes = [sizes[r] for r in dims.ep_ranks]
         generator = torch.Generator().manual_seed(2000 + trial)
         _check_against_concat(ep_pool, local, group_sizes, dims.ep_rank, num_experts, generator, tied)
-    # replica_mean averages over DP for both pools
+    # replica_mean averages over DP for both pools; a dp pool's quantiles are global already
     mean = dp_pool.replica_mean(torch.tensor([float(rank)]))
     assert torch.allclose(mean, torch.tensor([(world_size - 1) / 2]))
-    assert torch.allclose(RankPool(dims.dp_group).replica_mean(torch.tensor([float(rank)])), mean)
+    assert torch.allclose(ReplicatedLocalPool(dims.dp_group).replica_mean(torch.tensor([float(rank)])), mean)
+    assert dp_pool.thresholds_global and not ep_pool.thresholds_global
+    assert not ReplicatedLocalPool(dims.dp_group).thresholds_global
 
 
 def test_dp_and_ep_pools_match_local_pool_on_concatenation_with_ties_and_empty_ranks():
@@ -104,5 +120,5 @@ def _selection_bytes(rank: int, world_size: int, sizes: list[int], num_experts: 
 def test_selection_bytes_are_identical_at_1k_and_64k_tokens_per_rank():
     (small, large), _ = run_distributed(_selection_bytes, 2, [1024, 65536], 16)
     assert small == large
-    # 4 histogram passes of E x 256 int32 counts, then E int64 tie counts
-    assert small == (4 * 16 * 256 * 4 + 16 * 8, 5)
+    # 3 histogram passes of E x 2^11, 2^11 and 2^10 int32 counts, then E int64 tie counts
+    assert small == ((2 * 2048 + 1024) * 16 * 4 + 16 * 8, 4)

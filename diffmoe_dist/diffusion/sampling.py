@@ -59,21 +59,26 @@ def save_grid(images_BCHW: torch.Tensor, path: str, nrow: int, scale: int | None
 
 
 class CapacityMeter:
-    """Records the achieved average capacity C_avg of every MoE forward while active (forward hooks)."""
+    """Records the achieved average capacity C_avg of every MoE forward while active: an open
+    `MoECollector` that keeps only C_avg (one value per MoE layer per model evaluation, in order)."""
 
     def __init__(self, model: torch.nn.Module):
-        from diffmoe_dist.model.moe.layer import moe_layers
+        from diffmoe_dist.model.moe.collector import MoECollector
 
-        self.values: list[float] = []
-        self._handles = [m.register_forward_hook(self._hook) for m in moe_layers(model)]
+        self._capacities: list[torch.Tensor] = []  # C_avg only: sampling runs many forwards
+        collector = MoECollector(on_record=lambda layer, rec: self._capacities.append(rec.capacity_avg))
+        self._open = collector.collect(model)
+        self._open.__enter__()
 
-    def _hook(self, module, inputs, output) -> None:
-        self.values.append(float(module.stats["capacity_avg"]))
+    @property
+    def values(self) -> list[float]:
+        return torch.stack(self._capacities).tolist() if self._capacities else []
 
     @property
     def mean(self) -> float | None:
         return sum(self.values) / len(self.values) if self.values else None
 
     def close(self) -> None:
-        for h in self._handles:
-            h.remove()
+        if self._open is not None:
+            self._open.__exit__(None, None, None)
+            self._open = None

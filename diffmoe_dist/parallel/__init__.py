@@ -3,7 +3,7 @@ expert-parallel dispatch, gradient reduction, activation checkpointing, and `par
 them to a built model and its EMA."""
 
 from diffmoe_dist.parallel.activation_checkpoint import checkpoint_blocks
-from diffmoe_dist.parallel.dispatch import AllToAllDispatcher
+from diffmoe_dist.parallel.all_to_all import AllToAllDispatcher
 from diffmoe_dist.parallel.grads import (
     clip_grad_norm_,
     grad_norm,
@@ -22,7 +22,7 @@ from diffmoe_dist.parallel.groups import (
 )
 from diffmoe_dist.parallel.launch import LaunchEnv, destroy_distributed, init_distributed, read_launch_env
 from diffmoe_dist.parallel.parallelize import broadcast_replicas, make_pool, parallelize, tag_expert_params
-from diffmoe_dist.parallel.selection import DistributedPool, RankPool
+from diffmoe_dist.parallel.pools import DistributedPool, ReplicatedLocalPool
 
 __all__ = [
     "AllToAllDispatcher",
@@ -30,7 +30,7 @@ __all__ = [
     "LaunchEnv",
     "ParallelDims",
     "ParallelSetupError",
-    "RankPool",
+    "ReplicatedLocalPool",
     "broadcast_replicas",
     "build_parallel_dims",
     "checkpoint_blocks",

@@ -1,36 +1,15 @@
-"""Activation checkpointing of the DiT blocks, applied from outside the model by `parallelize`."""
+"""Activation checkpointing of the DiT blocks, applied from outside the model by `parallelize`.
+
+The recompute in backward needs no special case: forward only computes, and what a step keeps
+from it (losses, the threshold EMA's inputs) goes to the trainer's `MoECollector`, which is closed
+by the time backward recomputes a block (model/moe/collector.py).
+"""
 
 from __future__ import annotations
-
-import contextlib
 
 import torch
 import torch.nn as nn
 import torch.utils.checkpoint
-
-
-def _skip_threshold_update(*args, **kwargs) -> None:
-    pass
-
-
-@contextlib.contextmanager
-def _recompute_without_threshold_updates(block: nn.Module):
-    """The MoE layer updates its thresholds (an EMA, with collectives) inside forward; the recompute
-    in backward must not update them a second time. Shadows `update_threshold` on the block's
-    predictors for the duration of the recompute (every rank recomputes the same blocks)."""
-    from diffmoe_dist.model.moe.predictor import CapacityPredictor
-
-    saved = [(m, m.__dict__.get("update_threshold")) for m in block.modules() if isinstance(m, CapacityPredictor)]
-    for predictor, _ in saved:
-        predictor.update_threshold = _skip_threshold_update
-    try:
-        yield
-    finally:
-        for predictor, previous in saved:
-            if previous is None:
-                del predictor.update_threshold
-            else:
-                predictor.update_threshold = previous
 
 
 def checkpoint_blocks(model: nn.Module) -> int:
@@ -45,13 +24,7 @@ def checkpoint_blocks(model: nn.Module) -> int:
         def forward(*args, _inner=inner, _block=block, **kwargs):
             if not (torch.is_grad_enabled() and _block.training):
                 return _inner(*args, **kwargs)
-            return torch.utils.checkpoint.checkpoint(
-                _inner,
-                *args,
-                use_reentrant=False,
-                context_fn=lambda: (contextlib.nullcontext(), _recompute_without_threshold_updates(_block)),
-                **kwargs,
-            )
+            return torch.utils.checkpoint.checkpoint(_inner, *args, use_reentrant=False, **kwargs)
 
         block.forward = forward
     return len(blocks)

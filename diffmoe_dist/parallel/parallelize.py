@@ -30,13 +30,14 @@ from diffmoe_dist.model.moe.experts import expert_modules
 from diffmoe_dist.model.moe.layer import MoEFeedForward, moe_layers
 from diffmoe_dist.model.moe.pool import LocalPool, TokenPool
 from diffmoe_dist.parallel.activation_checkpoint import checkpoint_blocks
-from diffmoe_dist.parallel.dispatch import AllToAllDispatcher
+from diffmoe_dist.parallel.all_to_all import AllToAllDispatcher
 from diffmoe_dist.parallel.grads import BUCKET_BYTES, is_expert_param
 from diffmoe_dist.parallel.groups import ParallelDims
-from diffmoe_dist.parallel.selection import DistributedPool, RankPool
+from diffmoe_dist.parallel.pools import DistributedPool, ReplicatedLocalPool
+from diffmoe_dist.parallel.radix_select import DEFAULT_BITS
 
 
-def make_pool(pool: str, dims: ParallelDims, bits_per_pass: int = 8) -> TokenPool:
+def make_pool(pool: str, dims: ParallelDims, bits_per_pass: int = DEFAULT_BITS) -> TokenPool:
     """The token pool for ``moe.pool``; pools of one rank need no collectives for selection."""
     if pool not in POOLS:
         raise ValueError(f"moe.pool={pool!r} is invalid: use one of {', '.join(POOLS)}")
@@ -46,7 +47,7 @@ def make_pool(pool: str, dims: ParallelDims, bits_per_pass: int = 8) -> TokenPoo
         return DistributedPool(dims.dp_group, dims.dp_group, bits_per_pass)
     if pool == "ep" and (dims.ep_size > 1 or dims.force_collectives):
         return DistributedPool(dims.ep_group, dims.dp_group, bits_per_pass)
-    return RankPool(dims.dp_group)
+    return ReplicatedLocalPool(dims.dp_group)
 
 
 def parallelize(

@@ -12,10 +12,11 @@ Per MoE layer and logged step, into ``RUN/routing.jsonl`` (rank 0) and wandb whe
 - the capacity predictor against the selection mask: ``predictor_precision``, ``predictor_recall``
   of ``sigmoid(pred) > tau_e`` (the dynamic-inference rule) and ``threshold`` (tau_E).
 
-Off (``routing_every: 0``) it costs an integer compare per step: no hooks, no timers, no
-collective. On a logged step, forward hooks sum a few column counts per MoE forward, the
-dispatchers' phase timers run (synchronising CUDA around each phase), and one all-reduce of a small
-float64 buffer over the DP group (``layers x (W E + 3 E + 4 W + 1)`` values) gathers it all.
+Off (``routing_every: 0``) it costs an integer compare per step: no timers, no collective. The
+per-layer numbers come from the step's records in the trainer's `MoECollector` (one per layer
+and micro-batch; a recompute in backward records nothing); on a logged step the dispatchers'
+phase timers run (`Dispatcher` members; synchronising CUDA around each phase), and one all-reduce
+of a small float64 buffer over the DP group (``layers x (W E + 3 E + 4 W + 1)`` values) gathers it.
 
 ``capacity_per_step`` turns a sampler's `CapacityMeter` values into C_avg per ODE step (eval).
 """
@@ -31,6 +32,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from diffmoe_dist.model.moe.collector import MoECollector
 from diffmoe_dist.model.moe.layer import MoEFeedForward
 from diffmoe_dist.parallel.groups import comm_device
 
@@ -42,24 +44,27 @@ _PHASES = ("dispatch_s", "combine_s", "dispatch_bytes", "combine_bytes")
 class RoutingTelemetry:
     """Arms itself for every ``every``-th step; ``after_step(step)`` collects the armed step.
 
-    ``dims``: the run's `ParallelDims` (None for one process). A collective on logged steps: every
-    rank calls ``after_step`` with the same step.
+    ``dims``: the run's `ParallelDims` (None for one process). ``collector``: the trainer's
+    `MoECollector`, whose records of the step just taken it reads. A collective on logged steps:
+    every rank calls ``after_step`` with the same step.
     """
 
-    def __init__(self, model: nn.Module, every: int, run_dir: str, dims=None, next_step: int = 1):
+    def __init__(
+        self, model: nn.Module, every: int, run_dir: str, dims=None, next_step: int = 1, collector: MoECollector = None
+    ):
         self.every = max(0, int(every))
         named = [(n, m) for n, m in model.named_modules() if isinstance(m, MoEFeedForward)]
         self.names = [n for n, _ in named]
         self.layers = [m for _, m in named]
+        self.collector = collector
+        if self.enabled and collector is None:
+            raise ValueError("RoutingTelemetry: logging.routing_every > 0 needs the trainer's MoECollector")
         self.dims = dims
         self.world_size = dims.world_size if dims is not None else 1
         self.rank = dims.rank if dims is not None else 0
         self.ep_size = dims.ep_size if dims is not None else 1
         self.path = os.path.join(run_dir, ROUTING_FILE)
         self._armed = False
-        self._hooks: list = []
-        self._predicted: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        self._sums: list[torch.Tensor | None] = []  # per layer: [counts_E, tp_E, fp_E, fn_E, n] over the step
         if self.enabled and next_step % self.every == 0:
             self._arm()
 
@@ -70,57 +75,40 @@ class RoutingTelemetry:
     # ---- arming ------------------------------------------------------------------------------
     def _arm(self) -> None:
         self._armed = True
-        self._predicted.clear()
-        self._sums = [None] * len(self.layers)
-        for i, layer in enumerate(self.layers):
-            if hasattr(layer.dispatcher, "timings"):  # the all-to-all dispatcher (EP > 1)
-                layer.dispatcher.timings = {}
-                layer.dispatcher.phase_bytes = {}
-            self._hooks.append(layer.register_forward_hook(self._layer_hook(i)))
-            if layer.capacity_predictor is not None:
-                self._hooks.append(layer.capacity_predictor.register_forward_hook(self._predictor_hook(i)))
+        for layer in self.layers:
+            layer.dispatcher.timings = {}
+            layer.dispatcher.phase_bytes = {}
 
-    def _predictor_hook(self, i: int):
-        def hook(module, inputs, logits_NE):
-            if not _recomputing():
-                # tau before this step's EMA update: the threshold the prediction would have met.
-                self._predicted[i] = (logits_NE.detach(), module.threshold_E.detach().clone())
+    def _disarm(self) -> None:
+        self._armed = False
+        for layer in self.layers:
+            layer.dispatcher.timings = None
+            layer.dispatcher.phase_bytes = None
 
-        return hook
-
-    def _layer_hook(self, i: int):
-        def hook(module, inputs, output):
-            # Sums over the step's micro-batches (grad accumulation); an activation-checkpointing
-            # recompute runs the same forward again inside backward and is not counted twice.
-            if _recomputing() or module.last_assignment is None:
-                return
-            mask_NE = module.last_assignment.mask_NE
+    def _layer_sums(self, layer: MoEFeedForward) -> torch.Tensor | None:
+        """[counts_E, tp_E, fp_E, fn_E, n] over the step's micro-batches: tokens per expert, and
+        the predictor's ``sigmoid(pred) > tau_e`` against the selection, tau as the step met it."""
+        records = self.collector.records(layer)
+        if not records:
+            return None
+        predictor = layer.capacity_predictor
+        tau_E = None
+        if predictor is not None:
+            tau_E = self.collector.thresholds_before.get(id(layer), predictor.threshold_E).view(1, -1)
+        total = None
+        for rec in records:
+            mask_NE = rec.mask_NE
             counts_E = mask_NE.sum(0, dtype=torch.float64)
-            zero_E = torch.zeros_like(counts_E)
-            tp_E, fp_E, fn_E = zero_E, zero_E, zero_E
-            if i in self._predicted:
-                logits_NE, tau_E = self._predicted.pop(i)
-                predicted_NE = torch.sigmoid(logits_NE.float()) > tau_E.view(1, -1)
+            tp_E = fp_E = fn_E = torch.zeros_like(counts_E)
+            if rec.prob_NE is not None and tau_E is not None:
+                predicted_NE = rec.prob_NE > tau_E
                 tp_E = (predicted_NE & mask_NE).sum(0, dtype=torch.float64)
                 fp_E = (predicted_NE & ~mask_NE).sum(0, dtype=torch.float64)
                 fn_E = (~predicted_NE & mask_NE).sum(0, dtype=torch.float64)
             n = torch.full((1,), float(mask_NE.shape[0]), dtype=torch.float64, device=counts_E.device)
             now = torch.cat([counts_E, tp_E, fp_E, fn_E, n])
-            self._sums[i] = now if self._sums[i] is None else self._sums[i] + now
-
-        return hook
-
-    def _disarm(self) -> None:
-        self._armed = False
-        for h in self._hooks:
-            h.remove()
-        self._hooks.clear()
-        self._predicted.clear()
-        self._sums = []
-        for layer in self.layers:
-            if hasattr(layer.dispatcher, "timings"):
-                layer.dispatcher.timings = None
-                layer.dispatcher.phase_bytes = None
+            total = now if total is None else total + now
+        return total
 
     # ---- per step ----------------------------------------------------------------------------
     def after_step(self, step: int) -> dict | None:
@@ -148,13 +136,14 @@ class RoutingTelemetry:
         buf = torch.zeros(len(self.layers), W * E + 3 * E + 4 * W + 1, dtype=torch.float64)
         for i, layer in enumerate(self.layers):
             row = buf[i]
-            if self._sums[i] is not None:
-                sums = self._sums[i].cpu()
+            sums = self._layer_sums(layer)
+            if sums is not None:
+                sums = sums.cpu()
                 row[self.rank * E : (self.rank + 1) * E] = sums[:E]
                 row[W * E : W * E + 3 * E] = sums[E : 4 * E]
                 row[-1] = sums[-1]
-            timings = getattr(layer.dispatcher, "timings", None) or {}
-            phase_bytes = getattr(layer.dispatcher, "phase_bytes", None) or {}
+            timings = layer.dispatcher.timings or {}
+            phase_bytes = layer.dispatcher.phase_bytes or {}
             o = W * E + 3 * E + 4 * self.rank
             row[o : o + 4] = torch.tensor(
                 [
@@ -197,11 +186,13 @@ class RoutingTelemetry:
         tp, fp, fn = (row[o + j * E : o + (j + 1) * E].sum() for j in range(3))
         phases_W4 = row[o + 3 * E : o + 3 * E + 4 * W].view(W, 4)
         recv_mean = float(recv_W.mean())
+        records = self.collector.records(layer)
+        capacity = float(torch.stack([r.capacity_avg for r in records]).mean()) if records else None
         out = {
             "name": name,
             "tokens_per_expert": [int(c) for c in tokens_E.tolist()],
             "load_per_expert": [float(c) * E / n_tokens if n_tokens else 0.0 for c in tokens_E.tolist()],
-            "capacity_avg": float(layer.stats.get("capacity_avg", 0.0)) if layer.stats else None,
+            "capacity_avg": capacity,
             "ep_recv_tokens": [int(c) for c in recv_W.tolist()],
             "ep_recv_max": int(recv_W.max()),
             "ep_recv_mean": recv_mean,
@@ -228,13 +219,6 @@ class RoutingTelemetry:
         run = getattr(wandb, "run", None) if wandb is not None else None
         if run is not None:
             run.log(wandb_scalars(record), step=record["step"])
-
-
-def _recomputing() -> bool:
-    """True inside backward, where activation checkpointing re-runs forwards. torch has no public
-    query; ``_current_graph_task_id`` is -1 outside a backward pass."""
-    task_id = getattr(torch._C, "_current_graph_task_id", None)
-    return task_id is not None and task_id() != -1
 
 
 def wandb_scalars(record: dict) -> dict[str, float]:

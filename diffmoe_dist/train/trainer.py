@@ -17,8 +17,8 @@ from diffmoe_dist.diffusion.ema import EMA
 from diffmoe_dist.diffusion.flow import flow_loss, flow_targets
 from diffmoe_dist.diffusion.sampling import sample_images, save_grid
 from diffmoe_dist.model.build import build_model
+from diffmoe_dist.model.moe.collector import MoECollector
 from diffmoe_dist.model.moe.experts import expert_shard
-from diffmoe_dist.model.moe.layer import collect_moe_losses, mean_capacity
 from diffmoe_dist.parallel.groups import ParallelDims, comm_device
 from diffmoe_dist.parallel.parallelize import parallelize
 from diffmoe_dist.train.engine import build_engine
@@ -53,6 +53,7 @@ class Trainer:
         with expert_shard(self.dims.ep_rank, self.dims.ep_size):
             self.model = build_model(cfg.model, cfg.moe).to(device)
         self.ema = EMA(self.model, cfg.train.ema_decay, cfg.train.ema_warmup)
+        self.moe = MoECollector()  # what the MoE forwards hand the step (losses, threshold inputs)
         # Everything parallel, the same way on the model and its EMA (parallel/parallelize.py):
         # expert shards and tags, dispatchers, pools, the replica broadcast, activation checkpointing.
         parallelize(
@@ -163,15 +164,17 @@ class Trainer:
     # ---- one step ----------------------------------------------------------------------------
     def _forward_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """One micro-batch's forward: the loss to backpropagate, and its logged parts
-        ``[loss, loss_flow, predictor_bce, aux_loss]`` (fp32, detached, on the run's device)."""
+        ``[loss, loss_flow, predictor_bce, aux_loss]`` (fp32, detached, on the run's device).
+        The MoE layers hand their losses and the step's threshold inputs to ``self.moe`` while it
+        is open; backward (and an activation-checkpointing recompute in it) runs outside."""
         autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.train.precision == "bf16")
         x = batch.pop("x").to(self.device, non_blocking=True)
         cond = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}  # y for class-conditional runs
         x_t, t, v_target = flow_targets(x, self.noise_gen)
-        with autocast:
+        with self.moe.collect(self.model), autocast:
             v_pred = self.engine.forward(x_t, t, **cond)
         loss_flow = flow_loss(v_pred, v_target)
-        moe = collect_moe_losses(self.model)
+        moe = self.moe.losses()
         # moe["loss"] = sum over layers of predictor_loss_weight * BCE + weighted TC aux loss
         loss = loss_flow + moe["loss"]
         return loss, torch.stack([loss, loss_flow, moe["predictor_bce"], moe["aux_loss"]]).detach().float()
@@ -188,19 +191,24 @@ class Trainer:
 
     def train_step(self) -> dict[str, float]:
         self.engine.zero_grad()
+        self.moe.clear()
         parts = torch.zeros(4, device=self.device)
         for _ in range(self.cfg.optim.grad_accum_steps):
             loss, micro_parts = self._forward_loss(self.loader.next_batch())
             self.engine.backward(loss)  # / grad_accum_steps inside
             parts += micro_parts
+        # The threshold EMA, once per optimizer step over the step's whole pool (all micro-batches).
+        # Called here, not from an optimizer step pre-hook: DeepSpeed ZeRO steps its base optimizer
+        # once per parameter group, which would update twice.
+        self.moe.update_thresholds()
         grad_norm = self.engine.step()  # a tensor (plain engine) or a float (DeepSpeed)
         self.ema.update(self.model)
         self.step += 1
-        # The step's one host read: losses and the gradient norm together (float64 holds both exactly).
-        logged = self._global_means(parts).double()
+        # The step's one host read: losses, C_avg and the gradient norm together (float64 holds them exactly).
+        logged = torch.cat([self._global_means(parts).double(), self.moe.capacity_avg().reshape(1).to(parts.device)])
         if torch.is_tensor(grad_norm):
             logged = torch.cat([logged, grad_norm.detach().double().reshape(1).to(logged.device)])
-        loss_v, flow_v, pred_v, aux_v, *norm = logged.tolist()
+        loss_v, flow_v, pred_v, aux_v, capacity_v, *norm = logged.tolist()
         return {
             "loss": loss_v,
             "loss_flow": flow_v,
@@ -208,7 +216,7 @@ class Trainer:
             "loss_aux": aux_v,
             "grad_norm": norm[0] if norm else float(grad_norm),
             "lr": self.scheduler.get_last_lr()[0],
-            "capacity_avg": float(mean_capacity(self.model)),
+            "capacity_avg": capacity_v,
         }
 
     # ---- samples -----------------------------------------------------------------------------
@@ -284,7 +292,9 @@ class Trainer:
         logger.advance_to(self.step)
         stop = StopRequest(self.dims, cfg.train.max_minutes)  # SIGTERM / SIGUSR1 / time limit
         stopped = None
-        telemetry = RoutingTelemetry(self.model, cfg.logging.routing_every, self.run_dir, self.dims, self.step + 1)
+        telemetry = RoutingTelemetry(
+            self.model, cfg.logging.routing_every, self.run_dir, self.dims, self.step + 1, collector=self.moe
+        )
         t_start = time.time()
         last = {}
         window_t, window_steps = time.time(), 0

@@ -1,10 +1,20 @@
 """Dispatch: send each (token, expert) assignment to its expert and combine the results.
 
-``AllToAllDispatcher`` (diffmoe_dist/parallel) has the same call signature and sends rows to the
-owners of the experts (expert parallelism); ``LocalDispatcher`` requires all experts to be local.
+`Dispatcher` is the interface the MoE layer calls and telemetry reads; `LocalDispatcher` (all
+experts local) and ``AllToAllDispatcher`` (parallel/all_to_all.py: rows go to the owners of the
+experts, expert parallelism) implement it and share `combine`.
+
+A dispatch runs in two calls so that a forward reads the host once: ``plan(counts_E, experts)``
+turns the per-expert row counts of the local mask (a device tensor) into a `DispatchPlan` with one
+host read (the all-to-all dispatcher first exchanges them with its peers and reads send and
+receive counts together); the layer builds the assignment at the plan's known size, and
+``dispatcher(..., plan=plan)`` reuses it for the split sizes and the expert groups.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 from torch import Tensor
@@ -12,7 +22,30 @@ from torch import Tensor
 from diffmoe_dist.model.moe.experts import StackedExperts
 
 
-class LocalDispatcher:
+@dataclass
+class DispatchPlan:
+    """Host-side sizes of one dispatch, from one host read."""
+
+    rows: int  # local (token, expert) assignments, M
+    expert_rows: list[int]  # rows each local expert computes (forward_grouped's groups)
+    send_splits: list[int] = field(default_factory=list)  # all-to-all only: rows to each EP peer
+    recv_splits: list[int] = field(default_factory=list)  # rows from each EP peer
+    recv_counts_PL: Tensor | None = None  # (source, local expert) counts, on the device
+
+
+class Dispatcher(Protocol):
+    """``y_t = sum_{m: token_idx[m] = t} weight[m] * Expert_{expert_idx[m]}(x_t)``.
+
+    ``timings``: set to a dict to accumulate seconds per phase (``dispatch``, ``experts``,
+    ``combine``); ``phase_bytes``: set to a dict to accumulate payload bytes sent to other ranks per
+    phase; ``bytes_sent``: total payload bytes sent to other ranks. A local dispatcher sends none."""
+
+    timings: dict[str, float] | None
+    phase_bytes: dict[str, int] | None
+    bytes_sent: int
+
+    def plan(self, counts_E: Tensor, experts: StackedExperts) -> DispatchPlan: ...
+
     def __call__(
         self,
         x_ND: Tensor,
@@ -20,26 +53,52 @@ class LocalDispatcher:
         expert_idx_M: Tensor,
         weight_M: Tensor,
         experts: StackedExperts,
-    ) -> Tensor:
-        """``y_t = sum_{m: token_idx[m] = t} weight[m] * Expert_{expert_idx[m]}(x_t)``; zero for
-        tokens with no assignment (DESIGN.md section 1: the residual carries them).
+        plan: DispatchPlan | None = None,
+    ) -> Tensor: ...
 
-        Assignments must be sorted by (global) expert index, so that each expert's rows are one
-        contiguous block for ``experts.forward_grouped``.
-        """
+
+def combine(y_MD: Tensor, weight_M: Tensor, token_idx_M: Tensor, n_tokens: int, out_dtype: torch.dtype) -> Tensor:
+    """``y_ND[t] = sum_m weight[m] y_MD[m]`` over the rows of token t, zero for tokens with no row
+    (DESIGN.md section 1: the residual carries them). In the router's fp32: the weights are softmax
+    scores, and index_add_ of several experts' outputs for one token accumulates better in fp32
+    than in bf16. A bf16 y_MD times fp32 weights promotes to fp32 in one pass."""
+    y_MD = y_MD * weight_M.float().unsqueeze(1)
+    y_ND = torch.zeros(n_tokens, y_MD.shape[1], dtype=y_MD.dtype, device=y_MD.device)
+    y_ND.index_add_(0, token_idx_M, y_MD)
+    return y_ND.to(out_dtype)
+
+
+class LocalDispatcher:
+    """All experts on this rank: gather the rows, one grouped expert call, `combine`."""
+
+    def __init__(self):
+        self.timings: dict[str, float] | None = None
+        self.phase_bytes: dict[str, int] | None = None
+        self.bytes_sent = 0
+
+    def plan(self, counts_E: Tensor, experts: StackedExperts) -> DispatchPlan:
+        expert_rows = [int(c) for c in counts_E.tolist()]  # the forward's one host read
+        return DispatchPlan(rows=sum(expert_rows), expert_rows=expert_rows)
+
+    def __call__(
+        self,
+        x_ND: Tensor,
+        token_idx_M: Tensor,
+        expert_idx_M: Tensor,
+        weight_M: Tensor,
+        experts: StackedExperts,
+        plan: DispatchPlan | None = None,
+    ) -> Tensor:
+        """Assignments must be sorted by (global) expert index, so that each expert's rows are one
+        contiguous block for ``experts.forward_grouped``."""
         if experts.num_local != experts.num_experts:
             raise ValueError(
                 f"LocalDispatcher needs all {experts.num_experts} experts local, got {experts.num_local} "
                 f"(sharded for expert parallelism: use the all-to-all dispatcher)"
             )
-        counts_E = torch.bincount(expert_idx_M - experts.offset, minlength=experts.num_local)
+        if plan is None:
+            plan = self.plan(torch.bincount(expert_idx_M - experts.offset, minlength=experts.num_local), experts)
         # index_select, not x_ND[idx]: its backward is one index_add_ where advanced indexing's
         # is an accumulating index_put_, slower on CPU.
-        y_MD = experts.forward_grouped(x_ND.index_select(0, token_idx_M), counts_E)
-        # Combine in the router's fp32: the weights are softmax scores, and index_add_ of several
-        # experts' outputs for one token accumulates better in fp32 than in bf16. A bf16 y_MD
-        # times fp32 weights promotes to fp32 in one pass (the same products as y_MD.float()).
-        y_MD = y_MD * weight_M.float().unsqueeze(1)
-        y_ND = torch.zeros(x_ND.shape[0], y_MD.shape[1], dtype=y_MD.dtype, device=x_ND.device)
-        y_ND.index_add_(0, token_idx_M, y_MD)
-        return y_ND.to(x_ND.dtype)
+        y_MD = experts.forward_grouped(x_ND.index_select(0, token_idx_M), plan.expert_rows)
+        return combine(y_MD, weight_M, token_idx_M, x_ND.shape[0], x_ND.dtype)

@@ -96,10 +96,11 @@ class StackedExperts(nn.Module):
             self.b1_EH.zero_()
             self.b2_ED.zero_()
 
-    def forward_grouped(self, x_MD: Tensor, counts_E: Tensor) -> Tensor:
+    def forward_grouped(self, x_MD: Tensor, counts_E: Tensor | list[int]) -> Tensor:
         """Rows of ``x_MD`` are contiguous per local expert, in expert order, ``counts_E[e]`` rows
-        for local expert e. Returns ``y_MD``, each row computed by its expert."""
-        counts = [int(c) for c in counts_E.tolist()]
+        for local expert e (a host list from the dispatcher's plan; a tensor is read here).
+        Returns ``y_MD``, each row computed by its expert."""
+        counts = [int(c) for c in (counts_E.tolist() if isinstance(counts_E, Tensor) else counts_E)]
         if len(counts) != self.num_local or sum(counts) != x_MD.shape[0]:
             raise ValueError(
                 f"forward_grouped: counts_E has {len(counts)} entries summing to {sum(counts)}, "

@@ -7,8 +7,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from diffmoe_dist.model.moe.pool import TokenPool
-
 # tau starts at 0.5, the decision boundary of a BCE classifier ("more likely selected than not")
 # and where sigmoid of an untrained predictor's near-zero logits sits, so dynamic inference
 # without training still routes a non-trivial share of tokens. With momentum 0.95 the EMA forgets
@@ -25,7 +23,7 @@ class CapacityPredictor(nn.Module):
         self.net = nn.Sequential(nn.Linear(dim, dim), nn.SiLU(), nn.Linear(dim, num_experts))
         self.momentum = momentum
         # A buffer, so it is in checkpoints and in the weight+buffer EMA model; it must stay
-        # identical on every rank (update through pool.replica_mean).
+        # identical on every rank (the step's update averages over replicas where pools differ).
         self.register_buffer("threshold_E", torch.full((num_experts,), THRESHOLD_INIT))
 
     def forward(self, x_ND: Tensor) -> Tensor:
@@ -39,12 +37,10 @@ class CapacityPredictor(nn.Module):
         return F.binary_cross_entropy_with_logits(pred_NE.float(), mask_NE.detach().float())
 
     @torch.no_grad()
-    def update_threshold(self, pred_NE: Tensor, k: int, pool: TokenPool) -> None:
-        """``tau_e <- m tau_e + (1 - m) q_e``, ``q_e`` = the k-th largest ``sigmoid(pred[:, e])``
-        over the pool, i.e. the predicted probability of the last token expert e selected.
-        Skipped when ``k == 0`` (a pool smaller than E / C selects nothing: no quantile)."""
-        if k < 1:
-            return
-        q_E = pool.kth_largest(torch.sigmoid(pred_NE.detach().float()), k)
-        q_E = pool.replica_mean(q_E.to(self.threshold_E))
-        self.threshold_E.mul_(self.momentum).add_(q_E, alpha=1.0 - self.momentum)
+    def update_threshold(self, q_E: Tensor, valid_E: Tensor) -> None:
+        """``tau_e <- m tau_e + (1 - m) q_e`` where ``valid_E`` (the pool selected something, so
+        ``q_e`` exists). ``q_e`` is the predicted probability of the last token expert e selected
+        over the step's pool; `MoECollector.update_thresholds` computes it once per optimizer step
+        and calls this, never ``forward``."""
+        new_E = self.threshold_E.mul(self.momentum).add_(q_E.to(self.threshold_E), alpha=1.0 - self.momentum)
+        self.threshold_E.copy_(torch.where(valid_E.to(new_E.device), new_E, self.threshold_E))

@@ -8,14 +8,13 @@ the whole pool go through a ``TokenPool`` (pool.py).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from diffmoe_dist.config import INFERENCE_MODES, ROUTERS  # noqa: F401 (the MoE layer reads routers.ROUTERS)
-from diffmoe_dist.model.moe.pool import TokenPool
+from diffmoe_dist.model.moe.pool import TokenPool, expert_capacity
 
 
 @dataclass
@@ -58,17 +57,19 @@ def router_scores(x_ND: Tensor, weight_ED: Tensor) -> Tensor:
         return torch.softmax(router_logits(x_ND.float(), weight_ED.float()), dim=-1)
 
 
-def expert_capacity(capacity: float, n_tokens: int, num_experts: int) -> int:
-    """``k = floor(C * N / E)``, clamped to ``[0, N]``. The 1e-9 guards against float products
-    such as ``1.2 * 10 / 12 = 0.9999999999999999`` flooring one token short."""
-    k = math.floor(capacity * n_tokens / num_experts + 1e-9)
-    return max(0, min(k, n_tokens))
-
-
-def assignment_from_mask(mask_NE: Tensor, scores_NE: Tensor) -> Assignment:
-    # nonzero on the transposed mask enumerates (expert, token) in row-major order: sorted by
-    # expert, then by token, which is the contiguous-per-expert layout forward_grouped needs.
-    expert_idx_M, token_idx_M = mask_NE.T.nonzero(as_tuple=True)
+def assignment_from_mask(mask_NE: Tensor, scores_NE: Tensor, size: int | None = None) -> Assignment:
+    """(token, expert, weight) triples of ``mask_NE``, sorted by expert then token: the
+    contiguous-per-expert layout forward_grouped needs. ``size`` = ``mask_NE.sum()`` when the
+    caller knows it (the dispatcher's one host read): then no op has a data-dependent size, the
+    j-th selected entry is found by a searchsorted on the running count. Without it, nonzero."""
+    n = mask_NE.shape[0]
+    if size is None:
+        # nonzero on the transposed mask enumerates (expert, token) in row-major order
+        expert_idx_M, token_idx_M = mask_NE.T.nonzero(as_tuple=True)
+    else:
+        running_EN = mask_NE.T.reshape(-1).cumsum(0)
+        flat_M = torch.searchsorted(running_EN, torch.arange(1, size + 1, device=mask_NE.device))
+        expert_idx_M, token_idx_M = flat_M // n, flat_M % n
     return Assignment(token_idx_M, expert_idx_M, scores_NE[token_idx_M, expert_idx_M], mask_NE)
 
 
@@ -76,22 +77,19 @@ def expert_choice_global(
     scores_NE: Tensor, capacity: float, pool: TokenPool, n_pool: int | None = None
 ) -> tuple[Tensor, Tensor]:
     """DiffMoE training (and static inference): each expert takes its ``k = floor(C N_pool / E)``
-    best tokens of the whole pool. ``n_pool`` saves a ``pool.size`` call (a collective in
-    distributed pools) when the caller already has it. Returns ``(mask_NE, k_E)``."""
-    n, num_experts = scores_NE.shape
-    n_pool = pool.size(n) if n_pool is None else n_pool
-    k = expert_capacity(capacity, n_pool, num_experts)
-    k_E = torch.full((num_experts,), k, dtype=torch.long, device=scores_NE.device)
-    return pool.topk_mask(scores_NE, k_E), k_E
+    best tokens of the whole pool (``N_pool`` comes with the selection: no separate size
+    collective; ``n_pool`` is ignored, kept for callers that pass it). Returns ``(mask_NE, k_E)``."""
+    mask_NE, k_E, _ = pool.capacity_topk_mask(scores_NE, capacity)
+    return mask_NE, k_E
 
 
 def expert_choice_dynamic(scores_NE: Tensor, prob_NE: Tensor, threshold_E: Tensor, pool: TokenPool):
     """DiffMoE dynamic / interval inference: ``k_e = #{t in pool: sigmoid(pred[t, e]) > tau_e}``,
     then expert e takes its top-``k_e`` tokens of the pool *by router score*. ``k_e`` counts
     tokens, so it scales with the pool and stays meaningful at batch size 1 (paper Fig. 6).
-    Pass a constant ``threshold_E = gamma`` for interval mode. Returns ``(mask_NE, k_E)``."""
-    k_E = pool.count(prob_NE > threshold_E.to(prob_NE).view(1, -1))
-    return pool.topk_mask(scores_NE, k_E), k_E
+    Pass a constant ``threshold_E = gamma`` for interval mode. Returns ``(mask_NE, k_E, n_pool)``
+    with ``n_pool`` the pool's size (it comes with the selection's first histogram)."""
+    return pool.count_topk_mask(scores_NE, prob_NE > threshold_E.to(prob_NE).view(1, -1))
 
 
 def expert_choice_local(scores_BLE: Tensor, capacity: float) -> Tensor:
@@ -129,8 +127,10 @@ def load_balancing_loss(scores_NE: Tensor, mask_NE: Tensor, weight: float) -> Te
     return weight * num_experts * (p_E * f_E).sum()
 
 
-def capacity_avg(k_E: Tensor, n_pool: int) -> float:
-    """``C_avg = mean_e(E * k_e / N_pool)`` (DESIGN.md section 1), the achieved capacity."""
-    if n_pool == 0:
-        return 0.0
-    return float(k_E.double().mean() * k_E.numel() / n_pool)
+def capacity_avg(k_E: Tensor, n_pool: Tensor | int) -> Tensor:
+    """``C_avg = mean_e(E * k_e / N_pool)`` (DESIGN.md section 1), the achieved capacity, as a
+    float64 device tensor (0 for an empty pool): read on the host once per step, with the losses."""
+    n = torch.as_tensor(n_pool, device=k_E.device).double()
+    return torch.where(
+        n > 0, k_E.double().sum() / n.clamp(min=1), torch.zeros((), dtype=torch.float64, device=k_E.device)
+    )

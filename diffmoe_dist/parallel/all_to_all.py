@@ -1,9 +1,12 @@
 """Expert-parallel dispatch: send each chosen (token, expert) row to the rank that owns the expert.
 
-Drop-in for ``LocalDispatcher`` (same call, same result) when ``experts`` holds only this rank's
-``E/P`` experts (DESIGN.md section 2, Megatron layout). Per call, inside the sender's EP group:
+A `Dispatcher` (model/moe/dispatch.py): the same result as ``LocalDispatcher`` when ``experts``
+holds only this rank's ``E/P`` experts (DESIGN.md section 2, Megatron layout). Per call, inside
+the sender's EP group:
 
-1. counts: an ``all_to_all_single`` of the (destination, local expert) row counts;
+1. counts (``plan``): an ``all_to_all_single`` of the (destination, local expert) row counts, then
+   one host read of the send and receive counts together, reused for the split sizes, the
+   expert groups and the block permutation (built on the device at a known size);
 2. dispatch: the rows, already sorted by global expert and hence by destination, go out with one
    ``all_to_all_single`` with uneven splits; the receiver regroups them from (source, local expert)
    order to (local expert, source) order for ``forward_grouped``;
@@ -30,6 +33,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from diffmoe_dist.model.moe.dispatch import DispatchPlan, combine
 from diffmoe_dist.model.moe.experts import StackedExperts
 
 
@@ -59,32 +63,32 @@ class AllToAll(torch.autograd.Function):
         return _exchange(grad, in_splits, out_splits, ctx.group), None, None, None
 
 
-def _block_permutation(counts_SL: Tensor) -> Tensor:
+def _block_permutation(counts_SL: Tensor, total: int | None = None) -> Tensor:
     """Row order that reads (source, local expert)-ordered blocks in (local expert, source) order:
-    ``x[perm]`` is grouped by local expert."""
-    sizes = counts_SL.flatten()
-    starts_SL = (torch.cumsum(sizes, 0) - sizes).view_as(counts_SL)
-    sizes_LS, starts_LS = counts_SL.T.flatten(), starts_SL.T.flatten()
-    total = int(sizes.sum())
-    block_start = torch.repeat_interleave(torch.cumsum(sizes_LS, 0) - sizes_LS, sizes_LS, output_size=total)
-    offset_in_block = torch.arange(total, device=counts_SL.device) - block_start
-    return torch.repeat_interleave(starts_LS, sizes_LS, output_size=total) + offset_in_block
+    ``x[perm]`` is grouped by local expert. ``total`` = ``counts_SL.sum()`` (the plan knows it):
+    output row j finds its block by a searchsorted on the blocks' ends, no data-dependent size."""
+    sizes_SL = counts_SL.long()
+    starts_SL = (torch.cumsum(sizes_SL.flatten(), 0) - sizes_SL.flatten()).view_as(sizes_SL)
+    sizes_LS, starts_LS = sizes_SL.T.flatten(), starts_SL.T.flatten()
+    ends_LS = torch.cumsum(sizes_LS, 0)
+    total = int(sizes_LS.sum()) if total is None else total
+    rows_R = torch.arange(total, device=counts_SL.device)
+    block_R = torch.searchsorted(ends_LS, rows_R, right=True)
+    return starts_LS[block_R] + rows_R - (ends_LS - sizes_LS)[block_R]
 
 
 class AllToAllDispatcher:
     """``y_ND`` as ``LocalDispatcher`` computes it, with experts sharded over ``ep_group``.
 
-    ``timings``: set to a dict to accumulate seconds per phase (``dispatch``, ``experts``,
-    ``combine``) for benchmarks; ``bytes_sent`` counts the row and count payloads this rank sent to
-    other ranks.
+    `Dispatcher` members: ``timings`` (seconds per phase, ``dispatch``, ``experts``, ``combine``),
+    ``phase_bytes`` (payload per phase, telemetry) and ``bytes_sent`` (row and count payloads this
+    rank sent to other ranks).
     """
 
     def __init__(self, ep_group=None):
         self.group = ep_group
         self.timings: dict[str, float] | None = None
         self.bytes_sent = 0
-        # Telemetry (diffmoe_dist/train/telemetry.py): set to a dict to accumulate the payload bytes
-        # sent to other ranks per phase (``dispatch``, ``combine``), each at its own dtype.
         self.phase_bytes: dict[str, int] | None = None
 
     @contextmanager
@@ -98,14 +102,7 @@ class AllToAllDispatcher:
         _sync_cuda()
         self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - start
 
-    def __call__(
-        self,
-        x_ND: Tensor,
-        token_idx_M: Tensor,
-        expert_idx_M: Tensor,
-        weight_M: Tensor,
-        experts: StackedExperts,
-    ) -> Tensor:
+    def _check(self, experts: StackedExperts) -> tuple[int, int]:
         ep_size = dist.get_world_size(self.group)
         ep_rank = dist.get_rank(self.group)
         per_rank = experts.num_local
@@ -114,42 +111,60 @@ class AllToAllDispatcher:
                 f"AllToAllDispatcher: experts hold {per_rank} of {experts.num_experts} from offset "
                 f"{experts.offset}; EP rank {ep_rank} of {ep_size} needs experts.shard({ep_rank}, {ep_size})"
             )
+        return ep_size, ep_rank
+
+    def plan(self, counts_E: Tensor, experts: StackedExperts) -> DispatchPlan:
+        """Exchanges the per-expert row counts (global expert order = owner order) and reads send
+        and receive counts on the host in one go."""
+        ep_size, _ = self._check(experts)
+        per_rank = experts.num_local
         with self._phase("dispatch"):
-            # Rows sorted by global expert are sorted by owner, and by local expert within an owner.
-            send_counts_PL = torch.bincount(expert_idx_M, minlength=experts.num_experts).view(
-                ep_size, per_rank
-            )
+            send_counts_PL = counts_E.to(torch.int64).reshape(ep_size, per_rank).contiguous()
             recv_counts_PL = torch.empty_like(send_counts_PL)
             dist.all_to_all_single(recv_counts_PL, send_counts_PL, group=self.group)
-            send_splits = send_counts_PL.sum(1).tolist()
-            recv_splits = recv_counts_PL.sum(1).tolist()
+            both = torch.cat([send_counts_PL, recv_counts_PL]).tolist()  # the forward's one host read
+        send_PL, recv_PL = both[:ep_size], both[ep_size:]
+        self.bytes_sent += (ep_size - 1) * per_rank * 8
+        return DispatchPlan(
+            rows=sum(map(sum, send_PL)),
+            expert_rows=[sum(col) for col in zip(*recv_PL, strict=True)] if recv_PL else [0] * per_rank,
+            send_splits=[sum(r) for r in send_PL],
+            recv_splits=[sum(r) for r in recv_PL],
+            recv_counts_PL=recv_counts_PL,
+        )
+
+    def __call__(
+        self,
+        x_ND: Tensor,
+        token_idx_M: Tensor,
+        expert_idx_M: Tensor,
+        weight_M: Tensor,
+        experts: StackedExperts,
+        plan: DispatchPlan | None = None,
+    ) -> Tensor:
+        ep_size, ep_rank = self._check(experts)
+        if plan is None:  # rows sorted by global expert are sorted by owner, and by local expert within one
+            plan = self.plan(torch.bincount(expert_idx_M, minlength=experts.num_experts), experts)
+        send_splits, recv_splits = plan.send_splits, plan.recv_splits
+        with self._phase("dispatch"):
             x_MD = x_ND.index_select(0, token_idx_M)  # backward: one index_add_
             recv_RD = AllToAll.apply(x_MD, recv_splits, send_splits, self.group)
-            perm_R = _block_permutation(recv_counts_PL)
+            perm_R = _block_permutation(plan.recv_counts_PL, sum(recv_splits))
             grouped_RD = recv_RD.index_select(0, perm_R)
         with self._phase("experts"):
-            y_grouped_RD = experts.forward_grouped(grouped_RD, recv_counts_PL.sum(0))
+            y_grouped_RD = experts.forward_grouped(grouped_RD, plan.expert_rows)
         with self._phase("combine"):
             inverse_R = torch.empty_like(perm_R)
             inverse_R[perm_R] = torch.arange(perm_R.numel(), device=perm_R.device)
             y_recv_RD = y_grouped_RD.index_select(0, inverse_R)
             y_MD = AllToAll.apply(y_recv_RD, send_splits, recv_splits, self.group)
-            # Same fp32 combine as LocalDispatcher (bf16 rows times fp32 weights promote to fp32),
-            # so the two agree to rounding.
-            y_MD = y_MD * weight_M.float().unsqueeze(1)
-            y_ND = torch.zeros(x_ND.shape[0], y_MD.shape[1], dtype=y_MD.dtype, device=x_ND.device)
-            y_ND.index_add_(0, token_idx_M, y_MD)
+            y_ND = combine(y_MD, weight_M, token_idx_M, x_ND.shape[0], x_ND.dtype)
         # Off-rank payload only: rows for this rank's own experts never leave it.
-        off_rank_rows = sum(send_splits) - send_splits[ep_rank] + sum(recv_splits) - recv_splits[ep_rank]
-        self.bytes_sent += (ep_size - 1) * per_rank * 8 + off_rank_rows * x_ND.shape[1] * x_ND.element_size()
+        dim = x_ND.shape[1]
+        sent = sum(send_splits) - send_splits[ep_rank]
+        returned = sum(recv_splits) - recv_splits[ep_rank]
+        self.bytes_sent += (sent + returned) * dim * x_ND.element_size()
         if self.phase_bytes is not None:
-            dim = x_ND.shape[1]
-            sent = sum(send_splits) - send_splits[ep_rank]
-            returned = sum(recv_splits) - recv_splits[ep_rank]
-            self.phase_bytes["dispatch"] = (
-                self.phase_bytes.get("dispatch", 0) + sent * dim * x_MD.element_size()
-            )
-            self.phase_bytes["combine"] = (
-                self.phase_bytes.get("combine", 0) + returned * dim * y_recv_RD.element_size()
-            )
-        return y_ND.to(x_ND.dtype)
+            self.phase_bytes["dispatch"] = self.phase_bytes.get("dispatch", 0) + sent * dim * x_MD.element_size()
+            self.phase_bytes["combine"] = self.phase_bytes.get("combine", 0) + returned * dim * y_recv_RD.element_size()
+        return y_ND

@@ -1,0 +1,188 @@
+"""What a training step needs from the MoE layers' forwards, handed to one explicit collector.
+
+``forward`` only computes. While a `MoECollector` is open around a forward
+(``with collector.collect(model): out = model(...)``), each MoE layer of ``model`` hands it a
+`LayerRecord`: its losses (autograd scalars, to backpropagate), its selection mask and capacity
+stats, and in training the detached predictor probabilities of its local tokens. Nothing is stored
+on the modules. A forward outside an open collector records nothing: the recompute of activation
+checkpointing runs inside backward, after the block closed, so it needs no special case; the EMA
+model and evaluation open none (a sampler may open its own to read the capacity).
+
+The trainer opens the collector around each micro-batch's forward and calls `update_thresholds`
+once per optimizer step, just before ``engine.step()``: the threshold EMA of DESIGN.md section 1,
+``tau_e <- m tau_e + (1 - m) q_e``, with ``q_e`` the ``k_step``-th largest ``sigmoid(pred[:, e])``
+over the step's whole pool (every micro-batch of every rank of the pool) and
+``k_step = floor(C N_step_pool / E)``. The official DiffMoE code updates tau in every forward
+(per micro-batch under gradient accumulation); we define it once per training step over the step's
+pool, so ``grad_accum_steps`` does not change the thresholds. Layers with equal pools share one
+selection (its histogram all-reduces), and pools smaller than DP (``rank``, ``ep``) average their
+quantiles over the replicas with one all-reduce for all layers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+from diffmoe_dist.model.moe import routers
+
+_ACTIVE = threading.local()  # the open collectors of this thread, innermost last
+
+
+@dataclass
+class LayerRecord:
+    """One MoE layer's forward, as the step sees it."""
+
+    mask_NE: Tensor  # bool, detached: which expert computed which local token
+    k_E: Tensor  # long: tokens per expert over the pool
+    n_pool: Tensor  # long, 0-dim: tokens in the pool
+    predictor_bce: Tensor  # raw BCE, an autograd scalar (0 without a predictor or outside training)
+    aux_loss: Tensor  # weighted token-choice aux loss, an autograd scalar
+    loss: Tensor  # predictor_loss_weight * predictor_bce + aux_loss: what the trainer adds
+    prob_NE: Tensor | None = None  # detached sigmoid(pred), fp32 (training, DiffMoE router only)
+
+    @property
+    def tokens_per_expert(self) -> Tensor:
+        """Local tokens per expert (LongTensor[E])."""
+        return self.mask_NE.sum(0)
+
+    @property
+    def capacity_avg(self) -> Tensor:
+        """Achieved ``C_avg = mean_e(E k_e / N_pool)``, a float64 device tensor."""
+        return routers.capacity_avg(self.k_E, self.n_pool)
+
+
+def record(layer: nn.Module, make_record) -> None:
+    """Called by a layer at the end of its forward: hands ``make_record()`` to every open collector
+    that covers ``layer`` (built only if one does)."""
+    collectors = [c for c in getattr(_ACTIVE, "stack", ()) if c.covers(layer)]
+    if collectors:
+        rec = make_record()
+        for c in collectors:
+            c._add(layer, rec)
+
+
+def recording(layer: nn.Module) -> bool:
+    return any(c.covers(layer) for c in getattr(_ACTIVE, "stack", ()))
+
+
+class MoECollector:
+    """Collects `LayerRecord`s per micro-batch over one training step; see the module docstring."""
+
+    def __init__(self, on_record=None):
+        # on_record(layer, record): called instead of keeping the record (a sampler's meter keeps C_avg only)
+        self.on_record = on_record
+        self.layers: list[nn.Module] = []  # the MoE layers of the collected model, in model order
+        self._ids: set[int] = set()
+        self.micro_batches: list[dict[int, list[LayerRecord]]] = []
+        self.thresholds_before: dict[int, Tensor] = {}  # per layer, tau the step's forwards met
+        self._device = torch.device("cpu")
+
+    # ---- recording ---------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def collect(self, model: nn.Module) -> Iterator[MoECollector]:
+        """Open around one forward (a micro-batch) of ``model``: its MoE layers record here."""
+        from diffmoe_dist.model.moe.layer import moe_layers
+
+        layers = moe_layers(model)
+        if [id(m) for m in layers] != [id(m) for m in self.layers]:
+            self.layers, self._ids = layers, {id(m) for m in layers}
+            self.clear()
+        first = next(model.parameters(), None)
+        self._device = first.device if first is not None else torch.device("cpu")
+        self.micro_batches.append({})
+        stack = _ACTIVE.__dict__.setdefault("stack", [])
+        stack.append(self)
+        try:
+            yield self
+        finally:
+            stack.remove(self)
+
+    def covers(self, layer: nn.Module) -> bool:
+        return id(layer) in self._ids
+
+    def _add(self, layer: nn.Module, rec: LayerRecord) -> None:
+        if self.on_record is not None:
+            self.on_record(layer, rec)
+            return
+        self.micro_batches[-1].setdefault(id(layer), []).append(rec)
+
+    def clear(self) -> None:
+        """Forget the step's records (the trainer calls it at the start of a step)."""
+        self.micro_batches = []
+        self.thresholds_before = {}
+
+    # ---- reading -----------------------------------------------------------------------------
+    def records(self, layer: nn.Module) -> list[LayerRecord]:
+        """``layer``'s records over the step's micro-batches, in order."""
+        return [r for mb in self.micro_batches for r in mb.get(id(layer), [])]
+
+    def last(self, layer: nn.Module) -> LayerRecord:
+        """``layer``'s record of the latest forward it ran in."""
+        recs = self.records(layer)
+        if not recs:
+            raise LookupError("no MoE record for this layer: was its forward run inside collect()?")
+        return recs[-1]
+
+    def losses(self) -> dict[str, Tensor]:
+        """The latest micro-batch's MoE losses summed over layers: raw ``predictor_bce``,
+        ``aux_loss`` (weighted) and ``loss`` (= sum of predictor_loss_weight * bce + aux_loss), the
+        term the trainer adds to the diffusion loss. Zeros for a model without MoE layers."""
+        recs = [r for rs in (self.micro_batches[-1].values() if self.micro_batches else ()) for r in rs]
+        if not recs:
+            zero = torch.zeros((), device=self._device)
+            return {"predictor_bce": zero, "aux_loss": zero, "loss": zero}
+        return {
+            "predictor_bce": sum(r.predictor_bce for r in recs),
+            "aux_loss": sum(r.aux_loss for r in recs),
+            "loss": sum(r.loss for r in recs),
+        }
+
+    def capacity_avg(self) -> Tensor:
+        """Mean ``C_avg`` over the step's layer forwards (float64 device tensor, 0 if none)."""
+        caps = [r.capacity_avg for mb in self.micro_batches for rs in mb.values() for r in rs]
+        if not caps:
+            return torch.zeros((), dtype=torch.float64, device=self._device)
+        return torch.stack(caps).mean()
+
+    # ---- the step's threshold EMA ------------------------------------------------------------
+    @torch.no_grad()
+    def update_thresholds(self) -> None:
+        """Once per optimizer step, before it: each layer's tau moves towards the quantile of its
+        step's pool (module docstring). A collective over the pools: every rank calls it."""
+        groups: dict[tuple, list[tuple[nn.Module, Tensor]]] = {}
+        for layer in self.layers:
+            probs = [r.prob_NE for r in self.records(layer) if r.prob_NE is not None]
+            if not probs or layer.capacity_predictor is None:
+                continue
+            key = (layer.pool.batch_key, float(layer.capacity), layer.num_experts)
+            groups.setdefault(key, []).append((layer, torch.cat(probs)))
+        quantiles: list[tuple[nn.Module, Tensor, Tensor]] = []
+        for (_, capacity, num_experts), members in groups.items():
+            rows = {p.shape[0] for _, p in members}
+            if len(rows) != 1:
+                raise ValueError(f"update_thresholds: layers of one pool saw different token counts {sorted(rows)}")
+            values = torch.cat([p for _, p in members], dim=1)  # layers side by side: one selection
+            q_C, k_C = members[0][0].pool.capacity_kth_largest(values, capacity, num_experts)
+            for i, (layer, _) in enumerate(members):
+                cols = slice(i * num_experts, (i + 1) * num_experts)
+                quantiles.append((layer, q_C[cols], k_C[cols] > 0))
+        # Pools smaller than DP: average the replicas' quantiles (where they had one), all layers at once.
+        local = [i for i, (layer, _, _) in enumerate(quantiles) if not layer.pool.thresholds_global]
+        if local:
+            q = torch.stack([quantiles[i][1].double() * quantiles[i][2] for i in local])
+            valid = torch.stack([quantiles[i][2].double() for i in local])
+            summed = quantiles[local[0]][0].pool.replica_sum(torch.stack([q, valid]))
+            for j, i in enumerate(local):
+                count = summed[1, j]
+                quantiles[i] = (quantiles[i][0], (summed[0, j] / count.clamp(min=1)).float(), count > 0)
+        for layer, q_E, valid_E in quantiles:
+            predictor = layer.capacity_predictor
+            self.thresholds_before[id(layer)] = predictor.threshold_E.clone()
+            predictor.update_threshold(q_E, valid_E)
