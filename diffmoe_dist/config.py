@@ -87,6 +87,12 @@ class ParallelConfig:
     timeout_minutes: float = 10.0
     # The distributed path (process group, parallelize, pool, all-to-all, collectives) at world size 1.
     force_distributed: bool = False
+    # The dtype gradients travel in for the DP / EDP reduction (fp32 | bf16; master weights stay fp32).
+    grad_reduce_dtype: str = "fp32"
+    # Reduce gradient buckets during backward (plain engine) and ZeRO's overlap_comm; False = after backward.
+    overlap_grad_reduce: bool = True
+    # Gradient bucket size in MB; 0 = chosen by device (parallel/grads.py, train/engine.py `_ds_config`).
+    grad_bucket_mb: float = 0.0
 
 
 @dataclass
@@ -263,6 +269,10 @@ def _validate(cfg: Config, world_size: int) -> None:
         _fail("parallel.device", par.device, "use auto, cpu or cuda")
     if not 0 < par.timeout_minutes <= 24 * 60:
         _fail("parallel.timeout_minutes", par.timeout_minutes, "use a positive number of minutes, e.g. 10")
+    if par.grad_reduce_dtype not in ("fp32", "bf16"):
+        _fail("parallel.grad_reduce_dtype", par.grad_reduce_dtype, "use fp32 or bf16")
+    if not par.grad_bucket_mb >= 0:
+        _fail("parallel.grad_bucket_mb", par.grad_bucket_mb, "use a size in MB >= 0 (0: chosen by device)")
     if data.global_batch_size < 1 or data.global_batch_size % world_size:
         _fail("data.global_batch_size", data.global_batch_size, f"use a multiple of the world size {world_size}")
     if data.loader not in ("indexed", "stream"):

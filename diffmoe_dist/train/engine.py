@@ -30,7 +30,7 @@ import torch.nn as nn
 import torch.utils.checkpoint
 
 from diffmoe_dist.config import Config, ConfigError, deepspeed_config_path
-from diffmoe_dist.parallel.grads import clip_grad_norm_, is_expert_param, reduce_gradients, split_params
+from diffmoe_dist.parallel.grads import GradReducer, clip_grad_norm_, is_expert_param, split_params
 from diffmoe_dist.parallel.groups import ParallelDims, expert_data_parallel_ranks, expert_parallel_ranks
 
 ADAM_STATES = ("exp_avg", "exp_avg_sq")
@@ -137,12 +137,24 @@ class _Engine:
 
 
 class PlainEngine(_Engine):
-    """Plain data parallelism: AdamW on every rank over all of its (local) parameters."""
+    """Plain data parallelism: AdamW on every rank over all of its (local) parameters. Gradients
+    are reduced by a `GradReducer` (buckets launched during the last micro-batch's backward with
+    ``parallel.overlap_grad_reduce``, in ``parallel.grad_reduce_dtype``); ``self.model`` stays the
+    plain module, so parameter names and checkpoints do not change."""
 
     def __init__(self, model: nn.Module, cfg: Config, dims: ParallelDims):
         super().__init__(model, cfg, dims)
         self.optimizer = self._adamw(model.parameters())
         self.scheduler = self._scheduler(self.optimizer)
+        p = cfg.parallel
+        self.reducer = GradReducer(
+            model,
+            dims,
+            dtype=p.grad_reduce_dtype,
+            bucket_bytes=int(p.grad_bucket_mb * 2**20),
+            overlap=p.overlap_grad_reduce,
+        )
+        self._micro = 0  # backwards since the last step
 
     @property
     def base_optimizer(self) -> torch.optim.Optimizer:
@@ -152,11 +164,15 @@ class PlainEngine(_Engine):
         self.optimizer.zero_grad(set_to_none=True)
 
     def backward(self, loss: torch.Tensor) -> None:
-        (loss / self.grad_accum_steps if self.grad_accum_steps > 1 else loss).backward()
+        self._micro += 1
+        # Only the step's last micro-batch reduces: the others accumulate locally.
+        last = self._micro % self.grad_accum_steps == 0
+        with contextlib.nullcontext() if last else self.reducer.no_sync():
+            (loss / self.grad_accum_steps if self.grad_accum_steps > 1 else loss).backward()
 
     def step(self) -> torch.Tensor:
-        if self.dims.distributed:
-            reduce_gradients(self.model, self.dims)
+        self._micro = 0
+        self.reducer.finish()  # waits for the buckets launched in backward (no host read)
         norm = clip_grad_norm_(self.model, self.cfg.optim.grad_clip, self.dims)  # read at log time
         self.optimizer.step()
         self.scheduler.step()
