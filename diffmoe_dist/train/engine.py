@@ -258,6 +258,23 @@ def create_deepspeed_expert_groups(dims: ParallelDims) -> str:
     return name
 
 
+# DeepSpeed keys the YAML sets (its one source): a JSON that sets one is refused, naming the field.
+_YAML_OWNED = {
+    "train_batch_size": "data.global_batch_size",
+    "train_micro_batch_size_per_gpu": "data.global_batch_size",
+    "gradient_accumulation_steps": "optim.grad_accum_steps",
+    "gradient_clipping": "optim.grad_clip",
+    "communication_data_type": "parallel.grad_reduce_dtype",
+    "zero_optimization.overlap_comm": "parallel.overlap_grad_reduce",
+    "zero_optimization.reduce_bucket_size": "parallel.grad_bucket_mb",
+    "zero_optimization.allgather_bucket_size": "parallel.grad_bucket_mb",
+}
+# ZeRO bucket sizes in elements when parallel.grad_bucket_mb is 0. CPU: 5M (20 MB fp32): a 50M
+# bucket is a fresh mmap and page faults every step (measured 0.64 -> 0.125 s per step, tiny
+# model, 4 ranks; DESIGN.md section 4). GPU: 2e8, few large NCCL calls.
+_ZERO_BUCKET_ELEMENTS = {"cpu": 5_000_000, "cuda": 200_000_000}
+
+
 def _ds_config(cfg: Config, dims: ParallelDims) -> dict:
     path = deepspeed_config_path(cfg.train)  # existence and stage checked by Config.validate
     with open(path) as f:
@@ -268,14 +285,26 @@ def _ds_config(cfg: Config, dims: ParallelDims) -> dict:
                 f"{path} enables DeepSpeed {mode}: use train.precision=bf16 instead (autocast over fp32 master "
                 "weights, the same numerics with and without ZeRO)"
             )
-    # The YAML is the one source of batch, accumulation and clipping: the JSON never sets them.
+    zero = ds.setdefault("zero_optimization", {})
+    for key, field in _YAML_OWNED.items():
+        section, _, name = key.rpartition(".")
+        if name in (zero if section else ds):
+            raise ConfigError(f"{path} sets {key}: remove it, {field} in the YAML sets it")
+    # The YAML is the one source of batch, accumulation, clipping and gradient communication.
     gas = cfg.optim.grad_accum_steps
+    p = cfg.parallel
     ds.update(
         train_batch_size=cfg.data.global_batch_size,
         train_micro_batch_size_per_gpu=cfg.data.global_batch_size // (dims.world_size * gas),
         gradient_accumulation_steps=gas,
         gradient_clipping=cfg.optim.grad_clip,
+        communication_data_type={"fp32": "fp32", "bf16": "bf16"}[p.grad_reduce_dtype],
     )
+    device = "cuda" if torch.distributed.get_backend(dims.dp_group) == "nccl" else "cpu"
+    elements = int(p.grad_bucket_mb * 2**20 / 4) if p.grad_bucket_mb > 0 else _ZERO_BUCKET_ELEMENTS[device]
+    # On CPU DeepSpeed's reduction "stream" is None (its CPU accelerator is synchronous): with
+    # overlap_comm the buckets are still reduced inside backward's hooks, only not concurrently.
+    zero.update(overlap_comm=p.overlap_grad_reduce, reduce_bucket_size=elements, allgather_bucket_size=elements)
     return ds
 
 
