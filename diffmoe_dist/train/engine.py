@@ -300,7 +300,8 @@ def _ds_config(cfg: Config, dims: ParallelDims) -> dict:
         gradient_clipping=cfg.optim.grad_clip,
         communication_data_type={"fp32": "fp32", "bf16": "bf16"}[p.grad_reduce_dtype],
     )
-    device = "cuda" if torch.distributed.get_backend(dims.dp_group) == "nccl" else "cpu"
+    nccl = torch.distributed.is_initialized() and torch.distributed.get_backend(dims.dp_group) == "nccl"
+    device = "cuda" if nccl else "cpu"
     elements = int(p.grad_bucket_mb * 2**20 / 4) if p.grad_bucket_mb > 0 else _ZERO_BUCKET_ELEMENTS[device]
     # On CPU DeepSpeed's reduction "stream" is None (its CPU accelerator is synchronous): with
     # overlap_comm the buckets are still reduced inside backward's hooks, only not concurrently.
