@@ -327,7 +327,7 @@ def phase_step(trainer) -> dict[str, float]:
     reduction, clipping and AdamW, DeepSpeed's step timed whole as "optimizer"."""
     from diffmoe_dist.diffusion.flow import flow_loss, flow_targets
     from diffmoe_dist.model.moe.layer import collect_moe_losses, mean_capacity
-    from diffmoe_dist.parallel.grads import clip_grad_norm_, reduce_gradients
+    from diffmoe_dist.parallel.grads import clip_grad_norm_
     from diffmoe_dist.train.engine import PlainEngine
 
     cfg, engine, sec = trainer.cfg, trainer.engine, dict.fromkeys(PHASES, 0.0)
@@ -359,8 +359,7 @@ def phase_step(trainer) -> dict[str, float]:
         parts += torch.stack([loss, loss_flow, moe["predictor_bce"], moe["aux_loss"]]).detach().float()
         lap("backward")
     if isinstance(engine, PlainEngine):
-        if trainer.dims.distributed:
-            reduce_gradients(engine.model, trainer.dims)
+        engine.reducer.finish()  # what backward left of the reduction (all of it without overlap)
         lap("grad_reduce")
         float(clip_grad_norm_(engine.model, cfg.optim.grad_clip, trainer.dims))
         lap("clip")
