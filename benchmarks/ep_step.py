@@ -52,8 +52,8 @@ class Args:
     steps: int = 5
     warmup: int = 2
     # overlap table: a DiT whose dense part (attention, adaLN, every other FFN) dominates the gradient
-    overlap_depth: int = 4
-    overlap_dim: int = 384
+    overlap_depth: int = 12
+    overlap_dim: int = 288
     overlap_batch: int = 4  # images (16x16, patch 2: 64 tokens each) per rank
     overlap_ep: int = 2
     overlap_repeats: int = 8

@@ -70,16 +70,15 @@ class _Bucket:
         if self.flat is None:  # kept across steps, as DDP keeps its buckets
             self.flat = torch.empty(self.numel + len(self.params), dtype=self.dtype, device=self.device)
         grads, flags = self.flat[: self.numel].split(self.sizes), self.flat[self.numel :]
+        flags.fill_(1)
         for i, (p, view) in enumerate(zip(self.params, grads)):
             if p.grad is None:  # unused here: joins with zeros (used elsewhere, or nowhere)
                 view.zero_()
                 flags[i] = 0
             elif self.dtype == torch.float32:
                 view.copy_(p.grad.reshape(-1))  # summed, then divided: as one process would average
-                flags[i] = 1
             else:  # bf16: divided first in fp32, so the sum of W rounded terms cannot overflow
                 view.copy_(p.grad.reshape(-1) / divisor)
-                flags[i] = 1
         self.work = dist.all_reduce(self.flat, group=self.group, async_op=True)
 
     def finish(self, divisor: int) -> None:
