@@ -326,7 +326,7 @@ def phase_step(trainer) -> dict[str, float]:
     (kept in step with diffmoe_dist/train/trainer.py); plain engine phases split into gradient
     reduction, clipping and AdamW, DeepSpeed's step timed whole as "optimizer"."""
     from diffmoe_dist.diffusion.flow import flow_loss, flow_targets
-    from diffmoe_dist.parallel.grads import clip_grad_norm_, reduce_gradients
+    from diffmoe_dist.parallel.grads import clip_grad_norm_
     from diffmoe_dist.train.engine import PlainEngine
 
     cfg, engine, sec = trainer.cfg, trainer.engine, dict.fromkeys(PHASES, 0.0)
@@ -360,8 +360,7 @@ def phase_step(trainer) -> dict[str, float]:
         lap("backward")
     trainer.moe.update_thresholds()
     if isinstance(engine, PlainEngine):
-        if trainer.dims.distributed:
-            reduce_gradients(engine.model, trainer.dims)
+        engine.reducer.finish()  # what backward left of the reduction (all of it without overlap)
         lap("grad_reduce")
         float(clip_grad_norm_(engine.model, cfg.optim.grad_clip, trainer.dims))
         lap("clip")

@@ -59,6 +59,7 @@ def _train(cfg, dims, steps=STEPS) -> dict:
         "grad_norm": [r["grad_norm"] for r in records],
         "state": state,
         "engine": type(trainer.engine).__name__,
+        "overlap_comm": trainer.engine.ds.zero_overlap_comm() if hasattr(trainer.engine, "ds") else None,
     }
 
 
@@ -78,6 +79,8 @@ def _zero_runs(rank: int, world_size: int, digits: str, run_dir: str) -> dict:
         "zero1-actckpt": ["train.zero_stage=1", "train.activation_checkpointing=true"],
         "plain-bf16": ["train.zero_stage=0", "train.precision=bf16"],
         "zero1-bf16": ["train.zero_stage=1", "train.precision=bf16"],
+        "plain-bf16comm": ["train.zero_stage=0", "parallel.grad_reduce_dtype=bf16"],
+        "zero2-bf16comm": ["train.zero_stage=2", "parallel.grad_reduce_dtype=bf16"],
     }.items():
         cfg = _config(digits, run_dir, world_size, ["parallel.expert_parallel_size=2", *extra])
         runs[name] = _train(cfg, dims)
@@ -117,6 +120,53 @@ def test_zero1_and_zero2_train_like_plain_data_parallelism_at_w4_ep2(digits, tmp
         for key, ref in runs["plain-bf16"]["state"].items():
             np.testing.assert_allclose(runs["zero1-bf16"]["state"][key], ref, atol=1e-4, rtol=0, err_msg=key)
         assert "differ from ours" in runs["mismatch_error"]
+        # Buckets reduced inside backward (overlap_comm on by default), with the exactness above.
+        assert runs["zero1"]["overlap_comm"] is True and runs["zero2"]["overlap_comm"] is True
+        # Gradients sent in bf16 by both engines (each rank's gradient rounded once, summed in
+        # another order): bf16 noise between them, and both near the fp32 run.
+        np.testing.assert_allclose(runs["zero2-bf16comm"]["loss"], runs["plain-bf16comm"]["loss"], rtol=1e-3)
+        for key, ref in runs["plain-bf16comm"]["state"].items():
+            np.testing.assert_allclose(runs["zero2-bf16comm"]["state"][key], ref, atol=1e-4, rtol=0, err_msg=key)
+        np.testing.assert_allclose(runs["plain-bf16comm"]["loss"], runs["plain"]["loss"], rtol=1e-3)
+
+
+@pytest.mark.parametrize(
+    "overrides, zero",
+    [
+        ([], {"overlap_comm": True, "reduce_bucket_size": 5_000_000, "allgather_bucket_size": 5_000_000}),
+        (
+            ["parallel.overlap_grad_reduce=false", "parallel.grad_bucket_mb=8"],
+            {"overlap_comm": False, "reduce_bucket_size": 2**21, "allgather_bucket_size": 2**21},
+        ),
+    ],
+)
+def test_ds_config_takes_gradient_communication_from_the_yaml(overrides, zero):
+    from diffmoe_dist.parallel.groups import ParallelDims
+    from diffmoe_dist.train.engine import _ds_config
+
+    overrides = ["train.zero_stage=2", "parallel.expert_parallel_size=1", *overrides]
+    cfg = load_config("configs/local/diffmoe-tiny.yaml", overrides)
+    ds = _ds_config(cfg.validate(world_size=1), ParallelDims.single())
+    assert {k: ds["zero_optimization"][k] for k in zero} == zero  # CPU: small buckets (page faults)
+    assert ds["communication_data_type"] == "fp32"
+
+
+def test_ds_config_refuses_a_json_that_sets_what_the_yaml_owns(tmp_path):
+    import json
+
+    from diffmoe_dist.config import ConfigError
+    from diffmoe_dist.parallel.groups import ParallelDims
+    from diffmoe_dist.train.engine import _ds_config
+
+    doc = json.load(open("configs/deepspeed/zero2.json"))
+    doc["zero_optimization"]["overlap_comm"] = False
+    path = tmp_path / "zero2.json"
+    path.write_text(json.dumps(doc))
+    overrides = ["train.zero_stage=2", f"train.deepspeed_config={path}", "parallel.expert_parallel_size=1"]
+    cfg = load_config("configs/local/diffmoe-tiny.yaml", overrides).validate(world_size=1)
+    message = "sets zero_optimization.overlap_comm: remove it, parallel.overlap_grad_reduce in the YAML sets it"
+    with pytest.raises(ConfigError, match=message):
+        _ds_config(cfg, ParallelDims.single())
 
 
 def test_activation_checkpointing_recomputes_without_updating_thresholds_twice(digits, tmp_path):

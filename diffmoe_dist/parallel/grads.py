@@ -9,17 +9,18 @@ Each rank's loss is the mean over its own tokens, so the global-mean loss is ``L
   expert gradients over EDP.
 This assumes equal token counts per rank (equal local batches); the trainer enforces that.
 
-Gradients travel in flat buckets (few, large gloo calls instead of one per tensor).
+Gradients travel in flat buckets (few, large calls instead of one per tensor), launched during
+backward as they become ready (`GradReducer`), in fp32 or bf16.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from diffmoe_dist.parallel.groups import ParallelDims, comm_device
 
@@ -40,56 +41,218 @@ def split_params(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Paramete
     return dense, expert
 
 
-def _buckets(tensors: list[torch.Tensor], bucket_bytes: int) -> Iterable[list[torch.Tensor]]:
-    by_kind: dict[tuple, list[torch.Tensor]] = {}
-    for t in tensors:
-        by_kind.setdefault((t.dtype, t.device), []).append(t)
-    for group in by_kind.values():
-        bucket, size = [], 0
-        for t in group:
-            bucket.append(t)
-            size += t.numel() * t.element_size()
-            if size >= bucket_bytes:
-                yield bucket
-                bucket, size = [], 0
-        if bucket:
+def default_bucket_bytes(device: torch.device) -> int:
+    """Bucket size when ``parallel.grad_bucket_mb`` is 0: on CUDA DDP's 25 MB (a few large NCCL
+    calls); on CPU 4 MB, small enough that the first buckets start while most of backward is still
+    ahead, large enough that gloo's per-call cost stays small (benchmarks/ep_step.py)."""
+    return 25 * 1024 * 1024 if device.type == "cuda" else 4 * 1024 * 1024
+
+
+class _Bucket:
+    """Parameters whose gradients travel together in one flat all-reduce. The flat buffer (in the
+    reduction dtype, on the group's communication device) holds the gradients, then one
+    "has a gradient here" flag per parameter, so a rank that produced no gradient for a parameter
+    learns from the same call whether any rank did."""
+
+    def __init__(self, params: list[nn.Parameter], group, dtype: torch.dtype, device: torch.device):
+        self.params, self.group, self.dtype, self.device = params, group, dtype, device
+        self.sizes = [p.numel() for p in params]
+        self.numel = sum(self.sizes)
+        self.flat: torch.Tensor | None = None
+        self.ready: set[int] = set()  # ids of parameters whose gradient is final for this step
+        self.work = None
+        self.launched = False
+
+    def launch(self, divisor: int) -> None:
+        self.launched = True
+        if self.group is None:
+            return  # nothing to sum (P = W experts): finish() only divides
+        if self.flat is None:  # kept across steps, as DDP keeps its buckets
+            self.flat = torch.empty(self.numel + len(self.params), dtype=self.dtype, device=self.device)
+        grads, flags = self.flat[: self.numel].split(self.sizes), self.flat[self.numel :]
+        flags.fill_(1)
+        for i, (p, view) in enumerate(zip(self.params, grads)):
+            if p.grad is None:  # unused here: joins with zeros (used elsewhere, or nowhere)
+                view.zero_()
+                flags[i] = 0
+            elif self.dtype == torch.float32:
+                view.copy_(p.grad.reshape(-1))  # summed, then divided: as one process would average
+            else:  # bf16: divided first in fp32, so the sum of W rounded terms cannot overflow
+                view.copy_(p.grad.reshape(-1) / divisor)
+        self.work = dist.all_reduce(self.flat, group=self.group, async_op=True)
+
+    def finish(self, divisor: int) -> None:
+        if self.group is None:
+            for p in self.params:
+                if p.grad is not None:
+                    p.grad.div_(divisor)
+        else:
+            self.work.wait()
+            grads = self.flat[: self.numel].split(self.sizes)
+            flags = None
+            for i, (p, view) in enumerate(zip(self.params, grads)):
+                if p.grad is None:
+                    if flags is None:  # a host read, only on a rank that lacked a gradient
+                        flags = self.flat[self.numel :].tolist()
+                    if not flags[i]:
+                        continue  # no rank produced one: stays None, as without reduction
+                    p.grad = torch.empty_like(p)
+                p.grad.copy_(view.view_as(p))
+                if self.dtype == torch.float32:
+                    p.grad.div_(divisor)
+        self.ready.clear()
+        self.work, self.launched = None, False
+
+
+class GradReducer:
+    """Gradient reduction of a DP x EP model, bucketed and overlapped with backward.
+
+    Turns each rank's gradients of its local-mean loss into the gradients of the global-mean loss
+    (module docstring): non-expert parameters summed over the DP group, expert parameters over
+    their EDP group (nothing to sum when P = W), all divided by W.
+
+    With ``overlap`` a post-accumulate-grad hook on every parameter marks it ready; a bucket is
+    launched (async all-reduce) once all its parameters are ready and every earlier bucket of its
+    group has been launched, so every rank issues the same collectives in the same order, whatever
+    the order in which its gradients became ready. Buckets hold parameters in reverse order of
+    registration (about the reverse order of use, the order backward produces them). `finish`
+    launches what backward left (a parameter without a gradient on this rank joins with zeros)
+    and waits for all of it. Without ``overlap``, `finish` does all of it after backward.
+
+    ``dtype`` is the reduction's: fp32 gives the single-process gradients, bf16 sends half the
+    bytes (each rank's gradient rounded to bf16, summed in bf16, back into the fp32 ``.grad``).
+
+    Why not torch DDP for the dense part: with ``find_unused_parameters=False`` it fails at the
+    next step when a parameter gets no gradient (``TextEmbedder.null_text_TE`` at
+    ``model.class_dropout=0``); with ``True`` it walks the graph from forward's outputs and misses
+    the MoE losses that leave through ``layer.stats`` (predictor BCE, token-choice aux loss),
+    marks the predictor unused and fails when its gradient arrives ("mark a variable ready only
+    once"); and it reduces over one group, so experts need this code anyway. megatron-core's
+    DistributedDataParallel allocates its buffers with ``torch.cuda.current_device()``: no CPU.
+
+    Usage: construct once after `parallelize` and before the optimizer's first step; run the
+    backwards of all but the last micro-batch inside `no_sync()`; call `finish()` before clipping
+    and the optimizer step. Hooks do no host read (they copy and launch on the comm device).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        dims: ParallelDims,
+        *,
+        dtype: str | torch.dtype = torch.float32,
+        bucket_bytes: int = 0,
+        overlap: bool = True,
+    ):
+        self.dims = dims
+        self.dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}.get(dtype, dtype)
+        if self.dtype not in (torch.float32, torch.bfloat16):
+            raise ValueError(f"parallel.grad_reduce_dtype={dtype!r} is invalid: use fp32 or bf16")
+        self.overlap = overlap and dims.distributed
+        self._sync = True
+        self._handles = []
+        self.buckets: list[list[_Bucket]] = []  # one list per process group, in launch order
+        self._bucket_of: dict[int, tuple[int, _Bucket]] = {}
+        if not dims.distributed:
+            return
+        dense, expert = split_params(model)
+        kinds = [(dims.dp_group, dense)]
+        if dims.ep_size == 1:  # EDP = DP: experts are replicated like everything else
+            kinds[0] = (dims.dp_group, dense + expert)
+        elif dims.edp_size > 1 or dims.force_collectives:
+            kinds.append((dims.edp_group, expert))
+        else:  # P = W: each rank holds its own experts, nothing to sum (only the 1/W)
+            kinds.append((None, expert))
+        for group, params in kinds:
+            device = comm_device(group) if group is not None else None
+            chunks = _chunks(list(reversed(params)), bucket_bytes)
+            buckets = [_Bucket(chunk, group, self.dtype, device or chunk[0].device) for chunk in chunks]
+            self.buckets.append(buckets)
+        for g, buckets in enumerate(self.buckets):
+            for b in buckets:
+                for p in b.params:
+                    self._bucket_of[id(p)] = (g, b)
+        self._next = [0] * len(self.buckets)  # per group: the first bucket not launched yet
+        if self.overlap:
+            for p in dense + expert:
+                self._handles.append(p.register_post_accumulate_grad_hook(self._on_grad_ready))
+
+    @property
+    def divisor(self) -> int:
+        return self.dims.world_size
+
+    @contextlib.contextmanager
+    def no_sync(self):
+        """Backwards inside accumulate into ``.grad`` and launch nothing (micro-batches before
+        the last of a step)."""
+        previous, self._sync = self._sync, False
+        try:
+            yield
+        finally:
+            self._sync = previous
+
+    def _on_grad_ready(self, p: torch.Tensor) -> None:
+        if not self._sync:
+            return
+        g, bucket = self._bucket_of[id(p)]
+        if bucket.launched:
+            raise RuntimeError(
+                "GradReducer: a gradient arrived after its bucket was reduced: run one backward per "
+                "micro-batch, the non-final ones inside no_sync(), and finish() before the next"
+            )
+        bucket.ready.add(id(p))
+        self._launch_ready(g)
+
+    def _launch_ready(self, g: int) -> None:
+        buckets = self.buckets[g]
+        while self._next[g] < len(buckets) and len(buckets[self._next[g]].ready) == len(buckets[self._next[g]].params):
+            buckets[self._next[g]].launch(self.divisor)
+            self._next[g] += 1
+
+    @torch.no_grad()
+    def finish(self) -> None:
+        """Launches the buckets backward did not (all of them without overlap), in order, and
+        waits for every reduction: afterwards ``.grad`` holds the global-mean gradients."""
+        for g, buckets in enumerate(self.buckets):
+            for b in buckets[self._next[g] :]:
+                b.launch(self.divisor)
+            self._next[g] = 0
+        for buckets in self.buckets:
+            for b in buckets:
+                b.finish(self.divisor)
+
+    def remove(self) -> None:
+        """Removes the hooks (the reducer reduces nothing during backward afterwards)."""
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+
+def _chunks(params: list[nn.Parameter], bucket_bytes: int) -> Iterable[list[nn.Parameter]]:
+    """Consecutive runs of ``params`` of one dtype and device, each about ``bucket_bytes``."""
+    if params and bucket_bytes <= 0:
+        bucket_bytes = default_bucket_bytes(params[0].device)
+    bucket, size = [], 0
+    for p in params:
+        if bucket and (p.dtype, p.device) != (bucket[0].dtype, bucket[0].device):
             yield bucket
+            bucket, size = [], 0
+        bucket.append(p)
+        size += p.numel() * p.element_size()
+        if size >= bucket_bytes:
+            yield bucket
+            bucket, size = [], 0
+    if bucket:
+        yield bucket
 
 
-def _all_reduce_mean(tensors: list[torch.Tensor], group, divisor: int, bucket_bytes: int) -> None:
-    for bucket in _buckets(tensors, bucket_bytes):
-        flat = _flatten_dense_tensors(bucket)
-        dist.all_reduce(flat, group=group)
-        flat.div_(divisor)
-        for t, reduced in zip(bucket, _unflatten_dense_tensors(flat, bucket)):
-            t.copy_(reduced)
-
-
-@torch.no_grad()
 def reduce_gradients(model: nn.Module, dims: ParallelDims, bucket_bytes: int = BUCKET_BYTES) -> None:
     """Turns each rank's gradients of its local-mean loss into the gradients of the global-mean loss
-    (identical on all replicas). Call after ``backward`` and before clipping / the optimizer step."""
-    if not dims.distributed:
-        return
-    dense, expert = split_params(model)
-    # A parameter without a gradient on some rank (unused there) joins with zeros, so every rank
-    # reduces the same buckets; it keeps ``grad=None`` only where no rank produced a gradient.
-    params = dense + expert
-    has_grad = torch.tensor(
-        [p.grad is not None for p in params], dtype=torch.int32, device=comm_device(dims.dp_group)
-    )
-    dist.all_reduce(has_grad, group=dims.dp_group)
-    for p, flag in zip(params, has_grad.tolist()):
-        if flag and p.grad is None:
-            p.grad = torch.zeros_like(p)
-    dense = [p.grad for p in dense if p.grad is not None]
-    expert = [p.grad for p in expert if p.grad is not None]
-    _all_reduce_mean(dense, dims.dp_group, dims.world_size, bucket_bytes)
-    if dims.edp_size > 1 or dims.force_collectives:
-        _all_reduce_mean(expert, dims.edp_group, dims.world_size, bucket_bytes)
-    else:  # every rank holds its own experts (P = W): nothing to sum, only the 1/W
-        for g in expert:
-            g.div_(dims.world_size)
+    (identical on all replicas), after backward, in fp32: `GradReducer` without overlap. A parameter
+    without a gradient on some rank joins with zeros; it keeps ``grad=None`` only where no rank
+    produced one. Call after ``backward`` and before clipping / the optimizer step."""
+    if dims.distributed:
+        GradReducer(model, dims, bucket_bytes=bucket_bytes, overlap=False).finish()
 
 
 @torch.no_grad()
@@ -102,9 +265,7 @@ def grad_norm(model: nn.Module, dims: ParallelDims) -> torch.Tensor:
 
     def sq(params: list[nn.Parameter]) -> torch.Tensor:
         grads = [p.grad.detach().float() for p in params if p.grad is not None]
-        return (
-            torch.stack([g.square().sum() for g in grads]).sum() if grads else torch.zeros((), device=device)
-        )
+        return torch.stack([g.square().sum() for g in grads]).sum() if grads else torch.zeros((), device=device)
 
     expert_sq = sq(expert).reshape(1)
     if dims.ep_size > 1 or dims.force_collectives:

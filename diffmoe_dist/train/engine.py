@@ -1,7 +1,7 @@
 """The optimizer side of training behind one small interface: plain data parallelism or DeepSpeed ZeRO.
 
 - `PlainEngine` (``train.zero_stage: 0``): torch AdamW on every rank, gradients reduced by
-  `parallel.reduce_gradients` (non-expert over DP, experts over their EDP group) and clipped by
+  a `parallel.grads.GradReducer` (non-expert over DP, experts over their EDP group) and clipped by
   the whole model's norm. Optimizer states are replicated: 2 x 4 bytes per local parameter.
 - `ZeroEngine` (``1`` or ``2``): `deepspeed.initialize` with ZeRO stage 1 (optimizer states
   partitioned) or 2 (and gradients). Expert parameters form DeepSpeed's MoE optimizer groups,
@@ -18,6 +18,7 @@ the forward under autocast. DeepSpeed's own bf16 / fp16 modes are refused (see `
 
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import dataclass
 
@@ -25,7 +26,7 @@ import torch
 import torch.nn as nn
 
 from diffmoe_dist.config import Config, ConfigError, deepspeed_config_path
-from diffmoe_dist.parallel.grads import clip_grad_norm_, is_expert_param, reduce_gradients, split_params
+from diffmoe_dist.parallel.grads import GradReducer, clip_grad_norm_, is_expert_param, split_params
 from diffmoe_dist.parallel.groups import ParallelDims
 from diffmoe_dist.train.deepspeed import EngineModule, create_deepspeed_expert_groups, quiet_deepspeed
 from diffmoe_dist.train.optim import adamw, lr_schedule
@@ -126,12 +127,24 @@ class _Engine:
 
 
 class PlainEngine(_Engine):
-    """Plain data parallelism: AdamW on every rank over all of its (local) parameters."""
+    """Plain data parallelism: AdamW on every rank over all of its (local) parameters. Gradients
+    are reduced by a `GradReducer` (buckets launched during the last micro-batch's backward with
+    ``parallel.overlap_grad_reduce``, in ``parallel.grad_reduce_dtype``); ``self.model`` stays the
+    plain module, so parameter names and checkpoints do not change."""
 
     def __init__(self, model: nn.Module, cfg: Config, dims: ParallelDims):
         super().__init__(model, cfg, dims)
         self.optimizer = self._adamw(model.parameters())
         self.scheduler = self._scheduler(self.optimizer)
+        p = cfg.parallel
+        self.reducer = GradReducer(
+            model,
+            dims,
+            dtype=p.grad_reduce_dtype,
+            bucket_bytes=int(p.grad_bucket_mb * 2**20),
+            overlap=p.overlap_grad_reduce,
+        )
+        self._micro = 0  # backwards since the last step
 
     @property
     def base_optimizer(self) -> torch.optim.Optimizer:
@@ -141,11 +154,15 @@ class PlainEngine(_Engine):
         self.optimizer.zero_grad(set_to_none=True)
 
     def backward(self, loss: torch.Tensor) -> None:
-        (loss / self.grad_accum_steps if self.grad_accum_steps > 1 else loss).backward()
+        self._micro += 1
+        # Only the step's last micro-batch reduces: the others accumulate locally.
+        last = self._micro % self.grad_accum_steps == 0
+        with contextlib.nullcontext() if last else self.reducer.no_sync():
+            (loss / self.grad_accum_steps if self.grad_accum_steps > 1 else loss).backward()
 
     def step(self) -> torch.Tensor:
-        if self.dims.distributed:
-            reduce_gradients(self.model, self.dims)
+        self._micro = 0
+        self.reducer.finish()  # waits for the buckets launched in backward (no host read)
         norm = clip_grad_norm_(self.model, self.cfg.optim.grad_clip, self.dims)  # read at log time
         self.optimizer.step()
         self.scheduler.step()
@@ -161,6 +178,23 @@ class PlainEngine(_Engine):
         return out
 
 
+# DeepSpeed keys the YAML sets (its one source): a JSON that sets one is refused, naming the field.
+_YAML_OWNED = {
+    "train_batch_size": "data.global_batch_size",
+    "train_micro_batch_size_per_gpu": "data.global_batch_size",
+    "gradient_accumulation_steps": "optim.grad_accum_steps",
+    "gradient_clipping": "optim.grad_clip",
+    "communication_data_type": "parallel.grad_reduce_dtype",
+    "zero_optimization.overlap_comm": "parallel.overlap_grad_reduce",
+    "zero_optimization.reduce_bucket_size": "parallel.grad_bucket_mb",
+    "zero_optimization.allgather_bucket_size": "parallel.grad_bucket_mb",
+}
+# ZeRO bucket sizes in elements when parallel.grad_bucket_mb is 0. CPU: 5M (20 MB fp32): a 50M
+# bucket is a fresh mmap and page faults every step (measured 0.64 -> 0.125 s per step, tiny
+# model, 4 ranks; DESIGN.md section 4). GPU: 2e8, few large NCCL calls.
+_ZERO_BUCKET_ELEMENTS = {"cpu": 5_000_000, "cuda": 200_000_000}
+
+
 def _ds_config(cfg: Config, dims: ParallelDims) -> dict:
     path = deepspeed_config_path(cfg.train)  # existence and stage checked by Config.validate
     with open(path) as f:
@@ -171,14 +205,27 @@ def _ds_config(cfg: Config, dims: ParallelDims) -> dict:
                 f"{path} enables DeepSpeed {mode}: use train.precision=bf16 instead (autocast over fp32 master "
                 "weights, the same numerics with and without ZeRO)"
             )
-    # The YAML is the one source of batch, accumulation and clipping: the JSON never sets them.
+    zero = ds.setdefault("zero_optimization", {})
+    for key, field in _YAML_OWNED.items():
+        section, _, name = key.rpartition(".")
+        if name in (zero if section else ds):
+            raise ConfigError(f"{path} sets {key}: remove it, {field} in the YAML sets it")
+    # The YAML is the one source of batch, accumulation, clipping and gradient communication.
     gas = cfg.optim.grad_accum_steps
+    p = cfg.parallel
     ds.update(
         train_batch_size=cfg.data.global_batch_size,
         train_micro_batch_size_per_gpu=cfg.data.global_batch_size // (dims.world_size * gas),
         gradient_accumulation_steps=gas,
         gradient_clipping=cfg.optim.grad_clip,
+        communication_data_type={"fp32": "fp32", "bf16": "bf16"}[p.grad_reduce_dtype],
     )
+    nccl = torch.distributed.is_initialized() and torch.distributed.get_backend(dims.dp_group) == "nccl"
+    device = "cuda" if nccl else "cpu"
+    elements = int(p.grad_bucket_mb * 2**20 / 4) if p.grad_bucket_mb > 0 else _ZERO_BUCKET_ELEMENTS[device]
+    # On CPU DeepSpeed's reduction "stream" is None (its CPU accelerator is synchronous): with
+    # overlap_comm the buckets are still reduced inside backward's hooks, only not concurrently.
+    zero.update(overlap_comm=p.overlap_grad_reduce, reduce_bucket_size=elements, allgather_bucket_size=elements)
     return ds
 
 
