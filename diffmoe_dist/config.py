@@ -87,6 +87,9 @@ class ParallelConfig:
     timeout_minutes: float = 10.0
     # The distributed path (process group, parallelize, pool, all-to-all, collectives) at world size 1.
     force_distributed: bool = False
+    grad_reduce_dtype: str = "fp32"  # fp32 | bf16: the dtype gradients travel in (master weights stay fp32)
+    overlap_grad_reduce: bool = True  # reduce gradient buckets during backward (ZeRO: overlap_comm)
+    grad_bucket_mb: float = 0.0  # gradient bucket size in MB; 0 = chosen by device
 
 
 @dataclass
@@ -159,6 +162,8 @@ class LoggingConfig:
     wandb: str = "offline"  # offline | online | disabled
     wandb_project: str = "diffmoe-dist"
     routing_every: int = 0
+    # MFU's per-rank peak: measure (a matmul timed at start-up) | off | TFLOPS per rank | cluster YAML
+    mfu_peak: str = "measure"
 
 
 @dataclass
@@ -332,8 +337,25 @@ def _validate(cfg: Config, world_size: int) -> None:
         _fail("logging.routing_every", cfg.logging.routing_every, "use 0 (off) or a positive number of steps")
     if cfg.logging.wandb not in ("offline", "online", "disabled"):
         _fail("logging.wandb", cfg.logging.wandb, "use offline, online or disabled")
+    _validate_mfu_peak(cfg.logging.mfu_peak)
+    if par.grad_reduce_dtype not in ("fp32", "bf16"):
+        _fail("parallel.grad_reduce_dtype", par.grad_reduce_dtype, "use fp32 or bf16")
+    if par.grad_bucket_mb < 0:
+        _fail("parallel.grad_bucket_mb", par.grad_bucket_mb, "use 0 (chosen by device) or a size in MB")
     if not tr.resume:
         _fail("train.resume", tr.resume, "use auto, never, or a run / checkpoint directory")
+
+
+def _validate_mfu_peak(value: str) -> None:
+    value = str(value)
+    if value in ("measure", "off") or value.endswith((".yaml", ".yml")):
+        return
+    try:
+        ok = float(value) > 0
+    except ValueError:
+        ok = False
+    if not ok:
+        _fail("logging.mfu_peak", value, "use measure, off, a peak in TFLOPS per rank (e.g. 989) or a cluster YAML")
 
 
 def deepspeed_config_path(train: TrainConfig) -> str:
