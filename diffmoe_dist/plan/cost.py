@@ -262,7 +262,8 @@ def plan(
     grads = (dense_shard + expert_shard) * 4 if zero >= 2 else local_params * 4
     optimizer = adam_params * 8
     acts = activation_bytes(cfg, images, recompute)
-    mem_total = weights + ema + grads + optimizer + acts
+    weight_casts = local_params * 2 if precision == "bf16" else 0  # autocast's bf16 weight copies, saved
+    mem_total = weights + ema + grads + optimizer + acts + weight_casts
     capacity = cluster.memory_bytes / (rpn if cluster.kind == "cpu" else 1)
     if mem_total > 0.9 * capacity:
         warnings.append(
@@ -296,7 +297,7 @@ def plan(
         "comm": {"a2a_bytes": a2a_bytes, "selection_bytes": sel_bytes, "grad_bytes": grad_bytes,
                  "selection_collectives": accum * n_moe * len(sel), "grad_bucket_bytes": bucket},
         "memory": {"weights": weights, "grads": grads, "optimizer": optimizer, "ema": ema, "activations": acts,
-                   "total": mem_total, "capacity": capacity},
+                   "weight_casts": weight_casts, "total": mem_total, "capacity": capacity},
         "time": {"forward_s": fwd_s, "backward_s": bwd_s, "compute_s": compute_s, "a2a_s": a2a_s,
                  "selection_s": sel_s, "grad_reduce_s": grad_s, "grad_exposed_s": grad_exposed_s,
                  "param_gather_s": param_gather_s, "misc_s": misc_s, "optimizer_s": optimizer_s, "step_s": step_s},
