@@ -1,11 +1,12 @@
 """Does the planner predict measured runs? CPU, gloo, W = 2 and 4 ranks (one thread each; 4 ranks
 oversubscribe a 2-core machine), gradient reduction overlapped with backward and not.
 
-1. Describe this machine from microbenchmarks only (diffmoe_dist/plan/calibrate.py): one core's
-   matmul peak, the dense twin's compute efficiency, and per W, with W processes side by side, the
-   matmul FLOP/s one rank sustains and gloo's all-reduce / all-to-all fits on loopback. No training
-   step goes into the description: the comparison below cannot be a fit of itself.
-2. Train the config for a few steps at each (W, overlap) under torchrun and take the median step.
+1. Per W, right before its runs, describe this machine from microbenchmarks only
+   (diffmoe_dist/plan/calibrate.py): one core's matmul peak, the dense twin's compute efficiency
+   on W's micro-batch, and with W processes side by side, the matmul FLOP/s one rank sustains and
+   gloo's all-reduce / all-to-all fits on loopback. No training step goes into the description:
+   the comparison below cannot be a fit of itself.
+2. Train the config for a few steps at (W, overlap) under torchrun and take the median step.
 3. Print predicted / measured per row, with the plan's breakdown. Goal: within 1.3x.
 
     python benchmarks/plan_check.py --out benchmarks/results/plan_check.json     # ~5 min here
@@ -38,6 +39,10 @@ CONFIG = os.path.join(REPO, "configs", "local", "diffmoe-tiny.yaml")
 GOAL = 1.3
 
 
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--config", default=CONFIG)
@@ -46,7 +51,6 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--cluster", default=None, help="a cluster YAML to use instead of calibrating now")
-    p.add_argument("--write-cluster", default=None, help="also write the fresh description here")
     p.add_argument("--out", default=None, help="JSON results")
     p.add_argument("overrides", nargs="*", help="config overrides for every run, e.g. data.global_batch_size=64")
     args = p.parse_args(argv)
@@ -54,23 +58,25 @@ def main(argv=None) -> int:
     cfg = load_config(args.config, args.overrides)
     load = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as tmp:
-        if args.cluster:
-            path = args.cluster
-        else:
-            t0 = time.time()
-            doc = calibrate(cfg, ranks, log=lambda m: print(m, file=sys.stderr, flush=True))
-            path = args.write_cluster or os.path.join(tmp, "cpu_local.yaml")
-            write_cluster(doc, path, "python benchmarks/plan_check.py")
-            print(f"calibrated in {time.time() - t0:.0f} s", file=sys.stderr)
-        cluster = load_cluster(path)
         data = digits_path(args.config, args.overrides, tmp)
-        rows = []
+        rows, descriptions = [], {}
         for w in ranks:
+            # Described right before its runs: other processes on a shared machine change the share
+            # of the cores a rank gets from minute to minute, for the microbenchmarks and the steps alike.
+            if args.cluster:
+                path = args.cluster
+            else:
+                t0 = time.time()
+                doc = calibrate(cfg, (w,), images=cfg.data.global_batch_size // w, log=_log)
+                path = os.path.join(tmp, f"cpu_local_w{w}.yaml")
+                write_cluster(doc, path, "python benchmarks/plan_check.py")
+                _log(f"described {w} ranks in {time.time() - t0:.0f} s")
+            descriptions[w] = open(path).read()
+            cluster = load_cluster(path)
             for overlap in (False, True):
                 over = [*args.overrides, f"parallel.expert_parallel_size={args.ep}"]
                 over.append(f"parallel.overlap_grad_reduce={str(overlap).lower()}")
-                c = load_config(args.config, over)
-                predicted = plan(c, cluster, w)
+                predicted = plan(load_config(args.config, over), cluster, w)
                 m = measure_step(args.config, over, w, args.steps, args.warmup, data_dir=data)
                 t = predicted["time"]
                 row = {
@@ -80,16 +86,14 @@ def main(argv=None) -> int:
                     "measured_s": m["step_s"],
                     "measured_min_s": m["step_s_min"],
                     "ratio": t["step_s"] / m["step_s"],
+                    "load_after": os.getloadavg()[0],
                     "breakdown_s": t,
                 }
                 rows.append(row)
-                print(
+                _log(
                     f"W={w} overlap={overlap}: predicted {t['step_s']:.3f} s, measured {m['step_s']:.3f} s "
-                    f"(min {m['step_s_min']:.3f}): ratio {row['ratio']:.2f}",
-                    file=sys.stderr,
-                    flush=True,
+                    f"(min {m['step_s_min']:.3f}): ratio {row['ratio']:.2f}"
                 )
-        cluster_doc = open(path).read()
     print(
         f"\nPlanner vs measured CPU steps ({os.path.relpath(args.config, REPO)}, EP {args.ep}, load {load:.1f} before)"
     )
@@ -107,7 +111,7 @@ def main(argv=None) -> int:
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         with open(args.out, "w") as f:
-            json.dump({"rows": rows, "cluster_yaml": cluster_doc, "load_before": load}, f, indent=2)
+            json.dump({"rows": rows, "cluster_yaml": descriptions, "load_before": load}, f, indent=2)
     return 0
 
 
