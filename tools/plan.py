@@ -87,7 +87,8 @@ def print_plan(p: dict) -> None:
     )
     print(
         "\nmemory per rank: "
-        + ", ".join(f"{k} {_gb(mem[k])}" for k in ("weights", "grads", "optimizer", "ema", "activations", "weight_casts"))
+        + ", ".join(f"{k} {_gb(mem[k])}" for k in ("weights", "grads", "optimizer", "ema", "activations"))
+        + f", autocast weight copies {_gb(mem['weight_casts'])}"
     )
     print(f"  total {_gb(mem['total'])} of {_gb(mem['capacity'])}")
     for w in p["warnings"]:
