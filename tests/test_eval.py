@@ -191,15 +191,21 @@ def test_torchscript_features_plug_in_a_local_module(tmp_path, trained):
     x, labels = load_digits_split("heldout")
     feats = extractor(x)
     assert feats.shape == (180, 3)
-    expected = ((torch.nn.functional.interpolate(x, size=(8, 8), mode="bilinear") + 1) * 127.5).mean(dim=(1, 2, 3))
+    expected = ((torch.nn.functional.interpolate(x, size=(8, 8), mode="bilinear") + 1) * 127.5).mean(
+        dim=(1, 2, 3)
+    )
     torch.testing.assert_close(feats[:, 0], expected)
     result = evaluate_images(x, labels, extractor=extractor, classifier=trained[0])
-    assert result["features"] == "torchscript:pool.pt" and result["digits_fid"] == pytest.approx(0.0, abs=1e-3)
+    assert result["features"] == "torchscript:pool.pt" and result["digits_fid"] == pytest.approx(
+        0.0, abs=1e-3
+    )
     with pytest.raises(FileNotFoundError, match="torch.jit.save"):
         TorchScriptFeatures(tmp_path / "missing.pt")
 
     exported = tmp_path / "pool.pt2"
     batch = {"x": {0: torch.export.Dim("batch")}}  # the extractor feeds batches of varying size
-    torch.export.save(torch.export.export(Pool(), (torch.zeros(2, 3, 8, 8),), dynamic_shapes=batch), str(exported))
+    torch.export.save(
+        torch.export.export(Pool(), (torch.zeros(2, 3, 8, 8),), dynamic_shapes=batch), str(exported)
+    )
     from_export = TorchScriptFeatures(exported, resize=8, channels=3, input_range="0,255")
     torch.testing.assert_close(from_export(x), feats)

@@ -49,7 +49,9 @@ def global_batch(world_size: int, tie_mode: str) -> tuple[torch.Tensor, torch.Te
     return x, torch.randn(shape, generator=g)
 
 
-def layer_loss(layer: MoEFeedForward, x: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def layer_loss(
+    layer: MoEFeedForward, x: torch.Tensor, target: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Local-mean loss: a linear readout of the MoE output plus the capacity predictor's BCE."""
     y = layer(x)
     return (y * target).sum(-1).mean() + layer.stats["predictor_bce"], y
@@ -105,7 +107,9 @@ def _check_layer(rank: int, world_size: int, ep_size: int, pool: str, tie_mode: 
     assert torch.equal(mask, ref["mask"][rows]), f"{what}: selected (token, expert) set differs"
     torch.testing.assert_close(y, ref["y"][rows], **TOL, msg=lambda m: f"{what}: output: {m}")
     # d(global mean)/dx_r = (1/W) d(local mean)/dx_r: selection is not differentiable.
-    torch.testing.assert_close(x.grad / world_size, ref["x_grad"][rows], **TOL, msg=lambda m: f"{what}: dx: {m}")
+    torch.testing.assert_close(
+        x.grad / world_size, ref["x_grad"][rows], **TOL, msg=lambda m: f"{what}: dx: {m}"
+    )
     tau = layer.capacity_predictor.threshold_E
     torch.testing.assert_close(tau, ref["tau"], **TOL, msg=lambda m: f"{what}: threshold: {m}")
     local = range(layer.experts.offset, layer.experts.offset + layer.experts.num_local)

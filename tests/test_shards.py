@@ -68,7 +68,9 @@ def test_manifest_counts_shards_samples_and_fields(tmp_path):
     assert manifest["num_samples"] == 23 and manifest["latent_shape"] == [4, 8, 8]
     assert manifest["keys"] == ["caption.txt", "cls", "latent.npy", "text.npy"]
     assert manifest["created_by"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["manifest.json"] + [f"part-{i:06d}.tar" for i in range(5)]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["manifest.json"] + [
+        f"part-{i:06d}.tar" for i in range(5)
+    ]
 
 
 def test_equal_inputs_give_byte_identical_shards(tmp_path):
