@@ -59,3 +59,16 @@ def test_matmul_peak_is_positive_and_below_a_physical_bound():
     peak = flops.matmul_peak(torch.float32, n=256, threads=1, repeats=3)
     # one core does at most 2 FMA units x 16 fp32 lanes x 2 FLOPs at <= 6 GHz (AVX-512): 384 GFLOP/s
     assert 1e8 < peak < 384e9
+
+
+def test_mfu_peak_reads_a_number_a_cluster_file_or_off_and_refuses_anything_else():
+    from diffmoe_dist.config import ConfigError
+    from diffmoe_dist.train.metrics import resolve_mfu_peak
+
+    cpu = torch.device("cpu")
+    assert resolve_mfu_peak("989", "bf16", cpu) == 989e12
+    assert resolve_mfu_peak("tools/clusters/h100_32x8.yaml", "bf16", cpu) == 989e12
+    assert resolve_mfu_peak("tools/clusters/h100_32x8.yaml", "fp32", cpu) == 67e12
+    assert resolve_mfu_peak("off", "fp32", cpu) is None
+    with pytest.raises(ConfigError, match=r"^logging.mfu_peak='fast' is invalid: use measure, off, a peak in TFLOPS"):
+        load_config("configs/local/diffmoe-tiny.yaml", ["logging.mfu_peak=fast"]).validate(world_size=2)
