@@ -153,7 +153,8 @@ def matmul_peak(
     if threads:
         torch.set_num_threads(threads)
     try:
-        a, b = torch.randn(n, n).to(device, dtype), torch.randn(n, n).to(device, dtype)
+        gen = torch.Generator().manual_seed(0)  # never the global stream: the trainer times this after a resume
+        a, b = (torch.rand(n, n, generator=gen).to(device, dtype) for _ in range(2))
         out = torch.empty(n, n, dtype=dtype, device=device)
         times = []
         for i in range(warmup + repeats):
