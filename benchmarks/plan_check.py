@@ -86,28 +86,39 @@ def main(argv=None) -> int:
                     "measured_s": m["step_s"],
                     "measured_min_s": m["step_s_min"],
                     "ratio": t["step_s"] / m["step_s"],
+                    "ratio_min": t["step_s"] / m["step_s_min"],
                     "load_after": os.getloadavg()[0],
                     "breakdown_s": t,
                 }
                 rows.append(row)
                 _log(
                     f"W={w} overlap={overlap}: predicted {t['step_s']:.3f} s, measured {m['step_s']:.3f} s "
-                    f"(min {m['step_s_min']:.3f}): ratio {row['ratio']:.2f}"
+                    f"(min {m['step_s_min']:.3f}): ratio {row['ratio']:.2f} (to the min {row['ratio_min']:.2f})"
                 )
     print(
         f"\nPlanner vs measured CPU steps ({os.path.relpath(args.config, REPO)}, EP {args.ep}, load {load:.1f} before)"
     )
-    head = f"{'W':>2} {'overlap':>7} {'predicted s':>11} {'measured s':>10} {'pred/meas':>9}"
+    head = (
+        f"{'W':>2} {'overlap':>7} {'predicted s':>11} {'median s':>8} {'min s':>6} {'pred/median':>11} {'pred/min':>8}"
+    )
     print(head + "  compute  a2a  select  grads  optim")
     for r in rows:
         t = r["breakdown_s"]
         print(
-            f"{r['world']:>2} {str(r['overlap']):>7} {r['predicted_s']:>11.3f} {r['measured_s']:>10.3f}"
-            f" {r['ratio']:>9.2f}  {t['compute_s']:.3f}  {t['a2a_s']:.3f}  {t['selection_s']:.3f}"
-            f"  {t['grad_exposed_s']:.3f}  {t['optimizer_s']:.3f}"
+            f"{r['world']:>2} {str(r['overlap']):>7} {r['predicted_s']:>11.3f} {r['measured_s']:>8.3f}"
+            f" {r['measured_min_s']:>6.3f} {r['ratio']:>11.2f} {r['ratio_min']:>8.2f}  {t['compute_s']:.3f}"
+            f"  {t['a2a_s']:.3f}  {t['selection_s']:.3f}  {t['grad_exposed_s']:.3f}  {t['optimizer_s']:.3f}"
         )
-    worst = max(max(r["ratio"], 1 / r["ratio"]) for r in rows)
-    print(f"worst ratio {worst:.2f}x (goal: within {GOAL}x): {'met' if worst <= GOAL else 'NOT met'}")
+    for key, name in (("ratio", "median"), ("ratio_min", "fastest")):
+        worst = max(max(r[key], 1 / r[key]) for r in rows)
+        print(
+            f"worst ratio to the {name} step {worst:.2f}x (goal: within {GOAL}x): "
+            + ("met" if worst <= GOAL else "NOT met")
+        )
+    print(
+        "(on cores other processes share, the fastest step is the least disturbed one, as the microbenchmarks'\n"
+        " best windows are; on quiet cores the two columns agree)"
+    )
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         with open(args.out, "w") as f:

@@ -176,7 +176,7 @@ def progress_info(last: dict[str, Any]) -> str:
     """The progress line's fields: loss, and at log steps throughput, MFU and the largest peak memory."""
     info = f"loss {last['loss']:.4f}"
     if "tflops_per_rank" in last:
-        info += f" | {last['tokens_per_s_per_rank']:,.0f} tok/s/rank {last['tflops_per_rank']:.2f} TFLOPS"
+        info += f" | {last['tokens_per_s_per_rank']:,.0f} tok/s/rank {last['tflops_per_rank']:.3g} TFLOPS"
         if "mfu" in last:
             info += f" MFU {last['mfu']:.1%}"
         info += f" | mem {last['peak_memory_gb_max']:.2f} GB"
