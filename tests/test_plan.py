@@ -93,7 +93,7 @@ def test_bf16_gradients_halve_the_bytes_and_overlap_hides_them_behind_backward()
 
 
 def test_plan_respects_physical_bounds_and_hand_counts():
-    cfg = load_config(T2I)
+    cfg = load_config(T2I, ["data.global_batch_size=2048"])
     cluster = load_cluster(H100)
     p = plan(cfg, cluster, 256, 8)
     # No step beats the executed FLOPs at the device peak, and MFU stays below compute efficiency.
@@ -126,3 +126,14 @@ def test_cpu_ranks_sharing_cores_get_their_share():
     two, four = plan(cfg, cpu, 2), plan(cfg, cpu, 4)
     # Half the images per rank at half a core each: the same compute time per step.
     assert four["time"]["compute_s"] == pytest.approx(two["time"]["compute_s"], rel=0.05)
+
+
+def test_side_by_side_microbenchmarks_run_real_gloo_ranks_within_physical_bounds():
+    from diffmoe_dist.plan.calibrate import side_by_side
+
+    got = side_by_side(2, sizes=(64 * 1024, 1024 * 1024), iters=2)
+    # One rank of two sharing the cores: positive, and below what one core can do (384 GFLOP/s fp32).
+    assert 1e8 < got["rank_peak_flops"]["fp32"] < 384e9
+    for op in ("all_reduce", "all_to_all"):
+        link = got["collectives"][op]
+        assert 0 < link["latency"] < 1.0 and 1e6 < link["bandwidth"] <= 1e11  # loopback: below 100 GB/s
