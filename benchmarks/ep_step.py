@@ -166,9 +166,9 @@ def _selection_rows(args: Args, rank: int, world_size: int) -> list[dict]:
 
 def _overlap_rows(args: Args, rank: int, world_size: int) -> list[dict]:
     from diffmoe_dist.config import ModelConfig, MoEConfig
-    from diffmoe_dist.model.dit import build_model
+    from diffmoe_dist.model.build import build_model
     from diffmoe_dist.model.moe.experts import expert_shard
-    from diffmoe_dist.model.moe.layer import collect_moe_losses
+    from diffmoe_dist.model.moe.collector import MoECollector
     from diffmoe_dist.parallel import build_parallel_dims, parallelize
     from diffmoe_dist.parallel.grads import GradReducer, split_params
 
@@ -187,11 +187,16 @@ def _overlap_rows(args: Args, rank: int, world_size: int) -> list[dict]:
     x, t = torch.randn(b, 1, 16, 16, generator=g), torch.rand(b, generator=g)
     y, target = torch.randint(0, 10, (b,), generator=g), torch.randn(b, 1, 16, 16, generator=g)
 
+    collector = MoECollector()
+
     def step(mode: str) -> dict[str, float]:
         dit.zero_grad(set_to_none=True)
+        collector.clear()
         dist.barrier()
         t0 = time.perf_counter()
-        loss = ((dit(x, t, y) - target) ** 2).mean() + collect_moe_losses(dit)["loss"]
+        with collector.collect(dit):
+            out = dit(x, t, y)
+        loss = ((out - target) ** 2).mean() + collector.losses()["loss"]
         with contextlib.nullcontext() if mode == "overlap" else overlapped.no_sync():
             loss.backward()
         if mode == "serial":

@@ -147,14 +147,13 @@ def child(path: str, loader_kind: str, workers: int, steps: int, warmup: int) ->
 
 
 def consumption_per_rank() -> float:
-    import runpy
-
     from diffmoe_dist.config import load_config
+    from diffmoe_dist.plan.cluster import load_cluster
+    from diffmoe_dist.plan.cost import plan
 
-    plan = runpy.run_path(str(REPO / "tools" / "plan.py"))
-    cluster = plan["load_cluster"](str(REPO / "tools" / "clusters" / "h100_32x8.yaml"))
+    cluster = load_cluster(str(REPO / "tools" / "clusters" / "h100_32x8.yaml"))
     cfg = load_config(str(REPO / BIG))
-    p = plan["plan"](cfg, cluster, 256, cfg.parallel.expert_parallel_size)
+    p = plan(cfg, cluster, 256, cfg.parallel.expert_parallel_size)
     return p["throughput"]["images_per_s"] / 256
 
 

@@ -1,7 +1,7 @@
 """Training-step throughput on CPU: images/s, tokens/s, achieved FLOP/s and MFU, with a breakdown.
 
 Times the real ``Trainer.train_step()`` (data, forward, backward, gradient reduction, clipping,
-AdamW, EMA, metrics) of dense and DiffMoE models at the tiny (digits, 16x16x1, 64 tokens/image)
+AdamW, EMA, metrics; no copy of it here) of dense and DiffMoE models at the tiny (digits, 16x16x1, 64 tokens/image)
 and S (ImageNet-256 latents, 32x32x4, 256 tokens/image) sizes, on 1 process with T threads and on
 P gloo processes with T/P threads each and the same global batch (DiffMoE at P > 1 uses expert
 parallel size P, pool ``dp``). Per row:
@@ -9,12 +9,12 @@ parallel size P, pool ``dp``). Per row:
 - step time: median over timed steps after warm-up (P > 1: a barrier before each step, the
   slowest rank's time); images/s and tokens/s of the global batch;
 - FLOPs per step: counted, not estimated: ``torch.utils.flop_counter.FlopCounterMode`` around one
-  real ``train_step`` on every rank, summed over ranks. It counts the matmuls that execute
-  (linear, bmm/baddbmm, conv, SDPA; the capacity predictor's weight-only backward on its detached
-  input included), not model-FLOP conventions. torch 2.13 has no formula for CPU flash attention
-  (``_scaled_dot_product_flash_attention_for_cpu[_backward]``), so this file registers torch's own
-  SDPA formulas for those ops (backward = 5 matmuls: the flash kernel recomputes ``Q K^T``). Each
-  row also carries an analytic count from the architecture (``analytic_flops``) and their ratio;
+  real ``train_step`` on every rank, summed over ranks (``diffmoe_dist.train.flops.flop_counter``,
+  which registers torch's SDPA formulas for the CPU flash-attention ops torch 2.13 leaves out).
+  It counts the matmuls that execute (linear, bmm/baddbmm, conv, SDPA; the capacity predictor's
+  weight-only backward on its detached input included). Each row also carries the project's count
+  from the architecture (``diffmoe_dist.train.flops``, the one the trainer's MFU and the planner
+  use) and their ratio;
 - MFU = achieved FLOP/s / the machine's matmul peak, measured in the same run before the models:
   the median FLOP/s of a square ``n^3`` matmul (fp32; bf16 too with ``--precision bf16``) in this
   process at 1 thread and at T threads. For P processes x T/P threads the peak is the one measured
@@ -23,9 +23,10 @@ parallel size P, pool ``dp``). Per row:
 - util: CPU time / (wall x threads), summed over ranks; well below 1 means the threads waited
   (for each other, for gloo, or for other processes on the cores).
 
-Breakdown, rank 0: (1) phases of the step, wall time, timed with ``perf_counter`` around each
-phase of a copy of ``train_step``'s body (``phase_step``: the same calls in the same order; its
-total is reported next to the real step's time); (2) a ``torch.profiler`` split of one real
+Breakdown, rank 0: (1) phases of the real step, ``Trainer.train_step(timer=PhaseTimer(...))``:
+data, forward, backward, optimizer (``engine.step``: the gradient reduction left after backward,
+clipping, AdamW), EMA, metrics; their total is reported next to the same step's wall time measured
+around the call; (2) a ``torch.profiler`` split of one real
 ``train_step`` into operator categories (matmul, attention, elementwise, MoE index/scatter,
 copy/layout, communication, other ops, untracked Python), as fractions of the profiled step.
 
@@ -70,7 +71,8 @@ if str(REPO) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(REPO))
 
 from diffmoe_dist.config import Config, load_config  # noqa: E402
-from diffmoe_dist.model.moe.routers import expert_capacity  # noqa: E402
+from diffmoe_dist.train import flops  # noqa: E402
+from diffmoe_dist.train.metrics import PhaseTimer  # noqa: E402
 
 TUNED_MALLOC = {"MALLOC_MMAP_THRESHOLD_": "4294967296", "MALLOC_TRIM_THRESHOLD_": "4294967296"}
 CONFIGS = {
@@ -84,7 +86,7 @@ QUICK_CONFIGS = ("dense-tiny", "diffmoe-tiny")
 # 8192 tokens), S 16 images = 4096 tokens (the configs' 256 would take ~2 min per step here).
 DEFAULT_BATCH = {"tiny": 128, "S": 16}
 QUICK_BATCH = 32
-PHASES = ("data", "forward", "backward", "grad_reduce", "clip", "optimizer", "ema", "metrics")
+PHASES = ("data", "forward", "backward", "optimizer", "ema", "metrics")  # Trainer.train_step(timer=...)
 CATEGORIES = ("matmul", "attention", "elementwise", "moe_index", "copy", "comm", "other_ops", "python")
 
 
@@ -141,22 +143,9 @@ def _sync(device: str | torch.device = "cpu") -> None:
         torch.cuda.synchronize()
 
 
-def matmul_peak(dtype: torch.dtype, n: int, threads: int, repeats: int = 7, device: str = "cpu") -> float:
-    """Median FLOP/s of ``torch.mm`` of two ``n x n`` matrices at ``threads`` threads (on ``device``)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    a, b = torch.randn(n, n).to(device, dtype), torch.randn(n, n).to(device, dtype)
-    out = torch.empty(n, n, dtype=dtype, device=device)
-    times = []
-    for i in range(2 + repeats):
-        _sync(device)
-        start = time.perf_counter()
-        torch.mm(a, b, out=out)
-        _sync(device)
-        if i >= 2:
-            times.append(time.perf_counter() - start)
-    torch.set_num_threads(before)
-    return 2 * n**3 / statistics.median(times)
+def matmul_peak(dtype: torch.dtype, n: int, threads: int, device: str = "cpu") -> float:
+    """Median FLOP/s of an ``n^3`` matmul at ``threads`` threads (diffmoe_dist.train.flops)."""
+    return flops.matmul_peak(dtype, n, threads, device=device)
 
 
 def machine_info() -> dict:
@@ -172,65 +161,15 @@ def machine_info() -> dict:
 
 
 # ---------------------------------------------------------------------------------------------
-# FLOPs: torch's counter (with the CPU flash-attention ops registered) and an analytic count
+# FLOPs: torch's counter (with the CPU flash-attention ops registered) and the project's count
 
 
-def _flop_counter():
-    from torch.utils import flop_counter as fc
-
-    aten = torch.ops.aten
-
-    def cpu_sdpa(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
-        return fc.sdpa_flop_count(query_shape, key_shape, value_shape)
-
-    def cpu_sdpa_backward(grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs):
-        return fc.sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
-
-    mapping = {
-        aten._scaled_dot_product_flash_attention_for_cpu: cpu_sdpa,
-        aten._scaled_dot_product_flash_attention_for_cpu_backward: cpu_sdpa_backward,
-    }
-    return fc.FlopCounterMode(display=False, custom_mapping=mapping)
-
-
-def analytic_flops(cfg: Config, global_batch: int, procs: int) -> int:
-    """Matmul FLOPs of one training step (forward + backward) of a class-conditional DiT, derived
-    from the architecture as the counter should see it: ``2 m k n`` per matmul; backward computes
-    the input gradient (another ``2 m k n``) only where the input requires grad, the weight
-    gradient always. No grad reaches the noisy input (patch conv), the sinusoidal timestep features
-    (first t-MLP linear) or the capacity predictor's detached input (its first linear). Attention:
-    ``4 B L^2 D`` forward, ``10 B L^2 D`` backward (flash attention recomputes ``Q K^T``).
-    Dense FFN ``12 N D H``; an MoE FFN: router ``6 N D E``, predictor ``4 N D^2 + 6 N D E``,
-    experts ``12 M D H`` with ``M = E k`` selected (token, expert) pairs per pool."""
-    from diffmoe_dist.model.ffn import is_moe_block
-
-    m = cfg.model
-    if m.task != "c2i":
-        raise ValueError(f"model.task={m.task!r}: analytic_flops covers c2i only; use a c2i config")
-    depth, D, _ = m.resolved()
-    H, B, C, p = int(D * m.mlp_ratio), global_batch, m.in_channels, m.patch_size
-    L = (m.image_size // p) ** 2
-    N = B * L  # tokens of the global batch
-    total = 2 * (2 * N * C * p * p * D)  # patch conv: forward + weight gradient
-    total += 2 * (2 * B * 256 * D) + 3 * (2 * B * D * D)  # timestep MLP (frequency size 256)
-    for i in range(depth):
-        total += 3 * (2 * B * D * 6 * D)  # adaLN modulation on c (one row per image)
-        total += 3 * (2 * N * D * 3 * D + 2 * N * D * D)  # qkv, proj
-        total += (4 + 10) * B * L * L * D  # attention scores and values
-        if not is_moe_block(cfg.moe, i):
-            total += 12 * N * D * H
-            continue
-        if cfg.moe.router != "expert_choice_global":
-            raise ValueError(f"moe.router={cfg.moe.router!r}: analytic_flops covers dense and expert_choice_global")
-        E = cfg.moe.num_experts
-        pool_ranks = {"dp": procs, "ep": cfg.parallel.expert_parallel_size, "rank": 1}[cfg.moe.pool]
-        pool_tokens = N // procs * pool_ranks
-        pairs = E * expert_capacity(cfg.moe.capacity, pool_tokens, E) * (procs // pool_ranks)
-        total += 3 * (2 * N * D * E)  # router
-        total += 2 * (2 * N * D * D) + 3 * (2 * N * D * E)  # capacity predictor on x.detach()
-        total += 12 * pairs * D * H  # experts
-    total += 3 * (2 * B * D * 2 * D) + 3 * (2 * N * D * p * p * C)  # final adaLN, final linear
-    return total
+def analytic_flops(cfg: Config, global_batch: int, procs: int) -> float:
+    """Matmul FLOPs of one training step over all ranks from the architecture
+    (`diffmoe_dist.train.flops`, the count the trainer's MFU and the planner use)."""
+    images = global_batch // (procs * cfg.optim.grad_accum_steps)
+    per_rank = flops.train_flops(cfg, images, flops.pool_ranks(cfg, procs))
+    return procs * cfg.optim.grad_accum_steps * per_rank
 
 
 # ---------------------------------------------------------------------------------------------
@@ -321,66 +260,6 @@ class RowSpec:
     device: str = "cpu"
 
 
-def phase_step(trainer) -> dict[str, float]:
-    """``Trainer.train_step`` with a clock between its phases: the same calls in the same order
-    (kept in step with diffmoe_dist/train/trainer.py); plain engine phases split into gradient
-    reduction, clipping and AdamW, DeepSpeed's step timed whole as "optimizer"."""
-    from diffmoe_dist.diffusion.flow import flow_loss, flow_targets
-    from diffmoe_dist.parallel.grads import clip_grad_norm_
-    from diffmoe_dist.train.engine import PlainEngine
-
-    cfg, engine, sec = trainer.cfg, trainer.engine, dict.fromkeys(PHASES, 0.0)
-    autocast = torch.autocast(trainer.device.type, dtype=torch.bfloat16, enabled=cfg.train.precision == "bf16")
-    t = time.perf_counter()
-
-    def lap(phase: str) -> None:
-        nonlocal t
-        _sync(trainer.device)
-        now = time.perf_counter()
-        sec[phase] += now - t
-        t = now
-
-    engine.zero_grad()
-    trainer.moe.clear()
-    parts = torch.zeros(4, device=trainer.device)
-    for _ in range(cfg.optim.grad_accum_steps):
-        batch = trainer.loader.next_batch()
-        x = batch.pop("x").to(trainer.device)
-        cond = {k: v.to(trainer.device) for k, v in batch.items()}
-        x_t, t_B, v_target = flow_targets(x, trainer.noise_gen)
-        lap("data")
-        with trainer.moe.collect(trainer.model), autocast:
-            v_pred = engine.forward(x_t, t_B, **cond)
-        loss_flow = flow_loss(v_pred, v_target)
-        moe = trainer.moe.losses()
-        loss = loss_flow + moe["loss"]
-        lap("forward")
-        engine.backward(loss)
-        parts += torch.stack([loss, loss_flow, moe["predictor_bce"], moe["aux_loss"]]).detach().float()
-        lap("backward")
-    trainer.moe.update_thresholds()
-    if isinstance(engine, PlainEngine):
-        engine.reducer.finish()  # what backward left of the reduction (all of it without overlap)
-        lap("grad_reduce")
-        float(clip_grad_norm_(engine.model, cfg.optim.grad_clip, trainer.dims))
-        lap("clip")
-        engine.optimizer.step()
-        engine.scheduler.step()
-    else:
-        engine.step()
-    lap("optimizer")
-    trainer.ema.update(trainer.model)
-    trainer.step += 1
-    lap("ema")
-    parts /= cfg.optim.grad_accum_steps
-    if trainer.dims.distributed:
-        dist.all_reduce(parts, group=trainer.dims.dp_group)
-        parts /= trainer.dims.world_size
-    _ = parts.tolist(), trainer.scheduler.get_last_lr()[0], float(trainer.moe.capacity_avg())
-    lap("metrics")
-    return sec
-
-
 def _sum_over_ranks(values: list[float], distributed: bool, op=None) -> list[float]:
     if not distributed:
         return values
@@ -421,13 +300,18 @@ def _measure(spec: RowSpec, rank: int) -> dict:
         wall.append(w_max)
         cpu.append(_sum_over_ranks([c], distributed)[0])
     # Counted on every rank (each computes its own share: its micro-batch, its experts), summed.
-    with _flop_counter() as counter:
+    with flops.flop_counter() as counter:
         trainer.train_step()
-    flops = int(_sum_over_ranks([float(counter.get_total_flops())], distributed)[0])
-    phases = []
+    counted = int(_sum_over_ranks([float(counter.get_total_flops())], distributed)[0])
+    phases, phase_walls = [], []
     for _ in range(spec.breakdown_steps):
         barrier()
-        phases.append(phase_step(trainer))
+        timer = PhaseTimer(spec.device)
+        w0 = time.perf_counter()
+        trainer.train_step(timer=timer)
+        _sync(spec.device)
+        phase_walls.append(time.perf_counter() - w0)
+        phases.append(timer.seconds)
     profile = None
     if spec.profile:
         barrier()
@@ -437,9 +321,10 @@ def _measure(spec: RowSpec, rank: int) -> dict:
         "seconds": wall,
         "cpu_seconds": cpu,
         "loss": losses,
-        "flops_counted": flops,
+        "flops_counted": counted,
         "flops_analytic": analytic_flops(cfg, spec.global_batch, spec.procs),
-        "phases_s": {p: statistics.median(s[p] for s in phases) for p in PHASES} if phases else None,
+        "phases_s": {p: statistics.median(s.get(p, 0.0) for s in phases) for p in PHASES} if phases else None,
+        "phase_step_wall_s": statistics.median(phase_walls) if phase_walls else None,
         "profile": profile,
         "ep_size": trainer.dims.ep_size,
         "threads_set": torch.get_num_threads(),
@@ -667,6 +552,7 @@ def run(args: argparse.Namespace) -> dict:
                 row["breakdown_s"] = m["phases_s"]
                 row["breakdown_total_s"] = total
                 row["breakdown_fractions"] = {p: s / total for p, s in m["phases_s"].items()}
+                row["breakdown_step_wall_s"] = m["phase_step_wall_s"]
             if m["profile"] is not None:
                 row["profile_step_s"] = m["profile"]["step_s"]
                 row["profile_fractions"] = m["profile"]["fractions"]
@@ -727,12 +613,13 @@ def print_report(res: dict) -> None:
         print(_format_row(r))
     rows = [r for r in res["rows"] if "error" not in r]
     if any("breakdown_fractions" in r for r in rows):
-        print("\nWhere the time goes, rank 0: phases of the step (% of the phase-timed step; total s vs real step s)")
-        print(f"{'config':<13} {'P':>2} " + " ".join(f"{p[:8]:>8}" for p in PHASES) + f" {'total s':>8} {'step s':>7}")
+        print("\nWhere the time goes, rank 0: phases of the step (% of the phase-timed step; phases s vs its wall s)")
+        print(f"{'config':<13} {'P':>2} " + " ".join(f"{p[:8]:>8}" for p in PHASES) + f" {'phases s':>8} {'wall s':>7}")
         for r in rows:
             if "breakdown_fractions" in r:
                 cells = " ".join(f"{100 * r['breakdown_fractions'][p]:>7.1f}%" for p in PHASES)
-                print(f"{r['config']:<13} {r['procs']:>2} {cells} {r['breakdown_total_s']:>8.3f} {r['step_s']:>7.3f}")
+                wall = r["breakdown_step_wall_s"]
+                print(f"{r['config']:<13} {r['procs']:>2} {cells} {r['breakdown_total_s']:>8.3f} {wall:>7.3f}")
     if any("profile_fractions" in r for r in rows):
         print("\nOperator categories, rank 0, one profiled step (% of its wall time; python = outside any op)")
         print(f"{'config':<13} {'P':>2} " + " ".join(f"{c[:9]:>9}" for c in CATEGORIES) + f" {'prof s':>7}")

@@ -4,7 +4,7 @@
 #
 #   sbatch launchers/t2i_256gpu.sh
 #   sbatch -J t2i-e16-lr2e-4 -p gpu -A myproject --time=24:00:00 launchers/t2i_256gpu.sh optim.lr=2e-4
-#   sbatch --nodes=4 launchers/t2i_256gpu.sh data.global_batch_size=256      # 32 GPUs
+#   sbatch --nodes=4 launchers/t2i_256gpu.sh data.global_batch_size=1024     # 32 GPUs, 32 images each
 #   CONFIG=configs/t2i/other.yaml TRAIN_ARGS="train.steps=1000 logging.wandb=offline" sbatch launchers/t2i_256gpu.sh
 #   DRY_RUN=1 bash launchers/t2i_256gpu.sh                                   # print the command only
 #
@@ -17,6 +17,13 @@
 # The run directory is DIFFMOE_RUNS/<job name>: a requeued job keeps its name and resumes
 # (train.resume=auto); a new name starts a new run. Requeue, signals, threads and the allocator are
 # handled in launchers/common.sh.
+#
+# Layout (configs/t2i/diffmoe-e16-256gpu.yaml, the one `tools/plan.py --recommend` ranks first for this
+# model on tools/clusters/h100_32x8.yaml: planned MFU ~25%, README "On a GPU cluster"): 32 images per GPU
+# (global batch 8192), EP 8 inside each node, plain data parallelism (ZeRO-0: it fits in ~57 of 80 GB, and
+# ZeRO-1/2 would add an exposed all-gather of the fp32 weights), bf16 gradient reduction overlapped with
+# backward in 25 MB buckets. Fewer nodes at the same images per GPU: sbatch --nodes=N ... with
+# data.global_batch_size=$((N * 8 * 32)).
 #
 # Placement: srun runs with --distribution=block (SLURM_DISTRIBUTION, e.g. from sbatch
 # --distribution, wins), so each node holds 8 consecutive ranks, one EP group (EP = 8): the

@@ -8,6 +8,11 @@ import os
 import time
 from typing import Any
 
+import torch
+import yaml
+
+from diffmoe_dist.train import flops
+
 
 class MetricsLogger:
     def __init__(self, run_dir: str, enabled: bool, wandb_mode: str, project: str, config: dict, total_steps: int):
@@ -53,8 +58,8 @@ class MetricsLogger:
         record = {"step": step, "time": time.time(), **values}
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
-        if self._wandb is not None:
-            self._wandb.log(values, step=step)
+        if self._wandb is not None:  # per-rank lists stay in the JSONL (256 ranks: 256 series)
+            self._wandb.log({k: v for k, v in values.items() if not isinstance(v, list)}, step=step)
 
     def log_image(self, step: int, key: str, path: str, caption: str | None = None) -> None:
         if self.enabled and self._wandb is not None:
@@ -71,3 +76,108 @@ class MetricsLogger:
             self._progress.stop()
         if self._wandb is not None:
             self._wandb.finish()
+
+
+class PhaseTimer:
+    """Wall seconds per phase of `Trainer.train_step(timer=...)`: each ``lap(name)`` charges the time
+    since the previous lap to ``name`` (after a device synchronise, so a phase is charged for the
+    kernels it launched). ``lap(None)`` starts the clock. Phases add up to the timed step."""
+
+    def __init__(self, device: torch.device | str = "cpu"):
+        self.device = torch.device(device)
+        self.seconds: dict[str, float] = {}
+        self._t = time.perf_counter()
+
+    def lap(self, phase: str | None) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        now = time.perf_counter()
+        if phase is not None:
+            self.seconds[phase] = self.seconds.get(phase, 0.0) + now - self._t
+        self._t = now
+
+
+def untimed_lap(phase: str | None) -> None:
+    pass
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """This process's peak: allocated device memory on CUDA, resident set size on the host."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def resolve_mfu_peak(value: str, precision: str, device: torch.device) -> float | None:
+    """``logging.mfu_peak`` as FLOP/s per rank: ``off`` -> None; ``measure`` -> a matmul of the run's
+    precision timed now, at this rank's threads; a number in TFLOPS; a cluster YAML's
+    ``peak_flops`` for the precision (tools/clusters/*.yaml)."""
+    value = str(value)
+    if value == "off":
+        return None
+    dtype = "bf16" if precision == "bf16" else "fp32"
+    if value == "measure":
+        # The fastest of 10: ranks start together and contend; the peak is what a core can do.
+        dtype_ = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
+        return flops.matmul_peak(dtype_, device=device, repeats=10, best=True)
+    if value.endswith((".yaml", ".yml")):
+        with open(value) as f:
+            peak = (yaml.safe_load(f) or {}).get("peak_flops")
+        if isinstance(peak, dict):
+            peak = peak.get(dtype, next(iter(peak.values()), None))
+        if peak is None:
+            raise ValueError(f"logging.mfu_peak={value!r}: the file has no peak_flops (see tools/clusters/)")
+        return float(peak)
+    return float(value) * 1e12
+
+
+class Throughput:
+    """Tokens/s, TFLOPS, MFU and peak memory per rank for the training log. FLOPs are the model's
+    per-rank training FLOPs (`train.flops.step_model_flops`: MoE layers at their active capacity,
+    no activation-checkpointing recompute), MFU against ``logging.mfu_peak``."""
+
+    def __init__(self, cfg, dims, device: torch.device):
+        self.dims, self.device = dims, device
+        self.flops_per_step = flops.step_model_flops(cfg, dims.world_size)
+        self.tokens_per_step = flops.tokens_per_step(cfg)
+        self.peak = resolve_mfu_peak(cfg.logging.mfu_peak, cfg.train.precision, device)
+
+    def measure(self, steps: int, seconds: float) -> dict[str, Any]:
+        """Collective at log steps (one all-gather of the ranks' peak memory, to rank 0's log)."""
+        import torch.distributed as dist
+
+        from diffmoe_dist.parallel.groups import comm_device
+
+        mem = torch.tensor([float(peak_memory_bytes(self.device))], dtype=torch.float64)
+        if self.dims.distributed:
+            mem = mem.to(comm_device(self.dims.dp_group))
+            parts = [torch.empty_like(mem) for _ in range(self.dims.world_size)]
+            dist.all_gather(parts, mem, group=self.dims.dp_group)
+            mem = torch.cat(parts)
+        mem_gb = [round(v / 1e9, 3) for v in mem.tolist()]
+        seconds = max(seconds, 1e-9)
+        achieved = self.flops_per_step * steps / seconds
+        out = {
+            "tokens_per_s": self.tokens_per_step * steps / seconds,
+            "tokens_per_s_per_rank": self.tokens_per_step * steps / seconds / self.dims.world_size,
+            "tflops_per_rank": achieved / 1e12,
+            "peak_memory_gb": mem_gb,
+            "peak_memory_gb_max": max(mem_gb),
+        }
+        if self.peak:
+            out["mfu"] = achieved / self.peak
+            out["mfu_peak_tflops"] = self.peak / 1e12
+        return out
+
+
+def progress_info(last: dict[str, Any]) -> str:
+    """The progress line's fields: loss, and at log steps throughput, MFU and the largest peak memory."""
+    info = f"loss {last['loss']:.4f}"
+    if "tflops_per_rank" in last:
+        info += f" | {last['tokens_per_s_per_rank']:,.0f} tok/s/rank {last['tflops_per_rank']:.3g} TFLOPS"
+        if "mfu" in last:
+            info += f" MFU {last['mfu']:.1%}"
+        info += f" | mem {last['peak_memory_gb_max']:.2f} GB"
+    return info

@@ -22,7 +22,7 @@ from diffmoe_dist.model.moe.experts import expert_shard
 from diffmoe_dist.parallel.groups import ParallelDims, comm_device
 from diffmoe_dist.parallel.parallelize import parallelize
 from diffmoe_dist.train.engine import build_engine
-from diffmoe_dist.train.metrics import MetricsLogger
+from diffmoe_dist.train.metrics import MetricsLogger, PhaseTimer, Throughput, progress_info, untimed_lap
 from diffmoe_dist.train.preemption import EXIT_REQUEUE, StopRequest
 from diffmoe_dist.train.run_dir import RunDirError, RunOwner, begin, plan_start
 from diffmoe_dist.train.telemetry import RoutingTelemetry
@@ -189,27 +189,38 @@ class Trainer:
             parts /= self.dims.world_size
         return parts
 
-    def train_step(self) -> dict[str, float]:
+    def train_step(self, timer: PhaseTimer | None = None) -> dict[str, float]:
+        """One optimizer step. ``timer`` (benchmarks): charges the phases data, forward, backward,
+        optimizer (engine.step: gradient reduction left after backward, clipping, AdamW), ema and
+        metrics, with a device synchronise at each boundary; None costs nothing."""
+        lap = timer.lap if timer is not None else untimed_lap
+        lap(None)
         self.engine.zero_grad()
         self.moe.clear()
         parts = torch.zeros(4, device=self.device)
         for _ in range(self.cfg.optim.grad_accum_steps):
-            loss, micro_parts = self._forward_loss(self.loader.next_batch())
+            batch = self.loader.next_batch()
+            lap("data")
+            loss, micro_parts = self._forward_loss(batch)
+            lap("forward")
             self.engine.backward(loss)  # / grad_accum_steps inside
             parts += micro_parts
+            lap("backward")
         # The threshold EMA, once per optimizer step over the step's whole pool (all micro-batches).
         # Called here, not from an optimizer step pre-hook: DeepSpeed ZeRO steps its base optimizer
         # once per parameter group, which would update twice.
         self.moe.update_thresholds()
         grad_norm = self.engine.step()  # a tensor (plain engine) or a float (DeepSpeed)
+        lap("optimizer")
         self.ema.update(self.model)
         self.step += 1
+        lap("ema")
         # The step's one host read: losses, C_avg and the gradient norm together (float64 holds them exactly).
         logged = torch.cat([self._global_means(parts).double(), self.moe.capacity_avg().reshape(1).to(parts.device)])
         if torch.is_tensor(grad_norm):
             logged = torch.cat([logged, grad_norm.detach().double().reshape(1).to(logged.device)])
         loss_v, flow_v, pred_v, aux_v, capacity_v, *norm = logged.tolist()
-        return {
+        metrics = {
             "loss": loss_v,
             "loss_flow": flow_v,
             "loss_predictor": pred_v,
@@ -218,6 +229,8 @@ class Trainer:
             "lr": self.scheduler.get_last_lr()[0],
             "capacity_avg": capacity_v,
         }
+        lap("metrics")
+        return metrics
 
     # ---- samples -----------------------------------------------------------------------------
     def sample_grid(self, path: str) -> None:
@@ -295,6 +308,7 @@ class Trainer:
         telemetry = RoutingTelemetry(
             self.model, cfg.logging.routing_every, self.run_dir, self.dims, self.step + 1, collector=self.moe
         )
+        throughput = Throughput(cfg, self.dims, self.device)  # tokens/s, TFLOPS, MFU, peak memory
         t_start = time.time()
         last = {}
         window_t, window_steps = time.time(), 0
@@ -308,9 +322,10 @@ class Trainer:
                 last["steps_per_s"] = window_steps / max(dt, 1e-9)
                 last["images_per_s"] = last["steps_per_s"] * cfg.data.global_batch_size
                 last["epoch"] = self.loader.epoch
+                last.update(throughput.measure(window_steps, dt))  # collective: peak memory per rank
                 logger.log(self.step, last)
                 window_t, window_steps = time.time(), 0
-            logger.advance_to(self.step, f"loss {last['loss']:.4f}")
+            logger.advance_to(self.step, progress_info(last))
             if cfg.sample.every and self.step % cfg.sample.every == 0 and self.step < cfg.train.steps:
                 self._write_samples(logger)
             if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0 and self.step < cfg.train.steps:
