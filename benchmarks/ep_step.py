@@ -167,8 +167,8 @@ def _selection_rows(args: Args, rank: int, world_size: int) -> list[dict]:
 def _overlap_rows(args: Args, rank: int, world_size: int) -> list[dict]:
     from diffmoe_dist.config import ModelConfig, MoEConfig
     from diffmoe_dist.model.build import build_model
-    from diffmoe_dist.model.moe.experts import expert_shard
     from diffmoe_dist.model.moe.collector import MoECollector
+    from diffmoe_dist.model.moe.experts import expert_shard
     from diffmoe_dist.parallel import build_parallel_dims, parallelize
     from diffmoe_dist.parallel.grads import GradReducer, split_params
 
