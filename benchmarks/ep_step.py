@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import time
 from dataclasses import asdict, dataclass
@@ -38,12 +37,6 @@ class Args:
     selection_tokens: tuple[int, ...] = (1024, 16384, 65536)
     steps: int = 5
     warmup: int = 2
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _max_over_ranks(seconds: float) -> float:
@@ -163,12 +156,14 @@ def _worker(rank: int, world_size: int, port: int, args: Args, queue) -> None:
 
 
 def run(args: Args) -> dict:
+    from diffmoe_dist.parallel.launch import free_port
+
     out = {"config": asdict(args), "step": [], "selection": []}
     ctx = mp.get_context("spawn")
     for world_size in args.worlds:
         queue = ctx.SimpleQueue()
         mp.start_processes(
-            _worker, (world_size, _free_port(), args, queue), nprocs=world_size, start_method="spawn"
+            _worker, (world_size, free_port(), args, queue), nprocs=world_size, start_method="spawn"
         )
         result = queue.get()
         out["step"] += result["step"]

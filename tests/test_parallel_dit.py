@@ -4,16 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from distributed import run_distributed
 
 from diffmoe_dist.config import ModelConfig, MoEConfig
 from diffmoe_dist.model.dit import build_model
 from diffmoe_dist.model.moe.layer import collect_moe_losses
 from diffmoe_dist.parallel import build_parallel_dims, parallelize, reduce_gradients
-
-try:
-    from tests.distributed import run_distributed
-except ImportError:
-    from distributed import run_distributed
 
 EXPERTS, BATCH = 4, 2
 
