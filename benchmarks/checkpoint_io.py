@@ -21,7 +21,6 @@ import argparse
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -35,12 +34,6 @@ SIZES = {  # name: (depth, width, heads, experts)
     "tiny": (6, 192, 6, 8),  # configs/local/diffmoe-tiny.yaml
     "S": (12, 384, 6, 16),  # DiffMoE-S-E16's backbone (configs/c2i/diffmoe-S-E16.yaml)
 }
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _max(value: float) -> float:
@@ -102,11 +95,13 @@ def _save_and_load(rank: int, world_size: int, port: int, args, size: str, run_d
 
 
 def _spawn(args, phase: str, size: str, run_dir: str, world_size: int, ep_size: int) -> dict:
+    from diffmoe_dist.parallel.launch import free_port
+
     args.phase = phase
     queue = mp.get_context("spawn").SimpleQueue()
     mp.start_processes(
         _save_and_load,
-        (world_size, _free_port(), args, size, run_dir, ep_size, queue),
+        (world_size, free_port(), args, size, run_dir, ep_size, queue),
         nprocs=world_size,
         start_method="spawn",
     )

@@ -30,7 +30,6 @@ import argparse
 import contextlib
 import json
 import os
-import socket
 import statistics
 import time
 from dataclasses import asdict, dataclass
@@ -59,12 +58,6 @@ class Args:
     overlap_repeats: int = 8
     overlap_bucket_mb: float = 0.0  # 0: the reducer's default for the device
     overlap_dtype: str = "fp32"  # parallel.grad_reduce_dtype
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _max_over_ranks(seconds: float) -> float:
@@ -259,11 +252,15 @@ def _worker(rank: int, world_size: int, port: int, args: Args, queue) -> None:
 
 
 def run(args: Args) -> dict:
+    from diffmoe_dist.parallel.launch import free_port
+
     out = {"config": asdict(args), "step": [], "selection": [], "overlap": []}
     ctx = mp.get_context("spawn")
     for world_size in args.worlds:
         queue = ctx.SimpleQueue()
-        mp.start_processes(_worker, (world_size, _free_port(), args, queue), nprocs=world_size, start_method="spawn")
+        mp.start_processes(
+            _worker, (world_size, free_port(), args, queue), nprocs=world_size, start_method="spawn"
+        )
         result = queue.get()
         out["step"] += result["step"]
         out["selection"] += result["selection"]

@@ -51,7 +51,6 @@ import datetime
 import json
 import os
 import platform
-import socket
 import statistics
 import subprocess
 import sys
@@ -71,6 +70,7 @@ if str(REPO) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(REPO))
 
 from diffmoe_dist.config import Config, load_config  # noqa: E402
+from diffmoe_dist.parallel.launch import free_port  # noqa: E402
 from diffmoe_dist.train import flops  # noqa: E402
 from diffmoe_dist.train.metrics import PhaseTimer  # noqa: E402
 
@@ -359,19 +359,13 @@ def _worker(rank: int, spec: RowSpec, port: int, queue) -> None:
             dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run_row(spec: RowSpec) -> dict:
     """Spawns ``spec.procs`` fresh processes (also for one: every row starts from the same clean
     state: thread pool, allocator, no earlier model in memory); returns rank 0's measurements."""
     ctx = mp.get_context("spawn")
     queue = ctx.SimpleQueue()
     try:
-        mp.start_processes(_worker, (spec, _free_port(), queue), nprocs=spec.procs, start_method="spawn")
+        mp.start_processes(_worker, (spec, free_port(), queue), nprocs=spec.procs, start_method="spawn")
     except mp.ProcessRaisedException:
         pass  # the queue holds the traceback
     status, value = queue.get() if not queue.empty() else ("error", "a worker died without a report")

@@ -23,18 +23,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import time
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _max(value: float) -> float:
@@ -119,10 +112,12 @@ def _worker(rank: int, world_size: int, port: int, args, queue) -> None:
 
 
 def run(args) -> dict:
+    from diffmoe_dist.parallel.launch import free_port
+
     ctx = mp.get_context("spawn")
     queue = ctx.SimpleQueue()
     mp.start_processes(
-        _worker, (args.world_size, _free_port(), args, queue), nprocs=args.world_size, start_method="spawn"
+        _worker, (args.world_size, free_port(), args, queue), nprocs=args.world_size, start_method="spawn"
     )
     per_rank = dict(queue.get() for _ in range(args.world_size))
     rows = []

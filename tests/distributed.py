@@ -17,7 +17,6 @@ hang past ``timeout`` kills every child. ``fn`` must be importable (a module-lev
 from __future__ import annotations
 
 import os
-import socket
 import time
 import traceback
 from collections.abc import Callable
@@ -27,15 +26,11 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from diffmoe_dist.parallel.launch import free_port
+
 
 class DistributedTestError(RuntimeError):
     """A child process failed; the message carries its rank and traceback."""
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _child(

@@ -252,17 +252,6 @@ def test_moe_layer_refuses_the_dense_router_by_name():
 
 
 # ---- files the run reads: resume path, data path, manifest, each shard's size and first header ----------
-@pytest.fixture(scope="module")
-def digits_copy(tmp_path_factory):
-    import subprocess
-    import sys
-
-    out = tmp_path_factory.mktemp("digits") / "digits"
-    cmd = [sys.executable, "tools/make_shards.py", "digits", "--out", str(out)]
-    subprocess.run(cmd, check=True, capture_output=True)
-    return out
-
-
 def _files_error(tmp_path, *overrides) -> str:
     cfg = load_config("configs/local/diffmoe-tiny.yaml", list(overrides))
     with pytest.raises(ConfigError) as err:
@@ -271,36 +260,36 @@ def _files_error(tmp_path, *overrides) -> str:
     return str(err.value)
 
 
-def test_file_checks_pass_on_real_shards(digits_copy):
-    check_files(load_config("configs/local/diffmoe-tiny.yaml", [f"data.path={digits_copy}"]).validate(world_size=2))
+def test_file_checks_pass_on_real_shards(digits):
+    check_files(load_config("configs/local/diffmoe-tiny.yaml", [f"data.path={digits}"]).validate(world_size=2))
 
 
-def test_missing_or_empty_data_and_missing_resume_path_are_one_line(digits_copy, tmp_path):
+def test_missing_or_empty_data_and_missing_resume_path_are_one_line(digits, tmp_path):
     msg = _files_error(tmp_path, f"data.path={tmp_path}/nope")
     assert msg.startswith("data.path=") and "does not exist" in msg and "make_shards.py" in msg
     (tmp_path / "empty" / "train").mkdir(parents=True)
     assert "has no train/manifest.json" in _files_error(tmp_path, f"data.path={tmp_path}/empty")
-    msg = _files_error(tmp_path, f"data.path={digits_copy}", f"train.resume={tmp_path}/missing/path")
+    msg = _files_error(tmp_path, f"data.path={digits}", f"train.resume={tmp_path}/missing/path")
     assert msg.startswith("train.resume=") and "does not exist" in msg
 
 
-def _damaged_copy(digits_copy, tmp_path, damage, shard: int = 2) -> str:
+def _damaged_copy(digits, tmp_path, damage, shard: int = 2) -> str:
     import shutil
 
     out = tmp_path / "damaged"
-    shutil.copytree(digits_copy, out)
+    shutil.copytree(digits, out)
     damage(out / "train" / f"shard-{shard:06d}.tar")
     return str(out)
 
 
-def test_a_shard_that_is_not_a_tar_is_named(digits_copy, tmp_path):
-    path = _damaged_copy(digits_copy, tmp_path, lambda p: p.write_bytes(b"<html>not found</html>\n" * 100))
+def test_a_shard_that_is_not_a_tar_is_named(digits, tmp_path):
+    path = _damaged_copy(digits, tmp_path, lambda p: p.write_bytes(b"<html>not found</html>\n" * 100))
     msg = _files_error(tmp_path, f"data.path={path}")
     assert "shard-000002.tar is not a tar file" in msg
 
 
 @pytest.mark.parametrize("cut", ["half", "before_end_blocks", "block_edge"])
-def test_a_truncated_shard_is_named(digits_copy, tmp_path, cut):
+def test_a_truncated_shard_is_named(digits, tmp_path, cut):
     import tarfile
 
     def truncate(p):
@@ -310,11 +299,11 @@ def test_a_truncated_shard_is_named(digits_copy, tmp_path, cut):
         keep = {"half": len(data) // 2, "before_end_blocks": end, "block_edge": 512 * 20}[cut]
         p.write_bytes(data[:keep])
 
-    path = _damaged_copy(digits_copy, tmp_path, truncate)
+    path = _damaged_copy(digits, tmp_path, truncate)
     assert "shard-000002.tar is truncated" in _files_error(tmp_path, f"data.path={path}")
 
 
-def test_a_manifest_listing_no_samples_is_refused(digits_copy, tmp_path):
+def test_a_manifest_listing_no_samples_is_refused(digits, tmp_path):
     import json
 
     def empty(p):
@@ -322,20 +311,20 @@ def test_a_manifest_listing_no_samples_is_refused(digits_copy, tmp_path):
         data = json.loads(manifest.read_text())
         manifest.write_text(json.dumps({**data, "shards": [], "num_samples": 0}))
 
-    path = _damaged_copy(digits_copy, tmp_path, empty)
+    path = _damaged_copy(digits, tmp_path, empty)
     assert "lists no samples" in _files_error(tmp_path, f"data.path={path}")
 
 
 @pytest.mark.parametrize("bad", ["optim.lr=nan", "damaged_shard", "model.depth=0"])
-def test_train_cli_as_a_torchrun_rank_prints_one_line_and_exits_2_before_any_group(bad, digits_copy, tmp_path):
+def test_train_cli_as_a_torchrun_rank_prints_one_line_and_exits_2_before_any_group(bad, digits, tmp_path):
     import os
     import subprocess
     import sys
 
-    path = digits_copy
+    path = digits
     if bad == "damaged_shard":
         # shard 3 is rank 1's to check (shards r, r + W, ...); torchrun ends the peers of a rank that exits
-        path = _damaged_copy(digits_copy, tmp_path, lambda p: p.write_bytes(p.read_bytes()[:5000]), shard=3)
+        path = _damaged_copy(digits, tmp_path, lambda p: p.write_bytes(p.read_bytes()[:5000]), shard=3)
     # a torchrun rank whose master does not exist: building a process group would hang, not exit 2
     env = {**os.environ, "RANK": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "9"}
     over = [f"data.path={path}"] + ([] if bad == "damaged_shard" else [bad])

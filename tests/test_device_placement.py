@@ -17,40 +17,17 @@ import subprocess
 import sys
 from pathlib import Path
 
+import conftest
 import pytest
 import torch
+from device_audit import CollectiveAudit
+from distributed import run_distributed
 
 from diffmoe_dist.config import load_config
 
-try:
-    from tests.device_audit import CollectiveAudit
-    from tests.distributed import run_distributed
-except ImportError:
-    from device_audit import CollectiveAudit
-    from distributed import run_distributed
-
 REPO = Path(__file__).resolve().parents[1]
-TINY = [
-    "model.depth=2",
-    "model.hidden_size=48",
-    "model.num_heads=4",
-    "moe.num_experts=4",
-    "data.global_batch_size=8",
-    "logging.wandb=disabled",
-    "logging.routing_every=1",
-    "sample.num_steps=2",
-    "sample.per_class=1",
-    "checkpoint.every=1",
-]
-
-
-@pytest.fixture(scope="module")
-def digits(tmp_path_factory):
-    out = tmp_path_factory.mktemp("digits")
-    subprocess.run(
-        [sys.executable, "tools/make_shards.py", "digits", "--out", str(out)], check=True, capture_output=True
-    )
-    return str(out)
+TINY = [*conftest.TINY_MODEL, "moe.num_experts=4", "data.global_batch_size=8", "logging.wandb=disabled",
+        "logging.routing_every=1", "sample.num_steps=2", "sample.per_class=1", "checkpoint.every=1"]  # fmt: skip
 
 
 def _audited_training(rank, world_size, digits, run_dir):

@@ -15,23 +15,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import conftest
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 LAUNCHERS = REPO / "launchers"
 SCRIPTS = sorted(p.name for p in LAUNCHERS.glob("*.sh"))
-TINY = [
-    "model.depth=2",
-    "model.hidden_size=48",
-    "model.num_heads=4",
-    "data.global_batch_size=16",
-    "train.steps=3",
-    "checkpoint.every=0",
-    "sample.num_steps=2",
-    "sample.per_class=1",
-    "logging.wandb=disabled",
-    "logging.log_every=1",
-]
+TINY = [*conftest.TINY_MODEL, "data.global_batch_size=16", "train.steps=3", "checkpoint.every=0",
+        "sample.num_steps=2", "sample.per_class=1", "logging.wandb=disabled", "logging.log_every=1"]  # fmt: skip
 # W=4 and EP=2 (the tiny config's expert_parallel_size): all-to-all dispatch across two EP groups
 NPROC, STEPS = "4", 3
 HAVE_MPIRUN = shutil.which("mpirun", path=str(Path(sys.executable).parent)) or shutil.which("mpirun")
@@ -243,22 +234,14 @@ def test_bad_data_is_one_line_before_any_rank_starts(tmp_path):
     assert res.returncode == 2 and res.stderr.strip().count("\n") == 0 and "manifest.json" in res.stderr
 
 
-@pytest.fixture(scope="module")
-def digits_path(tmp_path_factory):
-    out = tmp_path_factory.mktemp("d") / "digits"
-    subprocess.run([sys.executable, "tools/make_shards.py", "digits", "--out", str(out)], cwd=REPO, check=True,
-                   capture_output=True)  # fmt: skip
-    return out
-
-
 @pytest.mark.parametrize(
     "script", ["local.sh", pytest.param("mpi.sh", marks=pytest.mark.skipif(not HAVE_MPIRUN, reason="no mpirun"))]
 )
-def test_launcher_keeps_the_trainers_exit_75_after_a_stop(script, digits_path, tmp_path):
+def test_launcher_keeps_the_trainers_exit_75_after_a_stop(script, digits, tmp_path):
     # train.max_minutes ends the run after its first step: every rank saves and exits 75, which
     # torchrun alone turns into 1 (and a ChildFailedError traceback).
     run_dir = tmp_path / "run"
-    over = [*TINY, "train.steps=50", "train.max_minutes=0.0001", f"data.path={digits_path}", f"train.run_dir={run_dir}"]
+    over = [*TINY, "train.steps=50", "train.max_minutes=0.0001", f"data.path={digits}", f"train.run_dir={run_dir}"]
     res = launch(script, "-n", "2", *over, env={"DIFFMOE_NO_MEGATRON": "1"}, timeout=240)
     assert res.returncode == 75, res.stdout[-2000:] + res.stderr[-3000:]
     assert "2 of 2 ranks exited 75" in res.stderr and "ChildFailedError" not in res.stderr

@@ -7,16 +7,12 @@ import copy
 
 import pytest
 import torch
+from distributed import run_distributed
 
 from diffmoe_dist.model.moe.dispatch import LocalDispatcher
 from diffmoe_dist.model.moe.experts import StackedExperts
 from diffmoe_dist.parallel import AllToAllDispatcher, build_parallel_dims
 from diffmoe_dist.parallel.all_to_all import _block_permutation
-
-try:
-    from tests.distributed import run_distributed
-except ImportError:
-    from distributed import run_distributed
 
 EXPERTS, DIM, HIDDEN, TOKENS = 4, 8, 12, 10
 

@@ -6,6 +6,7 @@ import copy
 
 import pytest
 import torch
+from distributed import run_distributed
 
 from diffmoe_dist.config import ModelConfig, MoEConfig
 from diffmoe_dist.model.build import build_model
@@ -14,11 +15,6 @@ from diffmoe_dist.model.moe.experts import expert_modules
 from diffmoe_dist.model.moe.layer import moe_layers
 from diffmoe_dist.parallel import AllToAllDispatcher, build_parallel_dims, parallelize, reduce_gradients
 from diffmoe_dist.parallel.groups import ParallelDims
-
-try:
-    from tests.distributed import run_distributed
-except ImportError:
-    from distributed import run_distributed
 
 EXPERTS, BATCH = 4, 2
 

@@ -5,14 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn as nn
+from distributed import run_distributed
 
 from diffmoe_dist.parallel import build_parallel_dims, clip_grad_norm_, reduce_gradients, split_params
 from diffmoe_dist.parallel.groups import ParallelDims
-
-try:
-    from tests.distributed import run_distributed
-except ImportError:
-    from distributed import run_distributed
 
 
 class Toy(nn.Module):

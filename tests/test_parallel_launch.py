@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch.distributed as dist
+from distributed import run_distributed
 
 from diffmoe_dist.parallel import (
     LaunchEnv,
@@ -29,11 +30,6 @@ from diffmoe_dist.parallel.launch import (
     first_slurm_host,
     slurm_master_port,
 )
-
-try:
-    from tests.distributed import run_distributed
-except ImportError:
-    from distributed import run_distributed
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -8,6 +8,7 @@ import copy
 
 import pytest
 import torch
+from distributed import run_distributed
 
 from diffmoe_dist.config import MoEConfig
 from diffmoe_dist.model.moe.collector import MoECollector
@@ -15,11 +16,6 @@ from diffmoe_dist.model.moe.layer import MoEFeedForward
 from diffmoe_dist.model.moe.pool import LocalPool
 from diffmoe_dist.model.moe.routers import expert_capacity
 from diffmoe_dist.parallel import build_parallel_dims, clip_grad_norm_, parallelize, reduce_gradients
-
-try:
-    from tests.distributed import run_distributed
-except ImportError:
-    from distributed import run_distributed
 
 DIM, HIDDEN, EXPERTS, BATCH, SEQ = 8, 16, 4, 2, 6
 TOL = {"atol": 1e-5, "rtol": 1e-5}

@@ -8,16 +8,12 @@ import math
 import pytest
 import torch
 import torch.distributed as dist
+from distributed import run_distributed
 
 from diffmoe_dist.model.moe.pool import LocalPool
 from diffmoe_dist.parallel.groups import build_parallel_dims
 from diffmoe_dist.parallel.pools import DistributedPool, ReplicatedLocalPool
 from diffmoe_dist.parallel.radix_select import key_to_float, order_preserving_key
-
-try:
-    from tests.distributed import run_distributed
-except ImportError:
-    from distributed import run_distributed
 
 
 def test_order_preserving_key_sorts_like_floats_and_round_trips():

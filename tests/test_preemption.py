@@ -10,40 +10,16 @@ import subprocess
 import sys
 import time
 
+import conftest
 import pytest
 import torch
+from distributed import start_training_ranks, wait_all
 
 from diffmoe_dist import checkpoint as ckpt
 from diffmoe_dist.train.preemption import EXIT_REQUEUE
 
-try:
-    from tests.distributed import start_training_ranks, wait_all
-except ImportError:
-    from distributed import start_training_ranks, wait_all
-
-TINY = [
-    "model.depth=2",
-    "model.hidden_size=48",
-    "model.num_heads=4",
-    "moe.num_experts=4",
-    "data.global_batch_size=16",
-    "sample.num_steps=2",
-    "sample.per_class=1",
-    "logging.wandb=disabled",
-    "logging.log_every=1",
-    "optim.warmup_steps=2",
-    "checkpoint.every=0",
-]
+TINY = [*conftest.TINY, "checkpoint.every=0"]
 STEPS = 10  # 2N
-
-
-@pytest.fixture(scope="module")
-def digits(tmp_path_factory):
-    out = tmp_path_factory.mktemp("digits")
-    subprocess.run(
-        [sys.executable, "tools/make_shards.py", "digits", "--out", str(out)], check=True, capture_output=True
-    )
-    return str(out)
 
 
 def losses(run_dir) -> dict[int, float]:

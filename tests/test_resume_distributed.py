@@ -7,41 +7,19 @@ from __future__ import annotations
 import math
 import os
 import signal
-import subprocess
-import sys
 
+import conftest
 import pytest
 import torch
 import torch.distributed as dist
+from distributed import DistributedTestError, run_distributed
 
 from diffmoe_dist import checkpoint as ckpt
 from diffmoe_dist.config import load_config
 
-try:
-    from tests.distributed import DistributedTestError, run_distributed
-except ImportError:
-    from distributed import DistributedTestError, run_distributed
-
 EXPERTS = 4
-TINY = [
-    "model.depth=2",
-    "model.hidden_size=48",
-    "model.num_heads=4",
-    f"moe.num_experts={EXPERTS}",
-    "data.global_batch_size=16",
-    "logging.wandb=disabled",
-    "optim.warmup_steps=2",
-    "checkpoint.keep_last=3",
-]
-
-
-@pytest.fixture(scope="module")
-def digits(tmp_path_factory):
-    out = tmp_path_factory.mktemp("digits")
-    subprocess.run(
-        [sys.executable, "tools/make_shards.py", "digits", "--out", str(out)], check=True, capture_output=True
-    )
-    return str(out)
+TINY = [*conftest.TINY_MODEL, f"moe.num_experts={EXPERTS}", "data.global_batch_size=16", "logging.wandb=disabled",
+        "optim.warmup_steps=2", "checkpoint.keep_last=3"]  # fmt: skip
 
 
 def _trainer(digits, run_dir, world_size, ep_size, stage, extra=()):

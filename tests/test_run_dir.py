@@ -18,41 +18,16 @@ import sys
 import time
 from pathlib import Path
 
+import conftest
 import pytest
 import torch
+from distributed import run_distributed
 
 from diffmoe_dist import checkpoint as ckpt
 
-try:
-    from tests.distributed import run_distributed
-except ImportError:
-    from distributed import run_distributed
-
 REPO = Path(__file__).resolve().parents[1]
-TINY = [
-    "model.depth=2",
-    "model.hidden_size=48",
-    "model.num_heads=4",
-    "moe.num_experts=4",
-    "parallel.expert_parallel_size=1",
-    "data.global_batch_size=16",
-    "sample.num_steps=2",
-    "sample.per_class=1",
-    "logging.wandb=disabled",
-    "logging.log_every=1",
-    "optim.warmup_steps=2",
-    "checkpoint.every=1",
-]
+TINY = [*conftest.TINY, "parallel.expert_parallel_size=1", "checkpoint.every=1"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "DIFFMOE_NO_PROGRESS": "1", "PYTHONPATH": str(REPO)}
-
-
-@pytest.fixture(scope="module")
-def digits(tmp_path_factory):
-    out = tmp_path_factory.mktemp("digits")
-    subprocess.run(
-        [sys.executable, "tools/make_shards.py", "digits", "--out", str(out)], check=True, capture_output=True
-    )
-    return str(out)
 
 
 def command(digits, run_dir, *overrides, script=("-m", "diffmoe_dist.train.cli")) -> list[str]:

@@ -22,26 +22,13 @@ import signal
 import time
 from pathlib import Path
 
+import conftest
 import pytest
-
-try:
-    from tests.slurm.cluster import ENDED
-    from tests.slurm.conftest import slurm_cluster  # noqa: F401  (a conftest serves only its folder)
-except ImportError:
-    from slurm.cluster import ENDED
-    from slurm.conftest import slurm_cluster  # noqa: F401
+from slurm.cluster import ENDED
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = [
-    "model.depth=2",
-    "model.hidden_size=48",
-    "model.num_heads=4",
-    "data.global_batch_size=16",
-    "sample.num_steps=2",
-    "sample.per_class=1",
-    "logging.wandb=disabled",
-    "logging.log_every=5",
-]
+TINY = [*conftest.TINY_MODEL, "data.global_batch_size=16", "sample.num_steps=2", "sample.per_class=1",
+        "logging.wandb=disabled", "logging.log_every=5"]  # fmt: skip
 # Long enough (~0.4 s a step here) that a signal sent at the first checkpoint lands mid-run.
 STEPS, EVERY = 40, 5
 LONG = [*TINY, f"train.steps={STEPS}", f"checkpoint.every={EVERY}"]

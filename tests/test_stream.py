@@ -10,16 +10,17 @@ import subprocess
 import sys
 from pathlib import Path
 
+import conftest
 import numpy as np
 import pytest
 import torch
+from distributed import run_distributed, start_training_ranks, wait_all
 
 from diffmoe_dist.config import load_config
 from diffmoe_dist.data.digits import load_digits_split
 from diffmoe_dist.data.loader import GlobalBatchLoader
 from diffmoe_dist.data.shards import load_indexed, write_shards
 from diffmoe_dist.data.stream import ShardError, StreamBatchLoader, check_shards
-from tests.distributed import run_distributed, start_training_ranks, wait_all
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DIGITS_FIELDS = {"x": "latent.npy", "y": "cls"}
@@ -95,16 +96,8 @@ def test_resume_from_four_ranks_into_two_continues_the_same_global_sequence(digi
         _stream(digits / "train", 64, 0, 2).load_state_dict({**states[0], "num_samples": 5})
 
 
-TINY = [
-    "model.depth=2",
-    "model.hidden_size=48",
-    "model.num_heads=4",
-    "moe.num_experts=4",
-    "parallel.expert_parallel_size=1",
-    "data.global_batch_size=32",
-    "train.threads=1",
-    "train.deterministic=true",
-]
+TINY = [*conftest.TINY_MODEL, "moe.num_experts=4", "parallel.expert_parallel_size=1", "data.global_batch_size=32",
+        "train.threads=1", "train.deterministic=true"]  # fmt: skip
 
 
 def test_a_twenty_step_run_is_bitwise_identical_with_either_loader(digits, tmp_path):
@@ -202,7 +195,8 @@ def test_workers_outlive_the_stop_signals_that_reach_the_whole_job(digits):
     loader.close()
     # ... and a process that exits without closing its loader still exits (multiprocessing's exit
     # hook SIGTERMs daemonic workers and joins them: ignored, that join would never return).
-    code = "import sys; from tests.test_stream import _stream as s; s(sys.argv[1], 8, 0, 1, num_workers=2).next_batch()"
+    code = ("import sys; sys.path.insert(0, 'tests'); from test_stream import _stream as s; "
+            "s(sys.argv[1], 8, 0, 1, num_workers=2).next_batch()")  # fmt: skip
     subprocess.run([sys.executable, "-c", code, str(digits / "train")], cwd=REPO_ROOT, check=True, timeout=120)
 
 
@@ -280,22 +274,6 @@ def test_a_missing_or_corrupt_shard_is_one_line_naming_it(digits, tmp_path):
 
 
 # ---- the 256-GPU twin, end to end ----------------------------------------------------------------
-def _tiny_vae(path: Path, seed: int = 0):
-    from diffusers import AutoencoderKL
-
-    torch.manual_seed(seed)
-    vae = AutoencoderKL(
-        block_out_channels=(8, 16),
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        latent_channels=4,
-        norm_num_groups=8,
-        scaling_factor=0.5,
-    )
-    vae.save_pretrained(path)
-    return vae.eval()
-
-
 def _captioned_images(root: Path, n: int) -> None:
     from PIL import Image
 
@@ -320,7 +298,7 @@ def test_the_256gpu_twin_trains_on_two_ranks_with_vae_decoded_grids_in_png_and_w
         assert getattr(getattr(cfg, section), field) == getattr(getattr(big, section), field), name
     assert cfg.parallel.expert_parallel_size == 2 and cfg.data.num_workers > 0
 
-    _tiny_vae(tmp_path / "vae")
+    conftest.tiny_vae(tmp_path / "vae")
     _captioned_images(tmp_path / "src", 24)
     data = tmp_path / "data"
     make = [
@@ -384,7 +362,7 @@ def test_the_256gpu_twin_trains_on_two_ranks_with_vae_decoded_grids_in_png_and_w
     args = ["--ckpt", str(run), "--prompt", "a red picture", "--per-class", "2", "--steps", "2"]
     assert sample_main([*args, "--out", str(out)]) == 0
     assert Image.open(out).mode == "RGB" and Image.open(out).size == ((17 + 1) * 4, (2 * 17 + 1) * 4)
-    _tiny_vae(tmp_path / "other-vae", seed=1)  # same latents, another decoder: other pixels
+    conftest.tiny_vae(tmp_path / "other-vae", seed=1)  # same latents, another decoder: other pixels
     assert sample_main([*args, "--out", str(other), "--vae", str(tmp_path / "other-vae")]) == 0
     a, b = np.asarray(Image.open(out)), np.asarray(Image.open(other))
     assert a.shape == b.shape and not np.array_equal(a, b)

@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import conftest
 import numpy as np
 import pytest
 import torch
@@ -60,13 +61,6 @@ def encoder():
     from diffmoe_dist.data.text_encoders import build_text_encoder
 
     return build_text_encoder("minilm", max_length=16)
-
-
-@pytest.fixture(scope="module")
-def digits_t2i(tmp_path_factory):
-    out = tmp_path_factory.mktemp("digits-t2i")
-    subprocess.run([sys.executable, MAKE_SHARDS, "digits-t2i", "--out", str(out)], check=True, capture_output=True)
-    return out
 
 
 # ---- captions --------------------------------------------------------------------------------------
@@ -206,22 +200,6 @@ def test_training_refuses_embeddings_of_another_shape_or_encoder(tmp_path):
         text_tensors({"latent": torch.zeros(2, 1, 16, 16)}, cfg, str(tmp_path))
 
 
-def _tiny_vae(path: Path):
-    from diffusers import AutoencoderKL
-
-    torch.manual_seed(0)
-    vae = AutoencoderKL(
-        block_out_channels=(8, 16),
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        latent_channels=4,
-        norm_num_groups=8,
-        scaling_factor=0.5,
-    )
-    vae.save_pretrained(path)
-    return vae.eval()
-
-
 def _image_folder(root: Path, n: int) -> list[Path]:
     from PIL import Image
 
@@ -248,7 +226,7 @@ def _expected_latents(vae, paths, size=16):
 
 
 def test_image_folder_with_sidecar_captions_becomes_vae_latent_shards(tmp_path, encoder):
-    vae = _tiny_vae(tmp_path / "vae")
+    vae = conftest.tiny_vae(tmp_path / "vae")
     paths = _image_folder(tmp_path / "src", 7)
     for i, p in enumerate(paths):
         p.with_suffix(".txt").write_text(f"random picture number {i}\n")
@@ -287,7 +265,7 @@ def test_image_folder_with_sidecar_captions_becomes_vae_latent_shards(tmp_path, 
 
 
 def test_image_folder_with_a_jsonl_of_captions_keeps_its_order_and_classes(tmp_path):
-    vae = _tiny_vae(tmp_path / "vae")
+    vae = conftest.tiny_vae(tmp_path / "vae")
     paths = _image_folder(tmp_path / "src", 3)[::-1]
     jsonl = tmp_path / "captions.jsonl"
     jsonl.write_text(
@@ -323,20 +301,7 @@ def test_image_folder_with_a_jsonl_of_captions_keeps_its_order_and_classes(tmp_p
 
 
 # ---- end to end ------------------------------------------------------------------------------------
-TINY_RUN = [
-    "model.depth=2",
-    "model.hidden_size=48",
-    "model.num_heads=4",
-    "moe.num_experts=4",
-    "parallel.expert_parallel_size=1",
-    "data.global_batch_size=16",
-    "sample.num_steps=2",
-    "sample.per_class=1",
-    "logging.wandb=disabled",
-    "logging.log_every=1",
-    "optim.warmup_steps=2",
-    "train.threads=1",
-]
+TINY_RUN = [*conftest.TINY, "parallel.expert_parallel_size=1", "train.threads=1"]
 
 
 @pytest.mark.slow

@@ -14,39 +14,16 @@ import subprocess
 import sys
 import time
 
+import conftest
 import pytest
-
-try:
-    from tests.distributed import run_distributed, start_training_ranks, wait_all
-except ImportError:  # pytest run from inside tests/
-    from distributed import run_distributed, start_training_ranks, wait_all
+from distributed import run_distributed, start_training_ranks, wait_all
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = [
-    "model.depth=2",
-    "model.hidden_size=48",
-    "model.num_heads=4",
-    "moe.num_experts=4",
-    "parallel.expert_parallel_size=2",
-    "data.global_batch_size=16",
-    "train.steps=2",
-    "sample.num_steps=1",
-    "sample.per_class=1",
-    "logging.wandb=disabled",
-    "logging.log_every=1",
-    "checkpoint.every=0",
-    "train.resume=never",
-]
+TINY = [*conftest.TINY_MODEL, "moe.num_experts=4", "parallel.expert_parallel_size=2", "data.global_batch_size=16",
+        "train.steps=2", "sample.num_steps=1", "sample.per_class=1", "logging.wandb=disabled", "logging.log_every=1",
+        "checkpoint.every=0", "train.resume=never"]  # fmt: skip
 BUDGET_S = 30.0  # CLI fits: at least MIN_FITS, more while the budget lasts (~60 s for the module)
 MIN_FITS, MAX_FITS = 2, 8
-
-
-@pytest.fixture(scope="module")
-def digits(tmp_path_factory):
-    out = str(tmp_path_factory.mktemp("digits"))
-    cmd = [sys.executable, "tools/make_shards.py", "digits", "--out", out]
-    subprocess.run(cmd, check=True, capture_output=True, cwd=REPO)
-    return out
 
 
 @pytest.fixture

@@ -13,33 +13,17 @@ import subprocess
 import sys
 import warnings
 
+import conftest
 import pytest
 import torch
+from distributed import run_distributed
 
 from diffmoe_dist.config import load_config
 from diffmoe_dist.train.telemetry import RoutingTelemetry, capacity_per_step, read_routing
 
-try:
-    from tests.distributed import run_distributed
-except ImportError:  # pytest run from inside tests/
-    from distributed import run_distributed
-
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-TINY = [
-    "model.depth=2",
-    "model.hidden_size=48",
-    "model.num_heads=4",
-    "moe.num_experts=4",
-    "data.global_batch_size=16",
-    "sample.num_steps=2",
-    "sample.per_class=1",
-    "logging.wandb=disabled",
-    "logging.log_every=1",
-    "optim.warmup_steps=2",
-    "checkpoint.every=0",
-    "train.resume=never",
-]
+TINY = [*conftest.TINY, "checkpoint.every=0", "train.resume=never"]
 STEPS = 3
 
 
@@ -74,15 +58,6 @@ def _train_rank(rank: int, world_size: int, digits: str, run_dir: str) -> None:
     ).validate(world_size=world_size)
     dims = build_parallel_dims(2, cfg.moe.num_experts)
     Trainer(cfg, dims, torch.device("cpu")).fit()
-
-
-@pytest.fixture(scope="module")
-def digits(tmp_path_factory):
-    out = str(tmp_path_factory.mktemp("digits"))
-    subprocess.run(
-        [sys.executable, "tools/make_shards.py", "digits", "--out", out], check=True, capture_output=True, cwd=REPO
-    )
-    return out
 
 
 @pytest.fixture(scope="module")

@@ -6,34 +6,14 @@ import re
 import subprocess
 import sys
 
+import conftest
 import pytest
 import torch
 
 from diffmoe_dist.config import load_config
 from diffmoe_dist.train.trainer import Trainer
 
-TINY = [
-    "model.depth=2",
-    "model.hidden_size=48",
-    "model.num_heads=4",
-    "moe.num_experts=4",
-    "parallel.expert_parallel_size=1",
-    "data.global_batch_size=16",
-    "sample.num_steps=2",
-    "sample.per_class=1",
-    "logging.wandb=disabled",
-    "logging.log_every=1",
-    "optim.warmup_steps=2",
-]
-
-
-@pytest.fixture(scope="module")
-def digits(tmp_path_factory):
-    out = tmp_path_factory.mktemp("digits")
-    subprocess.run(
-        [sys.executable, "tools/make_shards.py", "digits", "--out", str(out)], check=True, capture_output=True
-    )
-    return str(out)
+TINY = [*conftest.TINY, "parallel.expert_parallel_size=1"]
 
 
 def _train(digits, run_dir, steps, extra=()):

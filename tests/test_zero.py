@@ -5,41 +5,19 @@ accumulation, bf16 autocast, and activation checkpointing that changes no number
 from __future__ import annotations
 
 import re
-import subprocess
-import sys
 
+import conftest
 import numpy as np
 import pytest
 import torch
+from distributed import run_distributed
 
 from diffmoe_dist.config import load_config
 from diffmoe_dist.model.moe.layer import moe_layers
 
-try:
-    from tests.distributed import run_distributed
-except ImportError:
-    from distributed import run_distributed
-
-TINY = [
-    "model.depth=2",
-    "model.hidden_size=48",
-    "model.num_heads=4",
-    "moe.num_experts=4",
-    "data.global_batch_size=16",
-    "logging.wandb=disabled",
-    "optim.warmup_steps=2",
-    "train.resume=never",
-]
+TINY = [*conftest.TINY_MODEL, "moe.num_experts=4", "data.global_batch_size=16", "logging.wandb=disabled",
+        "optim.warmup_steps=2", "train.resume=never"]  # fmt: skip
 STEPS = 3
-
-
-@pytest.fixture(scope="module")
-def digits(tmp_path_factory):
-    out = tmp_path_factory.mktemp("digits")
-    subprocess.run(
-        [sys.executable, "tools/make_shards.py", "digits", "--out", str(out)], check=True, capture_output=True
-    )
-    return str(out)
 
 
 def _config(digits, run_dir, world_size, extra=()):

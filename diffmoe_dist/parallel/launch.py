@@ -186,15 +186,27 @@ def _mpi_master(rank: int, mpi_bcast: Callable[[Any], Any] | None) -> tuple[str,
         def mpi_bcast(obj: Any) -> Any:
             return MPI.COMM_WORLD.bcast(obj, root=0)
 
-    mine = (socket.gethostname(), _free_port()) if rank == 0 else None
+    mine = (socket.gethostname(), free_port()) if rank == 0 else None
     addr, port = mpi_bcast(mine)
     return addr, int(port)
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct TCP ports free on every interface of this host now: all stay bound until the
+    last is picked, so they differ. Free until another process binds them; the rendezvous port of a
+    process group, and the test and benchmark harnesses' ports, come from here."""
+    socks = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def free_port() -> int:
+    return free_ports(1)[0]
 
 
 def resolve_device(device: str | torch.device, local_rank: int) -> torch.device:
@@ -238,7 +250,7 @@ def init_distributed(
         torch.cuda.set_device(device)
     timeout = timedelta(minutes=timeout_minutes)
     if not dist.is_initialized():
-        port = env.master_port or _free_port()
+        port = env.master_port or free_port()
         dist.init_process_group(
             backend,
             init_method=f"tcp://{env.master_addr}:{port}",

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -21,10 +20,8 @@ from pathlib import Path
 import pytest
 import torch
 
-try:
-    from tests.gpu.conftest import DEVICE, NO_GPU, ON_GPU, SKIP_REASON
-except ImportError:
-    from gpu.conftest import DEVICE, NO_GPU, ON_GPU, SKIP_REASON
+from diffmoe_dist.parallel.launch import free_port
+from gpu.conftest import DEVICE, NO_GPU, ON_GPU, SKIP_REASON
 
 pytestmark = [pytest.mark.skipif(NO_GPU, reason=SKIP_REASON), pytest.mark.slow]
 
@@ -51,12 +48,6 @@ if not ON_GPU:
     TRAIN += ["model.depth=2", "model.hidden_size=48", "model.num_heads=4"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _env() -> dict:
     return {
         **os.environ,
@@ -79,7 +70,7 @@ def train(run_dir: Path, data: str, steps: int, resume: str = "never") -> dict:
     """One rank of diffmoe-train as torchrun would start it (RANK=0, WORLD_SIZE=1): the NCCL group
     is initialised because force_distributed asks for the distributed path."""
     env = {**_env(), "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1"}
-    env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+    env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     overrides = [*TRAIN, f"data.path={data}", f"train.run_dir={run_dir}", f"train.steps={steps}"]
     overrides.append(f"train.resume={resume}")
     cmd = [sys.executable, "-m", "diffmoe_dist.train.cli", "--config", CONFIG, *overrides]

@@ -34,6 +34,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from diffmoe_dist.parallel.launch import free_ports
+
 PACKAGES = ("slurmctld", "slurmd", "slurm-client", "munge")
 BINARIES = ("slurmctld", "slurmd", "sbatch", "squeue", "sinfo", "scontrol", "scancel", "munged", "munge")
 HOSTS_MARK = "# diffmoe-dist tests/slurm: loopback SLURM node names"
@@ -49,18 +51,6 @@ class ClusterUnavailable(RuntimeError):
 
 class ClusterStartError(RuntimeError):
     """SLURM is installed but a daemon failed or the nodes never became idle: a harness bug to fix."""
-
-
-def _free_ports(n: int) -> list[int]:
-    socks, ports = [], []
-    for _ in range(n):
-        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        s.bind(("127.0.0.1", 0))
-        socks.append(s)
-        ports.append(s.getsockname()[1])
-    for s in socks:
-        s.close()
-    return ports
 
 
 def _run(cmd: list[str], **kw) -> subprocess.CompletedProcess:
@@ -195,7 +185,7 @@ class LocalSlurmCluster:
                 f.write(f"127.0.0.1 {' '.join(missing)}  {HOSTS_MARK}\n")
 
     def _write_conf(self) -> None:
-        ctld_port, *node_ports = _free_ports(1 + self.nodes)
+        ctld_port, *node_ports = free_ports(1 + self.nodes)
         r = self.root
         lines = [
             f"ClusterName=diffmoe{ctld_port}",

@@ -1,0 +1,105 @@
+"""What the test modules share: the tiny-run overrides, the digits data sets, a tiny VAE, and the
+loopback SLURM cluster.
+
+pytest puts tests/ on ``sys.path`` (tests/ has no ``__init__.py``; the default "prepend" import
+mode), from any working directory, and the processes that ``distributed.run_distributed`` spawns
+inherit that path. So the helpers beside this file import by their plain names, one way only:
+
+    from conftest import TINY, TINY_MODEL        # constants and plain helpers of this file
+    from distributed import run_distributed      # tests/distributed.py
+    from slurm.cluster import ENDED              # tests/slurm/ and tests/gpu/ are packages
+
+Fixtures need no import. The data fixtures are session-wide (made once, read-only: a test that
+damages shards copies them first, as tests/test_config.py does).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+# The tiny DiT of every CPU run: 2 blocks of width 48 with 4 heads.
+TINY_MODEL = ["model.depth=2", "model.hidden_size=48", "model.num_heads=4"]
+# A tiny training run of configs/local/diffmoe-tiny.yaml: 4 experts, batches of 16, a short warm-up,
+# a 2-step one-image-a-class sample grid, a log line every step, no wandb. Modules append their own.
+TINY = [
+    *TINY_MODEL,
+    "moe.num_experts=4",
+    "data.global_batch_size=16",
+    "sample.num_steps=2",
+    "sample.per_class=1",
+    "logging.wandb=disabled",
+    "logging.log_every=1",
+    "optim.warmup_steps=2",
+]
+
+
+def make_shards(kind: str, out: Path) -> str:
+    """``tools/make_shards.py KIND --out OUT`` (the embedded digits sets), from any working directory."""
+    cmd = [sys.executable, str(REPO / "tools" / "make_shards.py"), kind, "--out", str(out)]
+    subprocess.run(cmd, check=True, capture_output=True, cwd=REPO, timeout=600)
+    return str(out)
+
+
+@pytest.fixture(scope="session")
+def digits(tmp_path_factory) -> str:
+    """The class-conditional digits shards (``train/`` and ``heldout/``), as a path string."""
+    return make_shards("digits", tmp_path_factory.mktemp("data") / "digits")
+
+
+@pytest.fixture(scope="session")
+def digits_t2i(tmp_path_factory) -> Path:
+    """The captioned digits shards of the text-to-image runs."""
+    return Path(make_shards("digits-t2i", tmp_path_factory.mktemp("data") / "digits-t2i"))
+
+
+def tiny_vae(path: Path, seed: int = 0):
+    """A randomly initialised 2-level diffusers ``AutoencoderKL`` (4 latent channels), saved to ``path``."""
+    import torch
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(
+        block_out_channels=(8, 16),
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        latent_channels=4,
+        norm_num_groups=8,
+        scaling_factor=0.5,
+    )
+    vae.save_pretrained(path)
+    return vae.eval()
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster(request, tmp_path_factory):
+    """A real SLURM cluster on loopback for the session (tests/slurm/cluster.py).
+
+    Skips, with the reason, where it cannot exist: not root, or SLURM missing and apt-get
+    unavailable or failing (no network). A cluster that is installed but fails to start is an
+    error, not a skip. DIFFMOE_SLURM_NODES (default 2) sets the number of nodes.
+    """
+    from slurm.cluster import ClusterUnavailable, LocalSlurmCluster, missing_binaries
+
+    if os.geteuid() != 0:
+        pytest.skip("the local SLURM cluster runs slurmctld, slurmd and munged as root; not root here")
+    if missing_binaries() and shutil.which("apt-get") is None:
+        pytest.skip("SLURM is not installed and apt-get is unavailable to install slurmctld slurmd munge")
+    nodes = int(os.environ.get("DIFFMOE_SLURM_NODES", "2"))
+    cluster = LocalSlurmCluster(nodes=nodes, root=tmp_path_factory.mktemp("slurm"))
+    try:
+        cluster.start()
+    except ClusterUnavailable as exc:
+        pytest.skip(f"local SLURM cluster unavailable: {exc}")
+    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None:
+        reporter.write_line(f"[slurm] {nodes} nodes idle in {cluster.start_seconds:.1f} s ({cluster.root})")
+    yield cluster
+    cluster.stop()
