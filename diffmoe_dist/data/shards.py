@@ -127,7 +127,7 @@ def write_shards(
         data = stream.getvalue()
         _atomic_write_bytes(out_dir / name, data)
         if index:
-            from diffmoe_dist.data.stream import index_path, tar_index
+            from diffmoe_dist.data.tar_index import index_path, tar_index
 
             index_bytes = io.BytesIO()
             np.save(index_bytes, tar_index(io.BytesIO(data), fields, name))

@@ -12,7 +12,7 @@ import torch.distributed as dist
 
 from diffmoe_dist import checkpoint as ckpt
 from diffmoe_dist.config import Config
-from diffmoe_dist.data.loader import GlobalPosition
+from diffmoe_dist.data.position import GlobalPosition
 from diffmoe_dist.diffusion.ema import EMA
 from diffmoe_dist.diffusion.flow import flow_loss, flow_targets
 from diffmoe_dist.diffusion.sampling import sample_images, save_grid

@@ -78,8 +78,10 @@ class MoECollector:
     def __init__(self, on_record=None):
         # on_record(layer, record): called instead of keeping the record (a sampler's meter keeps C_avg only)
         self.on_record = on_record
-        self.layers: list[nn.Module] = []  # the MoE layers of the collected model, in model order
-        self._ids: set[int] = set()
+        self.layers: list[nn.Module] = []  # the collected model's MoE layers, in the order they first ran
+        self._layer_ids: set[int] = set()
+        self._ids: set[int] = set()  # every module of the collected model
+        self._model_id: int | None = None
         self.micro_batches: list[dict[int, list[LayerRecord]]] = []
         self.thresholds_before: dict[int, Tensor] = {}  # per layer, tau the step's forwards met
         self._device = torch.device("cpu")
@@ -87,12 +89,12 @@ class MoECollector:
     # ---- recording ---------------------------------------------------------------------------
     @contextlib.contextmanager
     def collect(self, model: nn.Module) -> Iterator[MoECollector]:
-        """Open around one forward (a micro-batch) of ``model``: its MoE layers record here."""
-        from diffmoe_dist.model.moe.layer import moe_layers
-
-        layers = moe_layers(model)
-        if [id(m) for m in layers] != [id(m) for m in self.layers]:
-            self.layers, self._ids = layers, {id(m) for m in layers}
+        """Open around one forward (a micro-batch) of ``model``: its MoE layers record here.
+        The collector learns the layers from their records (layer.py calls `record`; importing
+        the layer class here would make the two modules import each other)."""
+        if id(model) != self._model_id:  # another model: its modules, and a fresh step
+            self._model_id, self._ids = id(model), {id(m) for m in model.modules()}
+            self.layers, self._layer_ids = [], set()
             self.clear()
         first = next(model.parameters(), None)
         self._device = first.device if first is not None else torch.device("cpu")
@@ -111,6 +113,9 @@ class MoECollector:
         if self.on_record is not None:
             self.on_record(layer, rec)
             return
+        if id(layer) not in self._layer_ids:
+            self._layer_ids.add(id(layer))
+            self.layers.append(layer)
         self.micro_batches[-1].setdefault(id(layer), []).append(rec)
 
     def clear(self) -> None:
