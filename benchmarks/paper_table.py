@@ -89,12 +89,14 @@ def models(dense_depth_15x: int) -> list[Model]:
 
 
 def _parse_args(argv=None) -> argparse.Namespace:
+    from diffmoe_dist.config import SAMPLERS
+
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--steps", type=int, default=None, help="training steps per model (default 300; quick 3)")
     p.add_argument("--seeds", default="0", help="comma list of seeds; each model trains once per seed")
     p.add_argument("--num-samples", type=int, default=None, help="samples per evaluation (default 300; quick 20)")
     p.add_argument("--sample-steps", type=int, default=None, help="ODE steps (default 20; quick 2)")
-    p.add_argument("--sampler", choices=("euler", "heun"), default="heun")
+    p.add_argument("--sampler", choices=SAMPLERS, default="heun")
     p.add_argument("--cfg-scale", type=float, default=2.0)
     p.add_argument("--models", default=None, help="comma list of model names to run (default: all)")
     p.add_argument("--workdir", default="runs/paper_table", help="run directories and sample grids go here")

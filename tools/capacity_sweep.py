@@ -22,6 +22,7 @@ import sys
 
 import torch
 
+from diffmoe_dist.config import SAMPLERS
 from diffmoe_dist.diffusion.sampling import CapacityMeter, sample_images
 from diffmoe_dist.eval.cli import load_model
 from diffmoe_dist.eval.metrics import evaluate_images
@@ -165,7 +166,7 @@ def main(argv=None) -> int:
     p.add_argument("--gammas", default=DEFAULT_GAMMAS, help=f"interval thresholds (default {DEFAULT_GAMMAS})")
     p.add_argument("--num-samples", type=int, default=200)
     p.add_argument("--steps", type=int, default=25, help="ODE steps")
-    p.add_argument("--sampler", choices=["euler", "heun"], default="heun")
+    p.add_argument("--sampler", choices=SAMPLERS, default="heun")
     p.add_argument("--cfg-scale", type=float, default=2.0)
     p.add_argument("--features", default=None, help="TorchScript feature extractor (default: digits CNN)")
     p.add_argument("--max-capacity", type=float, default=1.0, help="best gamma: lowest FID with C_avg <= this")
