@@ -76,8 +76,9 @@ class DistributedPool(ReplicatedLocalPool):
         super().__init__(dp_group)
         self.group = group
         self.widths = bit_widths(bits_per_pass)
+        world = dist.group.WORLD
         self.thresholds_global = dp_group is None or (
-            dist.get_process_group_ranks(group) == dist.get_process_group_ranks(dp_group)
+            dist.get_process_group_ranks(group or world) == dist.get_process_group_ranks(dp_group or world)
         )
 
     @property
