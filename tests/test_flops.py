@@ -3,15 +3,16 @@ and backward of tiny models, and the matmul peak against a physical bound."""
 
 from __future__ import annotations
 
+import conftest
 import pytest
 import torch
 
 from diffmoe_dist.config import load_config
 from diffmoe_dist.model.build import build_model
-from diffmoe_dist.model.moe.layer import collect_moe_losses
+from diffmoe_dist.model.moe.collector import MoECollector
 from diffmoe_dist.train import flops
 
-TINY = ["model.depth=2", "model.hidden_size=48", "model.num_heads=4", "moe.num_experts=4"]
+TINY = [*conftest.TINY_MODEL, "moe.num_experts=4"]
 T2I = ["model.task=t2i", "model.text_dim=32", "model.text_len=8"]
 CASES = {
     "dense": ["moe.router=dense"],
@@ -35,10 +36,11 @@ def test_step_flops_equal_the_flop_counter_on_a_real_forward_and_backward(case):
     if m.task == "t2i":
         text = torch.randn(b, m.text_len, m.text_dim)
         cond = {"text": text, "text_mask": torch.ones(b, m.text_len, dtype=torch.bool)}
-    with flops.flop_counter() as fwd_counter:
+    collector = MoECollector()
+    with flops.flop_counter() as fwd_counter, collector.collect(model):
         out = model(x, torch.rand(b), **cond)
     with flops.flop_counter() as bwd_counter:
-        (out.square().mean() + collect_moe_losses(model)["loss"]).backward()  # the trainer's loss
+        (out.square().mean() + collector.losses()["loss"]).backward()  # the trainer's loss
     counted = flops.step_flops(cfg, b)
     assert fwd_counter.get_total_flops() == pytest.approx(sum(f for f, _ in counted.values()), rel=1e-9)
     assert bwd_counter.get_total_flops() == pytest.approx(sum(g for _, g in counted.values()), rel=1e-9)

@@ -11,17 +11,12 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+from distributed import run_distributed
+from test_parallel_dit import BATCH, EXPERTS, build_dit, dit_loss
 
 from diffmoe_dist.config import load_config
 from diffmoe_dist.parallel import build_parallel_dims, parallelize, reduce_gradients
 from diffmoe_dist.parallel.grads import GradReducer
-
-try:
-    from tests.distributed import run_distributed
-    from tests.test_parallel_dit import BATCH, EXPERTS, build_dit, dit_loss
-except ImportError:
-    from distributed import run_distributed
-    from test_parallel_dit import BATCH, EXPERTS, build_dit, dit_loss
 
 SMALL_BUCKET = 8 * 1024  # bytes: the tiny DiT spreads over dozens of buckets
 

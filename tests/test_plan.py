@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 
+import conftest
 import pytest
 import torch
 
@@ -15,7 +16,7 @@ from diffmoe_dist.model.moe.collector import MoECollector
 from diffmoe_dist.plan.cluster import Cluster, Link, all_gather_s, all_reduce_s, load_cluster
 from diffmoe_dist.plan.cost import activation_bytes, plan
 
-TINY = ["model.depth=2", "model.hidden_size=48", "model.num_heads=4", "moe.num_experts=4"]
+TINY = [*conftest.TINY_MODEL, "moe.num_experts=4"]
 T2I = "configs/t2i/diffmoe-e16-256gpu.yaml"
 H100 = "tools/clusters/h100_32x8.yaml"
 

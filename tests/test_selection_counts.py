@@ -14,15 +14,11 @@ import collections
 import pytest
 import torch
 import torch.distributed as dist
+from distributed import run_distributed
 
 from diffmoe_dist.config import MoEConfig
 from diffmoe_dist.model.moe.layer import MoEFeedForward
 from diffmoe_dist.parallel import build_parallel_dims, parallelize
-
-try:
-    from tests.distributed import run_distributed
-except ImportError:
-    from distributed import run_distributed
 
 SYNC_OPS = (
     "aten::_local_scalar_dense",

@@ -7,16 +7,12 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 import torch.utils.checkpoint
+from distributed import run_distributed
 
 from diffmoe_dist.config import MoEConfig
 from diffmoe_dist.model.moe.collector import MoECollector
 from diffmoe_dist.model.moe.layer import MoEFeedForward
 from diffmoe_dist.parallel import build_parallel_dims, parallelize
-
-try:
-    from tests.distributed import run_distributed
-except ImportError:
-    from distributed import run_distributed
 
 DIM, HIDDEN, EXPERTS, SEQ, MOMENTUM = 8, 16, 4, 6, 0.9
 

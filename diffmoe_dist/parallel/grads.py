@@ -125,9 +125,10 @@ class GradReducer:
     Why not torch DDP for the dense part: with ``find_unused_parameters=False`` it fails at the
     next step when a parameter gets no gradient (``TextEmbedder.null_text_TE`` at
     ``model.class_dropout=0``); with ``True`` it walks the graph from forward's outputs and misses
-    the MoE losses that leave through ``layer.stats`` (predictor BCE, token-choice aux loss),
-    marks the predictor unused and fails when its gradient arrives ("mark a variable ready only
-    once"); and it reduces over one group, so experts need this code anyway. megatron-core's
+    the MoE losses that are added to the loss beside forward's output (predictor BCE, token-choice
+    aux loss, from the MoECollector), marks the predictor unused and fails when its gradient
+    arrives ("mark a variable ready only once"); and it reduces over one group, so experts need
+    this code anyway. megatron-core's
     DistributedDataParallel allocates its buffers with ``torch.cuda.current_device()``: no CPU.
 
     Usage: construct once after `parallelize` and before the optimizer's first step; run the
