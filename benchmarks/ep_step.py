@@ -77,7 +77,8 @@ def _step_rows(args: Args, rank: int, world_size: int) -> list[dict]:
         dims = build_parallel_dims(ep_size, args.experts)
         torch.manual_seed(0)
         cfg = MoEConfig(router="expert_choice_global", num_experts=args.experts, capacity=args.capacity, pool="dp")
-        layer = parallelize(MoEFeedForward(args.dim, 4 * args.dim, cfg), dims, cfg)
+        layer = MoEFeedForward(args.dim, 4 * args.dim, cfg)
+        parallelize(layer, dims, cfg)
         dispatcher, pool = layer.dispatcher, layer.pool
         x_ND = torch.randn(args.tokens, args.dim, generator=torch.Generator().manual_seed(rank))
         phases = ("route", "select", "dispatch", "experts", "combine", "backward")
@@ -171,7 +172,8 @@ def _overlap_rows(args: Args, rank: int, world_size: int) -> list[dict]:
     moe = MoEConfig(router="expert_choice_global", num_experts=4, pool="dp")
     model_cfg = ModelConfig(depth=args.overlap_depth, hidden_size=args.overlap_dim, num_heads=6, class_dropout=0.0)
     with expert_shard(dims.ep_rank, dims.ep_size):
-        dit = parallelize(build_model(model_cfg, moe), dims, moe)
+        dit = build_model(model_cfg, moe)
+        parallelize(dit, dims, moe)
     bucket = int(args.overlap_bucket_mb * 2**20)
     overlapped = GradReducer(dit, dims, dtype=args.overlap_dtype, bucket_bytes=bucket, overlap=True)
     serial = GradReducer(dit, dims, dtype=args.overlap_dtype, bucket_bytes=bucket, overlap=False)

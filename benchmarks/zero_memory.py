@@ -49,7 +49,7 @@ def _measure(args, world_size: int, ep_size: int, stage: int) -> dict:
     from diffmoe_dist.model.build import build_model
     from diffmoe_dist.model.moe.collector import MoECollector
     from diffmoe_dist.parallel import build_parallel_dims, parallelize
-    from diffmoe_dist.train.engine import build_engine
+    from diffmoe_dist.train.engine import build_engine, uses_deepspeed
 
     cfg = load_config(
         None,
@@ -66,8 +66,9 @@ def _measure(args, world_size: int, ep_size: int, stage: int) -> dict:
     ).validate(world_size=world_size)
     torch.manual_seed(0)
     dims = build_parallel_dims(ep_size, args.experts)
-    model = parallelize(build_model(cfg.model, cfg.moe), dims, cfg.moe)
-    engine = build_engine(model, cfg, dims, log=lambda _: None)
+    model = build_model(cfg.model, cfg.moe)
+    reducer = parallelize(model, dims, cfg.moe, grad_reduce=None if uses_deepspeed(cfg, dims) else cfg.parallel)
+    engine = build_engine(model, cfg, dims, reducer, log=lambda _: None)
     params = sum(p.numel() for p in model.parameters())
     g = torch.Generator().manual_seed(dims.rank)
     local = args.batch // world_size

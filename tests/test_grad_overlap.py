@@ -63,7 +63,8 @@ def _overlap_matches(rank: int, world_size: int) -> dict:
 
         def model(dims=dims):
             dit, moe = build_dit()
-            return parallelize(dit, dims, moe)
+            parallelize(dit, dims, moe)
+            return dit
 
         serial = model()
         dit_loss(serial, *local).backward()
@@ -129,15 +130,16 @@ def _accumulation_reduces_on_last_micro_batch(rank: int, world_size: int) -> dic
 
     def model():
         dit, moe = build_dit()
-        return parallelize(dit, dims, moe)
+        parallelize(dit, dims, moe)
+        return dit
 
     serial = model()
     for half in halves:
         (dit_loss(serial, *half) / 2).backward()
     reduce_gradients(serial, dims)
 
-    dit = model()
-    engine = PlainEngine(dit, cfg, dims)
+    dit, moe = build_dit()
+    engine = PlainEngine(dit, cfg, dims, parallelize(dit, dims, moe, grad_reduce=cfg.parallel))
     counts = []
     for half in halves:
         loss = dit_loss(dit, *half)

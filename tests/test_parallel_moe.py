@@ -104,7 +104,8 @@ def _check_layer(rank: int, world_size: int, ep_size: int, pool: str, tie_mode: 
     what = f"W={world_size} P={ep_size} pool={pool} ties={tie_mode} C={capacity}"
     ref = reference(world_size, ep_size, pool, tie_mode, capacity)
     dims = build_parallel_dims(ep_size, EXPERTS)
-    layer = parallelize(make_layer(pool, capacity, tie_mode), dims, MoEConfig(pool=pool))
+    layer = make_layer(pool, capacity, tie_mode)
+    parallelize(layer, dims, MoEConfig(pool=pool))
     x_all, target_all = global_batch(world_size, tie_mode)
     rows = slice(rank * BATCH, (rank + 1) * BATCH)
     x = x_all[rows].clone().requires_grad_(True)
@@ -179,7 +180,8 @@ def _empty_rank_matches(rank: int, world_size: int) -> None:
     ((y_ref * target_all).sum() / n_tokens).backward()
 
     dims = build_parallel_dims(2, EXPERTS)
-    layer = parallelize(make_layer("dp"), dims, MoEConfig(pool="dp"))
+    layer = make_layer("dp")
+    parallelize(layer, dims, MoEConfig(pool="dp"))
     lo = sum(sizes[:rank])
     rows = slice(lo, lo + sizes[rank])
     x = x_all[rows].clone().requires_grad_(True)
@@ -242,7 +244,8 @@ def _tie_tokens(seed: int) -> torch.Tensor:
 
 def _one_token_rank_matches(rank: int, world_size: int, seeds: list[int]) -> list[int]:
     dims = build_parallel_dims(1, TIE_EXPERTS)
-    layer = parallelize(_tie_layer("dp"), dims, MoEConfig(pool="dp"))
+    layer = _tie_layer("dp")
+    parallelize(layer, dims, MoEConfig(pool="dp"))
     ref_layer = _tie_layer("dp")
     rows = slice(0, 1) if rank == 0 else slice(1, 64)  # rank 0 holds one token, rank 1 the other 63
     differ = []

@@ -92,7 +92,9 @@ def _count(fn) -> tuple[dict, dict]:
 def _layer(dims) -> MoEFeedForward:
     torch.manual_seed(0)
     cfg = MoEConfig(router="expert_choice_global", num_experts=EXPERTS, capacity=1.0, pool="dp")
-    return parallelize(MoEFeedForward(DIM, 4 * DIM, cfg), dims, cfg).train()
+    layer = MoEFeedForward(DIM, 4 * DIM, cfg)
+    parallelize(layer, dims, cfg)
+    return layer.train()
 
 
 def _forward_counts(dims) -> tuple[dict, dict]:

@@ -65,8 +65,11 @@ def _accumulation_matches_at(rank: int, world_size: int, ep_size: int) -> None:
     expected = _expected_tau(_layer(), x_all)
     mine = x_all[rank * per_rank : (rank + 1) * per_rank]
     dims = build_parallel_dims(ep_size, EXPERTS)
-    tau_accum = _step(parallelize(_layer(), dims, MoEConfig(pool="dp")), list(mine.chunk(micro)))
-    tau_one = _step(parallelize(_layer(), dims, MoEConfig(pool="dp")), [mine])
+    layers = [_layer(), _layer()]
+    for layer in layers:
+        parallelize(layer, dims, MoEConfig(pool="dp"))
+    tau_accum = _step(layers[0], list(mine.chunk(micro)))
+    tau_one = _step(layers[1], [mine])
     tau_ref = _step(_layer(), [x_all])  # one process, the concatenated global batch
     tol = {"atol": 1e-6, "rtol": 0}
     torch.testing.assert_close(tau_accum, tau_one, **tol)

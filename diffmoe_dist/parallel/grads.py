@@ -131,7 +131,8 @@ class GradReducer:
     this code anyway. megatron-core's
     DistributedDataParallel allocates its buffers with ``torch.cuda.current_device()``: no CPU.
 
-    Usage: construct once after `parallelize` and before the optimizer's first step; run the
+    Usage: `parallelize(..., grad_reduce=cfg.parallel)` builds it after sharding (or construct it
+    yourself, before the optimizer's first step); run the
     backwards of all but the last micro-batch inside `no_sync()`; call `finish()` before clipping
     and the optimizer step. Hooks do no host read (they copy and launch on the comm device).
     """

@@ -12,7 +12,8 @@ rank's), a `LocalPool` and a `LocalDispatcher`, and knows nothing of processes o
 - broadcasts parameters and buffers so that all replicas start identical: non-expert tensors
   from rank 0 over DP, expert shards from the first rank of each EDP group;
 and to the trained model alone (the EMA never runs backward): activation checkpointing, and the
-gradient reduction (issue 15).
+gradient reduction overlapped with backward (`GradReducer`, parallel/grads.py), which it returns
+for the engine to finish at the optimizer step.
 
 Call it once, after the EMA copy and before building the optimizer: sharding replaces the expert
 Parameters. On one process it changes no weight (only checkpointing, when asked, wraps blocks).
@@ -31,7 +32,7 @@ from diffmoe_dist.model.moe.layer import MoEFeedForward, moe_layers
 from diffmoe_dist.model.moe.pool import LocalPool, TokenPool
 from diffmoe_dist.parallel.activation_checkpoint import checkpoint_blocks
 from diffmoe_dist.parallel.all_to_all import AllToAllDispatcher
-from diffmoe_dist.parallel.grads import BUCKET_BYTES, is_expert_param
+from diffmoe_dist.parallel.grads import BUCKET_BYTES, GradReducer, is_expert_param
 from diffmoe_dist.parallel.groups import ParallelDims
 from diffmoe_dist.parallel.pools import DistributedPool, ReplicatedLocalPool
 from diffmoe_dist.parallel.radix_select import DEFAULT_BITS
@@ -57,10 +58,14 @@ def parallelize(
     *,
     ema: nn.Module | None = None,
     activation_checkpointing: bool = False,
+    grad_reduce=None,
     broadcast: bool = True,
-) -> nn.Module:
-    """Applies all parallelism to ``model`` and, the same way, to its EMA copy ``ema`` (module
-    docstring). ``moe_cfg``: the MoEConfig (``pool``). Returns ``model`` (changed in place)."""
+) -> GradReducer | None:
+    """Applies all parallelism to ``model`` (in place) and, the same way, to its EMA copy ``ema``
+    (module docstring). ``moe_cfg``: the MoEConfig (``pool``). ``grad_reduce``: the
+    ParallelConfig (``grad_reduce_dtype``, ``overlap_grad_reduce``, ``grad_bucket_mb``) when this
+    code reduces the gradients (plain data parallelism; DeepSpeed ZeRO reduces its own): returns
+    the `GradReducer` whose hooks it put on ``model``'s final parameters, else None."""
     for m in (model,) if ema is None else (model, ema):
         for layer in moe_layers(m):
             parallelize_moe_layer(layer, dims, moe_cfg.pool)
@@ -69,9 +74,16 @@ def parallelize(
             broadcast_replicas(m, dims)
     if activation_checkpointing:
         checkpoint_blocks(model)  # the trained model only: the EMA model never runs backward
-    # The gradient reducer overlapped with backward (issue 15) is created here, for ``model`` only,
-    # after sharding: its hooks go on the final expert Parameters.
-    return model
+    if grad_reduce is None:
+        return None
+    # After sharding: the hooks go on the final expert Parameters (the trained model only).
+    return GradReducer(
+        model,
+        dims,
+        dtype=grad_reduce.grad_reduce_dtype,
+        bucket_bytes=int(grad_reduce.grad_bucket_mb * 2**20),
+        overlap=grad_reduce.overlap_grad_reduce,
+    )
 
 
 def tag_expert_params(model: nn.Module, dims: ParallelDims) -> None:

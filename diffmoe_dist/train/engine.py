@@ -132,18 +132,16 @@ class PlainEngine(_Engine):
     ``parallel.overlap_grad_reduce``, in ``parallel.grad_reduce_dtype``); ``self.model`` stays the
     plain module, so parameter names and checkpoints do not change."""
 
-    def __init__(self, model: nn.Module, cfg: Config, dims: ParallelDims):
+    def __init__(self, model: nn.Module, cfg: Config, dims: ParallelDims, reducer: GradReducer | None = None):
         super().__init__(model, cfg, dims)
         self.optimizer = self._adamw(model.parameters())
         self.scheduler = self._scheduler(self.optimizer)
-        p = cfg.parallel
-        self.reducer = GradReducer(
-            model,
-            dims,
-            dtype=p.grad_reduce_dtype,
-            bucket_bytes=int(p.grad_bucket_mb * 2**20),
-            overlap=p.overlap_grad_reduce,
-        )
+        if reducer is None and dims.distributed:
+            raise ValueError(
+                "PlainEngine on several processes reduces gradients with the GradReducer that "
+                "parallelize(..., grad_reduce=cfg.parallel) returns: pass it as reducer="
+            )
+        self.reducer = reducer if reducer is not None else GradReducer(model, dims)  # one process: no-op
         self._micro = 0  # backwards since the last step
 
     @property
@@ -317,11 +315,19 @@ class ZeroEngine(_Engine):
         self.ds.global_samples = step * self.cfg.data.global_batch_size
 
 
-def build_engine(model: nn.Module, cfg: Config, dims: ParallelDims, log=print) -> _Engine:
-    """`ZeroEngine` for ``train.zero_stage`` 1 / 2 on several processes, else `PlainEngine`.
-    Call after `parallelize` (sharding replaces the expert parameters)."""
-    if cfg.train.zero_stage > 0 and dims.world_size > 1:
+def uses_deepspeed(cfg: Config, dims: ParallelDims) -> bool:
+    """True where `build_engine` builds the `ZeroEngine` (DeepSpeed then reduces the gradients)."""
+    return cfg.train.zero_stage > 0 and dims.world_size > 1
+
+
+def build_engine(
+    model: nn.Module, cfg: Config, dims: ParallelDims, reducer: GradReducer | None = None, log=print
+) -> _Engine:
+    """`ZeroEngine` for ``train.zero_stage`` 1 / 2 on several processes, else `PlainEngine` with
+    the ``reducer`` `parallelize` returned. Call after `parallelize` (sharding replaces the expert
+    parameters)."""
+    if uses_deepspeed(cfg, dims):
         return ZeroEngine(model, cfg, dims)
     if cfg.train.zero_stage > 0:
         log(f"[diffmoe] train.zero_stage={cfg.train.zero_stage} with one process: nothing to partition, plain AdamW")
-    return PlainEngine(model, cfg, dims)
+    return PlainEngine(model, cfg, dims, reducer)

@@ -21,7 +21,7 @@ from diffmoe_dist.model.moe.collector import MoECollector
 from diffmoe_dist.model.moe.experts import expert_shard
 from diffmoe_dist.parallel.groups import ParallelDims, comm_device
 from diffmoe_dist.parallel.parallelize import parallelize
-from diffmoe_dist.train.engine import build_engine
+from diffmoe_dist.train.engine import build_engine, uses_deepspeed
 from diffmoe_dist.train.metrics import MetricsLogger, PhaseTimer, Throughput, progress_info, untimed_lap
 from diffmoe_dist.train.preemption import EXIT_REQUEUE, StopRequest
 from diffmoe_dist.train.run_dir import RunDirError, RunOwner, begin, plan_start
@@ -56,12 +56,13 @@ class Trainer:
         self.moe = MoECollector()  # what the MoE forwards hand the step (losses, threshold inputs)
         # Everything parallel, the same way on the model and its EMA (parallel/parallelize.py):
         # expert shards and tags, dispatchers, pools, the replica broadcast, activation checkpointing.
-        parallelize(
+        reducer = parallelize(
             self.model,
             self.dims,
             cfg.moe,
             ema=self.ema.model,
             activation_checkpointing=cfg.train.activation_checkpointing,
+            grad_reduce=None if uses_deepspeed(cfg, self.dims) else cfg.parallel,  # ZeRO reduces its own
         )
         # Per-rank stream for t, noise and label dropout: ranks draw different noise for their samples.
         torch.manual_seed(cfg.train.seed * 7919 + self.dims.rank + 1)
@@ -69,7 +70,7 @@ class Trainer:
         self.noise_gen = torch.Generator(device=device).manual_seed(cfg.train.seed * 104729 + self.dims.rank)
         # Plain data parallelism (train.zero_stage 0) or DeepSpeed ZeRO 1 / 2: optimizer, scheduler,
         # gradient reduction, clipping and accumulation (train/engine.py).
-        self.engine = build_engine(self.model, cfg, self.dims, print if self.rank0 else lambda _: None)
+        self.engine = build_engine(self.model, cfg, self.dims, reducer, print if self.rank0 else lambda _: None)
         self.optimizer, self.scheduler = self.engine.base_optimizer, self.engine.scheduler
         self.loader = self._build_loader()
         self.step = 0
