@@ -188,10 +188,11 @@ def calibrate(cfg, ranks=(2, 4), images: int | None = None, log=print) -> dict:
 def write_cluster(doc: dict, path: str, command: str) -> None:
     header = (
         f"# This machine, measured by `{command}` on {time.strftime('%Y-%m-%d %H:%M')} (torch {torch.__version__}).\n"
-        "# Microbenchmarks only (diffmoe_dist/plan/calibrate.py), never training steps: peak_flops is one\n"
-        "# core's best 1024^3 matmul; rank_peak_flops and collectives are per rank count W, with W gloo\n"
-        "# processes (one thread each) running at once: one rank's matmul FLOP/s while all multiply, and\n"
-        "# all_reduce / all_to_all_single on loopback fitted as time = latency + bytes / bandwidth;\n"
+        "# Microbenchmarks only (diffmoe_dist/plan/calibrate.py), never training steps, in CPU seconds so\n"
+        "# that other processes on the cores stay out: peak_flops is one core's 1024^3 matmul; per rank count\n"
+        "# W, with W gloo processes (one thread each) running at once, rank_peak_flops is one rank's matmul\n"
+        "# FLOPs per CPU-second times its core share min(1, cores / W), and collectives gloo's all_reduce /\n"
+        "# all_to_all_single on loopback fitted as time = latency + bytes / bandwidth (wall clock);\n"
         "# compute_efficiency is fwd+bwd of the config's dense twin (one process, one thread) / peak.\n"
     )
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
