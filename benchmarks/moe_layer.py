@@ -298,18 +298,9 @@ BUILDERS = {"ours": _build_ours, "dense": _build_dense, "deepspeed": _build_deep
 
 def matmul_peak(dtype, n: int, warmup: int, repeats: int) -> float:
     """FLOP/s of an ``n x n @ n x n`` matmul, the machine's practical peak for this dtype."""
-    a = torch.randn(n, n).to(DEVICE, dtype)
-    b = torch.randn(n, n).to(DEVICE, dtype)
-    out = torch.empty(n, n, dtype=dtype, device=DEVICE)
-    times = []
-    for i in range(warmup + max(repeats, 3)):
-        _sync()
-        start = time.perf_counter()
-        torch.mm(a, b, out=out)
-        _sync()
-        if i >= warmup:
-            times.append(time.perf_counter() - start)
-    return 2 * n**3 / statistics.median(times)
+    from diffmoe_dist.train.flops import matmul_peak as timed
+
+    return timed(dtype, n, device=DEVICE, warmup=warmup, repeats=max(repeats, 3))
 
 
 def time_impl(name: str, shape: Shape, dtype, warmup: int, repeats: int, budget_s: float) -> dict:

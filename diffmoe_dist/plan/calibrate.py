@@ -1,12 +1,13 @@
 """Describe this CPU machine for the planner from microbenchmarks, never from training steps:
 
 - per rank count W, W gloo processes side by side (one thread each, as torchrun runs them): the
-  fp32 / bf16 matmul FLOP/s one rank gets while all W multiply at once (oversubscription shows up
-  here: 4 ranks on 2 cores get about half a core each), and gloo's all-reduce and all-to-all on
-  loopback, fitted as ``time = alpha + bytes / bandwidth``;
-- one process, one thread: the fraction of the matmul peak that fwd + bwd of the config's *dense*
-  twin reaches on one rank's micro-batch (small GEMMs, LayerNorm, softmax, GELU), and the memory
-  bandwidth of a large copy (the optimizer's bound).
+  fp32 / bf16 matmul FLOPs one rank does per CPU-second while all W multiply at once, times the
+  share of a core a rank gets, ``min(1, cores / W)`` (4 ranks on 2 cores: half a core each); CPU
+  time, not wall time, so other processes loading the cores do not enter the description; and
+  gloo's all-reduce and all-to-all on loopback, fitted as ``time = alpha + bytes / bandwidth``;
+- one process, one thread, in CPU seconds: a core's matmul peak, the fraction of it that fwd + bwd
+  of the config's *dense* twin reaches on one rank's micro-batch (small GEMMs, LayerNorm, softmax,
+  GELU), and the memory bandwidth of a large copy (the optimizer's bound).
 
 The result is a cluster YAML (`diffmoe_dist.plan.cluster.load_cluster`).
 """
@@ -48,32 +49,31 @@ def _timed(fn, iters: int) -> float:
     return statistics.median(times[1:])
 
 
-def _sustained(dtype: torch.dtype, n: int = 512, seconds: float = 2.0, windows: int = 8) -> float:
-    """Matmul FLOP/s one rank sustains with every rank multiplying at once: the share of the cores
-    it gets (a best-of-single-matmuls figure would show a whole core when ranks outnumber cores).
-    The best of ``windows`` windows: on cores other processes share, the least-disturbed window
-    is the machine's own figure (compare it with the fastest measured step)."""
+def _per_cpu_second(dtype: torch.dtype, n: int = 512, seconds: float = 2.0) -> float:
+    """Matmul FLOPs per CPU-second of this rank while every rank multiplies at once: what a core
+    does for one rank with the others beside it (shared caches, memory), free of how the scheduler
+    splits the cores (other processes' load, or more ranks than cores: the planner applies the
+    share ``min(1, cores / (ranks x threads))`` itself)."""
     gen = torch.Generator().manual_seed(0)
     a, b = (torch.rand(n, n, generator=gen).to(dtype) for _ in range(2))
     out = torch.empty(n, n, dtype=dtype)
     torch.mm(a, b, out=out)
-    dist.barrier()
-    best = 0.0
-    for _ in range(windows):
-        done, t0 = 0, time.perf_counter()
-        while time.perf_counter() - t0 < seconds / windows:
-            torch.mm(a, b, out=out)
-            done += 1
-        best = max(best, 2 * n**3 * done / (time.perf_counter() - t0))
-    return best
+    if dist.is_initialized():
+        dist.barrier()
+    done, t0, c0 = 0, time.perf_counter(), time.process_time()
+    while time.perf_counter() - t0 < seconds:
+        torch.mm(a, b, out=out)
+        done += 1
+    return 2 * n**3 * done / max(time.process_time() - c0, 1e-9)
 
 
 def _worker(rank: int, world: int, store: str, sizes, iters: int, queue) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     try:
-        peak = torch.tensor([_sustained(torch.float32), _sustained(torch.bfloat16)], dtype=torch.float64)
+        peak = torch.tensor([_per_cpu_second(torch.float32), _per_cpu_second(torch.bfloat16)], dtype=torch.float64)
         dist.all_reduce(peak)  # the mean rank: every rank computes in the trainer
+        share = min(1.0, (os.cpu_count() or 1) / world)  # one thread per rank
         ar, a2a = [], []
         for nbytes in sizes:
             x = torch.ones(nbytes // 4)
@@ -90,8 +90,8 @@ def _worker(rank: int, world: int, store: str, sizes, iters: int, queue) -> None
             queue.put(
                 {
                     "rank_peak_flops": {
-                        "fp32": float(f"{peak[0] / world:.4g}"),
-                        "bf16": float(f"{peak[1] / world:.4g}"),
+                        "fp32": float(f"{peak[0] / world * share:.4g}"),
+                        "bf16": float(f"{peak[1] / world * share:.4g}"),
                     },
                     "collectives": {"all_reduce": _fit(ar), "all_to_all": _fit(a2a)},
                 }
@@ -141,12 +141,12 @@ def compute_efficiency(cfg, images: int, peak: float, reps: int = 3) -> float:
         cond = {"text": torch.randn(images, m.text_len, m.text_dim), "text_mask": torch.ones(images, m.text_len).bool()}
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.train.precision == "bf16")
     best = float("inf")
-    for _ in range(reps + 1):
-        t0 = time.perf_counter()
+    for _ in range(reps + 1):  # CPU seconds, as the peak: other processes on the cores do not enter
+        t0 = time.process_time()
         with autocast:
             out = model(x, torch.rand(images), **cond)
         out.float().square().mean().backward()
-        best = min(best, time.perf_counter() - t0)
+        best = min(best, time.process_time() - t0)
     torch.set_num_threads(before)
     return flops.train_flops(dense, images) / best / peak
 
@@ -155,10 +155,10 @@ def calibrate(cfg, ranks=(2, 4), images: int | None = None, log=print) -> dict:
     """The cluster description of this machine (a dict in the cluster YAML's fields)."""
     cores = os.cpu_count() or 1
     prec = "bf16" if cfg.train.precision == "bf16" else "fp32"
-    core_peak = {
-        "fp32": flops.matmul_peak(torch.float32, 1024, threads=1, repeats=10, best=True),
-        "bf16": flops.matmul_peak(torch.bfloat16, 1024, threads=1, repeats=10, best=True),
-    }
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    core_peak = {"fp32": _per_cpu_second(torch.float32, 1024), "bf16": _per_cpu_second(torch.bfloat16, 1024)}
+    torch.set_num_threads(before)
     images = images or max(1, cfg.data.global_batch_size // max(ranks))
     eff = compute_efficiency(cfg, images, core_peak[prec])
     log(f"calibrate: core peak fp32 {core_peak['fp32'] / 1e9:.1f} GFLOP/s, dense-twin efficiency {eff:.3f}")
@@ -188,10 +188,11 @@ def calibrate(cfg, ranks=(2, 4), images: int | None = None, log=print) -> dict:
 def write_cluster(doc: dict, path: str, command: str) -> None:
     header = (
         f"# This machine, measured by `{command}` on {time.strftime('%Y-%m-%d %H:%M')} (torch {torch.__version__}).\n"
-        "# Microbenchmarks only (diffmoe_dist/plan/calibrate.py), never training steps: peak_flops is one\n"
-        "# core's best 1024^3 matmul; rank_peak_flops and collectives are per rank count W, with W gloo\n"
-        "# processes (one thread each) running at once: one rank's matmul FLOP/s while all multiply, and\n"
-        "# all_reduce / all_to_all_single on loopback fitted as time = latency + bytes / bandwidth;\n"
+        "# Microbenchmarks only (diffmoe_dist/plan/calibrate.py), never training steps, in CPU seconds so\n"
+        "# that other processes on the cores stay out: peak_flops is one core's 1024^3 matmul; per rank count\n"
+        "# W, with W gloo processes (one thread each) running at once, rank_peak_flops is one rank's matmul\n"
+        "# FLOPs per CPU-second times its core share min(1, cores / W), and collectives gloo's all_reduce /\n"
+        "# all_to_all_single on loopback fitted as time = latency + bytes / bandwidth (wall clock);\n"
         "# compute_efficiency is fwd+bwd of the config's dense twin (one process, one thread) / peak.\n"
     )
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
