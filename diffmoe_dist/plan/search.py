@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 
+from diffmoe_dist.config import GRAD_REDUCE_DTYPES, ZERO_STAGES
 from diffmoe_dist.plan.cluster import Cluster
 from diffmoe_dist.plan.cost import plan
 
@@ -18,9 +19,9 @@ def candidates(cfg, cluster: Cluster, world: int, images: tuple[int, ...]) -> li
     return [
         {"images_per_rank": i, "zero": z, "ep": p, "grad_reduce_dtype": g, "grad_bucket_mb": b}
         for i in images
-        for z in (0, 1, 2)
+        for z in ZERO_STAGES
         for p in eps
-        for g in ("fp32", "bf16")
+        for g in GRAD_REDUCE_DTYPES
         for b in buckets
     ]
 
