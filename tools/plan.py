@@ -119,8 +119,7 @@ def main(argv=None) -> int:
     p.add_argument("--imbalance", type=float, default=1.0, help="slowest EP rank's load / mean (routing.jsonl)")
     p.add_argument("--efficiency", type=float, default=None, help="override the cluster's compute efficiency")
     p.add_argument("--threads", type=int, default=1, help="CPU threads per rank")
-    p.add_argument("--radix-bits", type=int, default=8, help="selection: bits per radix pass")
-    p.add_argument("--shared-histograms", action="store_true", help="selection: one all-reduce per pass for both")
+    p.add_argument("--radix-bits", type=int, default=11, help="selection: bits per radix pass (the code's 11)")
     p.add_argument("--recommend", action="store_true", help="also search images per rank, ZeRO, EP, grads, buckets")
     p.add_argument("--images", default="8,16,32", help="--recommend: images per rank to try")
     p.add_argument("--json", default=None, help="write the plan (and measurement) here")
@@ -145,7 +144,7 @@ def main(argv=None) -> int:
         world = args.world or (cluster.nodes * cluster.devices_per_node if cluster.kind == "gpu" else 2)
         ep = args.ep or cfg.parallel.expert_parallel_size
         cfg.validate(world_size=world)
-        kw = {"radix_bits": args.radix_bits, "shared_histograms": args.shared_histograms}
+        kw = {"radix_bits": args.radix_bits}
         result = plan(cfg, cluster, world, ep, args.zero, args.imbalance, args.efficiency, args.threads, **kw)
     except (ConfigError, ClusterError, PlanError) as exc:
         print(f"plan: error: {exc}", file=sys.stderr)

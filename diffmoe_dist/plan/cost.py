@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass
 
 from diffmoe_dist.config import Config
 from diffmoe_dist.model.ffn import is_moe_block
+from diffmoe_dist.parallel.radix_select import DEFAULT_BITS, bit_widths
 from diffmoe_dist.plan.cluster import Cluster, all_gather_s, all_reduce_s, all_to_all_s
 from diffmoe_dist.train import flops as flop_count
 
@@ -115,21 +116,27 @@ def activation_bytes(cfg: Config, images: int, recompute: bool = False, margin: 
     return per_token * images * seq * margin
 
 
-def selection_calls(moe, pool_ranks: int, radix_bits: int = 8, shared_histograms: bool = False) -> list[tuple]:
-    """Collectives of one MoE layer's training selection over a pool of ``pool_ranks`` ranks:
-    (op, bytes per rank). Radix select of the fp32 keys in ceil(32 / bits) passes, each one
-    all-reduce of an E x 2^bits int32 histogram, for the top-k and for the predictor quantile
-    (``shared_histograms``: one all-reduce per pass for both), the pool size, the tie counts
-    (all-gather), and the threshold's replica mean."""
+def selection_calls(moe, pool_ranks: int, radix_bits: int = DEFAULT_BITS) -> list[tuple]:
+    """Collectives of one MoE layer's training forward over a pool of ``pool_ranks`` ranks, as
+    parallel/pools.py issues them: (op, bytes per rank). Radix select of the fp32 keys in
+    ceil(32 / bits) passes, each one all-reduce of an E x 2^width int32 histogram (the first one's
+    total is the pool size: no size collective), then the tie counts (one all-gather)."""
     if moe.router != "expert_choice_global" or pool_ranks <= 1:
         return []
-    passes = math.ceil(32 / radix_bits)
-    hist = moe.num_experts * (1 << radix_bits) * 4
-    if shared_histograms:
-        calls = [("all_reduce", 2 * hist)] * passes
-    else:
-        calls = [("all_reduce", hist)] * (2 * passes) + [("all_reduce", 8)]
-    return calls + [("all_gather", moe.num_experts * 8), ("all_reduce", moe.num_experts * 4)]
+    return [("all_reduce", moe.num_experts * (1 << w) * 4) for w in bit_widths(radix_bits)] + [
+        ("all_gather", moe.num_experts * 8)
+    ]
+
+
+def threshold_calls(moe, pool_ranks: int, n_moe: int, radix_bits: int = DEFAULT_BITS) -> list[tuple]:
+    """Collectives of the step's threshold EMA (model/moe/collector.py): once per optimizer step,
+    one radix select for all layers side by side (n_moe x E columns), and for pools smaller than
+    DP (``rank`` / ``ep``) one all-reduce of every layer's quantile for the replica mean."""
+    if moe.router != "expert_choice_global" or pool_ranks <= 1 or n_moe == 0:
+        return []
+    cols = n_moe * moe.num_experts
+    calls = [("all_reduce", cols * (1 << w) * 4) for w in bit_widths(radix_bits)]
+    return calls + ([("all_reduce", 2 * cols * 8)] if moe.pool != "dp" else [])
 
 
 def plan(
@@ -143,14 +150,13 @@ def plan(
     threads: int = 1,
     overlap: bool | None = None,
     grad_dtype: str | None = None,
-    radix_bits: int = 8,
-    shared_histograms: bool = False,
+    radix_bits: int = DEFAULT_BITS,
 ) -> dict:
     """The per-rank, per-step estimate for ``cfg`` on ``world`` ranks of ``cluster``. Defaults come
     from the config: EP ``parallel.expert_parallel_size``, ZeRO ``train.zero_stage``, overlap
     ``parallel.overlap_grad_reduce``, ``parallel.grad_reduce_dtype``. ``threads``: CPU threads per
     rank (torchrun's default 1). ``efficiency``: overrides the cluster's compute efficiency.
-    ``radix_bits`` / ``shared_histograms``: the selection's collectives (`selection_calls`)."""
+    ``radix_bits``: the selection's digit width (`selection_calls`, `threshold_calls`)."""
     m, moe = cfg.model, cfg.moe
     d = m.resolved()[1]
     ep = ep or cfg.parallel.expert_parallel_size
@@ -213,12 +219,17 @@ def plan(
         a2a_s = accum * n_moe * (calls * (one(off * 4) + one(off * combine_elt)) + (calls - 1) * counts)
 
     # ---- selection: latency-bound collectives over the pool
-    sel = selection_calls(moe, pool_ranks, radix_bits, shared_histograms)
+    # (the recompute of activation checkpointing re-runs the forward's selection, not the threshold's)
+    sel = selection_calls(moe, pool_ranks, radix_bits)
+    tau = threshold_calls(moe, pool_ranks, n_moe, radix_bits)
     per_node_pool = min(pool_ranks, rpn)
     price = {"all_reduce": all_reduce_s, "all_gather": all_gather_s}
-    sel_one = sum(price[op](cluster, b, pool_ranks, per_node_pool) for op, b in sel)
-    sel_s = accum * n_moe * sel_one * (2 if recompute else 1)
-    sel_bytes = accum * n_moe * sum(b for _, b in sel)
+
+    def cost(calls):
+        return sum(price[op](cluster, b, pool_ranks, per_node_pool) for op, b in calls)
+
+    sel_s = accum * n_moe * cost(sel) * (2 if recompute else 1) + cost(tau)
+    sel_bytes = accum * n_moe * sum(b for _, b in sel) + sum(b for _, b in tau)
 
     # ---- gradients
     elt = 2 if grad_dtype == "bf16" else 4
@@ -295,7 +306,7 @@ def plan(
         "params": {**params, "expert_per_rank": expert_local, "per_rank": local_params},
         "flops": {"by_part": by_part, "executed_per_rank": fwd_flops + bwd_flops, "model_per_rank": model_flops},
         "comm": {"a2a_bytes": a2a_bytes, "selection_bytes": sel_bytes, "grad_bytes": grad_bytes,
-                 "selection_collectives": accum * n_moe * len(sel), "grad_bucket_bytes": bucket},
+                 "selection_collectives": accum * n_moe * len(sel) + len(tau), "grad_bucket_bytes": bucket},
         "memory": {"weights": weights, "grads": grads, "optimizer": optimizer, "ema": ema, "activations": acts,
                    "weight_casts": weight_casts, "total": mem_total, "capacity": capacity},
         "time": {"forward_s": fwd_s, "backward_s": bwd_s, "compute_s": compute_s, "a2a_s": a2a_s,
