@@ -98,7 +98,7 @@ def _step_rows(args: Args, rank: int, world_size: int) -> list[dict]:
             mask_NE, _ = expert_choice_global(scores_NE, layer.capacity, pool)
             a = assignment_from_mask(mask_NE, scores_NE)
             t2 = time.perf_counter()
-            y = dispatcher(x, a.token_idx_M, a.expert_idx_M, a.weight_M, layer.experts)
+            y = dispatcher(x, a, layer.experts)
             t3 = time.perf_counter()
             y.square().mean().backward()
             t4 = time.perf_counter()

@@ -231,26 +231,17 @@ def _with_routing(model, mode):
 def evaluate(model, mode: str | None, seed: int, args) -> dict:
     import torch
 
-    from diffmoe_dist.diffusion.sampling import CapacityMeter, sample_images
+    from diffmoe_dist.diffusion.sampling import CapacityMeter, sample_in_chunks
     from diffmoe_dist.eval.metrics import evaluate_images
 
     _with_routing(model, mode)
     labels = torch.arange(args.num_samples) % 10
     meter = CapacityMeter(model)
     t0 = time.time()
-    images = torch.cat(
-        [
-            sample_images(
-                model,
-                chunk,
-                cfg_scale=args.cfg_scale,
-                num_steps=args.sample_steps,
-                sampler=args.sampler,
-                seed=10_000 * (seed + 1) + i,
-            )
-            for i, chunk in enumerate(labels.split(100))
-        ]
-    )
+    images = sample_in_chunks(
+        model, labels, chunk_size=100, first_seed=10_000 * (seed + 1),
+        cfg_scale=args.cfg_scale, num_steps=args.sample_steps, sampler=args.sampler,
+    )  # fmt: skip
     meter.close()
     scores = evaluate_images(images, labels)
     return {

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from diffmoe_dist.model.ffn import FeedForward
 from diffmoe_dist.model.moe.dispatch import LocalDispatcher
 from diffmoe_dist.model.moe.experts import StackedExperts
+from diffmoe_dist.model.moe.routers import Assignment
 from diffmoe_dist.parallel.grads import is_expert_param
 
 
@@ -89,7 +90,7 @@ def test_local_dispatcher_combines_weighted_outputs_and_zeros_unpicked_tokens():
     token_idx = torch.tensor([0, 2, 2, 0, 3])
     expert_idx = torch.tensor([0, 0, 1, 3, 3])
     weight = torch.tensor([0.5, 0.25, 0.125, 2.0, 1.0])
-    y = LocalDispatcher()(x, token_idx, expert_idx, weight, experts)
+    y = LocalDispatcher()(x, Assignment(token_idx, expert_idx, weight), experts)
     ref = torch.zeros(5, 6)
     for t, e, w in zip(token_idx.tolist(), expert_idx.tolist(), weight.tolist(), strict=True):
         h = F.gelu(x[t] @ experts.w1_EDH[e] + experts.b1_EH[e], approximate="tanh")
@@ -101,4 +102,4 @@ def test_local_dispatcher_combines_weighted_outputs_and_zeros_unpicked_tokens():
 def test_local_dispatcher_refuses_sharded_experts():
     experts = _experts().shard(0, 2)
     with pytest.raises(ValueError, match="all-to-all"):
-        LocalDispatcher()(torch.randn(2, 6), torch.tensor([0]), torch.tensor([0]), torch.ones(1), experts)
+        LocalDispatcher()(torch.randn(2, 6), Assignment(torch.tensor([0]), torch.tensor([0]), torch.ones(1)), experts)

@@ -11,6 +11,7 @@ from distributed import run_distributed
 
 from diffmoe_dist.model.moe.dispatch import LocalDispatcher
 from diffmoe_dist.model.moe.experts import StackedExperts
+from diffmoe_dist.model.moe.routers import Assignment
 from diffmoe_dist.parallel import AllToAllDispatcher, build_parallel_dims
 from diffmoe_dist.parallel.all_to_all import _block_permutation
 
@@ -53,9 +54,9 @@ def _check_dtype(rank, dims, dtype: torch.dtype) -> None:
         token_idx, expert_idx, weight = _assignments(rank, case)
         weight = weight.requires_grad_(True)
         x_ref, w_ref = x.clone().requires_grad_(True), weight.detach().clone().requires_grad_(True)
-        y_ref = LocalDispatcher()(x_ref, token_idx, expert_idx, w_ref, ref)
+        y_ref = LocalDispatcher()(x_ref, Assignment(token_idx, expert_idx, w_ref), ref)
         x = x.requires_grad_(True)
-        y = AllToAllDispatcher(dims.ep_group)(x, token_idx, expert_idx, weight, shard)
+        y = AllToAllDispatcher(dims.ep_group)(x, Assignment(token_idx, expert_idx, weight), shard)
         assert y.dtype == dtype
         torch.testing.assert_close(y, y_ref, **tol, msg=lambda m, c=case: f"{c} {dtype} output: {m}")
         target = torch.randn(y.shape, generator=torch.Generator().manual_seed(5 + rank)).to(dtype)

@@ -25,7 +25,6 @@ import json
 import os
 import statistics
 import sys
-import time
 
 import torch
 import torch.distributed as dist
@@ -65,25 +64,14 @@ def fit_alpha_beta(rows: list[dict]) -> tuple[float, float]:
     return alpha, 1.0 / slope
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _time_alltoall(size: int, dtype, group, group_size: int, device, warmup: int, iters: int) -> float:
     elem = torch.tensor([], dtype=dtype).element_size()
     numel = max(group_size, size // elem // group_size * group_size)
     src = torch.ones(numel, dtype=dtype, device=device)
     dst = torch.empty_like(src)
-    times = []
-    for i in range(warmup + iters):
-        dist.barrier()
-        _sync(device)
-        t0 = time.perf_counter()
-        dist.all_to_all_single(dst, src, group=group)
-        _sync(device)
-        if i >= warmup:
-            times.append(time.perf_counter() - t0)
+    from diffmoe_dist.train.flops import time_op
+
+    times = time_op(lambda: dist.all_to_all_single(dst, src, group=group), device, warmup, iters, before=dist.barrier)
     t = torch.tensor([statistics.median(times)], dtype=torch.float64)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)  # the slowest rank is what a training step waits for
     return float(t)

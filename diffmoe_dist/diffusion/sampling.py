@@ -58,6 +58,16 @@ def save_grid(images_BCHW: torch.Tensor, path: str, nrow: int, scale: int | None
     img.save(path)
 
 
+def sample_in_chunks(
+    model: torch.nn.Module, labels: torch.Tensor, *, chunk_size: int, first_seed: int, **sample_kwargs
+) -> torch.Tensor:
+    """`sample_images` over ``labels`` ``chunk_size`` at a time, chunk i seeded ``first_seed + i``
+    (so a run's images do not depend on anything but the chunking); ``sample_kwargs`` go to
+    `sample_images` (cfg_scale, num_steps, sampler, device, on_evaluation)."""
+    chunks = labels.split(chunk_size)
+    return torch.cat([sample_images(model, c, seed=first_seed + i, **sample_kwargs) for i, c in enumerate(chunks)])
+
+
 class CapacityMeter:
     """Records the achieved average capacity C_avg of every MoE forward while active: an open
     `MoECollector` that keeps only C_avg (one value per MoE layer per model evaluation, in order)."""

@@ -14,7 +14,7 @@ import torch
 from diffmoe_dist import checkpoint as ckpt
 from diffmoe_dist.config import INFERENCE_MODES, SAMPLERS, config_from_dict
 from diffmoe_dist.data.text_encoders import prompt_model
-from diffmoe_dist.diffusion.sampling import CapacityMeter, sample_images, save_grid
+from diffmoe_dist.diffusion.sampling import CapacityMeter, sample_in_chunks, save_grid
 from diffmoe_dist.model.build import build_model
 from diffmoe_dist.model.moe.layer import set_inference_routing
 
@@ -57,23 +57,14 @@ def _sample_batched(
     model, labels: torch.Tensor, args, per_step: list | None = None
 ) -> tuple[torch.Tensor, float | None]:
     meter = CapacityMeter(model)
-    out = []
     evals = args.steps * (2 if args.sampler == "heun" else 1)  # velocity evaluations per batch
-    chunks = labels.split(args.batch_size)
+    chunks = len(labels.split(args.batch_size))
     t0 = time.perf_counter()
-    with _progress(f"sampling {len(labels)} images", len(chunks) * evals) as advance:
-        for i, chunk in enumerate(chunks):
-            out.append(
-                sample_images(
-                    model,
-                    chunk,
-                    cfg_scale=args.cfg_scale,
-                    num_steps=args.steps,
-                    sampler=args.sampler,
-                    seed=args.seed + i,
-                    on_evaluation=advance,
-                )
-            )
+    with _progress(f"sampling {len(labels)} images", chunks * evals) as advance:
+        images = sample_in_chunks(
+            model, labels, chunk_size=args.batch_size, first_seed=args.seed, on_evaluation=advance,
+            cfg_scale=args.cfg_scale, num_steps=args.steps, sampler=args.sampler,
+        )  # fmt: skip
     seconds = time.perf_counter() - t0
     print(
         f"sampled {len(labels)} images ({args.sampler}, {args.steps} steps, CFG {args.cfg_scale}) in {seconds:.1f} s: "
@@ -87,7 +78,6 @@ def _sample_batched(
 
         evals = 2 if args.sampler == "heun" else 1
         per_step.extend(capacity_per_step(meter.values, len(moe_layers(model)), args.steps, evals))
-    images = torch.cat(out)
     # Latent shards (made with a VAE): pixels through that VAE (or --vae); the digits are pixels already.
     from diffmoe_dist.data.decode import build_decoder
 

@@ -35,6 +35,7 @@ from torch import Tensor
 
 from diffmoe_dist.model.moe.dispatch import DispatchPlan, combine
 from diffmoe_dist.model.moe.experts import StackedExperts
+from diffmoe_dist.model.moe.routers import Assignment
 
 
 def _exchange(x: Tensor, out_splits: list[int], in_splits: list[int], group) -> Tensor:
@@ -134,17 +135,12 @@ class AllToAllDispatcher:
         )
 
     def __call__(
-        self,
-        x_ND: Tensor,
-        token_idx_M: Tensor,
-        expert_idx_M: Tensor,
-        weight_M: Tensor,
-        experts: StackedExperts,
-        plan: DispatchPlan | None = None,
+        self, x_ND: Tensor, assignment: Assignment, experts: StackedExperts, plan: DispatchPlan | None = None
     ) -> Tensor:
         ep_size, ep_rank = self._check(experts)
+        token_idx_M, weight_M = assignment.token_idx_M, assignment.weight_M
         if plan is None:  # rows sorted by global expert are sorted by owner, and by local expert within one
-            plan = self.plan(torch.bincount(expert_idx_M, minlength=experts.num_experts), experts)
+            plan = self.plan(torch.bincount(assignment.expert_idx_M, minlength=experts.num_experts), experts)
         send_splits, recv_splits = plan.send_splits, plan.recv_splits
         with self._phase("dispatch"):
             x_MD = x_ND.index_select(0, token_idx_M)  # backward: one index_add_

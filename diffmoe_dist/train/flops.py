@@ -130,9 +130,26 @@ def tokens_per_step(cfg: Config) -> int:
 
 
 # ---- the peak ---------------------------------------------------------------------------------
-def _sync(device: torch.device) -> None:
+def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def time_op(fn, device: torch.device, warmup: int, repeats: int, before=None) -> list[float]:
+    """Wall seconds of each of ``repeats`` calls of ``fn()`` after ``warmup`` untimed ones, the
+    device synchronised around each (kernels are asynchronous: time what ran); ``before()`` runs
+    untimed ahead of every call (e.g. a barrier, so ranks start together)."""
+    times = []
+    for i in range(warmup + repeats):
+        if before is not None:
+            before()
+        synchronize(device)
+        start = time.perf_counter()
+        fn()
+        synchronize(device)
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+    return times
 
 
 def matmul_peak(
@@ -156,14 +173,7 @@ def matmul_peak(
         gen = torch.Generator().manual_seed(0)  # never the global stream: the trainer times this after a resume
         a, b = (torch.rand(n, n, generator=gen).to(device, dtype) for _ in range(2))
         out = torch.empty(n, n, dtype=dtype, device=device)
-        times = []
-        for i in range(warmup + repeats):
-            _sync(device)
-            start = time.perf_counter()
-            torch.mm(a, b, out=out)
-            _sync(device)
-            if i >= warmup:
-                times.append(time.perf_counter() - start)
+        times = time_op(lambda: torch.mm(a, b, out=out), device, warmup, repeats)
     finally:
         torch.set_num_threads(before)
     return 2 * n**3 / (min(times) if best else statistics.median(times))

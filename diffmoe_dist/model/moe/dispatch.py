@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from diffmoe_dist.model.moe.experts import StackedExperts
+from diffmoe_dist.model.moe.routers import Assignment
 
 
 @dataclass
@@ -47,13 +48,7 @@ class Dispatcher(Protocol):
     def plan(self, counts_E: Tensor, experts: StackedExperts) -> DispatchPlan: ...
 
     def __call__(
-        self,
-        x_ND: Tensor,
-        token_idx_M: Tensor,
-        expert_idx_M: Tensor,
-        weight_M: Tensor,
-        experts: StackedExperts,
-        plan: DispatchPlan | None = None,
+        self, x_ND: Tensor, assignment: Assignment, experts: StackedExperts, plan: DispatchPlan | None = None
     ) -> Tensor: ...
 
 
@@ -81,13 +76,7 @@ class LocalDispatcher:
         return DispatchPlan(rows=sum(expert_rows), expert_rows=expert_rows)
 
     def __call__(
-        self,
-        x_ND: Tensor,
-        token_idx_M: Tensor,
-        expert_idx_M: Tensor,
-        weight_M: Tensor,
-        experts: StackedExperts,
-        plan: DispatchPlan | None = None,
+        self, x_ND: Tensor, assignment: Assignment, experts: StackedExperts, plan: DispatchPlan | None = None
     ) -> Tensor:
         """Assignments must be sorted by (global) expert index, so that each expert's rows are one
         contiguous block for ``experts.forward_grouped``."""
@@ -96,8 +85,10 @@ class LocalDispatcher:
                 f"LocalDispatcher needs all {experts.num_experts} experts local, got {experts.num_local} "
                 f"(sharded for expert parallelism: use the all-to-all dispatcher)"
             )
+        token_idx_M, weight_M = assignment.token_idx_M, assignment.weight_M
         if plan is None:
-            plan = self.plan(torch.bincount(expert_idx_M - experts.offset, minlength=experts.num_local), experts)
+            counts_E = torch.bincount(assignment.expert_idx_M - experts.offset, minlength=experts.num_local)
+            plan = self.plan(counts_E, experts)
         # index_select, not x_ND[idx]: its backward is one index_add_ where advanced indexing's
         # is an accumulating index_put_, slower on CPU.
         y_MD = experts.forward_grouped(x_ND.index_select(0, token_idx_M), plan.expert_rows)

@@ -79,7 +79,7 @@ class MoEFeedForward(nn.Module):
         # The forward's one host read: the dispatcher's row counts (exchanged with the EP peers).
         plan = self.dispatcher.plan(mask_NE.sum(0), self.experts)
         a = routers.assignment_from_mask(mask_NE, scores_NE, plan.rows)
-        y_ND = self.dispatcher(x_ND, a.token_idx_M, a.expert_idx_M, a.weight_M, self.experts, plan)
+        y_ND = self.dispatcher(x_ND, a, self.experts, plan)
         collector.record(
             self,
             lambda: collector.LayerRecord(

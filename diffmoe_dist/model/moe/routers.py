@@ -24,7 +24,7 @@ class Assignment:
     token_idx_M: Tensor  # long, local token row
     expert_idx_M: Tensor  # long, global expert index
     weight_M: Tensor  # fp32 router score S[t, e], the combine weight
-    mask_NE: Tensor  # bool selection mask the triples came from
+    mask_NE: Tensor | None = None  # bool selection mask the triples came from
 
     def detach(self) -> Assignment:
         return Assignment(self.token_idx_M, self.expert_idx_M, self.weight_M.detach(), self.mask_NE)
