@@ -119,11 +119,6 @@ def _ensure_malloc(tuned: bool) -> None:
 DEVICE = torch.device("cpu")
 
 
-def _sync() -> None:
-    if DEVICE.type == "cuda":
-        torch.cuda.synchronize()
-
-
 def _init_single_rank_group() -> None:
     if not torch.distributed.is_initialized():
         backend = "nccl" if DEVICE.type == "cuda" else "gloo"
@@ -307,6 +302,8 @@ def time_impl(name: str, shape: Shape, dtype, warmup: int, repeats: int, budget_
     """Samples of one forward+backward (grads set to None before each, as a training step does).
     A row whose first iteration shows that warmup + repeats would overrun ``budget_s`` runs
     1 warmup and as many repeats as fit, at least 3, so a slow peer cannot stall the run."""
+    from diffmoe_dist.train.flops import synchronize
+
     torch.manual_seed(0)
     module, step = BUILDERS[name](shape, dtype)
     x_ND = torch.randn(shape.tokens, shape.dim).to(DEVICE, dtype).requires_grad_()
@@ -316,7 +313,7 @@ def time_impl(name: str, shape: Shape, dtype, warmup: int, repeats: int, budget_
         module.zero_grad(set_to_none=True)
         x_ND.grad = None
         step(x_ND, g_ND)
-        _sync()  # kernels are asynchronous: time what ran, not what launched
+        synchronize(DEVICE)  # kernels are asynchronous: time what ran, not what launched
 
     start = time.perf_counter()
     one_iteration()

@@ -138,11 +138,6 @@ def _ensure_malloc(tuned: bool) -> None:
         os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
 
 
-def _sync(device: str | torch.device = "cpu") -> None:
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
-
-
 def matmul_peak(dtype: torch.dtype, n: int, threads: int, device: str = "cpu") -> float:
     """Median FLOP/s of an ``n^3`` matmul at ``threads`` threads (diffmoe_dist.train.flops)."""
     return flops.matmul_peak(dtype, n, threads, device=device)
@@ -283,7 +278,7 @@ def _measure(spec: RowSpec, rank: int) -> dict:
     trainer = Trainer(cfg, dims, torch.device(spec.device), local_world_size=spec.procs)
 
     def barrier() -> None:
-        _sync(spec.device)  # kernels are asynchronous: time what ran, not what launched
+        flops.synchronize(torch.device(spec.device))  # kernels are asynchronous: time what ran, not what launched
         if distributed:
             dist.barrier()
 
@@ -294,7 +289,7 @@ def _measure(spec: RowSpec, rank: int) -> dict:
         barrier()
         c0, w0 = time.process_time(), time.perf_counter()
         losses.append(trainer.train_step()["loss"])
-        _sync(spec.device)
+        flops.synchronize(torch.device(spec.device))
         w, c = time.perf_counter() - w0, time.process_time() - c0
         w_max = _sum_over_ranks([w], distributed, dist.ReduceOp.MAX if distributed else None)[0]
         wall.append(w_max)
@@ -309,7 +304,7 @@ def _measure(spec: RowSpec, rank: int) -> dict:
         timer = PhaseTimer(spec.device)
         w0 = time.perf_counter()
         trainer.train_step(timer=timer)
-        _sync(spec.device)
+        flops.synchronize(torch.device(spec.device))
         phase_walls.append(time.perf_counter() - w0)
         phases.append(timer.seconds)
     profile = None

@@ -200,20 +200,28 @@ def _validate_mfu_peak(value: str, precision: str) -> None:
         if not (math.isfinite(tflops) and tflops > 0):
             fail(name, value, f"a peak must be a positive number of TFLOPS: {_MFU_PEAK_FIX}")
         return
-    if not os.path.isfile(value):
-        what = "the file does not exist" if value.endswith((".yaml", ".yml")) else "not a known value"
-        fail(name, value, f"{what}: {_MFU_PEAK_FIX}")
+    cluster_peak_flops(value, precision)
+
+
+def cluster_peak_flops(path: str, precision: str) -> float:
+    """A cluster YAML's (tools/clusters/*.yaml) per-device ``peak_flops`` for ``precision`` in
+    FLOP/s, for ``logging.mfu_peak``; a one-line ConfigError naming the field when it has none."""
+    name = "logging.mfu_peak"
+    if not os.path.isfile(path):
+        what = "the file does not exist" if path.endswith((".yaml", ".yml")) else "not a known value"
+        fail(name, path, f"{what}: {_MFU_PEAK_FIX}")
     try:
-        with open(value) as f:
+        with open(path) as f:
             peak = yaml.safe_load(f).get("peak_flops")
     except (yaml.YAMLError, AttributeError, UnicodeDecodeError):
-        fail(name, value, f"the file is not a cluster YAML mapping: {_MFU_PEAK_FIX}")
+        fail(name, path, f"the file is not a cluster YAML mapping: {_MFU_PEAK_FIX}")
     peak = peak.get(precision) if isinstance(peak, dict) else peak
     if isinstance(peak, bool) or not isinstance(peak, (int, float, str)):
         peak = None
     try:
-        positive = peak is not None and float(peak) > 0
+        flops = float(peak) if peak is not None else 0.0
     except ValueError:  # YAML 1.1 reads 989e12 as a string: float() parses it
-        positive = False
-    if not positive:
-        fail(name, value, f"the file gives no positive peak_flops for train.precision={precision}: add one")
+        flops = 0.0
+    if not flops > 0:
+        fail(name, path, f"the file gives no positive peak_flops for train.precision={precision}: add one")
+    return flops

@@ -9,8 +9,8 @@ import time
 from typing import Any
 
 import torch
-import yaml
 
+from diffmoe_dist.config.validate import cluster_peak_flops
 from diffmoe_dist.train import flops
 
 
@@ -89,8 +89,7 @@ class PhaseTimer:
         self._t = time.perf_counter()
 
     def lap(self, phase: str | None) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+        flops.synchronize(self.device)
         now = time.perf_counter()
         if phase is not None:
             self.seconds[phase] = self.seconds.get(phase, 0.0) + now - self._t
@@ -122,15 +121,10 @@ def resolve_mfu_peak(value: str, precision: str, device: torch.device) -> float 
         # The fastest of 10: ranks start together and contend; the peak is what a core can do.
         dtype_ = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
         return flops.matmul_peak(dtype_, device=device, repeats=10, best=True)
-    if value.endswith((".yaml", ".yml")):
-        with open(value) as f:
-            peak = (yaml.safe_load(f) or {}).get("peak_flops")
-        if isinstance(peak, dict):
-            peak = peak.get(dtype, next(iter(peak.values()), None))
-        if peak is None:
-            raise ValueError(f"logging.mfu_peak={value!r}: the file has no peak_flops (see tools/clusters/)")
-        return float(peak)
-    return float(value) * 1e12
+    try:
+        return float(value) * 1e12
+    except ValueError:  # not a number: a cluster YAML (Config.validate checked it gives this peak)
+        return cluster_peak_flops(value, dtype)
 
 
 class Throughput:
