@@ -23,8 +23,8 @@ from diffmoe_dist.parallel.radix_select import (
     DEFAULT_BITS,
     bit_widths,
     capacity_k,
-    key_to_float,
     radix_select,
+    signed_key_to_float,
     signed_order_key,
     tie_take_mask,
 )
@@ -138,9 +138,9 @@ class DistributedPool(ReplicatedLocalPool):
         n_pool = int(sel.n_pool)  # the same on every rank: all raise together
         if not 1 <= k <= n_pool:
             raise ValueError(f"kth_largest: k={k} outside [1, N_pool={n_pool}]")
-        return key_to_float(sel.kth_C.long() + 0x80000000).to(values_NE.dtype)
+        return signed_key_to_float(sel.kth_C).to(values_NE.dtype)
 
     @torch.no_grad()
     def capacity_kth_largest(self, values_NC: Tensor, capacity: float, num_experts: int) -> tuple[Tensor, Tensor]:
         _, sel = self._select(values_NC, lambda n, _: capacity_k(n, capacity, num_experts))
-        return key_to_float(sel.kth_C.long() + 0x80000000).to(values_NC.dtype), sel.k_C
+        return signed_key_to_float(sel.kth_C).to(values_NC.dtype), sel.k_C

@@ -50,10 +50,15 @@ def order_preserving_key(x: Tensor) -> Tensor:
     return signed_order_key(x).to(torch.int64) + _SIGN
 
 
+def signed_key_to_float(signed: Tensor) -> Tensor:
+    """Inverse of `signed_order_key`: fp32 values from int32 keys (a selection's ``kth_C``)."""
+    signed = signed.to(torch.int32)
+    return (signed ^ ((signed >> 31) & 0x7FFFFFFF)).view(torch.float32)
+
+
 def key_to_float(key: Tensor) -> Tensor:
     """Inverse of `order_preserving_key`: fp32 values from int64-held uint32 keys."""
-    signed = (key - _SIGN).to(torch.int32)
-    return (signed ^ ((signed >> 31) & 0x7FFFFFFF)).view(torch.float32)
+    return signed_key_to_float(key - _SIGN)
 
 
 def bit_widths(bits: int = DEFAULT_BITS) -> list[int]:
