@@ -14,8 +14,10 @@ collective (median over iterations, max over ranks) and reports:
 - ``algbw``: S / time;
 - ``busbw``: the off-rank part S (P - 1) / P over time, the bytes that actually cross links (as
   nccl-tests reports it); this is the bandwidth the planner's alpha-beta model takes;
-and per P a least-squares fit ``time = alpha + offrank_bytes / bandwidth`` (`tools/plan.py` reads
-it for cluster files). Rank 0 prints the table and writes ``a2a_bench.json`` and ``a2a_bench.png``.
+and per P a least-squares fit ``time = alpha + offrank_bytes / bandwidth``. Nothing reads the JSON
+automatically: copy a fit into a cluster file by hand (``intra_node`` for P inside a node,
+``inter_node`` for a group that spans nodes; docs/tuning.md step 2), then re-run `tools/plan.py`.
+Rank 0 prints the table and writes ``a2a_bench.json`` and ``a2a_bench.png``.
 """
 
 from __future__ import annotations
