@@ -17,7 +17,7 @@ bf16 means parameters *and* activations in bf16 (``module.to(torch.bfloat16)``, 
 autocast); routers that compute in fp32 (ours, DeepSpeed, Megatron with moe_router_dtype=fp32)
 cast internally.
 
-glibc malloc maps every block over 32 MB afresh (DESIGN.md section 4), which costs one page
+glibc malloc maps every block over 32 MB afresh (docs/design.md section 4), which costs one page
 fault per 4 KB touched. The benchmark re-executes itself with ``MALLOC_MMAP_THRESHOLD_`` and
 ``MALLOC_TRIM_THRESHOLD_`` at 4 GiB unless ``--default-malloc``; ``--compare-malloc`` runs both
 settings as subprocesses. Minor page faults per iteration are reported for every row.
@@ -170,7 +170,7 @@ def _build_dense(shape: Shape, dtype):
 
 def _build_deepspeed(shape: Shape, dtype):
     # deepspeed.comm wraps an existing torch.distributed group, but building its TorchBackend
-    # first JIT-compiles the shared-memory collectives (~40 s, DESIGN.md section 4), useless for
+    # first JIT-compiles the shared-memory collectives (~40 s, docs/design.md section 4), useless for
     # one rank. (`import deepspeed.comm.torch as m` would bind the torch package: deepspeed.comm
     # has an attribute named torch.)
     with contextlib.redirect_stdout(sys.stderr):  # its logger prints "Setting accelerator to CPU"

@@ -144,7 +144,7 @@ def earlier_runs(args) -> dict:
 
 
 def _reexec_with_tuned_malloc() -> None:
-    # glibc maps every tensor over 32 MB afresh (DESIGN.md section 4); run.sh and the launchers set
+    # glibc maps every tensor over 32 MB afresh (docs/design.md section 4); run.sh and the launchers set
     # these, and a benchmark started by hand should measure the same process the launchers start.
     if all(os.environ.get(k) == v for k, v in TUNED_MALLOC.items()):
         return

@@ -31,7 +31,7 @@ around the call; (2) a ``torch.profiler`` split of one real
 copy/layout, communication, other ops, untracked Python), as fractions of the profiled step.
 
 The benchmark re-executes itself with ``MALLOC_MMAP_THRESHOLD_=MALLOC_TRIM_THRESHOLD_=4 GiB``
-(glibc otherwise maps every block over 32 MB afresh and page-faults it in, DESIGN.md section 4)
+(glibc otherwise maps every block over 32 MB afresh and page-faults it in, docs/design.md section 4)
 unless ``--default-malloc``; worker processes inherit the setting.
 
     .venv/bin/python benchmarks/train_throughput.py --out benchmarks/results/train_throughput.json  # ~10 min

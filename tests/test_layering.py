@@ -1,4 +1,4 @@
-"""The package's imports point one way, down this list of layers (DESIGN.md section 3):
+"""The package's imports point one way, down this list of layers (docs/design.md section 3):
 
     config 0 < model 1 < parallel 2 < data = diffusion 3 < checkpoint 4 < train 5 < eval = plan 6
 
@@ -14,7 +14,7 @@ Modules directly under ``diffmoe_dist/``: a layer is named by its first componen
 ``config.py`` and a ``config/`` package are both the config layer. ``diffmoe_dist/__init__.py`` runs
 before every module of the package, so it imports nothing of the package (else importing the
 config layer would import whatever it names). Any other top-level module or package not listed in
-``RANKS`` fails the test until it is given a rank here (and in DESIGN.md), so a new top-level
+``RANKS`` fails the test until it is given a rank here (and in docs/design.md), so a new top-level
 module cannot slip in beside the layers. Nothing in the package imports ``tools``, ``benchmarks``,
 ``tests`` or ``launchers``: they sit above the package.
 
@@ -156,7 +156,7 @@ def layer_violations(root: Path) -> list[str]:
         if name is not None and name not in RANKS:
             out.append(
                 f"{p.relative_to(root.parent)}: {top}.{name} belongs to no layer: move it into one of "
-                f"{', '.join(RANKS)}, or give it a rank in RANKS (tests/test_layering.py) and DESIGN.md section 3"
+                f"{', '.join(RANKS)}, or give it a rank in RANKS (tests/test_layering.py) and docs/design.md section 3"
             )
     for imp in imports:
         where = f"{imp.path}:{imp.line}"

@@ -1,5 +1,5 @@
 """DiffMoE layer under DP x EP equals one process on the rank-major concatenation of the local
-batches (DESIGN.md section 2): same selected (token, expert) set, outputs, thresholds and
+batches (docs/design.md section 2): same selected (token, expert) set, outputs, thresholds and
 gradients, for every pool (``rank``, ``ep``, ``dp``) and expert-parallel size."""
 
 from __future__ import annotations

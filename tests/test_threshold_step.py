@@ -1,5 +1,5 @@
 """The capacity predictor's threshold EMA moves once per optimizer step, over the step's whole pool
-(DESIGN.md section 1; issue 15 item 3): gradient accumulation and activation checkpointing do not
+(docs/design.md section 1; issue 15 item 3): gradient accumulation and activation checkpointing do not
 change it. The forwards only compute; `MoECollector.update_thresholds` applies the step."""
 
 from __future__ import annotations

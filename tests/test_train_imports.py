@@ -1,5 +1,5 @@
 """A training start imports neither the evaluation code (the digits classifier, FID's scipy) nor
-DeepSpeed (only the ZeRO engine does): train/ sits below eval/ (DESIGN.md section 3)."""
+DeepSpeed (only the ZeRO engine does): train/ sits below eval/ (docs/design.md section 3)."""
 
 import subprocess
 import sys

@@ -80,7 +80,7 @@ def test_zero1_and_zero2_train_like_plain_data_parallelism_at_w4_ep2(digits, tmp
     for rank, runs in enumerate(per_rank):
         assert runs["plain"]["engine"] == "PlainEngine" and runs["zero1"]["engine"] == "ZeroEngine"
         for name in ("zero1", "zero2"):
-            # Same global-mean gradients (DESIGN.md section 4), summed in another order: fp32 noise only.
+            # Same global-mean gradients (docs/design.md section 4), summed in another order: fp32 noise only.
             np.testing.assert_allclose(runs[name]["loss"], runs["plain"]["loss"], rtol=1e-5)
             np.testing.assert_allclose(runs[name]["grad_norm"], runs["plain"]["grad_norm"], rtol=1e-4)
             for key, ref in runs["plain"]["state"].items():

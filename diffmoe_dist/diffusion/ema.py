@@ -1,4 +1,4 @@
-"""Exponential moving average of weights and buffers (DESIGN.md: EMA covers buffers too, so the
+"""Exponential moving average of weights and buffers (docs/design.md section 1: EMA covers buffers too, so the
 MoE thresholds used by dynamic inference come from the averaged model). The trainer's
 checkpoint holds `model` (keys ema/NAME) and `num_updates` (meta "ema_num_updates")."""
 

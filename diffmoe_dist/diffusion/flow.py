@@ -1,4 +1,4 @@
-"""Rectified flow (DESIGN.md section 1): t ~ U(0, 1), x_t = t * x + (1 - t) * eps, v = x - eps.
+"""Rectified flow (docs/design.md section 1): t ~ U(0, 1), x_t = t * x + (1 - t) * eps, v = x - eps.
 
 t = 0 is pure noise and t = 1 is data, so sampling integrates dx/dt = v(x, t) from 0 to 1.
 """

@@ -1,7 +1,7 @@
 """Expert-parallel dispatch: send each chosen (token, expert) row to the rank that owns the expert.
 
 A `Dispatcher` (model/moe/dispatch.py): the same result as ``LocalDispatcher`` when ``experts``
-holds only this rank's ``E/P`` experts (DESIGN.md section 2, Megatron layout). Per call, inside
+holds only this rank's ``E/P`` experts (docs/design.md section 2, Megatron layout). Per call, inside
 the sender's EP group:
 
 1. counts (``plan``): an ``all_to_all_single`` of the (destination, local expert) row counts, then
@@ -15,7 +15,7 @@ the sender's EP group:
 
 Backward of each all-to-all is the reverse all-to-all, so gradients of expert weights gather the
 contributions of every token of the EP group. gloo has only the ``_single`` form with uneven
-splits (the list form fails, DESIGN.md section 4).
+splits (the list form fails, docs/design.md section 4).
 
 Ranks that send or receive nothing take part with (0, D) tensors and never reshape to an assumed
 size: Megatron-LM issue 1877 was a ``view`` of an empty receive buffer, and its fix (PR 3626) had

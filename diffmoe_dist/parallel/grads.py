@@ -5,7 +5,7 @@ Each rank's loss is the mean over its own tokens, so the global-mean loss is ``L
 - Expert parameters: backward through the all-to-all already brings every rank of the EP group
   its experts' gradient from all of the group's tokens; summing over the EDP group (the replicas of
   the shard) then covers all W ranks' losses, / W. This is what DeepSpeed ZeRO does with our
-  expert tags (DESIGN.md section 4): it divides every gradient by the full DP size and reduces
+  expert tags (docs/design.md section 4): it divides every gradient by the full DP size and reduces
   expert gradients over EDP.
 This assumes equal token counts per rank (equal local batches); the trainer enforces that.
 

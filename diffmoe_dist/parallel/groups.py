@@ -1,6 +1,6 @@
 """Process groups for data and expert parallelism, in Megatron's layout with TP = PP = CP = 1.
 
-With W ranks and expert-parallel size P (DESIGN.md section 2):
+With W ranks and expert-parallel size P (docs/design.md section 2):
 - the data-parallel (DP) group is the whole world: every rank holds a different micro-batch;
 - expert-parallel (EP) groups are consecutive ranks ``[0..P-1], [P..2P-1], ...``; EP rank ``i`` of a
   group holds experts ``[i * E/P, (i + 1) * E/P)`` and tokens move by all-to-all inside the group;

@@ -302,7 +302,7 @@ def ep_hosts_error(hosts: list[str], ep_size: int) -> str | None:
 
 def check_ep_hosts(env: LaunchEnv, ep_size: int) -> None:
     """Collective over the default group: raises `ParallelSetupError` on every rank alike when an EP
-    group spans hosts (DESIGN.md: the all-to-alls stay inside a node)."""
+    group spans hosts (docs/design.md section 2: all-to-alls stay inside a node)."""
     if ep_size <= 1 or env.world_size <= 1:
         return
     hosts: list[Any] = [None] * dist.get_world_size()

@@ -6,7 +6,7 @@ rank's), a `LocalPool` and a `LocalDispatcher`, and knows nothing of processes o
 - keeps only this rank's ``E/P`` experts (``experts.shard``) and tags them for DeepSpeed's MoE
   paths (`tag_expert_params`);
 - swaps in the `AllToAllDispatcher` over the EP group when ``P > 1``;
-- swaps in the token pool ``moe.pool`` asks for (DESIGN.md section 2): ``rank`` (own batch),
+- swaps in the token pool ``moe.pool`` asks for (docs/design.md section 2): ``rank`` (own batch),
   ``ep`` (the EP group's batches) or ``dp`` (every rank's batch), all with thresholds averaged
   over DP so the predictor buffers stay identical;
 - broadcasts parameters and buffers so that all replicas start identical: non-expert tensors
@@ -87,7 +87,7 @@ def parallelize(
 
 
 def tag_expert_params(model: nn.Module, dims: ParallelDims) -> None:
-    """DeepSpeed's MoE convention (DESIGN.md section 4): ``allreduce=False`` keeps ZeRO from
+    """DeepSpeed's MoE convention (docs/design.md section 4): ``allreduce=False`` keeps ZeRO from
     reducing expert gradients over all DP ranks, and ``group_name`` (its MoE optimizer-group key)
     names the EDP group they are reduced over. Set again on every call (a copy drops attributes)."""
     for experts in expert_modules(model).values():

@@ -1,6 +1,6 @@
 """Exact k-th largest per column over rows spread across ranks, without moving the rows.
 
-DESIGN.md section 2. Pure functions: the collectives come in as two callables, so the whole search
+docs/design.md section 2. Pure functions: the collectives come in as two callables, so the whole search
 runs (and is tested) in one process with a fake all-reduce; `parallel/pools.py` passes gloo / NCCL.
 We radix-select on the order-preserving uint32 key of each fp32 value:
 

@@ -18,7 +18,7 @@ from diffmoe_dist.parallel.groups import ParallelDims, expert_data_parallel_rank
 def _moe_marker_class():
     """A placeholder whose only job is to be an instance of `deepspeed.moe.layer.MoE`: the engine
     enables its MoE paths (expert groups in ZeRO, ``has_moe_layers``) only when it finds one, and
-    ZeRO-2's backward fails in ``average_tensor`` without them (DESIGN.md section 4). No
+    ZeRO-2's backward fails in ``average_tensor`` without them (docs/design.md section 4). No
     parameters, never called. Built lazily: importing DeepSpeed takes seconds."""
     from deepspeed.moe.layer import MoE
 

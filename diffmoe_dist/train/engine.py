@@ -189,7 +189,7 @@ _YAML_OWNED = {
 }
 # ZeRO bucket sizes in elements when parallel.grad_bucket_mb is 0. CPU: 5M (20 MB fp32): a 50M
 # bucket is a fresh mmap and page faults every step (measured 0.64 -> 0.125 s per step, tiny
-# model, 4 ranks; DESIGN.md section 4). GPU: 2e8, few large NCCL calls.
+# model, 4 ranks; docs/design.md section 4). GPU: 2e8, few large NCCL calls.
 _ZERO_BUCKET_ELEMENTS = {"cpu": 5_000_000, "cuda": 200_000_000}
 
 
@@ -228,7 +228,7 @@ def _ds_config(cfg: Config, dims: ParallelDims) -> dict:
 
 
 class ZeroEngine(_Engine):
-    """DeepSpeed ZeRO stage 1 / 2 over our own expert-parallel model (DESIGN.md section 4)."""
+    """DeepSpeed ZeRO stage 1 / 2 over our own expert-parallel model (docs/design.md section 4)."""
 
     def __init__(self, model: nn.Module, cfg: Config, dims: ParallelDims):
         super().__init__(model, cfg, dims)
@@ -282,7 +282,7 @@ class ZeroEngine(_Engine):
 
     def _link_states(self) -> None:
         # ZeRO links each parameter to its optimizer-state fragment lazily after the first param
-        # group's step, before the other groups have state: re-link once they exist (DESIGN.md
+        # group's step, before the other groups have state: re-link once they exist (docs/design.md
         # section 4, trap 2).
         self.optimizer._hp_optimizer_states_linked = False
         self.optimizer._lazy_init_hp_params_optimizer_state()

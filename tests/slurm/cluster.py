@@ -11,7 +11,7 @@ the foreground as its own children, and waits until `sinfo` shows every node idl
 the cluster's jobs, then ends exactly the processes it started (the PIDs it recorded in
 ``pids.json``), never anything found by name. Clients reach it through ``SLURM_CONF`` (`env()`).
 
-Facts this relies on (measured, DESIGN.md section 4): SlurmctldHost must equal ``hostname -s``;
+Facts this relies on (measured, docs/design.md section 4): SlurmctldHost must equal ``hostname -s``;
 there is no systemd, so munged runs as the munge user with /run/munge created by hand;
 proctrack/linuxproc and task/none need no cgroups; ``SlurmdParameters=config_overrides`` lets a node
 claim more CPUs than the machine has; node names must resolve (an /etc/hosts line to 127.0.0.1);

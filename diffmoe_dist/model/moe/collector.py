@@ -9,7 +9,7 @@ checkpointing runs inside backward, after the block closed, so it needs no speci
 model and evaluation open none (a sampler may open its own to read the capacity).
 
 The trainer opens the collector around each micro-batch's forward and calls `update_thresholds`
-once per optimizer step, just before ``engine.step()``: the threshold EMA of DESIGN.md section 1,
+once per optimizer step, just before ``engine.step()``: the threshold EMA of docs/design.md section 1,
 ``tau_e <- m tau_e + (1 - m) q_e``, with ``q_e`` the ``k_step``-th largest ``sigmoid(pred[:, e])``
 over the step's whole pool (every micro-batch of every rank of the pool) and
 ``k_step = floor(C N_step_pool / E)``. The official DiffMoE code updates tau in every forward

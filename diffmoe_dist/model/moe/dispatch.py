@@ -54,7 +54,7 @@ class Dispatcher(Protocol):
 
 def combine(y_MD: Tensor, weight_M: Tensor, token_idx_M: Tensor, n_tokens: int, out_dtype: torch.dtype) -> Tensor:
     """``y_ND[t] = sum_m weight[m] y_MD[m]`` over the rows of token t, zero for tokens with no row
-    (DESIGN.md section 1: the residual carries them). In the router's fp32: the weights are softmax
+    (docs/design.md section 1: the residual carries them). In the router's fp32: the weights are softmax
     scores, and index_add_ of several experts' outputs for one token accumulates better in fp32
     than in bf16. A bf16 y_MD times fp32 weights promotes to fp32 in one pass."""
     y_MD = y_MD * weight_M.float().unsqueeze(1)

@@ -24,7 +24,7 @@ _SHARD = threading.local()
 @contextlib.contextmanager
 def expert_shard(ep_rank: int, ep_size: int) -> Iterator[None]:
     """Inside, `StackedExperts` are built holding only experts ``[ep_rank E/P, (ep_rank + 1) E/P)``
-    (DESIGN.md section 2): a rank of a 16-expert, EP-8 model allocates 2 experts per layer, never 16."""
+    (docs/design.md section 2): a rank of a 16-expert, EP-8 model allocates 2 experts per layer, never 16."""
     previous = getattr(_SHARD, "value", None)
     _SHARD.value = (ep_rank, ep_size)
     try:
@@ -128,7 +128,7 @@ class StackedExperts(nn.Module):
         return torch.cat(outs, dim=0)
 
     def shard(self, ep_rank: int, ep_size: int) -> StackedExperts:
-        """Keep only experts ``[ep_rank * E/P, (ep_rank + 1) * E/P)`` (DESIGN.md section 2), in
+        """Keep only experts ``[ep_rank * E/P, (ep_rank + 1) * E/P)`` (docs/design.md section 2), in
         place, as new Parameters. Returns self."""
         if self.num_local != self.num_experts:
             raise ValueError(f"shard: experts are already sharded (offset {self.offset}, {self.num_local} local)")

@@ -1,11 +1,11 @@
 """Token pools: the set of tokens over which an expert-choice router picks its top-k.
 
-DiffMoE (DESIGN.md section 1) flattens the whole batch into one pool and lets every expert take its
+DiffMoE (docs/design.md section 1) flattens the whole batch into one pool and lets every expert take its
 ``k = floor(C * N_pool / E)`` best tokens. The router code only ever sees the *local* rows of the
 pool; every question that needs the whole pool (its size, column counts, column top-k, column
 quantiles) goes through a ``TokenPool``. ``LocalPool`` answers them for a single process;
 ``diffmoe_dist/parallel/pools.py`` answers them across data-parallel ranks (radix select,
-DESIGN.md section 2) and must return exactly what ``LocalPool`` returns on the rank-major
+docs/design.md section 2) and must return exactly what ``LocalPool`` returns on the rank-major
 concatenation of the local batches, including the tie rule.
 
 Contract for distributed implementations: every method is a collective, so all ranks of the pool
@@ -87,7 +87,7 @@ class TokenPool:
 
 
 class LocalPool(TokenPool):
-    """The pool is exactly the local batch (one process, or DESIGN.md's ``pool: rank``)."""
+    """The pool is exactly the local batch (one process, or docs/design.md's ``pool: rank``)."""
 
     def size(self, n_local: int) -> int:
         return n_local

@@ -1,4 +1,4 @@
-"""DiffMoE's capacity predictor and its per-expert thresholds (DESIGN.md section 1)."""
+"""DiffMoE's capacity predictor and its per-expert thresholds (docs/design.md section 1)."""
 
 from __future__ import annotations
 

@@ -50,7 +50,7 @@ def router_logits(x_ND: Tensor, weight_ED: Tensor) -> Tensor:
 
 
 def router_scores(x_ND: Tensor, weight_ED: Tensor) -> Tensor:
-    """``S = softmax(x W_r^T)`` over experts, in fp32 even under bf16 autocast (DESIGN.md
+    """``S = softmax(x W_r^T)`` over experts, in fp32 even under bf16 autocast (docs/design.md
     section 1): selection compares scores across the whole pool, where bf16 would create ties.
     Batch invariant (`router_logits`), so a token's score does not depend on which rank holds it."""
     with torch.autocast(device_type=x_ND.device.type, enabled=False):
@@ -128,7 +128,7 @@ def load_balancing_loss(scores_NE: Tensor, mask_NE: Tensor, weight: float) -> Te
 
 
 def capacity_avg(k_E: Tensor, n_pool: Tensor | int) -> Tensor:
-    """``C_avg = mean_e(E * k_e / N_pool)`` (DESIGN.md section 1), the achieved capacity, as a
+    """``C_avg = mean_e(E * k_e / N_pool)`` (docs/design.md section 1), the achieved capacity, as a
     float64 device tensor (0 for an empty pool): read on the host once per step, with the losses."""
     n = torch.as_tensor(n_pool, device=k_E.device).double()
     return torch.where(
