@@ -273,6 +273,16 @@ def test_missing_or_empty_data_and_missing_resume_path_are_one_line(digits, tmp_
     assert msg.startswith("train.resume=") and "does not exist" in msg
 
 
+def test_missing_data_names_the_recipe_of_the_configs_task(tmp_path):
+    """A text-to-image config is pointed at the captioned recipes, never at the class-label digits."""
+    cfg = load_config("configs/t2i/diffmoe-e16-256gpu.yaml", [f"data.path={tmp_path}/nope"])
+    with pytest.raises(ConfigError) as err:
+        check_files(cfg)
+    msg = str(err.value)
+    assert "make_shards.py images" in msg and "digits-t2i" in msg and "make_shards.py digits " not in msg
+    assert "make_shards.py digits " in _files_error(tmp_path, f"data.path={tmp_path}/nope")
+
+
 def _damaged_copy(digits, tmp_path, damage, shard: int = 2) -> str:
     import shutil
 

@@ -26,31 +26,36 @@ def check_files(cfg: Config, rank: int = 0, world_size: int = 1) -> None:
             fail("train.resume", tr.resume, "does not exist: use auto, never, or a run / checkpoint directory")
         if not os.path.isdir(tr.resume):
             fail("train.resume", tr.resume, "is not a directory: pass a run directory or its step_* directories")
-    check_data_path(cfg.data.path, rank, world_size)
+    check_data_path(cfg.data.path, rank, world_size, cfg.model.task)
 
 
-_SHARDS_HINT = "make the shards with `python tools/make_shards.py digits --out DIR`, or pass data.path=DIR"
+_SHARDS_HINTS = {  # the recipe for the config's task: a text-to-image run needs caption embeddings
+    "c2i": "make the shards with `python tools/make_shards.py digits --out DIR`, or pass data.path=DIR",
+    "t2i": "make the shards with `python tools/make_shards.py images --src IMAGES --vae VAE_DIR --out DIR` "
+    "(`digits-t2i` for the captioned digits), or pass data.path=DIR",
+}
 
 
-def check_data_path(path: str, rank: int = 0, world_size: int = 1) -> None:
+def check_data_path(path: str, rank: int = 0, world_size: int = 1, task: str = "c2i") -> None:
     """``path/train``: a manifest listing at least one sample, and every listed shard a tar of the
     size the manifest records."""
+    hint = _SHARDS_HINTS[task]
     train = os.path.join(path, "train")
     if not os.path.isdir(path):
-        fail("data.path", path, f"the directory does not exist: {_SHARDS_HINT}")
+        fail("data.path", path, f"the directory does not exist: {hint}")
     manifest_path = os.path.join(train, "manifest.json")
     if not os.path.isfile(manifest_path):
         what = "has no train/" if not os.path.isdir(train) else "has no train/manifest.json"
-        fail("data.path", path, f"{what}: {_SHARDS_HINT}")
+        fail("data.path", path, f"{what}: {hint}")
     try:
         with open(manifest_path) as f:
             manifest = json.load(f)
         shards = [s["name"] for s in manifest["shards"]]
         num_samples = int(manifest["num_samples"])
     except (ValueError, KeyError, TypeError) as exc:
-        fail("data.path", path, f"{manifest_path} is not a shard manifest ({exc!r}): {_SHARDS_HINT}")
+        fail("data.path", path, f"{manifest_path} is not a shard manifest ({exc!r}): {hint}")
     if not shards or num_samples < 1:
-        fail("data.path", path, f"{manifest_path} lists no samples: {_SHARDS_HINT}")
+        fail("data.path", path, f"{manifest_path} lists no samples: {hint}")
     # Shard by shard: the one check the stream loader also relies on (data/stream.py), one stat and
     # one header read per shard, each rank a 1/W share.
     try:
