@@ -19,7 +19,7 @@
 # handled in launchers/common.sh.
 #
 # Layout (configs/t2i/diffmoe-e16-256gpu.yaml, the one `tools/plan.py --recommend` ranks first for this
-# model on tools/clusters/h100_32x8.yaml: planned MFU ~28%, README "On a GPU cluster"): 32 images per GPU
+# model on tools/clusters/h100_32x8.yaml: planned MFU ~28%, docs/tuning.md): 32 images per GPU
 # (global batch 8192), EP 8 inside each node, plain data parallelism (ZeRO-0: it fits in ~57 of 80 GB, and
 # ZeRO-1/2 would add an exposed all-gather of the fp32 weights), bf16 gradient reduction overlapped with
 # backward in 25 MB buckets. Fewer nodes at the same images per GPU: sbatch --nodes=N ... with
