@@ -2,6 +2,8 @@
 # The two set-up commands of the README, on a fresh machine with nothing but Python:
 #   bash run.sh main   # multi-process CPU training on the embedded digits data, samples, evaluation
 #   bash run.sh test   # the test suite (what CI runs)
+# and for developers: bash run.sh test-fast (the suite without the slow tier), bash run.sh golden
+# (regenerate the reference loss curves of tests/golden/).
 # Both create .venv on first use (torch pinned to the CPU wheel; see requirements.txt).
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -36,10 +38,25 @@ case "$cmd" in
     setup_venv
     export WANDB_MODE=disabled DIFFMOE_NO_PROGRESS=1
     ruff check .
-    exec python -m pytest tests "$@"
+    # The whole suite; the 15 slowest tests are listed at the end (CI's log shows where time goes).
+    exec python -m pytest tests --durations=15 "$@"
+    ;;
+  test-fast)
+    # The edit-test loop: everything but the `slow` tier (tests/conftest.py: training, several
+    # processes, launchers, SLURM), a few minutes on 2 cores. CI runs `test`.
+    setup_venv
+    export WANDB_MODE=disabled DIFFMOE_NO_PROGRESS=1
+    ruff check .
+    exec python -m pytest tests -m "not slow" --durations=15 "$@"
+    ;;
+  golden)
+    # Regenerate tests/golden/*.json (the tiny configs' reference loss curves) after an intended change.
+    setup_venv
+    export WANDB_MODE=disabled DIFFMOE_NO_PROGRESS=1
+    exec python -m tools.golden "$@"
     ;;
   *)
-    echo "usage: bash run.sh main|test [args]" >&2
+    echo "usage: bash run.sh main|test|test-fast|golden [args]" >&2
     exit 2
     ;;
 esac

@@ -21,8 +21,6 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
-import sys
 import tempfile
 import time
 
@@ -158,7 +156,9 @@ def main() -> None:
     p.add_argument("--out", default=None, help="JSON file")
     args = p.parse_args()
     if not os.path.isdir(os.path.join(args.data, "train")):
-        subprocess.run([sys.executable, "tools/make_shards.py", "digits", "--out", args.data], check=True)
+        from diffmoe_dist.data.digits import write_digits_shards
+
+        write_digits_shards(args.data)
     rows = [measure(args, size) for size in args.sizes]
     print_table(rows)
     if args.out:

@@ -32,7 +32,6 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -154,7 +153,9 @@ def _reexec_with_tuned_malloc() -> None:
 def _ensure_digits(path: Path) -> None:
     if (path / "train").is_dir() and (path / "heldout").is_dir():
         return
-    subprocess.run([sys.executable, str(REPO / "tools" / "make_shards.py"), "digits", "--out", str(path)], check=True)
+    from diffmoe_dist.data.digits import write_digits_shards
+
+    write_digits_shards(path)
 
 
 def train_one(model: Model, seed: int, args, data: Path) -> dict:

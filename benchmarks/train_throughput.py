@@ -52,7 +52,6 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -70,6 +69,7 @@ if str(REPO) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(REPO))
 
 from diffmoe_dist.config import Config, load_config  # noqa: E402
+from diffmoe_dist.data.digits import write_digits_shards  # noqa: E402
 from diffmoe_dist.parallel.launch import free_port  # noqa: E402
 from diffmoe_dist.train import flops  # noqa: E402
 from diffmoe_dist.train.metrics import PhaseTimer  # noqa: E402
@@ -375,17 +375,13 @@ def run_row(spec: RowSpec) -> dict:
 
 def _tiny_data(tmp: Path) -> str:
     """The digits shards of the tiny configs: data/digits when it exists, else made into ``tmp``
-    by tools/make_shards.py (as the launchers and tests do)."""
+    by the package's `write_digits_shards` (as tools/make_shards.py and the tests do)."""
     repo_digits = REPO / "data" / "digits"
     if (repo_digits / "train" / "manifest.json").is_file():
         return str(repo_digits)
     out = tmp / "digits"
     if not (out / "train" / "manifest.json").is_file():
-        subprocess.run(
-            [sys.executable, str(REPO / "tools" / "make_shards.py"), "digits", "--out", str(out)],
-            check=True,
-            capture_output=True,
-        )
+        write_digits_shards(out)
     return str(out)
 
 

@@ -41,17 +41,69 @@ TINY = [
 ]
 
 
+# The `slow` tier: every test that trains, spawns ranks or launchers, or starts the SLURM cluster.
+# `bash run.sh test` runs everything (CI); `bash run.sh test-fast` deselects these (``-m "not slow"``)
+# for the edit-test loop. A test is slow when it carries ``@pytest.mark.slow``, uses one of these
+# fixtures (they build data sets by subprocess or start daemons), or lives in one of these modules
+# (each of their tests trains or spawns processes). New slow tests: mark them, or list them here.
+SLOW_FIXTURES = {"digits", "digits_t2i", "slurm_cluster", "torchrun_run", "mpirun_run"}
+SLOW_MODULES = {
+    "test_benchmarks_moe_layer",
+    "test_benchmarks_paper_table",
+    "test_benchmarks_train_throughput",
+    "test_golden",
+    "test_launchers",
+    "test_preemption",
+    "test_resume_distributed",
+    "test_slurm",
+    "test_teardown",
+    "test_train_single",
+    "test_zero",
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if SLOW_FIXTURES.intersection(getattr(item, "fixturenames", ())) or item.module.__name__ in SLOW_MODULES:
+            item.add_marker(pytest.mark.slow)
+
+
 def make_shards(kind: str, out: Path) -> str:
-    """``tools/make_shards.py KIND --out OUT`` (the embedded digits sets), from any working directory."""
+    """``tools/make_shards.py KIND --out OUT`` (the captioned digits need the tool's text encoder), from
+    any working directory."""
     cmd = [sys.executable, str(REPO / "tools" / "make_shards.py"), kind, "--out", str(out)]
     subprocess.run(cmd, check=True, capture_output=True, cwd=REPO, timeout=600)
     return str(out)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def in_repository():
+    """Tests name configs and tools relative to the repository (``configs/local/diffmoe-tiny.yaml``):
+    run them there whatever directory pytest was started from."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(REPO)
+        yield REPO
+
+
+@pytest.fixture(scope="session", autouse=True)
+def classifier_cache(tmp_path_factory):
+    """One digits classifier per session: ``DIFFMOE_CACHE_DIR`` points every test, and every process
+    a test starts (``diffmoe-eval``, the benchmarks), at one session directory, so the first user
+    trains it and all others load it (diffmoe_dist/eval/classifier.py caches by sha256)."""
+    cache = tmp_path_factory.mktemp("classifier-cache")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("DIFFMOE_CACHE_DIR", str(cache))
+        yield cache
+
+
 @pytest.fixture(scope="session")
 def digits(tmp_path_factory) -> str:
     """The class-conditional digits shards (``train/`` and ``heldout/``), as a path string."""
-    return make_shards("digits", tmp_path_factory.mktemp("data") / "digits")
+    from diffmoe_dist.data.digits import write_digits_shards
+
+    out = tmp_path_factory.mktemp("data") / "digits"
+    write_digits_shards(out)
+    return str(out)
 
 
 @pytest.fixture(scope="session")

@@ -17,7 +17,7 @@ import torch
 from distributed import run_distributed, start_training_ranks, wait_all
 
 from diffmoe_dist.config import load_config
-from diffmoe_dist.data.digits import load_digits_split
+from diffmoe_dist.data.digits import load_digits_split, write_digits_shards
 from diffmoe_dist.data.loader import GlobalBatchLoader
 from diffmoe_dist.data.shards import load_indexed, write_shards
 from diffmoe_dist.data.stream import ShardError, StreamBatchLoader, check_shards
@@ -26,18 +26,11 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 DIGITS_FIELDS = {"x": "latent.npy", "y": "cls"}
 
 
-def _digits_samples(split="train"):
-    images, labels = load_digits_split(split)
-    for i, (image, label) in enumerate(zip(images.numpy(), labels.tolist(), strict=True)):
-        yield {"__key__": f"{split}-{i:06d}", "latent.npy": image.astype("float32"), "cls": int(label)}
-
-
 @pytest.fixture(scope="module")
 def digits(tmp_path_factory):
     """The digits in 7 indexed shards, as `tools/make_shards.py digits` writes them."""
     root = tmp_path_factory.mktemp("digits")
-    for split in ("train", "heldout"):
-        write_shards(root / split, _digits_samples(split), samples_per_shard=256, index=True)
+    write_digits_shards(root)
     return root
 
 
@@ -229,8 +222,7 @@ def test_bf16_text_is_stored_as_bits_and_read_without_a_float_copy(tmp_path):
 def test_a_missing_or_corrupt_shard_is_one_line_naming_it(digits, tmp_path):
     check_shards(digits)  # the data root: train/ and heldout/
     bad = tmp_path / "data"
-    for split in ("train", "heldout"):
-        write_shards(bad / split, _digits_samples(split), samples_per_shard=256, index=True)
+    write_digits_shards(bad)
     check_shards(bad)
     shard = bad / "train" / "shard-000003.tar"
     original = shard.read_bytes()

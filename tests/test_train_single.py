@@ -76,7 +76,7 @@ def test_foreach_adamw_trains_bitwise_like_the_per_parameter_loop(digits, tmp_pa
 def test_sample_and_eval_clis_read_the_run(digits, tmp_path):
     run = tmp_path / "run"
     _train(digits, run, 2)
-    env = {**os.environ, "DIFFMOE_CACHE_DIR": str(tmp_path / "cache")}
+    env = dict(os.environ)  # DIFFMOE_CACHE_DIR: the session's classifier (conftest.py)
     out = subprocess.run(
         [
             sys.executable,

@@ -43,35 +43,17 @@ def _with_progress(samples: Iterator[dict], total: int, description: str, progre
         progress.advance(task)
 
 
-def digits_samples(split: str) -> tuple[Iterator[dict], int]:
-    from diffmoe_dist.data.digits import DIGIT_WORDS, load_digits_split
-
-    images_B1HW, labels_B = load_digits_split(split)
-
-    def samples() -> Iterator[dict]:
-        for i, (image, label) in enumerate(zip(images_B1HW.numpy(), labels_B.tolist(), strict=True)):
-            yield {
-                "__key__": f"{split}-{i:06d}",  # zero-padded: key order == split order
-                "latent.npy": image.astype("float32"),
-                "cls": int(label),
-                "caption.txt": DIGIT_WORDS[label],
-            }
-
-    return samples(), len(labels_B)
-
-
 def run_digits(args: argparse.Namespace) -> None:
+    from diffmoe_dist.data.digits import write_digits_shards
+
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()) as progress:
-        for split in ("train", "heldout"):
-            samples, total = digits_samples(split)
-            manifest = write_shards(
-                args.out / split,
-                _with_progress(samples, total, f"digits/{split}", progress),
-                samples_per_shard=args.samples_per_shard,
-                created_by=f"tools/make_shards.py digits (split={split})",
-                overwrite=args.overwrite,
-                index=True,
-            )
+        manifests = write_digits_shards(
+            args.out,
+            samples_per_shard=args.samples_per_shard,
+            overwrite=args.overwrite,
+            wrap=lambda samples, total, split: _with_progress(samples, total, f"digits/{split}", progress),
+        )
+        for split, manifest in manifests.items():
             n, num_shards, shape = manifest["num_samples"], len(manifest["shards"]), manifest["latent_shape"]
             progress.console.print(f"{args.out / split}: {n} samples in {num_shards} shard(s), latent {shape}")
 

@@ -41,3 +41,43 @@ def load_digits_split(split: str) -> tuple[torch.Tensor, torch.Tensor]:
     idx = perm[:n_heldout] if split == "heldout" else perm[n_heldout:]
     idx = torch.as_tensor(np.sort(idx))
     return x[idx].contiguous(), y[idx].contiguous()
+
+
+def digits_samples(split: str):
+    """The webdataset samples of one split, in split order, and their count: the 16x16 pixels as the
+    "latent" (1, 16, 16) in [-1, 1], the class label, and its word as caption."""
+    images_B1HW, labels_B = load_digits_split(split)
+
+    def samples():
+        for i, (image, label) in enumerate(zip(images_B1HW.numpy(), labels_B.tolist(), strict=True)):
+            yield {
+                "__key__": f"{split}-{i:06d}",  # zero-padded: key order == split order
+                "latent.npy": image.astype("float32"),
+                "cls": int(label),
+                "caption.txt": DIGIT_WORDS[label],
+            }
+
+    return samples(), len(labels_B)
+
+
+def write_digits_shards(out, samples_per_shard: int = 256, overwrite: bool = False, wrap=None) -> dict[str, dict]:
+    """The class-conditional digits data set: ``out/train/`` and ``out/heldout/`` shards with their
+    manifests and offset indexes (what `tools/make_shards.py digits`, the tests, the benchmarks and
+    the planner's measurement use). ``wrap(samples, total, split)`` may wrap each split's samples
+    (a progress bar). Returns each split's manifest."""
+    from pathlib import Path
+
+    from diffmoe_dist.data.shards import write_shards
+
+    manifests = {}
+    for split in ("train", "heldout"):
+        samples, total = digits_samples(split)
+        manifests[split] = write_shards(
+            Path(out) / split,
+            wrap(samples, total, split) if wrap else samples,
+            samples_per_shard=samples_per_shard,
+            created_by=f"tools/make_shards.py digits (split={split})",
+            overwrite=overwrite,
+            index=True,
+        )
+    return manifests

@@ -36,11 +36,9 @@ def digits_path(cfg_path: str, overrides: list[str], tmp: str) -> str | None:
         return None
     out = os.path.join(tmp, "digits")
     if not os.path.isdir(os.path.join(out, "train")):
-        subprocess.run(
-            [sys.executable, os.path.join(REPO, "tools", "make_shards.py"), "digits", "--out", out],
-            check=True,
-            capture_output=True,
-        )
+        from diffmoe_dist.data.digits import write_digits_shards
+
+        write_digits_shards(out)
     return out
 
 
