@@ -111,7 +111,7 @@ with mode:  # the check is live: a host tensor beside an accel one raises
 
 CONFIGS = [("configs/local/dense-tiny.yaml", []), ("configs/local/t2i-diffmoe-tiny.yaml", ["moe.router=dense"])]
 for config, extra in CONFIGS:
-    cfg = load_config(config, ["model.depth=2", "model.hidden_size=48", "model.num_heads=4", *extra])
+    cfg = load_config(config, [*conftest.TINY_MODEL, *extra])
     with torch.device("meta"):
         model = build_model(cfg.model, cfg.moe)
     model._apply(lambda t: FakeTensor(mode, t, accel))

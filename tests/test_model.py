@@ -1,4 +1,5 @@
 import torch
+from conftest import TINY_MODEL
 
 from diffmoe_dist.config import load_config
 from diffmoe_dist.diffusion.ema import EMA
@@ -6,7 +7,7 @@ from diffmoe_dist.model.build import build_model
 
 
 def _tiny(router="dense", **kw):
-    over = [f"moe.router={router}", "model.depth=2", "model.hidden_size=48", "model.num_heads=4"]
+    over = [f"moe.router={router}", *TINY_MODEL]
     over += [f"{k}={v}" for k, v in kw.items()]
     cfg = load_config("configs/local/diffmoe-tiny.yaml", over)
     return build_model(cfg.model, cfg.moe), cfg

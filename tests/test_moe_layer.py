@@ -1,30 +1,21 @@
 """Specification of MoEFeedForward against plain per-expert loops written independently here."""
 
 import copy
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from diffmoe_dist.config import MoEConfig
 from diffmoe_dist.model.ffn import FeedForward, build_ffn, is_moe_block
 from diffmoe_dist.model.moe import MoECollector, MoEFeedForward, routers, set_inference_routing
 
 
-@dataclass
-class Cfg:  # duck-typed stand-in for diffmoe_dist.config.MoEConfig (same fields and defaults)
-    router: str = "expert_choice_global"
-    num_experts: int = 4
-    capacity: float = 1.0
-    top_k: int = 1
-    interleave: int = 2
-    predictor_loss_weight: float = 1.0
-    aux_loss_weight: float = 0.01
-    threshold_momentum: float = 0.95
-    pool: str = "dp"
-    inference: str = "dynamic"
-    gamma: float = 0.5
+def Cfg(**kw) -> MoEConfig:  # noqa: N802 (reads as the config it builds)
+    """The real MoEConfig, with this module's defaults: DiffMoE's router over 4 experts."""
+    return MoEConfig(**{"router": "expert_choice_global", "num_experts": 4, **kw})
 
 
 D, H = 8, 32

@@ -34,7 +34,7 @@ TINY_T2I = "configs/local/t2i-diffmoe-tiny.yaml"
 
 
 def _model(router="dense", **kw):
-    over = [f"moe.router={router}", "model.depth=2", "model.hidden_size=48", "model.num_heads=4", "moe.num_experts=4"]
+    over = [f"moe.router={router}", *conftest.TINY_MODEL, "moe.num_experts=4"]
     over += [f"{k}={v}" for k, v in kw.items()]
     cfg = load_config(TINY_T2I, over)
     return build_model(cfg.model, cfg.moe), cfg
