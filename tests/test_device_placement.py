@@ -158,7 +158,7 @@ def _forced_distributed_steps(rank, world_size, digits, run_dir):
     losses = {}
     single = Trainer(cfg.validate(1), None, torch.device("cpu"))
     losses["single"] = [single.train_step()["loss"] for _ in range(3)]
-    dims = init_distributed(read_launch_env(), 1, "cpu", num_experts=4, use_megatron=False, force_collectives=True)
+    dims = init_distributed(read_launch_env(), 1, "cpu", num_experts=4, use_megatron=False, force_distributed=True)
     with CollectiveAudit() as audit:
         forced = Trainer(cfg.validate(1), dims, torch.device("cpu"))
         losses["forced"] = [forced.train_step()["loss"] for _ in range(3)]

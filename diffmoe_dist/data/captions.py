@@ -73,7 +73,8 @@ def assign_captions(split: str, labels: list[int], copies: int = 1) -> list[list
         k = seen.get(label, 0)
         seen[label] = k + 1
         start = k * copies + label
-        out.append([digit_caption(label, templates[(start + j) % len(templates)]) for j in range(copies)])
+        phrasings = captions_for(split, label)
+        out.append([phrasings[(start + j) % len(phrasings)] for j in range(copies)])
     return out
 
 

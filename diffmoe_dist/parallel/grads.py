@@ -161,7 +161,7 @@ class GradReducer:
         kinds = [(dims.dp_group, dense)]
         if dims.ep_size == 1:  # EDP = DP: experts are replicated like everything else
             kinds[0] = (dims.dp_group, dense + expert)
-        elif dims.edp_size > 1 or dims.force_collectives:
+        elif dims.edp_size > 1 or dims.force_distributed:
             kinds.append((dims.edp_group, expert))
         else:  # P = W: each rank holds its own experts, nothing to sum (only the 1/W)
             kinds.append((None, expert))
@@ -270,7 +270,7 @@ def grad_norm(model: nn.Module, dims: ParallelDims) -> torch.Tensor:
         return torch.stack([g.square().sum() for g in grads]).sum() if grads else torch.zeros((), device=device)
 
     expert_sq = sq(expert).reshape(1)
-    if dims.ep_size > 1 or dims.force_collectives:
+    if dims.ep_size > 1 or dims.force_distributed:
         dist.all_reduce(expert_sq, group=dims.ep_group)
     return (sq(dense) + expert_sq[0]).sqrt()
 

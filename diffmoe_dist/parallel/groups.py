@@ -85,11 +85,7 @@ class ParallelDims:
     edp_group: Any = None
     # Run the distributed code path (parallelize, the pool, the all-to-all, every collective) even
     # at world size 1: how one GPU tests the NCCL path (parallel.force_distributed).
-    force_collectives: bool = False
-
-    @property
-    def dp_size(self) -> int:
-        return self.world_size
+    force_distributed: bool = False
 
     @property
     def edp_size(self) -> int:
@@ -101,7 +97,7 @@ class ParallelDims:
 
     @property
     def distributed(self) -> bool:
-        return self.world_size > 1 or self.force_collectives
+        return self.world_size > 1 or self.force_distributed
 
     def local_experts(self, num_experts: int) -> range:
         """Global indices of the experts this rank holds."""

@@ -227,7 +227,7 @@ def init_distributed(
     backend: str = "auto",
     use_megatron: bool = True,
     timeout_minutes: float = DEFAULT_TIMEOUT_MINUTES,
-    force_collectives: bool = False,
+    force_distributed: bool = False,
     gloo_groups: bool = False,
 ) -> ParallelDims:
     """Validates the layout, starts the default group (nccl on CUDA, else gloo), checks that every
@@ -237,7 +237,7 @@ def init_distributed(
     its ``dist_checkpointing`` sees them); otherwise from `build_parallel_dims`, same rank sets.
     ``gloo_groups``: megatron-core's gloo groups beside NCCL ones (off: nothing here uses them, and
     on a multi-homed node gloo picks an interface by host name and can hang at start-up; who needs
-    them sets ``GLOO_SOCKET_IFNAME``). ``force_collectives``: the distributed path at any world size.
+    them sets ``GLOO_SOCKET_IFNAME``). ``force_distributed``: the distributed path at any world size.
     """
     validate_parallel(env.world_size, num_experts, expert_parallel_size)
     # DeepSpeed asserts LOCAL_RANK (torchrun's) or Open MPI's variable; srun and MPICH set others.
@@ -261,7 +261,7 @@ def init_distributed(
     check_ep_hosts(env, expert_parallel_size)
     if not use_megatron:
         dims = build_parallel_dims(expert_parallel_size, num_experts)
-        return dataclasses.replace(dims, force_collectives=force_collectives)
+        return dataclasses.replace(dims, force_distributed=force_distributed)
     import warnings
 
     with warnings.catch_warnings():  # "Transformer Engine and Apex are not installed": expected here
@@ -274,7 +274,7 @@ def init_distributed(
             distributed_timeout_minutes=max(1, round(timeout_minutes)),
             create_gloo_process_groups=gloo_groups and backend != "gloo",  # on gloo they would duplicate ours
         )
-    return dataclasses.replace(megatron_parallel_dims(), force_collectives=force_collectives)
+    return dataclasses.replace(megatron_parallel_dims(), force_distributed=force_distributed)
 
 
 def node_key(env: LaunchEnv) -> str:

@@ -46,7 +46,7 @@ def make_pool(pool: str, dims: ParallelDims, bits_per_pass: int = DEFAULT_BITS) 
         return LocalPool()
     if pool == "dp":
         return DistributedPool(dims.dp_group, dims.dp_group, bits_per_pass)
-    if pool == "ep" and (dims.ep_size > 1 or dims.force_collectives):
+    if pool == "ep" and (dims.ep_size > 1 or dims.force_distributed):
         return DistributedPool(dims.ep_group, dims.dp_group, bits_per_pass)
     return ReplicatedLocalPool(dims.dp_group)
 
@@ -106,7 +106,7 @@ def parallelize_moe_layer(layer: MoEFeedForward, dims: ParallelDims, pool: str) 
             f"{dims.ep_rank} of {dims.ep_size} owns {len(local)} from {local.start}: build the model inside "
             f"expert_shard({dims.ep_rank}, {dims.ep_size})"
         )
-    if dims.ep_size > 1 or dims.force_collectives:
+    if dims.ep_size > 1 or dims.force_distributed:
         layer.dispatcher = AllToAllDispatcher(dims.ep_group)
     layer.pool = make_pool(pool, dims)
 
@@ -137,5 +137,5 @@ def broadcast_replicas(model: nn.Module, dims: ParallelDims) -> None:
     dense = [p.data for p in params if not is_expert_param(p)] + [b for b in model.buffers()]
     expert = [p.data for p in params if is_expert_param(p)]
     _broadcast(dense, dist.get_process_group_ranks(dims.dp_group)[0], dims.dp_group)
-    if dims.edp_size > 1 or dims.force_collectives:
+    if dims.edp_size > 1 or dims.force_distributed:
         _broadcast(expert, dims.edp_ranks[0], dims.edp_group)

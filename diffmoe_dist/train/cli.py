@@ -104,7 +104,7 @@ def _train(cfg, env) -> int:
                 # of this project); DIFFMOE_NO_MEGATRON=1 builds the same rank sets without its ~4 CPU-s import.
                 use_megatron=os.environ.get("DIFFMOE_NO_MEGATRON") != "1",
                 timeout_minutes=cfg.parallel.timeout_minutes,
-                force_collectives=cfg.parallel.force_distributed,
+                force_distributed=cfg.parallel.force_distributed,
                 gloo_groups=os.environ.get("DIFFMOE_GLOO_GROUPS") == "1",
             )
         except ConfigError as exc:  # e.g. an EP group spread over nodes: every rank says it, exit 2

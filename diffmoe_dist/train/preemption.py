@@ -6,7 +6,7 @@ every rank agrees on; the trainer then saves and the process exits with `EXIT_RE
   flag; the current step finishes.
 - A signal may reach only some ranks (a node's tasks, one process): after every step the ranks
   all-reduce (MAX) one small integer, so all stop after the same step. The cost is one 4-byte
-  all-reduce per step (``check_every`` > 1 makes it rarer and the reaction slower).
+  all-reduce per step.
 - ``train.max_minutes``: stops when the next step would end past the limit.
 
 The exit status 75 (sysexits.h EX_TEMPFAIL, "try again") is what ``launchers/common.sh``
@@ -71,13 +71,11 @@ class StopRequest:
     """Installs the handlers on construction (main thread only) and restores them on `close`; inside
     a `SignalGuard` (the CLI) it reads the guard's flag instead, and `close` leaves the guard's handlers."""
 
-    def __init__(self, dims: ParallelDims, max_minutes: float = 0.0, check_every: int = 1):
+    def __init__(self, dims: ParallelDims, max_minutes: float = 0.0):
         self.dims = dims
         self.deadline = time.monotonic() + max_minutes * 60.0 if max_minutes > 0 else None
-        self.check_every = max(1, check_every)
         self._own: int | None = None
         self._guard = SignalGuard.active
-        self._checks = 0
         self._last_check = time.monotonic()
         self._previous = {}
         if self._guard is None and threading.current_thread() is threading.main_thread():
@@ -106,9 +104,6 @@ class StopRequest:
         all ranks, or None. Precedence when ranks differ: SIGTERM > SIGUSR1 > time limit."""
         now = time.monotonic()
         step_seconds, self._last_check = now - self._last_check, now
-        self._checks += 1
-        if self._checks % self.check_every:
-            return None
         code = self._local_code(step_seconds)
         if self.dims.distributed:
             flag = torch.tensor([code], dtype=torch.int32, device=comm_device(self.dims.dp_group))

@@ -64,10 +64,9 @@ class Trainer:
             activation_checkpointing=cfg.train.activation_checkpointing,
             grad_reduce=None if uses_deepspeed(cfg, self.dims) else cfg.parallel,  # ZeRO reduces its own
         )
-        # Per-rank stream for t, noise and label dropout: ranks draw different noise for their samples.
-        torch.manual_seed(cfg.train.seed * 7919 + self.dims.rank + 1)
         # On the device it draws on (flow_targets checks): a CPU generator cannot draw CUDA noise.
-        self.noise_gen = torch.Generator(device=device).manual_seed(cfg.train.seed * 104729 + self.dims.rank)
+        self.noise_gen = torch.Generator(device=device)
+        self._seed_streams(0)
         # Plain data parallelism (train.zero_stage 0) or DeepSpeed ZeRO 1 / 2: optimizer, scheduler,
         # gradient reduction, clipping and accumulation (train/engine.py).
         self.engine = build_engine(self.model, cfg, self.dims, reducer, print if self.rank0 else lambda _: None)
@@ -154,13 +153,19 @@ class Trainer:
             if "rng_cuda" in mine:
                 torch.cuda.set_rng_state(mine["rng_cuda"], self.device)
         else:
-            seed = self.cfg.train.seed + 1_000_003 * self.step
-            torch.manual_seed(seed * 7919 + self.dims.rank + 1)
-            self.noise_gen.manual_seed(seed * 104729 + self.dims.rank)
+            self._seed_streams(self.step)
         self.last_load_seconds = time.time() - t0
         where = f"world size {meta['world_size']}, EP {meta['ep_size']}"
         note = "" if same_topology else f" (written at {where}: resharded)"
         log(f"[diffmoe] resumed from {path} at step {self.step}{note}")
+
+    def _seed_streams(self, step: int) -> None:
+        """This rank's streams for t, noise and label dropout (torch's global one and ``noise_gen``;
+        ranks draw different noise) from (seed, step, rank): at the start, and on a resume whose
+        saved streams belong to another topology."""
+        seed = self.cfg.train.seed + 1_000_003 * step
+        torch.manual_seed(seed * 7919 + self.dims.rank + 1)
+        self.noise_gen.manual_seed(seed * 104729 + self.dims.rank)
 
     # ---- one step ----------------------------------------------------------------------------
     def _forward_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
