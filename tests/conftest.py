@@ -51,7 +51,6 @@ SLOW_MODULES = {
     "test_benchmarks_moe_layer",
     "test_benchmarks_paper_table",
     "test_benchmarks_train_throughput",
-    "test_golden",
     "test_launchers",
     "test_preemption",
     "test_resume_distributed",
