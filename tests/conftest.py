@@ -25,6 +25,11 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
+# Subprocess timeouts catch hangs, never slowness: a benchmark's quick mode that takes a few minutes
+# on quiet cores took 3-10x longer at load 7-36. Size them with this (seconds): a hang still ends the
+# test, a loaded machine does not fail it.
+HANG_TIMEOUT = 3600
+
 # The tiny DiT of every CPU run: 2 blocks of width 48 with 4 heads.
 TINY_MODEL = ["model.depth=2", "model.hidden_size=48", "model.num_heads=4"]
 # A tiny training run of configs/local/diffmoe-tiny.yaml: 4 experts, batches of 16, a short warm-up,

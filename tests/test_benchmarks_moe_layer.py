@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from conftest import HANG_TIMEOUT
+
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "benchmarks" / "moe_layer.py"
 TUNED = "4294967296"
@@ -20,7 +22,7 @@ def _run(tmp_path: Path, *flags: str) -> tuple[dict, str]:
         [sys.executable, str(SCRIPT), "--quick", "--threads", "1", *flags, "--out", str(out)],
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=HANG_TIMEOUT,
         cwd=REPO,
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]

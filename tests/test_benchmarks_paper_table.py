@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import HANG_TIMEOUT
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "benchmarks" / "paper_table.py"
@@ -27,7 +28,7 @@ def test_quick_table_has_every_model_and_inference_strategy(tmp_path):
         [sys.executable, str(SCRIPT), "--quick", "--workdir", str(tmp_path / "runs"), "--out", str(out)],
         capture_output=True,
         text=True,
-        timeout=600,
+        timeout=HANG_TIMEOUT,
         cwd=REPO,
         env=env,
     )
@@ -67,7 +68,7 @@ def test_quick_table_has_every_model_and_inference_strategy(tmp_path):
         [sys.executable, str(SCRIPT), "--quick", "--reuse", "--models", "Dense-DiT,DiffMoE-E8", "--out", str(out)],
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=HANG_TIMEOUT,
         cwd=REPO,
         env=env,
     )
@@ -94,12 +95,12 @@ def test_sigterm_stops_the_table_without_scoring_a_half_trained_model(tmp_path):
         text=True,
     )
     config = runs / "Dense-DiT-seed0" / "config.yaml"  # written when fit() starts
-    deadline = time.time() + 240
+    deadline = time.time() + HANG_TIMEOUT
     while not config.exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.2)
     assert config.exists(), "the training run never started"
     proc.send_signal(signal.SIGTERM)
-    stdout, stderr = proc.communicate(timeout=240)
+    stdout, stderr = proc.communicate(timeout=HANG_TIMEOUT)
     assert proc.returncode == 75, stdout[-2000:] + stderr[-2000:]
     assert "nothing evaluated" in stderr
     assert not out.exists()  # no finished run: nothing to write

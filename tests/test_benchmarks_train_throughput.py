@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import HANG_TIMEOUT
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "benchmarks" / "train_throughput.py"
@@ -30,7 +31,7 @@ def quick(tmp_path_factory) -> tuple[dict, str]:
         [sys.executable, str(SCRIPT), "--quick", "--threads", "2", "--out", str(out)],
         capture_output=True,
         text=True,
-        timeout=900,
+        timeout=HANG_TIMEOUT,
         cwd=REPO,
         env=env,
     )

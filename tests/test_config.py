@@ -105,8 +105,15 @@ def test_explicit_zero_sizes_are_refused_not_replaced_by_the_size_defaults():
 
 
 def test_interleave_up_to_depth_keeps_an_moe_block_and_dense_ignores_it():
-    load_config("configs/local/diffmoe-tiny.yaml", ["moe.interleave=6"]).validate(world_size=2)
-    load_config("configs/local/dense-tiny.yaml", ["moe.interleave=7"]).validate(world_size=2)
+    from diffmoe_dist.model.ffn import is_moe_block
+
+    cfg = load_config("configs/local/diffmoe-tiny.yaml", ["moe.interleave=6"]).validate(world_size=2)
+    depth = cfg.model.resolved()[0]
+    assert depth == 6 and [i for i in range(depth) if is_moe_block(cfg.moe, i)] == [5]  # the last block
+    with pytest.raises(ConfigError, match=r"moe.interleave=7 .*leaves no MoE block in model.depth=6"):
+        load_config("configs/local/diffmoe-tiny.yaml", ["moe.interleave=7"]).validate(world_size=2)
+    dense = load_config("configs/local/dense-tiny.yaml", ["moe.interleave=7"]).validate(world_size=2)
+    assert not any(is_moe_block(dense.moe, i) for i in range(dense.model.resolved()[0]))
 
 
 def test_yaml_syntax_error_and_python_tag_are_one_line(tmp_path):
