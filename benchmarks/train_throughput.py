@@ -453,15 +453,11 @@ def build_specs(args: argparse.Namespace, tmp: Path) -> list[RowSpec]:
                     breakdown_steps=args.breakdown_steps,
                     profile=not args.no_profile,
                     global_batch=batch,
-                    extra={"precision": precision, "tokens_per_image": _tokens(cfg)},
+                    extra={"precision": precision, "tokens_per_image": cfg.model.tokens_per_image},
                     device=args.device,
                 )
             )
     return specs
-
-
-def _tokens(cfg: Config) -> int:
-    return (cfg.model.image_size // cfg.model.patch_size) ** 2
 
 
 # ---------------------------------------------------------------------------------------------

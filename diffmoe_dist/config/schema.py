@@ -33,6 +33,11 @@ class ModelConfig:
         pick = lambda mine, default: default if mine is None else mine  # noqa: E731
         return (pick(self.depth, depth), pick(self.hidden_size, hidden), pick(self.num_heads, heads))
 
+    @property
+    def tokens_per_image(self) -> int:
+        """Image tokens (patches) per sample: ``(image_size / patch_size)^2``."""
+        return (self.image_size // self.patch_size) ** 2
+
 
 @dataclass
 class MoEConfig:

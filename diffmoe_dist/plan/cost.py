@@ -99,7 +99,7 @@ def activation_bytes(cfg: Config, images: int, recompute: bool = False, margin: 
     m, moe = cfg.model, cfg.moe
     depth, d, _ = m.resolved()
     h = m.mlp_ratio * d
-    seq = (m.image_size // m.patch_size) ** 2
+    seq = m.tokens_per_image
     bf16 = cfg.train.precision == "bf16"
     lo, hi = (2, 4) if bf16 else (4, 4)  # matmul operands / outputs; residual stream and norms
     attn = 2 * hi * d + lo * (d + 3 * d + d + d + d)  # x, LN out; cast, qkv, out, reshape, proj out
@@ -179,7 +179,7 @@ def plan(
             f"optim.grad_accum_steps={accum}"
         )
     images = cfg.data.global_batch_size // (world * accum)
-    n = images * (m.image_size // m.patch_size) ** 2
+    n = images * m.tokens_per_image
     pool_ranks = flop_count.pool_ranks(cfg, world)
     layout = Layout(
         world, nodes, rpn, ep, world // ep, moe.pool, pool_ranks, zero, accum, recompute, images, n,

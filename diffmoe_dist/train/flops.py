@@ -45,7 +45,7 @@ def expert_rows(cfg: Config, images: int, pool_ranks: int = 1) -> float:
     """Selected (token, expert) pairs one rank's experts compute per micro-batch, averaged over
     ranks: ``pool_ranks`` ranks share one token pool (``moe.pool``: dp = W, ep = P, rank = 1)."""
     m, moe = cfg.model, cfg.moe
-    seq = (m.image_size // m.patch_size) ** 2
+    seq = m.tokens_per_image
     n = images * seq
     e = moe.num_experts
     if moe.router == "token_choice":
@@ -62,7 +62,7 @@ def step_flops(cfg: Config, images: int, pool_ranks: int = 1, imbalance: float =
     m, moe = cfg.model, cfg.moe
     depth, d, _ = m.resolved()
     h = int(d * m.mlp_ratio)
-    seq = (m.image_size // m.patch_size) ** 2
+    seq = m.tokens_per_image
     b, n, e = images, images * seq, moe.num_experts
     patch = m.patch_size**2 * m.in_channels
     out: dict[str, list[float]] = {}
@@ -126,7 +126,7 @@ def step_model_flops(cfg: Config, world_size: int) -> float:
 
 def tokens_per_step(cfg: Config) -> int:
     """Image tokens of one global batch."""
-    return cfg.data.global_batch_size * (cfg.model.image_size // cfg.model.patch_size) ** 2
+    return cfg.data.global_batch_size * cfg.model.tokens_per_image
 
 
 # ---- the peak ---------------------------------------------------------------------------------
