@@ -78,10 +78,9 @@ def validate_config(cfg, world_size: int) -> None:
         fail("parallel.expert_parallel_size", p, "use a positive integer")
     if p > 1 and moe.router == options.DENSE_ROUTER:
         fail("parallel.expert_parallel_size", p, "expert parallelism needs experts: set moe.router or use 1")
-    if moe.router != options.DENSE_ROUTER and moe.num_experts % p:
-        fail("parallel.expert_parallel_size", p, f"must divide moe.num_experts={moe.num_experts}")
-    if world_size % p:
-        fail("parallel.expert_parallel_size", p, f"must divide the world size {world_size}")
+    experts = moe.num_experts if moe.router != options.DENSE_ROUTER else None
+    if error := layout_error(world_size, p, experts):
+        fail(*error)
     if par.backend not in options.BACKENDS:
         fail("parallel.backend", par.backend, "use auto, gloo or nccl")
     if par.device not in options.DEVICES:
@@ -92,7 +91,7 @@ def validate_config(cfg, world_size: int) -> None:
         fail("parallel.grad_reduce_dtype", par.grad_reduce_dtype, "use fp32 or bf16")
     if par.grad_bucket_mb < 0:
         fail("parallel.grad_bucket_mb", par.grad_bucket_mb, "use 0 (chosen by device) or a positive size in MB")
-    if data.global_batch_size < 1 or data.global_batch_size % world_size:
+    if data.global_batch_size < 1:
         fail("data.global_batch_size", data.global_batch_size, f"use a multiple of the world size {world_size}")
     if data.loader not in options.LOADERS:
         fail("data.loader", data.loader, "use indexed or stream")
@@ -115,12 +114,8 @@ def validate_config(cfg, world_size: int) -> None:
         fail("optim.adamw_impl", opt.adamw_impl, f"choose one of {', '.join(options.ADAMW_IMPLS)}")
     if opt.grad_accum_steps < 1:
         fail("optim.grad_accum_steps", opt.grad_accum_steps, "use 1 or more micro-batches per step")
-    if data.global_batch_size % (world_size * opt.grad_accum_steps):
-        fail(
-            "optim.grad_accum_steps",
-            opt.grad_accum_steps,
-            f"world size {world_size} x accumulation steps must divide data.global_batch_size={data.global_batch_size}",
-        )
+    if error := layout_error(world_size, p, experts, data.global_batch_size, opt.grad_accum_steps):
+        fail(*error)
     if tr.zero_stage not in options.ZERO_STAGES:
         fail("train.zero_stage", tr.zero_stage, "use 0 (plain data parallelism), 1 or 2 (ZeRO; MoE refuses 3)")
     if tr.zero_stage > 0:
@@ -153,6 +148,29 @@ def validate_config(cfg, world_size: int) -> None:
     _validate_mfu_peak(cfg.logging.mfu_peak, tr.precision)
     if not tr.resume:
         fail("train.resume", tr.resume, "use auto, never, or a run / checkpoint directory")
+
+
+def divisors(n: int) -> str:
+    return ", ".join(str(d) for d in range(1, n + 1) if n % d == 0)
+
+
+def layout_error(
+    world_size: int, ep_size: int, num_experts: int | None, global_batch: int | None = None, accum: int = 1
+) -> tuple[str, int, str] | None:
+    """The one check of a parallel layout (config validation, process-group setup and the planner
+    call it): EP divides the experts and the world size, and the world size x accumulation steps
+    divide the global batch. ``(field, value, fix)`` of the first problem, or None."""
+    field = "parallel.expert_parallel_size"
+    if num_experts is not None and num_experts % ep_size:
+        return field, ep_size, f"must divide moe.num_experts={num_experts} (use one of {divisors(num_experts)})"
+    if world_size % ep_size:
+        return field, ep_size, f"must divide the world size {world_size} (use one of {divisors(world_size)})"
+    if global_batch is not None and global_batch % world_size:
+        return "data.global_batch_size", global_batch, f"use a multiple of the world size {world_size}"
+    if global_batch is not None and global_batch % (world_size * accum):
+        fix = f"world size {world_size} x accumulation steps must divide data.global_batch_size={global_batch}"
+        return "optim.grad_accum_steps", accum, fix
+    return None
 
 
 def _at_least(cfg, *checks: tuple[str, float, str]) -> None:

@@ -20,14 +20,11 @@ import torch
 import torch.distributed as dist
 
 from diffmoe_dist.config import ConfigError
+from diffmoe_dist.config.validate import layout_error
 
 
 class ParallelSetupError(ConfigError):
     """An impossible (world size, experts, expert-parallel size): one line naming field, value and fix."""
-
-
-def _divisors(n: int) -> str:
-    return ", ".join(str(d) for d in range(1, n + 1) if n % d == 0)
 
 
 def validate_parallel(world_size: int, num_experts: int | None, ep_size: int) -> None:
@@ -38,19 +35,11 @@ def validate_parallel(world_size: int, num_experts: int | None, ep_size: int) ->
         raise ParallelSetupError(
             f"parallel.expert_parallel_size={ep_size} is invalid: use a positive integer such as 1"
         )
-    if world_size % ep_size:
-        raise ParallelSetupError(
-            f"parallel.expert_parallel_size={ep_size} is invalid: must divide the world size {world_size} "
-            f"(use one of {_divisors(world_size)})"
-        )
-    if num_experts is not None:
-        if num_experts < 1:
-            raise ParallelSetupError(f"moe.num_experts={num_experts} is invalid: use at least 1 expert")
-        if num_experts % ep_size:
-            raise ParallelSetupError(
-                f"parallel.expert_parallel_size={ep_size} is invalid: must divide "
-                f"moe.num_experts={num_experts} (use one of {_divisors(num_experts)})"
-            )
+    if num_experts is not None and num_experts < 1:
+        raise ParallelSetupError(f"moe.num_experts={num_experts} is invalid: use at least 1 expert")
+    if error := layout_error(world_size, ep_size, num_experts):
+        name, value, fix = error
+        raise ParallelSetupError(f"{name}={value!r} is invalid: {fix}")
 
 
 def expert_parallel_ranks(world_size: int, ep_size: int) -> list[list[int]]:

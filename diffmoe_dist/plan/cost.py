@@ -24,6 +24,7 @@ import math
 from dataclasses import asdict, dataclass
 
 from diffmoe_dist.config import Config
+from diffmoe_dist.config.validate import layout_error
 from diffmoe_dist.model.ffn import is_moe_block
 from diffmoe_dist.parallel.radix_select import DEFAULT_BITS, bit_widths
 from diffmoe_dist.plan.cluster import Cluster, all_gather_s, all_reduce_s, all_to_all_s
@@ -169,15 +170,10 @@ def plan(
     nodes = math.ceil(world / rpn)
     if nodes > cluster.nodes:
         warnings.append(f"world size {world} needs {nodes} nodes of {rpn} ranks; the cluster has {cluster.nodes}")
-    if world % ep:
-        raise PlanError(f"parallel.expert_parallel_size={ep} must divide the world size {world}")
-    if moe.router != "dense" and moe.num_experts % ep:
-        raise PlanError(f"parallel.expert_parallel_size={ep} must divide moe.num_experts={moe.num_experts}")
-    if cfg.data.global_batch_size % (world * accum):
-        raise PlanError(
-            f"data.global_batch_size={cfg.data.global_batch_size} must be a multiple of the world size {world} x "
-            f"optim.grad_accum_steps={accum}"
-        )
+    experts = moe.num_experts if moe.router != "dense" else None
+    if error := layout_error(world, ep, experts, cfg.data.global_batch_size, accum):
+        name, value, fix = error
+        raise PlanError(f"{name}={value!r} is invalid: {fix}")
     images = cfg.data.global_batch_size // (world * accum)
     n = images * m.tokens_per_image
     pool_ranks = flop_count.pool_ranks(cfg, world)
