@@ -57,8 +57,8 @@ from diffmoe_dist.config import MoEConfig  # noqa: E402
 from diffmoe_dist.model.ffn import FeedForward  # noqa: E402
 from diffmoe_dist.model.moe.collector import MoECollector  # noqa: E402
 from diffmoe_dist.model.moe.layer import MoEFeedForward  # noqa: E402
+from diffmoe_dist.train.allocator import TUNED_MALLOC, ensure_malloc  # noqa: E402
 
-TUNED_MALLOC = {"MALLOC_MMAP_THRESHOLD_": "4294967296", "MALLOC_TRIM_THRESHOLD_": "4294967296"}
 IMPLS = ("ours", "dense", "deepspeed", "megatron")
 FULL_CONFIGS = ((384, 16), (1024, 8))  # (D, E): DiffMoE S-E16 and L-E8 widths
 QUICK_CONFIGS = ((32, 4), (64, 8))
@@ -102,17 +102,6 @@ def _parse_args(argv=None) -> argparse.Namespace:
 
 # ---------------------------------------------------------------------------------------------
 # Process setup: allocator, threads, a one-rank gloo group
-
-
-def _ensure_malloc(tuned: bool) -> None:
-    """Re-execute this process unless its environment already has (tuned) or lacks (default)
-    the thresholds: mallopt settings are read at the first malloc, so only a fresh process
-    picks them up."""
-    env = {k: v for k, v in os.environ.items() if k not in TUNED_MALLOC}
-    if tuned:
-        env.update(TUNED_MALLOC)
-    if env != dict(os.environ):
-        os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
 
 
 # Where the layers run (--device); a module global, so the builders keep their signature.
@@ -490,7 +479,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.compare_malloc:
         compare_malloc(args, argv)
         return
-    _ensure_malloc(tuned=not args.default_malloc)
+    ensure_malloc(tuned=not args.default_malloc)
     results = run(args)
     print_report([results])
     _write(args.out, results)

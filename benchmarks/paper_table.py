@@ -41,7 +41,6 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(REPO))
 
-TUNED_MALLOC = {"MALLOC_MMAP_THRESHOLD_": "4294967296", "MALLOC_TRIM_THRESHOLD_": "4294967296"}
 DENSE = "configs/local/dense-tiny.yaml"
 MOE = "configs/local/diffmoe-tiny.yaml"
 # One process holds all experts: EP 1; the pool is then the whole (one-process) batch.
@@ -140,14 +139,6 @@ def earlier_runs(args) -> dict:
         print(f"[paper_table] --reuse: {path} was made with other settings; training everything", flush=True)
         return {}
     return {(name, run["seed"]): run for name, runs in old["runs"].items() for run in runs}
-
-
-def _reexec_with_tuned_malloc() -> None:
-    # glibc maps every tensor over 32 MB afresh (docs/design.md section 4); run.sh and the launchers set
-    # these, and a benchmark started by hand should measure the same process the launchers start.
-    if all(os.environ.get(k) == v for k, v in TUNED_MALLOC.items()):
-        return
-    os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **TUNED_MALLOC})
 
 
 def _ensure_digits(path: Path) -> None:
@@ -340,7 +331,9 @@ def ordering(rows: list[dict]) -> dict:
 
 def main(argv=None) -> int:
     args = _parse_args(argv)
-    _reexec_with_tuned_malloc()
+    from diffmoe_dist.train.allocator import ensure_malloc
+
+    ensure_malloc()  # what run.sh and the launchers set: measure the process they start
     os.environ.setdefault("WANDB_MODE", "disabled")
     import torch
 

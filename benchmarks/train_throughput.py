@@ -72,9 +72,9 @@ from diffmoe_dist.config import Config, load_config  # noqa: E402
 from diffmoe_dist.data.digits import write_digits_shards  # noqa: E402
 from diffmoe_dist.parallel.launch import free_port  # noqa: E402
 from diffmoe_dist.train import flops  # noqa: E402
+from diffmoe_dist.train.allocator import TUNED_MALLOC, ensure_malloc  # noqa: E402
 from diffmoe_dist.train.metrics import PhaseTimer  # noqa: E402
 
-TUNED_MALLOC = {"MALLOC_MMAP_THRESHOLD_": "4294967296", "MALLOC_TRIM_THRESHOLD_": "4294967296"}
 CONFIGS = {
     "dense-tiny": "configs/local/dense-tiny.yaml",
     "diffmoe-tiny": "configs/local/diffmoe-tiny.yaml",
@@ -126,16 +126,6 @@ def _parse_args(argv=None) -> argparse.Namespace:
 
 # ---------------------------------------------------------------------------------------------
 # Matmul peak and machine
-
-
-def _ensure_malloc(tuned: bool) -> None:
-    """Re-execute this process unless its environment already has (tuned) or lacks (default) the
-    thresholds: glibc reads them at the first malloc, so only a fresh process picks them up."""
-    env = {k: v for k, v in os.environ.items() if k not in TUNED_MALLOC}
-    if tuned:
-        env.update(TUNED_MALLOC)
-    if env != dict(os.environ):
-        os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
 
 
 def matmul_peak(dtype: torch.dtype, n: int, threads: int, device: str = "cpu") -> float:
@@ -630,7 +620,7 @@ def _write(out: str | None, payload: dict) -> None:
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     args = _parse_args(argv)
-    _ensure_malloc(tuned=not args.default_malloc)
+    ensure_malloc(tuned=not args.default_malloc)
     results = run(args)
     print_report(results)
     _write(args.out, results)

@@ -11,11 +11,12 @@ import sys
 import tempfile
 import time
 
+from diffmoe_dist.train.allocator import TUNED_MALLOC
+
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 ENV = {
     "OMP_NUM_THREADS": "1",
-    "MALLOC_MMAP_THRESHOLD_": "4294967296",
-    "MALLOC_TRIM_THRESHOLD_": "4294967296",
+    **TUNED_MALLOC,
     "WANDB_MODE": "disabled",
     "DIFFMOE_NO_PROGRESS": "1",
 }
