@@ -71,6 +71,7 @@ def test_noise_is_drawn_by_a_generator_on_the_same_device():
 
 
 FAKE_CHILD = r"""
+TINY_MODEL = __TINY_MODEL__  # conftest.TINY_MODEL, filled in by the test
 import types
 import torch
 import torch.utils.backend_registration as registration
@@ -111,7 +112,7 @@ with mode:  # the check is live: a host tensor beside an accel one raises
 
 CONFIGS = [("configs/local/dense-tiny.yaml", []), ("configs/local/t2i-diffmoe-tiny.yaml", ["moe.router=dense"])]
 for config, extra in CONFIGS:
-    cfg = load_config(config, [*conftest.TINY_MODEL, *extra])
+    cfg = load_config(config, [*TINY_MODEL, *extra])
     with torch.device("meta"):
         model = build_model(cfg.model, cfg.moe)
     model._apply(lambda t: FakeTensor(mode, t, accel))
@@ -143,7 +144,12 @@ for config, extra in CONFIGS:
 def test_forward_loss_and_logging_stay_on_a_non_host_device():
     env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     proc = subprocess.run(
-        [sys.executable, "-c", FAKE_CHILD], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
+        [sys.executable, "-c", FAKE_CHILD.replace("__TINY_MODEL__", repr(conftest.TINY_MODEL))],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=conftest.HANG_TIMEOUT,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr[-4000:]
     assert proc.stdout.count("fake-accel ok") == 2, proc.stdout
