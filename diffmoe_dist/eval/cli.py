@@ -17,6 +17,7 @@ from diffmoe_dist.data.text_encoders import prompt_model
 from diffmoe_dist.diffusion.sampling import CapacityMeter, sample_in_chunks, save_grid
 from diffmoe_dist.model.build import build_model
 from diffmoe_dist.model.moe.layer import set_inference_routing
+from diffmoe_dist.model.moe.routing import has_predictor
 
 
 def load_model(path: str, use_ema: bool = True) -> tuple[torch.nn.Module, object, str]:
@@ -201,7 +202,7 @@ def _evaluate(args) -> dict:
             "cfg_scale": args.cfg_scale,
             "steps": args.steps,
             "sampler": args.sampler,
-            "routing": args.routing or (cfg.moe.inference if cfg.moe.router == "expert_choice_global" else None),
+            "routing": args.routing or (cfg.moe.inference if has_predictor(cfg.moe) else None),
         }
     )
     return result
