@@ -122,10 +122,9 @@ def selection_calls(moe, pool_ranks: int, radix_bits: int = DEFAULT_BITS) -> lis
     parallel/pools.py issues them: (op, bytes per rank). Radix select of the fp32 keys in
     ceil(32 / bits) passes, each one all-reduce of an E x 2^width int32 histogram (the first one's
     total is the pool size: no size collective), then the tie counts (one all-gather)."""
-    if moe.router == "dense" or pool_ranks <= 1 or not router_type(moe.router).pool_selection:
+    if moe.router == "dense" or pool_ranks <= 1:
         return []
-    cols = router_type(moe.router).selection_columns(moe)
-    return [("all_reduce", cols * (1 << w) * 4) for w in bit_widths(radix_bits)] + [("all_gather", cols * 8)]
+    return router_type(moe.router).selection_calls(moe, bit_widths(radix_bits))
 
 
 def threshold_calls(moe, pool_ranks: int, n_moe: int, radix_bits: int = DEFAULT_BITS) -> list[tuple]:

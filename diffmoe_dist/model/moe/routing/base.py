@@ -76,9 +76,15 @@ class Router:
         return e * expert_capacity(moe_cfg.capacity, images * seq * pool_ranks, e) / pool_ranks
 
     @classmethod
-    def selection_columns(cls, moe_cfg) -> int:
-        """Columns of the radix-select histogram of one training selection (`pool_selection`)."""
-        return moe_cfg.num_experts
+    def selection_calls(cls, moe_cfg, widths: list[int]) -> list[tuple[str, int]]:
+        """Collectives of one training selection over a pool of several ranks, as parallel/pools.py
+        issues them: (op, bytes per rank). Radix select over the histogram's columns (one per
+        expert), one all-reduce of an int32 ``columns x 2^width`` histogram per digit, then the tie
+        counts (one all-gather); none for a router that selects inside the rank."""
+        if not cls.pool_selection:
+            return []
+        cols = moe_cfg.num_experts
+        return [("all_reduce", cols * (1 << w) * 4) for w in widths] + [("all_gather", cols * 8)]
 
     # ---- the selection ------------------------------------------------------------------------
     def select(self, scores_NE: Tensor, inp: RouteInputs) -> Selection:
