@@ -36,7 +36,7 @@ class ModelConfig:
 
 @dataclass
 class MoEConfig:
-    router: str = "dense"  # dense | expert_choice_global (DiffMoE) | expert_choice_local (EC) | token_choice (TC)
+    router: str = "dense"  # dense | expert_choice_global (DiffMoE) | expert_choice_local | token_choice | expert_race
     num_experts: int = 16
     capacity: float = 1.0  # C
     top_k: int = 1  # token_choice only

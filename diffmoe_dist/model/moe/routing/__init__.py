@@ -4,9 +4,12 @@ from __future__ import annotations
 
 from diffmoe_dist.model.moe.routing.base import RouteInputs, Router, Selection
 from diffmoe_dist.model.moe.routing.expert_choice import GlobalExpertChoice, LocalExpertChoice
+from diffmoe_dist.model.moe.routing.race import ExpertRace
 from diffmoe_dist.model.moe.routing.token_choice import TokenChoice
 
-ROUTER_TYPES: dict[str, type[Router]] = {r.name: r for r in (GlobalExpertChoice, LocalExpertChoice, TokenChoice)}
+ROUTER_TYPES: dict[str, type[Router]] = {
+    r.name: r for r in (GlobalExpertChoice, LocalExpertChoice, TokenChoice, ExpertRace)
+}
 
 
 def router_type(name: str) -> type[Router]:
