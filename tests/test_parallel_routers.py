@@ -25,6 +25,7 @@ def make_layer(router: str, capacity: float, ties: bool, mode: str) -> MoEFeedFo
         router=router, num_experts=EXPERTS, capacity=capacity, pool="dp", aux_loss_weight=0.5, inference=inference
     )
     cfg.gamma = 0.45
+    cfg.num_shared_experts = 1 if capacity == 1.0 else 0  # replicated dense experts: reduced over all of DP
     layer = MoEFeedForward(DIM, HIDDEN, cfg)
     with torch.no_grad():
         if ties:
@@ -98,7 +99,7 @@ def _check(rank: int, world_size: int, router: str, capacity: float, ties: bool,
 
 
 CASES = [
-    ("expert_race", 1.0, False, "train"),
+    ("expert_race", 1.0, False, "train"),  # with a shared expert (make_layer), as every C = 1 case
     ("expert_race", 0.5, True, "train"),  # ties across ranks: the lower flat index of the pool wins
     ("expert_race", 2.0, False, "static"),
     ("expert_choice_local", 1.0, False, "train"),  # predictor BCE on the intra-sample masks, thresholds

@@ -109,6 +109,7 @@ def activation_bytes(cfg: Config, images: int, recompute: bool = False, margin: 
     if m.task == "t2i":
         cross = hi * d + lo * 4 * d + hi * (0 if bf16 else d)  # x; cast, q out, out, reshape
     c = router_type(moe.router).active_experts(moe) if any(is_moe_block(moe, i) for i in range(depth)) else 0.0
+    c += moe.num_shared_experts  # shared experts: every token's rows, like a dense FFN of n H
     # x, LN out, router input (fp32); predictor cast, hidden, SiLU out; per row: cast, fc1 out,
     # GELU out, fc2 out; the gate's fp32 layer output; fp32 scores.
     moe_ffn = 3 * hi * d + 3 * lo * d + c * lo * (d + 2 * h + d) + hi * d + 4 * moe.num_experts

@@ -96,6 +96,9 @@ def step_flops(cfg: Config, images: int, pool_ranks: int = 1, imbalance: float =
             add("predictor", _linear(n, d, e), n_moe)
         add("moe_experts", _linear(rows, d, h), n_moe)
         add("moe_experts", _linear(rows, h, d), n_moe)
+        if moe.num_shared_experts:  # every token, n H hidden units
+            add("moe_shared", _linear(n, d, moe.num_shared_experts * h), n_moe)
+            add("moe_shared", _linear(n, moe.num_shared_experts * h, d), n_moe)
     add("final", _linear(b, d, 2 * d))
     add("final", _linear(n, d, patch))
     return {k: (v[0], v[1]) for k, v in out.items()}

@@ -19,6 +19,7 @@ from diffmoe_dist.diffusion.sampling import sample_images, save_grid
 from diffmoe_dist.model.build import build_model
 from diffmoe_dist.model.moe.collector import MoECollector
 from diffmoe_dist.model.moe.experts import expert_shard
+from diffmoe_dist.model.moe.layer import schedule_capacity
 from diffmoe_dist.parallel.groups import ParallelDims, comm_device
 from diffmoe_dist.parallel.parallelize import parallelize
 from diffmoe_dist.train.engine import build_engine, uses_deepspeed
@@ -171,7 +172,7 @@ class Trainer:
         autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.train.precision == "bf16")
         x = batch.pop("x").to(self.device, non_blocking=True)
         cond = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}  # y for class-conditional runs
-        x_t, t, v_target = flow_targets(x, self.noise_gen)
+        x_t, t, v_target = flow_targets(x, self.noise_gen, self.cfg.diffusion.same_t_per_batch)
         with self.moe.collect(self.model), autocast:
             v_pred = self.engine.forward(x_t, t, **cond)
         loss_flow = flow_loss(v_pred, v_target)
@@ -198,6 +199,7 @@ class Trainer:
         lap(None)
         self.engine.zero_grad()
         self.moe.clear()
+        schedule_capacity(self.model, self.cfg.moe, self.step)  # moe.capacity_full/decay_steps; no-op without
         parts = torch.zeros(4, device=self.device)
         for _ in range(self.cfg.optim.grad_accum_steps):
             batch = self.loader.next_batch()

@@ -11,6 +11,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from diffmoe_dist.model.mlp import FeedForward
 from diffmoe_dist.model.moe import collector, routers
 from diffmoe_dist.model.moe.dispatch import Dispatcher, LocalDispatcher
 from diffmoe_dist.model.moe.experts import StackedExperts
@@ -35,7 +36,6 @@ class MoEFeedForward(nn.Module):
         # The router object (routing/): its selection, its losses, and what it needs built here.
         self.router: Router = build_router(moe_cfg)
         self.num_experts = moe_cfg.num_experts
-        self.capacity = moe_cfg.capacity
         # Eval-time routing of the routers with a capacity predictor; plain attributes so a sampler
         # can switch them (set_inference_routing) without rebuilding or reloading the model.
         self.inference = moe_cfg.inference
@@ -47,8 +47,21 @@ class MoEFeedForward(nn.Module):
             CapacityPredictor(dim, self.num_experts, moe_cfg.threshold_momentum) if self.router.uses_predictor else None
         )
         self.experts = StackedExperts(self.num_experts, dim, hidden_dim)
+        # Shared experts: n full-size MLPs every token passes through, as one MLP of n H hidden units
+        # (the official code builds one MLP of 2 H for any n > 0: our n = 2). Replicated, not sharded.
+        n_shared = getattr(moe_cfg, "num_shared_experts", 0)
+        self.shared_experts = FeedForward(dim, n_shared * hidden_dim) if n_shared > 0 else None
         self.pool: TokenPool = LocalPool()
         self.dispatcher: Dispatcher = LocalDispatcher()
+
+    @property
+    def capacity(self) -> float:
+        """The training capacity C; the router owns it (the capacity schedule moves it per step)."""
+        return self.router.capacity
+
+    @capacity.setter
+    def capacity(self, value: float) -> None:
+        self.router.capacity = value
 
     def forward(self, x_BLD: Tensor) -> Tensor:
         """Only computes: the losses, masks and predictor probabilities the step needs go to an
@@ -64,6 +77,8 @@ class MoEFeedForward(nn.Module):
         plan = self.dispatcher.plan(mask_NE.sum(0), self.experts)
         a = routers.assignment_from_mask(mask_NE, scores_NE, plan.rows)
         y_ND = self.dispatcher(x_ND, a, self.experts, plan)
+        if self.shared_experts is not None:
+            y_ND = y_ND + self.shared_experts(x_ND)
         collector.record(
             self,
             lambda: collector.LayerRecord(
@@ -90,3 +105,24 @@ def set_inference_routing(model: nn.Module, mode: str, gamma: float | None = Non
         layer.inference = mode
         if gamma is not None:
             layer.gamma = gamma
+
+
+def scheduled_capacity(moe_cfg, step: int) -> float:
+    """The official code's training capacity schedule: ``E`` up to ``capacity_full_steps``, then
+    linear down to ``moe.capacity`` at ``capacity_decay_steps``, then fixed (no schedule: always C)."""
+    full, end, c, e = moe_cfg.capacity_full_steps, moe_cfg.capacity_decay_steps, moe_cfg.capacity, moe_cfg.num_experts
+    if not end or step > end:
+        return float(c)
+    if step <= full:
+        return float(e)
+    return c + (e - c) * (end - step) / (end - full)
+
+
+def schedule_capacity(model: nn.Module, moe_cfg, step: int) -> None:
+    """Sets every MoE layer's training capacity for optimizer step ``step`` (the trainer calls it
+    before each step's forwards; evaluation keeps whatever the last step set, C after the schedule)."""
+    if not moe_cfg.capacity_decay_steps:
+        return
+    capacity = scheduled_capacity(moe_cfg, step)
+    for layer in moe_layers(model):
+        layer.capacity = capacity

@@ -65,7 +65,8 @@ def similarity_loss(scores_NE: Tensor, pairs_EE: Tensor) -> Tensor:
     """Race-DiT's router similarity loss (module docstring), unweighted."""
     n, e = scores_NE.shape
     p = scores_NE.float()
-    p_EE = p.T @ p / n
+    # elementwise, not a matmul: MFU counts the model's matmul FLOPs (train/flops.py), not a loss's
+    p_EE = (p.unsqueeze(2) * p.unsqueeze(1)).mean(0)
     m = pairs_EE.to(p.dtype)
     eye = torch.eye(e, dtype=torch.bool, device=p.device)
     diag_total = m.diagonal().sum().clamp(min=1.0)
