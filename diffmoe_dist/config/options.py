@@ -32,6 +32,7 @@ ADAMW_IMPLS = ("foreach", "fused", "loop")
 PRECISIONS = ("fp32", "bf16")
 ZERO_STAGES = (0, 1, 2)
 SAMPLERS = ("euler", "heun")
+OBJECTIVES = ("flow", "ddpm")  # diffusion.objective
 WANDB_MODES = ("offline", "online", "disabled")
 MFU_PEAK_WORDS = ("measure", "off")  # logging.mfu_peak also takes TFLOPS per rank or a cluster YAML
 RESUME_WORDS = ("auto", "never", "archive")  # train.resume also takes a run / checkpoint directory

@@ -82,6 +82,7 @@ class DataConfig:
 
 @dataclass
 class DiffusionConfig:
+    objective: str = "flow"  # flow (rectified flow, v) | ddpm (DiT's: 1,000 steps, eps and learned variance)
     same_t_per_batch: bool = False  # one noise level t per rank's batch (official code's same_t_per_batch)
 
 

@@ -72,6 +72,7 @@ def validate_config(cfg, world_size: int) -> None:
     if moe.predictor_loss_weight < 0:
         fail("moe.predictor_loss_weight", moe.predictor_loss_weight, "use a non-negative weight")
     validate_moe_extras(moe)
+    validate_objective(cfg)
     if moe.aux_loss_weight < 0:
         fail("moe.aux_loss_weight", moe.aux_loss_weight, "use a non-negative weight, e.g. 0.01")
     p = par.expert_parallel_size
@@ -241,3 +242,11 @@ def validate_moe_extras(moe) -> None:
         )
     if end and moe.router == options.DENSE_ROUTER:
         fail("moe.capacity_decay_steps", end, "a capacity schedule needs an MoE router")
+
+
+def validate_objective(cfg) -> None:
+    objective = cfg.diffusion.objective
+    if objective not in options.OBJECTIVES:
+        fail("diffusion.objective", objective, f"use one of {', '.join(options.OBJECTIVES)}")
+    if objective == "ddpm" and cfg.model.task != "c2i":
+        fail("diffusion.objective", objective, "DDPM is built for class-conditional models: use model.task=c2i or flow")

@@ -24,7 +24,7 @@ def load_model(path: str, use_ema: bool = True) -> tuple[torch.nn.Module, object
     step_path = ckpt.resolve_checkpoint(path)
     ckpt.verify(step_path)
     cfg = config_from_dict(ckpt.read_meta(step_path)["config"])
-    model = build_model(cfg.model, cfg.moe)
+    model = build_model(cfg.model, cfg.moe, cfg.diffusion.objective)
     # Assembles every rank's pieces (experts at their global indices) for this one process.
     ckpt.load_full_state_dict(model, ckpt.load_model_state(step_path, "ema" if use_ema else "model"))
     return model.eval(), cfg, step_path

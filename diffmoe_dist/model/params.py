@@ -49,7 +49,7 @@ def main(argv=None) -> int:
     from diffmoe_dist.model.build import build_model
 
     with torch.device("meta"):  # XL-size models without allocating their weights
-        model = build_model(cfg.model, cfg.moe)
+        model = build_model(cfg.model, cfg.moe, cfg.diffusion.objective)
     print(json.dumps(count_parameters(model, cfg.moe)))
     return 0
 

@@ -71,7 +71,7 @@ def count_params(cfg: Config) -> dict[str, int]:
     from diffmoe_dist.model.moe.layer import moe_layers
 
     with torch.device("meta"):
-        model = build_model(cfg.model, cfg.moe)
+        model = build_model(cfg.model, cfg.moe, cfg.diffusion.objective)
     expert = sum(p.numel() for p in model.parameters() if getattr(p, "is_expert", False))
     predictor = sum(
         p.numel()
