@@ -5,9 +5,15 @@ Trains, with the same steps, global batch, schedule, data order and seed, on the
 
 - ``Dense-DiT``       dense DiT-tiny, the 1x-active baseline;
 - ``TC-DiT-E8``       token choice, top-1, aux loss (1x active);
-- ``EC-DiT-E8``       expert choice inside each sample (1x active);
+- ``EC-DiT-E8``       expert choice inside each sample (1x active), with its capacity predictor trained
+                      on the intra-sample masks: static and "Local Dynamic Intra-sample" inference;
 - ``DiffMoE-E8``      expert choice over the batch-level global pool + capacity predictor (1x active);
-- ``Dense-DiT-1.5x``  dense DiT-tiny with 1.5x the depth (the paper's Dense-DiT-XL role, 1.47x of L).
+- ``Dense-DiT-1.5x``  dense DiT-tiny with 1.5x the depth (the paper's Dense-DiT-XL role, 1.47x of L);
+- ``Race-E8``         Expert Race (Race-DiT): the top C N entries of the pool's whole score matrix;
+- ``Dense-DiT-DDPM``, ``DiffMoE-E8-DDPM``: the central pair with DDPM (``--ddpm-steps`` sampler steps).
+
+Seven rows of the paper's table (its EC-DiT dynamic row included), Race, and the DDPM pair; two
+seeds by default.
 
 Then evaluates each with its EMA weights (CFG, ODE sampler, ``--num-samples`` images, classes in
 turn): digits-FID against the held-out images (with the real-vs-real floor beside it), class
@@ -73,7 +79,8 @@ def models(dense_depth_15x: int) -> list[Model]:
             MOE,
             (*MOE_COMMON, "moe.router=expert_choice_local"),
             "expert choice, in-sample",
-            (("static (in-sample)", None),),
+            # the paper's row 4: the same predictor and thresholds, trained on the intra-sample masks
+            (("static (in-sample)", "static"), ("dynamic (intra-sample)", "dynamic")),
         ),
         Model(
             "DiffMoE-E8",
@@ -83,6 +90,17 @@ def models(dense_depth_15x: int) -> list[Model]:
             (("static", "static"), ("dynamic", "dynamic")),
         ),
         Model("Dense-DiT-1.5x", DENSE, (f"model.depth={dense_depth_15x}",), "dense"),
+        # beyond the paper: Expert Race (Race-DiT), top C N entries of the pool's score matrix
+        Model("Race-E8", MOE, (*MOE_COMMON, "moe.router=expert_race"), "expert race, global pool"),
+        # the central pair with DDPM (DiT's objective, as the official code trains it)
+        Model("Dense-DiT-DDPM", DENSE, ("diffusion.objective=ddpm",), "dense, DDPM"),
+        Model(
+            "DiffMoE-E8-DDPM",
+            MOE,
+            (*MOE_COMMON, "moe.router=expert_choice_global", "diffusion.objective=ddpm"),
+            "expert choice, global pool, DDPM",
+            (("dynamic", "dynamic"),),
+        ),
     ]
 
 
@@ -91,10 +109,11 @@ def _parse_args(argv=None) -> argparse.Namespace:
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--steps", type=int, default=None, help="training steps per model (default 300; quick 3)")
-    p.add_argument("--seeds", default="0", help="comma list of seeds; each model trains once per seed")
+    p.add_argument("--seeds", default="0,1", help="comma list of seeds; each model trains once per seed")
     p.add_argument("--num-samples", type=int, default=None, help="samples per evaluation (default 300; quick 20)")
     p.add_argument("--sample-steps", type=int, default=None, help="ODE steps (default 20; quick 2)")
     p.add_argument("--sampler", choices=SAMPLERS, default="heun")
+    p.add_argument("--ddpm-steps", type=int, default=None, help="DDPM sampler steps of 1,000 (default 100; quick 2)")
     p.add_argument("--cfg-scale", type=float, default=2.0)
     p.add_argument("--models", default=None, help="comma list of model names to run (default: all)")
     p.add_argument("--workdir", default="runs/paper_table", help="run directories and sample grids go here")
@@ -110,6 +129,7 @@ def _parse_args(argv=None) -> argparse.Namespace:
     args.steps = args.steps or (3 if q else 300)
     args.num_samples = args.num_samples or (20 if q else 300)
     args.sample_steps = args.sample_steps or (2 if q else 20)
+    args.ddpm_steps = args.ddpm_steps or (2 if q else 100)
     try:
         args.seed_list = [int(s) for s in args.seeds.split(",")]
     except ValueError:
@@ -121,7 +141,7 @@ def _parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-SETTINGS = ("steps", "num_samples", "sample_steps", "sampler", "cfg_scale", "quick")
+SETTINGS = ("steps", "num_samples", "sample_steps", "ddpm_steps", "sampler", "cfg_scale", "quick")
 
 
 def _settings(args) -> dict:
@@ -213,6 +233,11 @@ def train_one(model: Model, seed: int, args, data: Path) -> dict:
     }
 
 
+def _steps(model, args) -> int:
+    """DDPM models (their output carries the variance) sample ``--ddpm-steps`` of 1,000; flow ``--sample-steps``."""
+    return args.ddpm_steps if getattr(model, "learn_sigma", False) else args.sample_steps
+
+
 def _with_routing(model, mode):
     from diffmoe_dist.model.moe.layer import set_inference_routing
 
@@ -232,7 +257,7 @@ def evaluate(model, mode: str | None, seed: int, args) -> dict:
     t0 = time.time()
     images = sample_in_chunks(
         model, labels, chunk_size=100, first_seed=10_000 * (seed + 1),
-        cfg_scale=args.cfg_scale, num_steps=args.sample_steps, sampler=args.sampler,
+        cfg_scale=args.cfg_scale, num_steps=_steps(model, args), sampler=args.sampler,
     )  # fmt: skip
     meter.close()
     scores = evaluate_images(images, labels)
@@ -253,7 +278,7 @@ def _grid(model, mode: str | None, seed: int, args, path: Path) -> None:
     _with_routing(model, mode)
     labels = torch.arange(10).repeat(4)  # 4 rows, one column per class
     images = sample_images(
-        model, labels, cfg_scale=args.cfg_scale, num_steps=args.sample_steps, sampler=args.sampler, seed=seed
+        model, labels, cfg_scale=args.cfg_scale, num_steps=_steps(model, args), sampler=args.sampler, seed=seed
     )
     save_grid(images, str(path), nrow=10)
 

@@ -1,7 +1,8 @@
-"""Smoke run of benchmarks/paper_table.py --quick: the five models train with the real trainer on the
-digits, at the active-parameter ratios the paper's table needs, and every evaluation row (DiffMoE
-static and dynamic, EC in-sample, TC, both dense models) lands in the table and the JSON with a
-sample grid. Quality itself is not asserted: 3 steps teach nothing."""
+"""Smoke run of benchmarks/paper_table.py --quick: the nine models (the paper's seven rows, Race and
+the DDPM pair) train with the real trainer on the digits, at the active-parameter ratios the paper's
+table needs, and every evaluation row (DiffMoE and EC-DiT static and dynamic, TC, both dense models,
+Race, DDPM) lands in the table and the JSON with a sample grid. Quality itself is not asserted: 3
+steps teach nothing."""
 
 from __future__ import annotations
 
@@ -25,7 +26,17 @@ def test_quick_table_has_every_model_and_inference_strategy(tmp_path):
     out = tmp_path / "paper_table.json"
     env = {**os.environ, "WANDB_MODE": "disabled", "DIFFMOE_NO_PROGRESS": "1"}
     proc = subprocess.run(
-        [sys.executable, str(SCRIPT), "--quick", "--workdir", str(tmp_path / "runs"), "--out", str(out)],
+        [
+            sys.executable,
+            str(SCRIPT),
+            "--quick",
+            "--seeds",
+            "0",
+            "--workdir",
+            str(tmp_path / "runs"),
+            "--out",
+            str(out),
+        ],
         capture_output=True,
         text=True,
         timeout=HANG_TIMEOUT,
@@ -39,12 +50,21 @@ def test_quick_table_has_every_model_and_inference_strategy(tmp_path):
         ("Dense-DiT", "-"),
         ("TC-DiT-E8", "static (top-1)"),
         ("EC-DiT-E8", "static (in-sample)"),
+        ("EC-DiT-E8", "dynamic (intra-sample)"),
         ("DiffMoE-E8", "static"),
         ("DiffMoE-E8", "dynamic"),
         ("Dense-DiT-1.5x", "-"),
+        ("Race-E8", "-"),
+        ("Dense-DiT-DDPM", "-"),
+        ("DiffMoE-E8-DDPM", "dynamic"),
     ]
     dense = rows[("Dense-DiT", "-")]["active_params"]
-    for key in [("TC-DiT-E8", "static (top-1)"), ("EC-DiT-E8", "static (in-sample)"), ("DiffMoE-E8", "static")]:
+    for key in [
+        ("TC-DiT-E8", "static (top-1)"),
+        ("EC-DiT-E8", "static (in-sample)"),
+        ("DiffMoE-E8", "static"),
+        ("Race-E8", "-"),
+    ]:
         # Equal active parameters: the MoE models differ from dense only by their routers (E x D each).
         assert abs(rows[key]["active_params"] / dense - 1) < 0.01, key
     assert 1.4 < rows[("Dense-DiT-1.5x", "-")]["active_params"] / dense < 1.6
@@ -65,7 +85,18 @@ def test_quick_table_has_every_model_and_inference_strategy(tmp_path):
 
     # --reuse takes finished (model, seed) runs from the --out file instead of training them again.
     again = subprocess.run(
-        [sys.executable, str(SCRIPT), "--quick", "--reuse", "--models", "Dense-DiT,DiffMoE-E8", "--out", str(out)],
+        [
+            sys.executable,
+            str(SCRIPT),
+            "--quick",
+            "--seeds",
+            "0",
+            "--reuse",
+            "--models",
+            "Dense-DiT,DiffMoE-E8",
+            "--out",
+            str(out),
+        ],
         capture_output=True,
         text=True,
         timeout=HANG_TIMEOUT,

@@ -85,6 +85,9 @@ def test_every_shipped_config_validates():
         ("sample.every=-1", "sample.every"),
         ("logging.log_every=0", "logging.log_every"),
         ("moe.aux_loss_weight=-1", "moe.aux_loss_weight"),
+        ("moe.num_shared_experts=-1", "moe.num_shared_experts"),
+        ("moe.capacity_full_steps=10", "moe.capacity_decay_steps"),  # a stage I with no end
+        ("moe.capacity_decay_steps=-5", "moe.capacity_decay_steps"),
         ("train.max_minutes=inf", "train.max_minutes"),
         ("train.seed=-3", "train.seed"),
         ("data.num_workers=-1", "data.num_workers"),

@@ -20,6 +20,8 @@ CASES = {
     "diffmoe-C1.5": ["moe.capacity=1.5"],
     "token_choice": ["moe.router=token_choice", "moe.top_k=2"],
     "expert_choice_local": ["moe.router=expert_choice_local"],
+    "expert_race": ["moe.router=expert_race", "moe.capacity=1.5"],
+    "shared-experts": ["moe.num_shared_experts=2"],
     "t2i-diffmoe": T2I,
     "t2i-dense": [*T2I, "moe.router=dense"],
 }
@@ -74,3 +76,20 @@ def test_mfu_peak_reads_a_number_a_cluster_file_or_off_and_refuses_anything_else
     assert resolve_mfu_peak("off", "fp32", cpu) is None
     with pytest.raises(ConfigError, match=r"^logging.mfu_peak='fast' is invalid: .*use measure, off, TFLOPS per rank"):
         load_config("configs/local/diffmoe-tiny.yaml", ["logging.mfu_peak=fast"]).validate(world_size=2)
+
+
+def test_shared_experts_are_active_parameters_and_priced_by_the_planner():
+    from diffmoe_dist.model.params import count_parameters
+    from diffmoe_dist.plan.cost import count_params
+
+    base = load_config("configs/local/diffmoe-tiny.yaml", TINY)
+    shared = load_config("configs/local/diffmoe-tiny.yaml", [*TINY, "moe.num_shared_experts=2"])
+    counts = [count_parameters(build_model(c.model, c.moe), c.moe) for c in (base, shared)]
+    depth, d, _ = base.model.resolved()
+    h = int(d * base.model.mlp_ratio)
+    extra = (depth // 2) * (2 * d * 2 * h + 2 * h + d)  # one MLP of 2H per MoE layer, with biases
+    assert counts[1]["total"] - counts[0]["total"] == extra
+    assert counts[1]["active"] - counts[0]["active"] == extra  # every token passes through them
+    # the planner: dense (DP-reduced) parameters and the shared FLOPs
+    assert count_params(shared)["dense"] - count_params(base)["dense"] == extra
+    assert "moe_shared" in flops.step_flops(shared, 2) and "moe_shared" not in flops.step_flops(base, 2)

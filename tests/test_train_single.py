@@ -144,3 +144,14 @@ def test_train_cli_rejects_bad_values_before_starting(tmp_path):
     )
     assert out.returncode == 2
     assert out.stderr.strip().splitlines()[-1].startswith("diffmoe-train: error: moe.pool='node' is invalid")
+
+
+def test_ddpm_objective_trains_and_samples(digits, tmp_path):
+    """diffusion.objective=ddpm end to end (CI size: the loss falls, the grid is DDPM-sampled; the
+    legibility run is benchmarks/paper_table.py's DDPM pair)."""
+    run = tmp_path / "ddpm"
+    trainer = _train(digits, run, 10, ["diffusion.objective=ddpm", "checkpoint.every=10"])
+    assert trainer.model.learn_sigma and trainer.model.final_layer.linear.out_features == 2 * 2 * 2
+    losses = [json.loads(line)["loss_flow"] for line in open(run / "metrics.jsonl")]
+    assert sum(losses[-3:]) / 3 < losses[0]
+    assert (run / "samples" / "step_0000010.png").stat().st_size > 0

@@ -27,6 +27,7 @@ from diffmoe_dist.diffusion.sampling import CapacityMeter, sample_images
 from diffmoe_dist.eval.cli import load_model
 from diffmoe_dist.eval.metrics import evaluate_images
 from diffmoe_dist.model.moe.layer import moe_layers, set_inference_routing
+from diffmoe_dist.model.moe.routing import has_predictor
 from diffmoe_dist.train.telemetry import capacity_per_step
 
 DEFAULT_GAMMAS = "0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9"
@@ -70,10 +71,10 @@ def sweep(args) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     model, cfg, step_path = load_model(args.ckpt)
-    if cfg.moe.router != "expert_choice_global":
+    if not has_predictor(cfg.moe):
         raise SystemExit(
-            f"capacity_sweep: {step_path} has moe.router={cfg.moe.router}: the sweep needs DiffMoE's "
-            "expert_choice_global router (a capacity predictor and thresholds)"
+            f"capacity_sweep: {step_path} has moe.router={cfg.moe.router}: the sweep needs a router with a "
+            "capacity predictor and thresholds (expert_choice_global or expert_choice_local)"
         )
     sampler_model, labels, digits = _conditioning(model, cfg, args.num_samples)
     extractor = classifier = None

@@ -153,11 +153,12 @@ def sample_capacity(run_dir: str, num_samples: int, steps: int) -> list[tuple[st
     from diffmoe_dist.diffusion.sampling import CapacityMeter, sample_images
     from diffmoe_dist.eval.cli import load_model
     from diffmoe_dist.model.moe.layer import moe_layers, set_inference_routing
+    from diffmoe_dist.model.moe.routing import has_predictor
     from diffmoe_dist.train.telemetry import capacity_per_step
 
     model, cfg, _ = load_model(run_dir)
-    if cfg.model.task != "c2i" or cfg.moe.router != "expert_choice_global":
-        print("routing_report: --sample needs a class-conditional DiffMoE checkpoint; pass --eval-json instead")
+    if cfg.model.task != "c2i" or not has_predictor(cfg.moe):
+        print("routing_report: --sample needs a class-conditional model with a capacity predictor; use --eval-json")
         return []
     labels = torch.arange(num_samples) % cfg.model.num_classes
     curves = []

@@ -20,7 +20,7 @@ MODEL_SIZES: dict[str, tuple[int, int, int]] = {
 
 TASKS = ("c2i", "t2i")
 DENSE_ROUTER = "dense"  # no MoE layer: every block's FFN is the dense MLP
-ROUTERS = ("expert_choice_global", "expert_choice_local", "token_choice")  # the routers of an MoE layer
+ROUTERS = ("expert_choice_global", "expert_choice_local", "token_choice", "expert_race")  # an MoE layer's routers
 ROUTER_CHOICES = (DENSE_ROUTER, *ROUTERS)  # what moe.router takes
 POOLS = ("rank", "ep", "dp")
 INFERENCE_MODES = ("dynamic", "static", "interval")
@@ -32,6 +32,7 @@ ADAMW_IMPLS = ("foreach", "fused", "loop")
 PRECISIONS = ("fp32", "bf16")
 ZERO_STAGES = (0, 1, 2)
 SAMPLERS = ("euler", "heun")
+OBJECTIVES = ("flow", "ddpm")  # diffusion.objective
 WANDB_MODES = ("offline", "online", "disabled")
 MFU_PEAK_WORDS = ("measure", "off")  # logging.mfu_peak also takes TFLOPS per rank or a cluster YAML
 RESUME_WORDS = ("auto", "never", "archive")  # train.resume also takes a run / checkpoint directory

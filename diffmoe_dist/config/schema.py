@@ -41,7 +41,7 @@ class ModelConfig:
 
 @dataclass
 class MoEConfig:
-    router: str = "dense"  # dense | expert_choice_global (DiffMoE) | expert_choice_local (EC) | token_choice (TC)
+    router: str = "dense"  # dense | expert_choice_global (DiffMoE) | expert_choice_local | token_choice | expert_race
     num_experts: int = 16
     capacity: float = 1.0  # C
     top_k: int = 1  # token_choice only
@@ -52,6 +52,11 @@ class MoEConfig:
     pool: str = "dp"  # rank | ep | dp
     inference: str = "dynamic"  # dynamic | static | interval
     gamma: float = 0.5  # interval-mode threshold on sigmoid(predictor logit)
+    num_shared_experts: int = 0  # dense experts (full-size MLPs) every token passes through, beside the routed ones
+    # Training capacity schedule (official code): C = E up to step capacity_full_steps, then linear to
+    # `capacity` at step capacity_decay_steps, then fixed. 0 and 0: no schedule.
+    capacity_full_steps: int = 0
+    capacity_decay_steps: int = 0
 
 
 @dataclass
@@ -78,6 +83,12 @@ class DataConfig:
     loader: str = "indexed"  # indexed (in memory, exact resume) | stream (webdataset streaming)
     num_workers: int = 0
     text_encoder: str = "minilm"  # t2i: "minilm" (packaged all-MiniLM-L6-v2) or a local HF model directory
+
+
+@dataclass
+class DiffusionConfig:
+    objective: str = "flow"  # flow (rectified flow, v) | ddpm (DiT's: 1,000 steps, eps and learned variance)
+    same_t_per_batch: bool = False  # one noise level t per rank's batch (official code's same_t_per_batch)
 
 
 @dataclass
@@ -150,6 +161,7 @@ class Config:
     moe: MoEConfig = field(default_factory=MoEConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)

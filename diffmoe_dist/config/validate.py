@@ -71,6 +71,8 @@ def validate_config(cfg, world_size: int) -> None:
         fail("moe.threshold_momentum", moe.threshold_momentum, "use a value in [0, 1), e.g. 0.95")
     if moe.predictor_loss_weight < 0:
         fail("moe.predictor_loss_weight", moe.predictor_loss_weight, "use a non-negative weight")
+    validate_moe_extras(moe)
+    validate_objective(cfg)
     if moe.aux_loss_weight < 0:
         fail("moe.aux_loss_weight", moe.aux_loss_weight, "use a non-negative weight, e.g. 0.01")
     p = par.expert_parallel_size
@@ -243,3 +245,26 @@ def cluster_peak_flops(path: str, precision: str) -> float:
     if not flops > 0:
         fail(name, path, f"the file gives no positive peak_flops for train.precision={precision}: add one")
     return flops
+
+
+def validate_moe_extras(moe) -> None:
+    """Shared experts and the training capacity schedule (issue 26)."""
+    if moe.num_shared_experts < 0:
+        fail("moe.num_shared_experts", moe.num_shared_experts, "use 0 (none) or a positive count of dense experts")
+    full, end = moe.capacity_full_steps, moe.capacity_decay_steps
+    if full < 0 or end < 0 or (end and end <= full) or (full and not end):
+        fail(
+            "moe.capacity_decay_steps",
+            end,
+            f"use 0 with moe.capacity_full_steps=0 (no schedule), or a step after moe.capacity_full_steps={full}",
+        )
+    if end and moe.router == options.DENSE_ROUTER:
+        fail("moe.capacity_decay_steps", end, "a capacity schedule needs an MoE router")
+
+
+def validate_objective(cfg) -> None:
+    objective = cfg.diffusion.objective
+    if objective not in options.OBJECTIVES:
+        fail("diffusion.objective", objective, f"use one of {', '.join(options.OBJECTIVES)}")
+    if objective == "ddpm" and cfg.model.task != "c2i":
+        fail("diffusion.objective", objective, "DDPM is built for class-conditional models: use model.task=c2i or flow")

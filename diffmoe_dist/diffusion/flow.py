@@ -26,11 +26,12 @@ def check_generator(generator: torch.Generator | None, device: torch.device) -> 
         )
 
 
-def flow_targets(x_B: torch.Tensor, generator: torch.Generator | None = None):
+def flow_targets(x_B: torch.Tensor, generator: torch.Generator | None = None, same_t: bool = False):
     """Draws (t, eps) and returns (x_t, t, v_target) for one training step. The generator must
-    live on ``x_B``'s device (CUDA refuses a CPU generator; fake tensors would not notice)."""
+    live on ``x_B``'s device (CUDA refuses a CPU generator; fake tensors would not notice).
+    ``same_t``: one t for the whole batch (``diffusion.same_t_per_batch``, as the official code)."""
     check_generator(generator, x_B.device)
-    t_B = torch.rand(x_B.shape[0], device=x_B.device, generator=generator)
+    t_B = torch.rand(1 if same_t else x_B.shape[0], device=x_B.device, generator=generator).expand(x_B.shape[0])
     eps_B = torch.randn(x_B.shape, device=x_B.device, generator=generator)
     return interpolate(x_B, eps_B, t_B), t_B, x_B - eps_B
 

@@ -7,6 +7,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from diffmoe_dist.diffusion.ddpm import sample_ddpm
 from diffmoe_dist.diffusion.flow import sample_ode
 
 
@@ -29,6 +30,11 @@ def sample_images(
     g = torch.Generator(device="cpu").manual_seed(seed)
     noise = torch.randn(len(labels_B), model.in_channels, model.image_size, model.image_size, generator=g).to(device)
     labels_B = labels_B.to(device)
+
+    if getattr(model, "learn_sigma", False):  # diffusion.objective=ddpm: DiT's sampler, num_steps of 1,000
+        out = sample_ddpm(model, noise, labels_B, cfg_scale, num_steps, g, on_evaluation).clamp(-1, 1)
+        model.train(was_training)
+        return out
 
     def velocity(x, t):
         v = model.forward_with_cfg(x, t, labels_B, cfg_scale).float()

@@ -17,13 +17,14 @@ from diffmoe_dist.data.text_encoders import prompt_model
 from diffmoe_dist.diffusion.sampling import CapacityMeter, sample_in_chunks, save_grid
 from diffmoe_dist.model.build import build_model
 from diffmoe_dist.model.moe.layer import set_inference_routing
+from diffmoe_dist.model.moe.routing import has_predictor
 
 
 def load_model(path: str, use_ema: bool = True) -> tuple[torch.nn.Module, object, str]:
     step_path = ckpt.resolve_checkpoint(path)
     ckpt.verify(step_path)
     cfg = config_from_dict(ckpt.read_meta(step_path)["config"])
-    model = build_model(cfg.model, cfg.moe)
+    model = build_model(cfg.model, cfg.moe, cfg.diffusion.objective)
     # Assembles every rank's pieces (experts at their global indices) for this one process.
     ckpt.load_full_state_dict(model, ckpt.load_model_state(step_path, "ema" if use_ema else "model"))
     return model.eval(), cfg, step_path
@@ -201,7 +202,7 @@ def _evaluate(args) -> dict:
             "cfg_scale": args.cfg_scale,
             "steps": args.steps,
             "sampler": args.sampler,
-            "routing": args.routing or (cfg.moe.inference if cfg.moe.router == "expert_choice_global" else None),
+            "routing": args.routing or (cfg.moe.inference if has_predictor(cfg.moe) else None),
         }
     )
     return result

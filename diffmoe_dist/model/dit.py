@@ -46,8 +46,10 @@ class DiTBlock(nn.Module):
 
 
 class DiT(DiTBase):
-    def __init__(self, model: ModelConfig, moe: MoEConfig):
+    def __init__(self, model: ModelConfig, moe: MoEConfig, learn_sigma: bool = False):
         super().__init__()
+        # DDPM (diffusion.objective=ddpm): the output holds eps and the variance interpolation (DiT's learn_sigma)
+        self.learn_sigma = learn_sigma
         depth, dim, heads = model.resolved()
         self.num_classes = model.num_classes
         self._build_patch_embedding(model, dim)

@@ -100,13 +100,14 @@ class DiTBase(nn.Module):
     def _build_trunk(self, dim: int, blocks: list[nn.Module]) -> None:
         self.register_buffer("pos_embed", sincos_pos_embed_2d(dim, self.grid).unsqueeze(0), persistent=False)
         self.blocks = nn.ModuleList(blocks)
-        self.final_layer = FinalLayer(dim, self.patch_size, self.in_channels)
+        self.out_channels = self.in_channels * (2 if getattr(self, "learn_sigma", False) else 1)
+        self.final_layer = FinalLayer(dim, self.patch_size, self.out_channels)
 
     def embed_patches(self, x_BCHW: torch.Tensor) -> torch.Tensor:
         return self.x_embedder(x_BCHW).flatten(2).transpose(1, 2) + self.pos_embed
 
     def output(self, x_BLD: torch.Tensor, c_BD: torch.Tensor) -> torch.Tensor:
-        return unpatchify(self.final_layer(x_BLD, c_BD), self.patch_size, self.in_channels, self.grid)
+        return unpatchify(self.final_layer(x_BLD, c_BD), self.patch_size, self.out_channels, self.grid)
 
 
 def xavier_init(module: nn.Module) -> None:

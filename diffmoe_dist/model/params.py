@@ -20,6 +20,7 @@ from diffmoe_dist.config import ConfigError, MoEConfig, load_config
 def count_parameters(model: torch.nn.Module, moe: MoEConfig) -> dict[str, int]:
     from diffmoe_dist.model.moe.experts import StackedExperts
     from diffmoe_dist.model.moe.predictor import CapacityPredictor
+    from diffmoe_dist.model.moe.routing import router_type
 
     # The paper's counts leave out the capacity predictor (an auxiliary head): B-E16 is 555M/130M and
     # L-E16 1.982B/458M only without it. We report it on its own line.
@@ -29,7 +30,7 @@ def count_parameters(model: torch.nn.Module, moe: MoEConfig) -> dict[str, int]:
     for m in model.modules():
         if isinstance(m, StackedExperts):
             per_expert = sum(p.numel() for p in m.parameters()) // m.num_local
-            active_experts = moe.top_k if moe.router == "token_choice" else moe.capacity
+            active_experts = router_type(moe.router).active_experts(moe)
             inactive += int(round((m.num_local - active_experts) * per_expert))
     return {"total": total, "active": total - inactive, "predictor": predictor}
 
@@ -48,7 +49,7 @@ def main(argv=None) -> int:
     from diffmoe_dist.model.build import build_model
 
     with torch.device("meta"):  # XL-size models without allocating their weights
-        model = build_model(cfg.model, cfg.moe)
+        model = build_model(cfg.model, cfg.moe, cfg.diffusion.objective)
     print(json.dumps(count_parameters(model, cfg.moe)))
     return 0
 

@@ -26,6 +26,7 @@ from dataclasses import asdict, dataclass
 from diffmoe_dist.config import Config
 from diffmoe_dist.config.validate import layout_error
 from diffmoe_dist.model.ffn import is_moe_block
+from diffmoe_dist.model.moe.routing import router_type
 from diffmoe_dist.parallel.radix_select import DEFAULT_BITS, bit_widths
 from diffmoe_dist.plan.cluster import Cluster, all_gather_s, all_reduce_s, all_to_all_s
 from diffmoe_dist.train import flops as flop_count
@@ -71,7 +72,7 @@ def count_params(cfg: Config) -> dict[str, int]:
     from diffmoe_dist.model.moe.layer import moe_layers
 
     with torch.device("meta"):
-        model = build_model(cfg.model, cfg.moe)
+        model = build_model(cfg.model, cfg.moe, cfg.diffusion.objective)
     expert = sum(p.numel() for p in model.parameters() if getattr(p, "is_expert", False))
     predictor = sum(
         p.numel()
@@ -108,7 +109,8 @@ def activation_bytes(cfg: Config, images: int, recompute: bool = False, margin: 
     cross = 0.0
     if m.task == "t2i":
         cross = hi * d + lo * 4 * d + hi * (0 if bf16 else d)  # x; cast, q out, out, reshape
-    c = moe.top_k if moe.router == "token_choice" else moe.capacity
+    c = router_type(moe.router).active_experts(moe) if any(is_moe_block(moe, i) for i in range(depth)) else 0.0
+    c += moe.num_shared_experts  # shared experts: every token's rows, like a dense FFN of n H
     # x, LN out, router input (fp32); predictor cast, hidden, SiLU out; per row: cast, fc1 out,
     # GELU out, fc2 out; the gate's fp32 layer output; fp32 scores.
     moe_ffn = 3 * hi * d + 3 * lo * d + c * lo * (d + 2 * h + d) + hi * d + 4 * moe.num_experts
@@ -122,18 +124,16 @@ def selection_calls(moe, pool_ranks: int, radix_bits: int = DEFAULT_BITS) -> lis
     parallel/pools.py issues them: (op, bytes per rank). Radix select of the fp32 keys in
     ceil(32 / bits) passes, each one all-reduce of an E x 2^width int32 histogram (the first one's
     total is the pool size: no size collective), then the tie counts (one all-gather)."""
-    if moe.router != "expert_choice_global" or pool_ranks <= 1:
+    if moe.router == "dense" or pool_ranks <= 1:
         return []
-    return [("all_reduce", moe.num_experts * (1 << w) * 4) for w in bit_widths(radix_bits)] + [
-        ("all_gather", moe.num_experts * 8)
-    ]
+    return router_type(moe.router).selection_calls(moe, bit_widths(radix_bits))
 
 
 def threshold_calls(moe, pool_ranks: int, n_moe: int, radix_bits: int = DEFAULT_BITS) -> list[tuple]:
     """Collectives of the step's threshold EMA (model/moe/collector.py): once per optimizer step,
     one radix select for all layers side by side (n_moe x E columns), and for pools smaller than
     DP (``rank`` / ``ep``) one all-reduce of every layer's quantile for the replica mean."""
-    if moe.router != "expert_choice_global" or pool_ranks <= 1 or n_moe == 0:
+    if n_moe == 0 or pool_ranks <= 1 or not router_type(moe.router).uses_predictor:
         return []
     cols = n_moe * moe.num_experts
     calls = [("all_reduce", cols * (1 << w) * 4) for w in bit_widths(radix_bits)]

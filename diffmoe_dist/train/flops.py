@@ -25,7 +25,7 @@ import torch
 
 from diffmoe_dist.config import Config
 from diffmoe_dist.model.ffn import is_moe_block
-from diffmoe_dist.model.moe.routers import expert_capacity
+from diffmoe_dist.model.moe.routing import router_type
 
 FREQUENCY_SIZE = 256  # TimestepEmbedder's sinusoidal features
 
@@ -45,14 +45,7 @@ def expert_rows(cfg: Config, images: int, pool_ranks: int = 1) -> float:
     """Selected (token, expert) pairs one rank's experts compute per micro-batch, averaged over
     ranks: ``pool_ranks`` ranks share one token pool (``moe.pool``: dp = W, ep = P, rank = 1)."""
     m, moe = cfg.model, cfg.moe
-    seq = m.tokens_per_image
-    n = images * seq
-    e = moe.num_experts
-    if moe.router == "token_choice":
-        return float(moe.top_k * n)
-    if moe.router == "expert_choice_local":
-        return float(images * e * expert_capacity(moe.capacity, seq, e))
-    return e * expert_capacity(moe.capacity, n * pool_ranks, e) / pool_ranks
+    return router_type(moe.router).expert_rows(moe, images, m.tokens_per_image, pool_ranks)
 
 
 def step_flops(cfg: Config, images: int, pool_ranks: int = 1, imbalance: float = 1.0) -> dict[str, tuple[float, float]]:
@@ -97,11 +90,14 @@ def step_flops(cfg: Config, images: int, pool_ranks: int = 1, imbalance: float =
     if n_moe:
         rows = expert_rows(cfg, images, pool_ranks) * imbalance
         add("router", _linear(n, d, e), n_moe)
-        if moe.router == "expert_choice_global":
+        if router_type(moe.router).uses_predictor:
             add("predictor", _linear(n, d, d, input_grad=False), n_moe)  # x.detach()
             add("predictor", _linear(n, d, e), n_moe)
         add("moe_experts", _linear(rows, d, h), n_moe)
         add("moe_experts", _linear(rows, h, d), n_moe)
+        if moe.num_shared_experts:  # every token, n H hidden units
+            add("moe_shared", _linear(n, d, moe.num_shared_experts * h), n_moe)
+            add("moe_shared", _linear(n, moe.num_shared_experts * h, d), n_moe)
     add("final", _linear(b, d, 2 * d))
     add("final", _linear(n, d, patch))
     return {k: (v[0], v[1]) for k, v in out.items()}

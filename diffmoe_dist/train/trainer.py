@@ -14,11 +14,12 @@ from diffmoe_dist import checkpoint as ckpt
 from diffmoe_dist.config import Config
 from diffmoe_dist.data.position import GlobalPosition
 from diffmoe_dist.diffusion.ema import EMA
-from diffmoe_dist.diffusion.flow import flow_loss, flow_targets
+from diffmoe_dist.diffusion.objective import training_loss, training_targets
 from diffmoe_dist.diffusion.sampling import sample_images, save_grid
 from diffmoe_dist.model.build import build_model
 from diffmoe_dist.model.moe.collector import MoECollector
 from diffmoe_dist.model.moe.experts import expert_shard
+from diffmoe_dist.model.moe.layer import schedule_capacity
 from diffmoe_dist.parallel.groups import ParallelDims, comm_device
 from diffmoe_dist.parallel.parallelize import parallelize
 from diffmoe_dist.train.engine import build_engine, uses_deepspeed
@@ -51,7 +52,7 @@ class Trainer:
         # Only this rank's experts are ever allocated (each initialised from (seed, layer, global
         # expert index), so the weights do not depend on the EP size), and the EMA copies that shard.
         with expert_shard(self.dims.ep_rank, self.dims.ep_size):
-            self.model = build_model(cfg.model, cfg.moe).to(device)
+            self.model = build_model(cfg.model, cfg.moe, cfg.diffusion.objective).to(device)
         self.ema = EMA(self.model, cfg.train.ema_decay, cfg.train.ema_warmup)
         self.moe = MoECollector()  # what the MoE forwards hand the step (losses, threshold inputs)
         # Everything parallel, the same way on the model and its EMA (parallel/parallelize.py):
@@ -176,10 +177,10 @@ class Trainer:
         autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.train.precision == "bf16")
         x = batch.pop("x").to(self.device, non_blocking=True)
         cond = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}  # y for class-conditional runs
-        x_t, t, v_target = flow_targets(x, self.noise_gen)
+        x_t, t, v_target = training_targets(self.cfg.diffusion, x, self.noise_gen)  # diffusion.objective
         with self.moe.collect(self.model), autocast:
             v_pred = self.engine.forward(x_t, t, **cond)
-        loss_flow = flow_loss(v_pred, v_target)
+        loss_flow = training_loss(self.cfg.diffusion, v_pred, v_target)
         moe = self.moe.losses()
         # moe["loss"] = sum over layers of predictor_loss_weight * BCE + weighted TC aux loss
         loss = loss_flow + moe["loss"]
@@ -203,6 +204,7 @@ class Trainer:
         lap(None)
         self.engine.zero_grad()
         self.moe.clear()
+        schedule_capacity(self.model, self.cfg.moe, self.step)  # moe.capacity_full/decay_steps; no-op without
         parts = torch.zeros(4, device=self.device)
         for _ in range(self.cfg.optim.grad_accum_steps):
             batch = self.loader.next_batch()

@@ -42,10 +42,17 @@ class LayerRecord:
     mask_NE: Tensor  # bool, detached: which expert computed which local token
     k_E: Tensor  # long: tokens per expert over the pool
     n_pool: Tensor  # long, 0-dim: tokens in the pool
-    predictor_bce: Tensor  # raw BCE, an autograd scalar (0 without a predictor or outside training)
-    aux_loss: Tensor  # weighted token-choice aux loss, an autograd scalar
-    loss: Tensor  # predictor_loss_weight * predictor_bce + aux_loss: what the trainer adds
-    prob_NE: Tensor | None = None  # detached sigmoid(pred), fp32 (training, DiffMoE router only)
+    losses: dict[str, Tensor]  # the router's named losses (autograd scalars): raw BCE, weighted balance losses
+    loss: Tensor  # what the trainer adds: predictor_loss_weight * predictor_bce + the weighted balance loss
+    prob_NE: Tensor | None = None  # detached sigmoid(pred), fp32 (training, routers with a predictor)
+
+    @property
+    def predictor_bce(self) -> Tensor:
+        return self.losses.get("predictor_bce", self.loss.new_zeros(()))
+
+    @property
+    def aux_loss(self) -> Tensor:
+        return self.losses.get("aux_loss", self.loss.new_zeros(()))
 
     @property
     def tokens_per_expert(self) -> Tensor:
@@ -66,10 +73,6 @@ def record(layer: nn.Module, make_record) -> None:
         rec = make_record()
         for c in collectors:
             c._add(layer, rec)
-
-
-def recording(layer: nn.Module) -> bool:
-    return any(c.covers(layer) for c in getattr(_ACTIVE, "stack", ()))
 
 
 class MoECollector:
@@ -136,18 +139,17 @@ class MoECollector:
         return recs[-1]
 
     def losses(self) -> dict[str, Tensor]:
-        """The latest micro-batch's MoE losses summed over layers: raw ``predictor_bce``,
-        ``aux_loss`` (weighted) and ``loss`` (= sum of predictor_loss_weight * bce + aux_loss), the
-        term the trainer adds to the diffusion loss. Zeros for a model without MoE layers."""
+        """The latest micro-batch's MoE losses summed over layers, by name: ``loss`` (the term the
+        trainer adds to the diffusion loss) and every router's named losses; ``predictor_bce``
+        (raw) and ``aux_loss`` (weighted) are always present, zeros where no layer reports them."""
         recs = [r for rs in (self.micro_batches[-1].values() if self.micro_batches else ()) for r in rs]
-        if not recs:
-            zero = torch.zeros((), device=self._device)
-            return {"predictor_bce": zero, "aux_loss": zero, "loss": zero}
-        return {
-            "predictor_bce": sum(r.predictor_bce for r in recs),
-            "aux_loss": sum(r.aux_loss for r in recs),
-            "loss": sum(r.loss for r in recs),
-        }
+        zero = torch.zeros((), device=self._device)
+        out = {"loss": zero, "predictor_bce": zero, "aux_loss": zero}
+        for r in recs:
+            out["loss"] = out["loss"] + r.loss
+            for name, value in r.losses.items():
+                out[name] = out.get(name, zero) + value
+        return out
 
     def capacity_avg(self) -> Tensor:
         """Mean ``C_avg`` over the step's layer forwards (float64 device tensor, 0 if none)."""

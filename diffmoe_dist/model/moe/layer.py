@@ -11,11 +11,13 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from diffmoe_dist.model.mlp import FeedForward
 from diffmoe_dist.model.moe import collector, routers
 from diffmoe_dist.model.moe.dispatch import Dispatcher, LocalDispatcher
 from diffmoe_dist.model.moe.experts import StackedExperts
 from diffmoe_dist.model.moe.pool import LocalPool, TokenPool
 from diffmoe_dist.model.moe.predictor import CapacityPredictor
+from diffmoe_dist.model.moe.routing import RouteInputs, Router, build_router
 
 ROUTER_INIT_STD = 0.006  # DiffMoE's router init N(0, 0.006)
 
@@ -25,35 +27,41 @@ class MoEFeedForward(nn.Module):
 
     def __init__(self, dim: int, hidden_dim: int, moe_cfg):
         super().__init__()
-        if moe_cfg.router not in routers.ROUTERS:
-            raise ValueError(f"moe.router={moe_cfg.router!r}: MoEFeedForward takes one of {routers.ROUTERS}")
         if moe_cfg.num_experts < 1 or moe_cfg.capacity <= 0:
             raise ValueError(
                 f"moe.num_experts={moe_cfg.num_experts} must be >= 1 and moe.capacity={moe_cfg.capacity} > 0"
             )
         if moe_cfg.inference not in routers.INFERENCE_MODES:
             raise ValueError(f"moe.inference={moe_cfg.inference!r}: choose one of {routers.INFERENCE_MODES}")
-        self.router = moe_cfg.router
+        # The router object (routing/): its selection, its losses, and what it needs built here.
+        self.router: Router = build_router(moe_cfg)
         self.num_experts = moe_cfg.num_experts
-        self.capacity = moe_cfg.capacity
-        self.top_k = moe_cfg.top_k
-        self.aux_loss_weight = moe_cfg.aux_loss_weight
-        self.predictor_loss_weight = moe_cfg.predictor_loss_weight
-        # Eval-time routing of expert_choice_global; plain attributes so a sampler can switch them
-        # (set_inference_routing) without rebuilding or reloading the model.
+        # Eval-time routing of the routers with a capacity predictor; plain attributes so a sampler
+        # can switch them (set_inference_routing) without rebuilding or reloading the model.
         self.inference = moe_cfg.inference
         self.gamma = moe_cfg.gamma
         # A plain Parameter, not nn.Linear: a model-wide DiT `_basic_init` over nn.Linear modules
         # would otherwise overwrite the N(0, 0.006) init with xavier.
         self.router_weight_ED = nn.Parameter(torch.randn(self.num_experts, dim) * ROUTER_INIT_STD)
         self.capacity_predictor = (
-            CapacityPredictor(dim, self.num_experts, moe_cfg.threshold_momentum)
-            if self.router == "expert_choice_global"
-            else None
+            CapacityPredictor(dim, self.num_experts, moe_cfg.threshold_momentum) if self.router.uses_predictor else None
         )
         self.experts = StackedExperts(self.num_experts, dim, hidden_dim)
+        # Shared experts: n full-size MLPs every token passes through, as one MLP of n H hidden units
+        # (the official code builds one MLP of 2 H for any n > 0: our n = 2). Replicated, not sharded.
+        n_shared = getattr(moe_cfg, "num_shared_experts", 0)
+        self.shared_experts = FeedForward(dim, n_shared * hidden_dim) if n_shared > 0 else None
         self.pool: TokenPool = LocalPool()
         self.dispatcher: Dispatcher = LocalDispatcher()
+
+    @property
+    def capacity(self) -> float:
+        """The training capacity C; the router owns it (the capacity schedule moves it per step)."""
+        return self.router.capacity
+
+    @capacity.setter
+    def capacity(self, value: float) -> None:
+        self.router.capacity = value
 
     def forward(self, x_BLD: Tensor) -> Tensor:
         """Only computes: the losses, masks and predictor probabilities the step needs go to an
@@ -61,59 +69,28 @@ class MoEFeedForward(nn.Module):
         b, seq, d = x_BLD.shape
         x_ND = x_BLD.reshape(b * seq, d)
         scores_NE = routers.router_scores(x_ND, self.router_weight_ED)
-        zero = scores_NE.new_zeros(())
-        predictor_bce, aux_loss, prob_NE = zero, zero, None
-
-        if self.router == "expert_choice_global":
-            mask_NE, k_E, n_pool, predictor_bce, prob_NE = self._route_global(x_ND, scores_NE)
-        else:
-            if self.router == "expert_choice_local":
-                mask_NE = routers.expert_choice_local(scores_NE.view(b, seq, -1), self.capacity)
-            else:
-                mask_NE = routers.token_choice(scores_NE, self.top_k)
-                if self.training:
-                    aux_loss = routers.load_balancing_loss(scores_NE, mask_NE, self.aux_loss_weight)
-            k_E = mask_NE.sum(0)
-            n_pool = torch.full((), x_ND.shape[0], dtype=torch.long, device=x_ND.device)
+        inputs = RouteInputs(x_ND, seq, self.pool, self.capacity_predictor, self.training, self.inference, self.gamma)
+        sel = self.router.select(scores_NE, inputs)
+        mask_NE = sel.mask_NE
 
         # The forward's one host read: the dispatcher's row counts (exchanged with the EP peers).
         plan = self.dispatcher.plan(mask_NE.sum(0), self.experts)
         a = routers.assignment_from_mask(mask_NE, scores_NE, plan.rows)
         y_ND = self.dispatcher(x_ND, a, self.experts, plan)
+        if self.shared_experts is not None:
+            y_ND = y_ND + self.shared_experts(x_ND)
         collector.record(
             self,
             lambda: collector.LayerRecord(
                 mask_NE=mask_NE.detach(),
-                k_E=k_E,
-                n_pool=n_pool,
-                predictor_bce=predictor_bce,
-                aux_loss=aux_loss,
-                loss=self.predictor_loss_weight * predictor_bce + aux_loss,
-                prob_NE=prob_NE,
+                k_E=sel.k_E,
+                n_pool=sel.n_pool,
+                losses=sel.losses,
+                loss=sel.loss if sel.loss is not None else scores_NE.new_zeros(()),
+                prob_NE=sel.prob_NE,
             ),
         )
         return y_ND.view(b, seq, d)
-
-    def _route_global(self, x_ND: Tensor, scores_NE: Tensor):
-        """DiffMoE: training and static inference take ``floor(C N_pool / E)`` per expert;
-        dynamic / interval take ``k_e`` counted from the predictor. Returns (mask, k_E, n_pool,
-        bce, training: the detached predicted probabilities for the step's thresholds)."""
-        predictor = self.capacity_predictor
-        mode = self.inference
-        if self.training or mode == "static":
-            mask_NE, k_E, n_pool = self.pool.capacity_topk_mask(scores_NE, self.capacity)
-        elif mode in ("dynamic", "interval"):
-            prob_NE = torch.sigmoid(predictor(x_ND))
-            tau_E = predictor.threshold_E if mode == "dynamic" else torch.full_like(prob_NE[0], self.gamma)
-            mask_NE, k_E, n_pool = routers.expert_choice_dynamic(scores_NE, prob_NE, tau_E, self.pool)
-        else:
-            raise ValueError(f"inference={mode!r}: choose one of {routers.INFERENCE_MODES}")
-
-        if not self.training:
-            return mask_NE, k_E, n_pool, scores_NE.new_zeros(()), None
-        pred_NE = predictor(x_ND)
-        # The thresholds move once per optimizer step, outside forward (MoECollector.update_thresholds).
-        return mask_NE, k_E, n_pool, predictor.loss(pred_NE, mask_NE), torch.sigmoid(pred_NE.detach().float())
 
 
 def moe_layers(model: nn.Module) -> list[MoEFeedForward]:
@@ -128,3 +105,24 @@ def set_inference_routing(model: nn.Module, mode: str, gamma: float | None = Non
         layer.inference = mode
         if gamma is not None:
             layer.gamma = gamma
+
+
+def scheduled_capacity(moe_cfg, step: int) -> float:
+    """The official code's training capacity schedule: ``E`` up to ``capacity_full_steps``, then
+    linear down to ``moe.capacity`` at ``capacity_decay_steps``, then fixed (no schedule: always C)."""
+    full, end, c, e = moe_cfg.capacity_full_steps, moe_cfg.capacity_decay_steps, moe_cfg.capacity, moe_cfg.num_experts
+    if not end or step > end:
+        return float(c)
+    if step <= full:
+        return float(e)
+    return c + (e - c) * (end - step) / (end - full)
+
+
+def schedule_capacity(model: nn.Module, moe_cfg, step: int) -> None:
+    """Sets every MoE layer's training capacity for optimizer step ``step`` (the trainer calls it
+    before each step's forwards; evaluation keeps whatever the last step set, C after the schedule)."""
+    if not moe_cfg.capacity_decay_steps:
+        return
+    capacity = scheduled_capacity(moe_cfg, step)
+    for layer in moe_layers(model):
+        layer.capacity = capacity

@@ -92,11 +92,12 @@ def expert_choice_dynamic(scores_NE: Tensor, prob_NE: Tensor, threshold_E: Tenso
     return pool.count_topk_mask(scores_NE, prob_NE > threshold_E.to(prob_NE).view(1, -1))
 
 
-def expert_choice_local(scores_BLE: Tensor, capacity: float) -> Tensor:
+def expert_choice_local(scores_BLE: Tensor, capacity: float, k_BE: Tensor | None = None) -> Tensor:
     """EC-DiT: each expert takes ``k = floor(C L / E)`` tokens inside each sample's L tokens
-    (never across samples); ties towards the lower token index. Returns ``mask_NE`` (N = B L)."""
+    (never across samples); ties towards the lower token index. ``k_BE``: a count per sample and
+    expert instead (dynamic intra-sample inference). Returns ``mask_NE`` (N = B L)."""
     b, seq, num_experts = scores_BLE.shape
-    k = expert_capacity(capacity, seq, num_experts)
+    k = expert_capacity(capacity, seq, num_experts) if k_BE is None else k_BE.view(b, 1, num_experts)
     order_BLE = torch.sort(scores_BLE, dim=1, descending=True, stable=True).indices
     rank_BLE = torch.empty_like(order_BLE)
     positions = torch.arange(seq, device=scores_BLE.device).view(1, seq, 1).expand(b, seq, num_experts)
