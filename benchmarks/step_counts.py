@@ -54,6 +54,10 @@ COLLECTIVES = (
     "barrier",
 )
 HOST_READ_OPS = ("_local_scalar_dense",)
+# Ops that only make a new view of the same storage: no kernel on a GPU (counted, reported apart).
+VIEW_OPS = {"view", "_unsafe_view", "detach", "t", "transpose", "permute", "unsqueeze", "squeeze", "expand", "slice"}
+VIEW_OPS |= {"select", "alias", "as_strided", "split", "split_with_sizes", "unbind", "chunk", "narrow", "reshape"}
+VIEW_OPS |= {"_reshape_alias", "unflatten", "flatten", "view_as", "lift_fresh", "expand_as"}
 
 
 class Counter(TorchDispatchMode):
@@ -234,6 +238,7 @@ def count_step(trainer, log_step: bool) -> dict:
     total_reads = sum(counter.reads.values())
     return {
         "ops": sum(counter.ops.values()),
+        "kernel_ops": sum(n for op, n in counter.ops.items() if op not in VIEW_OPS),
         "host_reads": total_reads,
         "collectives": sum(counter.collectives.values()),
         "phases": per_phase,
@@ -271,11 +276,11 @@ def main(argv=None) -> None:
         "torch": torch.__version__,
         **rows,
     }
-    print(f"{'':10} {'ops':>8} {'fwd':>7} {'bwd':>7} {'after':>7} {'reads':>6} {'coll':>5}")
+    print(f"{'':10} {'ops':>8} {'kernels':>8} {'fwd':>7} {'bwd':>7} {'after':>7} {'reads':>6} {'coll':>5}")
     for name, r in rows.items():
         ph = r["phases"]
         print(
-            f"{name:10} {r['ops']:8d} {ph['forward']['ops']:7d} {ph['backward']['ops']:7d} {ph['after']['ops']:7d} "
+            f"{name:10} {r['ops']:8d} {r['kernel_ops']:8d} {ph['forward']['ops']:7d} {ph['backward']['ops']:7d} {ph['after']['ops']:7d} "
             f"{r['host_reads']:6d} {r['collectives']:5d}"
         )
     for line, n in rows["step"]["host_reads_by_line"].items():

@@ -40,7 +40,7 @@ class EMA:
         for ema_t, t in pairs:
             dst, src = groups.setdefault((ema_t.dtype, ema_t.device, t.dtype, t.device), ([], []))
             dst.append(ema_t)
-            src.append(t.detach())
+            src.append(t)  # under no_grad: no detach op needed
         for (dtype, device, src_dtype, src_device), (dst, src) in groups.items():
             if (src_dtype, src_device) != (dtype, device):
                 src = [t.to(device=device, dtype=dtype) for t in src]

@@ -49,6 +49,17 @@ def _sync_cuda() -> None:
         torch.cuda.synchronize()
 
 
+def _wire_dtype(x: Tensor) -> Tensor:
+    """Rows travel in the autocast dtype under autocast (bf16: half the bytes of fp32): the
+    experts' matmuls cast them to it anyway, so the expert sees the same bits either way; the
+    combine multiplies by the fp32 weights, so it promotes back in one pass. Backward casts the
+    gradient back (the all-to-all's backward then also sends bf16)."""
+    device = x.device.type
+    if torch.is_autocast_enabled(device) and x.dtype == torch.float32:
+        return x.to(torch.get_autocast_dtype(device))
+    return x
+
+
 class AllToAll(torch.autograd.Function):
     """Rows ``x`` (``in_splits[j]`` of them for peer j) -> ``out_splits[j]`` rows from each peer;
     backward sends the gradients the opposite way."""
@@ -144,6 +155,7 @@ class AllToAllDispatcher:
         send_splits, recv_splits = plan.send_splits, plan.recv_splits
         with self._phase("dispatch"):
             x_MD = x_ND.index_select(0, token_idx_M)  # backward: one index_add_
+            x_MD = _wire_dtype(x_MD)
             recv_RD = AllToAll.apply(x_MD, recv_splits, send_splits, self.group)
             perm_R = _block_permutation(plan.recv_counts_PL, sum(recv_splits))
             grouped_RD = recv_RD.index_select(0, perm_R)
@@ -152,14 +164,14 @@ class AllToAllDispatcher:
         with self._phase("combine"):
             inverse_R = torch.empty_like(perm_R)
             inverse_R[perm_R] = torch.arange(perm_R.numel(), device=perm_R.device)
-            y_recv_RD = y_grouped_RD.index_select(0, inverse_R)
+            y_recv_RD = _wire_dtype(y_grouped_RD.index_select(0, inverse_R))
             y_MD = AllToAll.apply(y_recv_RD, send_splits, recv_splits, self.group)
             y_ND = combine(y_MD, weight_M, token_idx_M, x_ND.shape[0], x_ND.dtype)
         # Off-rank payload only: rows for this rank's own experts never leave it.
         dim = x_ND.shape[1]
         sent = sum(send_splits) - send_splits[ep_rank]
         returned = sum(recv_splits) - recv_splits[ep_rank]
-        self.bytes_sent += (sent + returned) * dim * x_ND.element_size()
+        self.bytes_sent += (sent * x_MD.element_size() + returned * y_recv_RD.element_size()) * dim
         if self.phase_bytes is not None:
             self.phase_bytes["dispatch"] = self.phase_bytes.get("dispatch", 0) + sent * dim * x_MD.element_size()
             self.phase_bytes["combine"] = self.phase_bytes.get("combine", 0) + returned * dim * y_recv_RD.element_size()

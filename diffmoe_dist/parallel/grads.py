@@ -321,7 +321,7 @@ def grad_norm(model: nn.Module, dims: ParallelDims) -> torch.Tensor:
 
     def sq(params: list[nn.Parameter]) -> torch.Tensor:
         # One _foreach_norm per (dtype, device) group instead of three ops per parameter.
-        grads = [p.grad.detach() for p in params if p.grad is not None]
+        grads = [p.grad for p in params if p.grad is not None]  # no_grad: no detach op
         if not grads:
             return torch.zeros((), device=device)
         norms = [n.float() for n in torch._foreach_norm(grads)] if len(grads) > 1 else [grads[0].float().norm()]

@@ -62,6 +62,7 @@ class Trainer:
             cfg.moe,
             ema=self.ema.model,
             activation_checkpointing=cfg.train.activation_checkpointing,
+            compile=cfg.train.compile,
             grad_reduce=None if uses_deepspeed(cfg, self.dims) else cfg.parallel,  # ZeRO reduces its own
         )
         # Per-rank stream for t, noise and label dropout: ranks draw different noise for their samples.
