@@ -22,12 +22,13 @@ import torch.nn as nn
 from diffmoe_dist.model.moe.layer import moe_layers
 
 
-def compile_blocks(model: nn.Module) -> int:
+def compile_blocks(model: nn.Module, backend: str = "inductor") -> int:
     """Compiles every block of ``model.blocks`` in place (MoE layers excluded, module docstring).
-    Returns the number of blocks compiled."""
+    ``backend``: torch.compile's (tests use ``aot_eager``: the same graphs and graph breaks without
+    inductor's minutes of C++ builds on a loaded CPU). Returns the number of blocks compiled."""
     blocks = getattr(model, "blocks", [])
     for block in blocks:
         for layer in moe_layers(block):
             layer.forward = torch.compiler.disable(layer.forward, recursive=True)
-        block.compile()
+        block.compile(backend=backend)
     return len(blocks)
