@@ -173,7 +173,9 @@ def build_trainer(args, run_dir: str):
         *args.overrides,
     ]
     cfg = load_config(str(REPO / CONFIG), overrides)
-    env = LaunchEnv(rank=0, world_size=1, local_rank=0, node_id=0, master_addr="127.0.0.1", master_port=0, launcher="single")
+    env = LaunchEnv(
+        rank=0, world_size=1, local_rank=0, node_id=0, master_addr="127.0.0.1", master_port=0, launcher="single"
+    )
     dims = init_distributed(
         env, 1, "cpu", num_experts=cfg.moe.num_experts, backend="gloo", use_megatron=False, force_collectives=True
     )
@@ -228,8 +230,7 @@ def count_step(trainer, log_step: bool) -> dict:
             metrics = trainer.train_step()
             if log_step:
                 metrics.get("loss")
-            check = getattr(stop, "should_stop")
-            check()
+            stop.should_stop()
         close("after")
     finally:
         h1.remove()
@@ -276,13 +277,12 @@ def main(argv=None) -> None:
         "torch": torch.__version__,
         **rows,
     }
-    print(f"{'':10} {'ops':>8} {'kernels':>8} {'fwd':>7} {'bwd':>7} {'after':>7} {'reads':>6} {'coll':>5}")
+    head = ("ops", "kernels", "fwd", "bwd", "after", "reads", "coll")
+    print(f"{'':10} " + " ".join(f"{h:>7}" for h in head))
     for name, r in rows.items():
         ph = r["phases"]
-        print(
-            f"{name:10} {r['ops']:8d} {r['kernel_ops']:8d} {ph['forward']['ops']:7d} {ph['backward']['ops']:7d} {ph['after']['ops']:7d} "
-            f"{r['host_reads']:6d} {r['collectives']:5d}"
-        )
+        cells = (r["ops"], r["kernel_ops"], *(ph[p]["ops"] for p in ("forward", "backward", "after")))
+        print(f"{name:10} " + " ".join(f"{c:7d}" for c in (*cells, r["host_reads"], r["collectives"])))
     for line, n in rows["step"]["host_reads_by_line"].items():
         print(f"  host reads {n:4d}  {line}")
     if args.out:

@@ -70,7 +70,8 @@ class _Bucket:
         device = torch.device(device)
         same_device = device.type == p0.device.type and device.index in (None, p0.device.index)
         in_place = group is not None and dtype == p0.dtype and same_device
-        self.comm = None if group is None or in_place else torch.empty(self.numel + len(params), dtype=dtype, device=device)
+        n = self.numel + len(params)
+        self.comm = None if group is None or in_place else torch.empty(n, dtype=dtype, device=device)
         self.ready: set[int] = set()  # ids of parameters whose gradient is final for this step
         self.got: set[int] = set()  # ids of parameters that received a gradient since zero_grad
         self.work = None

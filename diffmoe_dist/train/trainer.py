@@ -222,7 +222,8 @@ class Trainer:
         logged = torch.cat([self._global_means(parts).double(), self.moe.capacity_avg().reshape(1).to(parts.device)])
         names, host = ["loss", "loss_flow", "loss_predictor", "loss_aux", "capacity_avg"], {}
         if torch.is_tensor(grad_norm):
-            logged, names = torch.cat([logged, grad_norm.detach().double().reshape(1).to(logged.device)]), [*names, "grad_norm"]
+            logged = torch.cat([logged, grad_norm.detach().double().reshape(1).to(logged.device)])
+            names.append("grad_norm")
         else:
             host["grad_norm"] = float(grad_norm)
         host["lr"] = self.scheduler.get_last_lr()[0]
