@@ -272,8 +272,13 @@ def _measure(spec: RowSpec, rank: int) -> dict:
         if distributed:
             dist.barrier()
 
-    for _ in range(spec.warmup):
+    first_step_s = None  # the first step's wall time: with train.compile it holds the compilation
+    for i in range(spec.warmup):
+        w0 = time.perf_counter()
         trainer.train_step()
+        if i == 0:
+            flops.synchronize(torch.device(spec.device))
+            first_step_s = time.perf_counter() - w0
     wall, cpu, losses = [], [], []
     for _ in range(spec.steps):
         barrier()
@@ -315,6 +320,8 @@ def _measure(spec: RowSpec, rank: int) -> dict:
         "threads_set": torch.get_num_threads(),
         "engine": type(trainer.engine).__name__,
         "deterministic": cfg.train.deterministic,
+        "compile": cfg.train.compile,
+        "first_step_s": first_step_s,
     }
     return out
 
@@ -516,6 +523,8 @@ def run(args: argparse.Namespace) -> dict:
                 cpu_utilisation=statistics.median(c / w for c, w in zip(m["cpu_seconds"], m["seconds"]))
                 / total_threads,
                 loss=m["loss"],
+                compile=m["compile"],
+                first_step_s=m["first_step_s"],
                 seconds_in_row=time.perf_counter() - t0,
             )
             if m["phases_s"] is not None:

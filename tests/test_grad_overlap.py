@@ -180,10 +180,16 @@ def _unused_on_one_rank(rank: int, world_size: int) -> None:
     sum(ref(xs[r], r == 0).square().mean() for r in range(world_size)).div(world_size).backward()
     model = Branchy()
     reducer = GradReducer(model, dims, bucket_bytes=1, overlap=True)  # one parameter per bucket
-    for step in range(2):  # the second step reuses the buckets
-        model.zero_grad(set_to_none=True)
+    for step in range(3):  # later steps reuse the buckets; from step 1 grads stay views of them
+        if step == 0:
+            model.zero_grad(set_to_none=True)
+        else:
+            assert reducer.zero_grad()
         model(xs[rank], rank == 0).square().mean().backward()
         reducer.finish()
+        if step > 0:  # backward accumulated straight into the flat buckets: no copy per parameter
+            views = {id(v) for g in reducer.buckets for b in g for v in b.views}
+            assert all(id(p.grad) in views for p in model.parameters() if p.grad is not None)
         for name, p in model.named_parameters():
             expected = dict(ref.named_parameters())[name].grad
             if expected is None:

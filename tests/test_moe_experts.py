@@ -103,3 +103,23 @@ def test_local_dispatcher_refuses_sharded_experts():
     experts = _experts().shard(0, 2)
     with pytest.raises(ValueError, match="all-to-all"):
         LocalDispatcher()(torch.randn(2, 6), Assignment(torch.tensor([0]), torch.tensor([0]), torch.ones(1)), experts)
+
+
+def test_grouped_mm_path_equals_the_per_expert_loop():
+    # Unequal groups at 16-byte rows take one torch._grouped_mm per matmul (experts._grouped_mm_fits);
+    # the per-expert addmm loop is the reference: the same outputs bit for bit, gradients within
+    # fp32 rounding (the bias gradients sum their rows in another order).
+    from diffmoe_dist.model.moe.experts import _grouped_mm_fits
+
+    torch.manual_seed(0)
+    experts = StackedExperts(4, 16, 32)
+    counts = [5, 0, 11, 3]
+    x = torch.randn(sum(counts), 16, requires_grad=True)
+    assert _grouped_mm_fits(x, experts.w1_EDH)
+    y = experts.forward_grouped(x, counts)
+    y_ref = experts._forward_loop(x, counts)
+    assert torch.equal(y, y_ref)
+    params = [x, *experts.parameters()]
+    g = torch.randn(y.shape)
+    for a, b in zip(torch.autograd.grad(y, params, g), torch.autograd.grad(y_ref, params, g), strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)

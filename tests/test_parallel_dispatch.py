@@ -41,6 +41,32 @@ def _matches_local(rank: int, world_size: int) -> None:
     dims = build_parallel_dims(world_size, EXPERTS)
     for dtype in (torch.float32, torch.bfloat16):
         _check_dtype(rank, dims, dtype)
+    _check_bf16_wire_under_autocast(rank, dims)
+
+
+def _check_bf16_wire_under_autocast(rank, dims) -> None:
+    """fp32 rows under bf16 autocast travel as bf16 (half the bytes), and the result equals the
+    local dispatch under the same autocast: the experts cast the rows to bf16 either way."""
+    torch.manual_seed(0)
+    full = StackedExperts(EXPERTS, DIM, HIDDEN)
+    shard, ref = copy.deepcopy(full).shard(dims.ep_rank, dims.ep_size), copy.deepcopy(full)
+    token_idx, expert_idx, weight = _assignments(rank, "random")
+    x = torch.randn(TOKENS, DIM, generator=torch.Generator().manual_seed(rank))
+    x_ref, x = x.clone().requires_grad_(True), x.requires_grad_(True)
+    sent = {}
+    for autocast in (False, True):
+        d = AllToAllDispatcher(dims.ep_group)
+        d.phase_bytes = {}
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            y = d(x, Assignment(token_idx, expert_idx, weight), shard)
+        sent[autocast] = d.phase_bytes["dispatch"] + d.phase_bytes["combine"]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y_ref = LocalDispatcher()(x_ref, Assignment(token_idx, expert_idx, weight), ref)
+    assert y.dtype == torch.float32 and 2 * sent[True] == sent[False] > 0
+    torch.testing.assert_close(y, y_ref, atol=1e-6, rtol=1e-6)
+    y.sum().backward()
+    y_ref.sum().backward()
+    torch.testing.assert_close(x.grad, x_ref.grad, atol=1e-6, rtol=1e-6)
 
 
 def _check_dtype(rank, dims, dtype: torch.dtype) -> None:

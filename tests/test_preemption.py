@@ -119,3 +119,35 @@ def test_sigusr1_and_time_limit_stop_single_process_with_exit_75(digits, tmp_pat
     assert "time limit (train.max_minutes)" in out.stdout
     assert f"resumed from {run / 'checkpoints' / f'step_{stopped_at:07d}'}" in out.stdout.replace("\n", "")
     assert ckpt.read_meta(ckpt.find_resumable(str(run / "checkpoints")))["step"] > stopped_at
+
+
+def test_stop_flag_is_read_every_check_every_steps_and_a_signal_waits_for_the_next_check():
+    from diffmoe_dist.parallel.groups import ParallelDims
+    from diffmoe_dist.train.preemption import CHECK_EVERY, StopRequest
+
+    stop = StopRequest(ParallelDims.single())
+    try:
+        stop._handle(signal.SIGTERM, None)  # as the handler would on a signal
+        answers = [stop.should_stop() for _ in range(2 * CHECK_EVERY)]
+    finally:
+        stop.close()
+    assert CHECK_EVERY > 1
+    assert answers == ([None] * (CHECK_EVERY - 1) + ["SIGTERM"]) * 2
+
+
+def test_step_metrics_read_the_device_once_and_only_when_looked_at():
+    from diffmoe_dist.train.metrics import StepMetrics
+
+    reads = []
+
+    class Counted(torch.Tensor):
+        def tolist(self):
+            reads.append(1)
+            return super().tolist()
+
+    values = torch.tensor([1.5, 2.0], dtype=torch.float64).as_subclass(Counted)
+    m = StepMetrics(values, ["loss", "grad_norm"], {"lr": 0.1}, order=["loss", "grad_norm", "lr"])
+    m["steps_per_s"] = 3.0  # setting a value reads nothing
+    assert not m.read and reads == []
+    assert m["loss"] == 1.5 and dict(m) == {"loss": 1.5, "grad_norm": 2.0, "lr": 0.1, "steps_per_s": 3.0}
+    assert m.read and reads == [1]

@@ -77,6 +77,11 @@ def print_plan(p: dict) -> None:
         ("ZeRO weight all-gather", "", _t(t["param_gather_s"])),
         ("small all-reduces", "", _t(t["misc_s"])),
         ("optimizer+EMA+clip", "", _t(t["optimizer_s"])),
+        (
+            "host (exposed)",
+            f"{p['host']['ops']:,.0f} launches, {p['host']['reads']:.1f} reads",
+            _t(t["host_exposed_s"]),
+        ),
         ("step", "", _t(t["step_s"])),
     ]
     for name, amount, time_ in rows:

@@ -126,6 +126,7 @@ class TrainConfig:
     zero_stage: int = 0
     deepspeed_config: str = ""  # DeepSpeed JSON; "" = configs/deepspeed/zero{zero_stage}.json
     activation_checkpointing: bool = False  # recompute each DiT block in backward
+    compile: bool = False  # torch.compile each DiT block (MoE layers stay eager): parallel/compile.py
 
 
 @dataclass

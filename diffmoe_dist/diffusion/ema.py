@@ -25,12 +25,23 @@ class EMA:
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
+        """``ema <- ema + (1 - d) (model - ema)`` over weights and float buffers, with one
+        ``torch._foreach_lerp_`` per (dtype, device) group instead of one op per tensor (issue 23:
+        on a GPU each op is a kernel launch); integer buffers are copied."""
         d = self.current_decay()
         self.num_updates += 1
-        for ema_t, t in zip(self.model.parameters(), model.parameters(), strict=True):
-            ema_t.lerp_(t.detach().to(ema_t.dtype), 1.0 - d)
+        pairs = list(zip(self.model.parameters(), model.parameters(), strict=True))
         for ema_b, b in zip(self.model.buffers(), model.buffers(), strict=True):
             if b.dtype.is_floating_point:
-                ema_b.lerp_(b.to(ema_b.dtype), 1.0 - d)
+                pairs.append((ema_b, b))
             else:
                 ema_b.copy_(b)
+        groups: dict[tuple, tuple[list, list]] = {}
+        for ema_t, t in pairs:
+            dst, src = groups.setdefault((ema_t.dtype, ema_t.device, t.dtype, t.device), ([], []))
+            dst.append(ema_t)
+            src.append(t)  # under no_grad: no detach op needed
+        for (dtype, device, src_dtype, src_device), (dst, src) in groups.items():
+            if (src_dtype, src_device) != (dtype, device):
+                src = [t.to(device=device, dtype=dtype) for t in src]
+            torch._foreach_lerp_(dst, src, 1.0 - d)

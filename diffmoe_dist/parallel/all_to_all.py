@@ -33,7 +33,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from diffmoe_dist.model.moe.dispatch import DispatchPlan, combine
+from diffmoe_dist.model.moe.dispatch import Dispatched, DispatchPlan, combine, dispatch_experts_combine
 from diffmoe_dist.model.moe.experts import StackedExperts
 from diffmoe_dist.model.moe.routers import Assignment
 
@@ -47,6 +47,17 @@ def _exchange(x: Tensor, out_splits: list[int], in_splits: list[int], group) -> 
 def _sync_cuda() -> None:
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         torch.cuda.synchronize()
+
+
+def _wire_dtype(x: Tensor) -> Tensor:
+    """Rows travel in the autocast dtype under autocast (bf16: half the bytes of fp32): the
+    experts' matmuls cast them to it anyway, so the expert sees the same bits either way; the
+    combine multiplies by the fp32 weights, so it promotes back in one pass. Backward casts the
+    gradient back (the all-to-all's backward then also sends bf16)."""
+    device = x.device.type
+    if torch.is_autocast_enabled(device) and x.dtype == torch.float32:
+        return x.to(torch.get_autocast_dtype(device))
+    return x
 
 
 class AllToAll(torch.autograd.Function):
@@ -81,7 +92,7 @@ def _block_permutation(counts_SL: Tensor, total: int | None = None) -> Tensor:
 class AllToAllDispatcher:
     """``y_ND`` as ``LocalDispatcher`` computes it, with experts sharded over ``ep_group``.
 
-    `Dispatcher` members: ``timings`` (seconds per phase, ``dispatch``, ``experts``, ``combine``),
+    `Dispatcher` members: ``timings`` (seconds per phase, ``dispatch``, ``combine``),
     ``phase_bytes`` (payload per phase, telemetry) and ``bytes_sent`` (row and count payloads this
     rank sent to other ranks).
     """
@@ -134,33 +145,45 @@ class AllToAllDispatcher:
             recv_counts_PL=recv_counts_PL,
         )
 
-    def __call__(
-        self, x_ND: Tensor, assignment: Assignment, experts: StackedExperts, plan: DispatchPlan | None = None
-    ) -> Tensor:
+    def dispatch(
+        self, x_ND: Tensor, assignment: Assignment, experts: StackedExperts, plan: DispatchPlan
+    ) -> tuple[Tensor, Dispatched]:
+        """Rows out to the owners of their experts, regrouped by local expert on arrival."""
         ep_size, ep_rank = self._check(experts)
-        token_idx_M, weight_M = assignment.token_idx_M, assignment.weight_M
-        if plan is None:  # rows sorted by global expert are sorted by owner, and by local expert within one
-            plan = self.plan(torch.bincount(assignment.expert_idx_M, minlength=experts.num_experts), experts)
         send_splits, recv_splits = plan.send_splits, plan.recv_splits
         with self._phase("dispatch"):
-            x_MD = x_ND.index_select(0, token_idx_M)  # backward: one index_add_
+            x_MD = x_ND.index_select(0, assignment.token_idx_M)  # backward: one index_add_
+            x_MD = _wire_dtype(x_MD)
             recv_RD = AllToAll.apply(x_MD, recv_splits, send_splits, self.group)
             perm_R = _block_permutation(plan.recv_counts_PL, sum(recv_splits))
             grouped_RD = recv_RD.index_select(0, perm_R)
-        with self._phase("experts"):
-            y_grouped_RD = experts.forward_grouped(grouped_RD, plan.expert_rows)
-        with self._phase("combine"):
             inverse_R = torch.empty_like(perm_R)
             inverse_R[perm_R] = torch.arange(perm_R.numel(), device=perm_R.device)
-            y_recv_RD = y_grouped_RD.index_select(0, inverse_R)
-            y_MD = AllToAll.apply(y_recv_RD, send_splits, recv_splits, self.group)
-            y_ND = combine(y_MD, weight_M, token_idx_M, x_ND.shape[0], x_ND.dtype)
         # Off-rank payload only: rows for this rank's own experts never leave it.
-        dim = x_ND.shape[1]
-        sent = sum(send_splits) - send_splits[ep_rank]
-        returned = sum(recv_splits) - recv_splits[ep_rank]
-        self.bytes_sent += (sent + returned) * dim * x_ND.element_size()
+        sent = (sum(send_splits) - send_splits[ep_rank]) * x_ND.shape[1] * x_MD.element_size()
+        self.bytes_sent += sent
         if self.phase_bytes is not None:
-            self.phase_bytes["dispatch"] = self.phase_bytes.get("dispatch", 0) + sent * dim * x_MD.element_size()
-            self.phase_bytes["combine"] = self.phase_bytes.get("combine", 0) + returned * dim * y_recv_RD.element_size()
+            self.phase_bytes["dispatch"] = self.phase_bytes.get("dispatch", 0) + sent
+        dispatched = Dispatched(assignment.token_idx_M, assignment.weight_M, x_ND.shape[0], x_ND.dtype, plan, inverse_R)
+        return grouped_RD, dispatched
+
+    def combine(self, y_grouped_RD: Tensor, dispatched: Dispatched) -> Tensor:
+        """Outputs back to (source, local expert) order, home by the reverse all-to-all, weighted."""
+        d, plan = dispatched, dispatched.plan
+        ep_rank = dist.get_rank(self.group)
+        with self._phase("combine"):
+            y_recv_RD = _wire_dtype(y_grouped_RD.index_select(0, d.inverse_R))
+            y_MD = AllToAll.apply(y_recv_RD, plan.send_splits, plan.recv_splits, self.group)
+            y_ND = combine(y_MD, d.weight_M, d.token_idx_M, d.n_tokens, d.out_dtype)
+        returned = (sum(plan.recv_splits) - plan.recv_splits[ep_rank]) * y_recv_RD.shape[1] * y_recv_RD.element_size()
+        self.bytes_sent += returned
+        if self.phase_bytes is not None:
+            self.phase_bytes["combine"] = self.phase_bytes.get("combine", 0) + returned
         return y_ND
+
+    def __call__(
+        self, x_ND: Tensor, assignment: Assignment, experts: StackedExperts, plan: DispatchPlan | None = None
+    ) -> Tensor:
+        if plan is None:  # rows sorted by global expert are sorted by owner, and by local expert within one
+            plan = self.plan(torch.bincount(assignment.expert_idx_M, minlength=experts.num_experts), experts)
+        return dispatch_experts_combine(self, x_ND, assignment, experts, plan)

@@ -49,58 +49,101 @@ def default_bucket_bytes(device: torch.device) -> int:
 
 
 class _Bucket:
-    """Parameters whose gradients travel together in one flat all-reduce. The flat buffer (in the
-    reduction dtype, on the group's communication device) holds the gradients, then one
-    "has a gradient here" flag per parameter, so a rank that produced no gradient for a parameter
-    learns from the same call whether any rank did."""
+    """Parameters whose gradients travel together in one flat all-reduce.
+
+    Their ``.grad`` tensors are views of one flat buffer (``grads``, the parameters' dtype and
+    device; as DDP's ``gradient_as_bucket_view``): backward accumulates into it, so no op per
+    parameter is needed to pack or unpack (issue 23). After it the buffer holds one "has a
+    gradient here" flag per parameter, so a rank that produced no gradient for a parameter learns
+    from the same call whether any rank did. When the reduction's dtype or device differs (bf16,
+    or gloo beside CUDA parameters) one extra buffer (``comm``) is sent, filled by one copy.
+    A ``.grad`` that is not such a view (the first step, or after ``zero_grad(set_to_none=True)``)
+    is copied in once and replaced by its view."""
 
     def __init__(self, params: list[nn.Parameter], group, dtype: torch.dtype, device: torch.device):
         self.params, self.group, self.dtype, self.device = params, group, dtype, device
         self.sizes = [p.numel() for p in params]
         self.numel = sum(self.sizes)
-        self.flat: torch.Tensor | None = None
+        p0 = params[0]
+        self.storage = torch.zeros(self.numel + len(params), dtype=p0.dtype, device=p0.device)
+        self.views = [v.view_as(p) for v, p in zip(self.storage[: self.numel].split(self.sizes), params)]
+        device = torch.device(device)
+        same_device = device.type == p0.device.type and device.index in (None, p0.device.index)
+        in_place = group is not None and dtype == p0.dtype and same_device
+        n = self.numel + len(params)
+        self.comm = None if group is None or in_place else torch.empty(n, dtype=dtype, device=device)
         self.ready: set[int] = set()  # ids of parameters whose gradient is final for this step
+        self.got: set[int] = set()  # ids of parameters that received a gradient since zero_grad
         self.work = None
         self.launched = False
 
+    @property
+    def flat(self) -> torch.Tensor:
+        """The buffer the all-reduce sends (gradients, then flags)."""
+        return self.comm if self.comm is not None else self.storage
+
+    def _is_view(self, i: int) -> bool:
+        g = self.params[i].grad
+        return g is not None and g.data_ptr() == self.views[i].data_ptr() and g.shape == self.views[i].shape
+
+    def zero_grad(self) -> None:
+        """Zeroes the flat buffer (one op) and attaches the views as ``.grad``."""
+        self.storage.zero_()
+        for p, view in zip(self.params, self.views):
+            p.grad = view
+        self.got.clear()
+
+    def _pack(self) -> list[bool]:
+        """Puts every local gradient into the flat buffer; returns the has-a-gradient flags."""
+        has = []
+        for i, p in enumerate(self.params):
+            if not self._is_view(i):
+                if p.grad is None:
+                    self.views[i].zero_()
+                else:
+                    self.views[i].copy_(p.grad)
+                    self.got.add(id(p))
+                p.grad = self.views[i]
+            has.append(id(p) in self.got)
+        return has
+
     def launch(self, divisor: int) -> None:
         self.launched = True
+        has = self._pack()
         if self.group is None:
             return  # nothing to sum (P = W experts): finish() only divides
-        if self.flat is None:  # kept across steps, as DDP keeps its buckets
-            self.flat = torch.empty(self.numel + len(self.params), dtype=self.dtype, device=self.device)
-        grads, flags = self.flat[: self.numel].split(self.sizes), self.flat[self.numel :]
-        flags.fill_(1)
-        for i, (p, view) in enumerate(zip(self.params, grads)):
-            if p.grad is None:  # unused here: joins with zeros (used elsewhere, or nowhere)
-                view.zero_()
-                flags[i] = 0
-            elif self.dtype == torch.float32:
-                view.copy_(p.grad.reshape(-1))  # summed, then divided: as one process would average
-            else:  # bf16: divided first in fp32, so the sum of W rounded terms cannot overflow
-                view.copy_(p.grad.reshape(-1) / divisor)
+        flags = self.storage[self.numel :]
+        if all(has):
+            flags.fill_(1)
+        else:
+            flags.copy_(torch.tensor(has, dtype=flags.dtype))
+        if self.comm is not None:
+            grads = self.storage[: self.numel]
+            # bf16: divided first in fp32, so the sum of W rounded terms cannot overflow
+            self.comm[: self.numel].copy_(grads if self.dtype == torch.float32 else grads / divisor)
+            self.comm[self.numel :].copy_(flags)
         self.work = dist.all_reduce(self.flat, group=self.group, async_op=True)
+        self._has = has
 
     def finish(self, divisor: int) -> None:
+        grads = self.storage[: self.numel]
         if self.group is None:
-            for p in self.params:
-                if p.grad is not None:
-                    p.grad.div_(divisor)
+            grads.div_(divisor)
+            none = [i for i, p in enumerate(self.params) if id(p) not in self.got]
         else:
             self.work.wait()
-            grads = self.flat[: self.numel].split(self.sizes)
-            flags = None
-            for i, (p, view) in enumerate(zip(self.params, grads)):
-                if p.grad is None:
-                    if flags is None:  # a host read, only on a rank that lacked a gradient
-                        flags = self.flat[self.numel :].tolist()
-                    if not flags[i]:
-                        continue  # no rank produced one: stays None, as without reduction
-                    p.grad = torch.empty_like(p)
-                p.grad.copy_(view.view_as(p))
-                if self.dtype == torch.float32:
-                    p.grad.div_(divisor)
+            if self.comm is not None:
+                grads.copy_(self.comm[: self.numel])
+            if self.dtype == torch.float32:
+                grads.div_(divisor)  # summed, then divided: as one process would average
+            none = []
+            if not all(self._has):  # a host read, only on a rank that lacked a gradient
+                flags = self.flat[self.numel :].tolist()
+                none = [i for i, f in enumerate(flags) if not f]
+        for i in none:  # no rank produced one: stays None, as without reduction
+            self.params[i].grad = None
         self.ready.clear()
+        self.got.clear()
         self.work, self.launched = None, False
 
 
@@ -175,9 +218,10 @@ class GradReducer:
                 for p in b.params:
                     self._bucket_of[id(p)] = (g, b)
         self._next = [0] * len(self.buckets)  # per group: the first bucket not launched yet
-        if self.overlap:
-            for p in dense + expert:
-                self._handles.append(p.register_post_accumulate_grad_hook(self._on_grad_ready))
+        # Hooks on every parameter: they record which parameters got a gradient (the flags), and
+        # with overlap launch the buckets that are complete.
+        for p in dense + expert:
+            self._handles.append(p.register_post_accumulate_grad_hook(self._on_grad_ready))
 
     @property
     def divisor(self) -> int:
@@ -194,9 +238,10 @@ class GradReducer:
             self._sync = previous
 
     def _on_grad_ready(self, p: torch.Tensor) -> None:
-        if not self._sync:
-            return
         g, bucket = self._bucket_of[id(p)]
+        bucket.got.add(id(p))
+        if not (self._sync and self.overlap):
+            return
         if bucket.launched:
             raise RuntimeError(
                 "GradReducer: a gradient arrived after its bucket was reduced: run one backward per "
@@ -222,6 +267,16 @@ class GradReducer:
         for buckets in self.buckets:
             for b in buckets:
                 b.finish(self.divisor)
+
+    @torch.no_grad()
+    def zero_grad(self) -> bool:
+        """Zeroes the gradients in place, one op per bucket, keeping them views of the buckets
+        (``optimizer.zero_grad(set_to_none=True)`` would drop the views). False on one process
+        (no buckets): use the optimizer's."""
+        for buckets in self.buckets:
+            for b in buckets:
+                b.zero_grad()
+        return bool(self.buckets)
 
     def remove(self) -> None:
         """Removes the hooks (the reducer reduces nothing during backward afterwards)."""
@@ -266,8 +321,12 @@ def grad_norm(model: nn.Module, dims: ParallelDims) -> torch.Tensor:
     device = next(model.parameters()).device
 
     def sq(params: list[nn.Parameter]) -> torch.Tensor:
-        grads = [p.grad.detach().float() for p in params if p.grad is not None]
-        return torch.stack([g.square().sum() for g in grads]).sum() if grads else torch.zeros((), device=device)
+        # One _foreach_norm per (dtype, device) group instead of three ops per parameter.
+        grads = [p.grad for p in params if p.grad is not None]  # no_grad: no detach op
+        if not grads:
+            return torch.zeros((), device=device)
+        norms = [n.float() for n in torch._foreach_norm(grads)] if len(grads) > 1 else [grads[0].float().norm()]
+        return torch.stack(norms).to(device).square().sum()
 
     expert_sq = sq(expert).reshape(1)
     if dims.ep_size > 1 or dims.force_distributed:
@@ -284,7 +343,10 @@ def clip_grad_norm_(model: nn.Module, max_norm: float, dims: ParallelDims) -> to
         # No host read of the norm (a sync per step on CUDA): a non-finite norm scales by 1.
         scale = (max_norm / (total + 1e-6)).clamp(max=1.0)
         scale = torch.where(torch.isfinite(total), scale, torch.ones_like(scale))
+        by_device: dict[torch.device, list[torch.Tensor]] = {}
         for p in model.parameters():
             if p.grad is not None:
-                p.grad.mul_(scale.to(p.grad.device))
+                by_device.setdefault(p.grad.device, []).append(p.grad)
+        for dev, grads in by_device.items():
+            torch._foreach_mul_(grads, scale.to(dev))
     return total

@@ -11,7 +11,8 @@ rank's), a `LocalPool` and a `LocalDispatcher`, and knows nothing of processes o
   over DP so the predictor buffers stay identical;
 - broadcasts parameters and buffers so that all replicas start identical: non-expert tensors
   from rank 0 over DP, expert shards from the first rank of each EDP group;
-and to the trained model alone (the EMA never runs backward): activation checkpointing, and the
+and to the trained model alone (the EMA never runs backward): activation checkpointing, compiled
+blocks (``compile``, parallel/compile.py), and the
 gradient reduction overlapped with backward (`GradReducer`, parallel/grads.py), which it returns
 for the engine to finish at the optimizer step.
 
@@ -32,6 +33,7 @@ from diffmoe_dist.model.moe.layer import MoEFeedForward, moe_layers
 from diffmoe_dist.model.moe.pool import LocalPool, TokenPool
 from diffmoe_dist.parallel.activation_checkpoint import checkpoint_blocks
 from diffmoe_dist.parallel.all_to_all import AllToAllDispatcher
+from diffmoe_dist.parallel.compile import compile_blocks
 from diffmoe_dist.parallel.grads import BUCKET_BYTES, GradReducer, is_expert_param
 from diffmoe_dist.parallel.groups import ParallelDims
 from diffmoe_dist.parallel.pools import DistributedPool, ReplicatedLocalPool
@@ -58,8 +60,8 @@ def parallelize(
     *,
     ema: nn.Module | None = None,
     activation_checkpointing: bool = False,
+    compile: bool = False,
     grad_reduce=None,
-    broadcast: bool = True,
 ) -> GradReducer | None:
     """Applies all parallelism to ``model`` (in place) and, the same way, to its EMA copy ``ema``
     (module docstring). ``moe_cfg``: the MoEConfig (``pool``). ``grad_reduce``: the
@@ -70,10 +72,12 @@ def parallelize(
         for layer in moe_layers(m):
             parallelize_moe_layer(layer, dims, moe_cfg.pool)
         tag_expert_params(m, dims)
-        if broadcast and dims.distributed:
+        if dims.distributed:
             broadcast_replicas(m, dims)
     if activation_checkpointing:
         checkpoint_blocks(model)  # the trained model only: the EMA model never runs backward
+    if compile:
+        compile_blocks(model)  # after checkpointing, as torchtitan: the checkpointed block compiles
     if grad_reduce is None:
         return None
     # After sharding: the hooks go on the final expert Parameters (the trained model only).

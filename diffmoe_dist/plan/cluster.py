@@ -51,6 +51,10 @@ class Cluster:
     # gloo's links {"all_reduce": Link, "all_to_all": Link}.
     rank_peak_flops: dict[int, dict[str, float]] = field(default_factory=dict)
     collectives: dict[int, dict[str, Link]] = field(default_factory=dict)
+    # Eager overhead (GPU): host seconds to launch one op, and the idle time one host read costs
+    # (the stream drains, then refills from the host). CPU: 0, its measured efficiency holds them.
+    host_op_s: float = 0.0
+    host_read_s: float = 0.0
 
     def ranks_per_node(self, world: int) -> int:
         return min(world, self.devices_per_node) if self.kind == "gpu" else world
@@ -101,6 +105,8 @@ def load_cluster(path: str) -> Cluster:
             intra_node=_link(raw["intra_node"], path, "intra_node"),
             inter_node=_link(inter, path, "inter_node") if inter else None,
             rails_per_node=int(raw.get("rails_per_node", 1)),
+            host_op_s=float(raw.get("host_op_s", 0.0)),
+            host_read_s=float(raw.get("host_read_s", 0.0)),
             kind=raw.get("kind", "gpu"),
             notes=raw.get("notes", ""),
             rank_peak_flops={

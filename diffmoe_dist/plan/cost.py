@@ -140,6 +140,30 @@ def threshold_calls(moe, pool_ranks: int, n_moe: int, radix_bits: int = DEFAULT_
     return calls + ([("all_reduce", 2 * cols * 8)] if moe.pool != "dp" else [])
 
 
+# Kernel launches of one training step, eager (benchmarks/step_counts.py, torch 2.13, the 256-GPU
+# structure at toy width: 6,694 per step with 24 blocks and 12 MoE layers; 3,827 for its dense twin):
+# a block's dense work forward + backward, and what an MoE layer adds (routing, selection, dispatch,
+# experts). Compiled blocks: ASSUMED ~45 (inductor fuses the pointwise ops; each matmul stays one
+# kernel, ~24 per block forward + backward); MoE layers stay eager (parallel/compile.py).
+OPS_PER_BLOCK = {"eager": 159, "compiled": 45}
+OPS_PER_MOE_LAYER = 239
+STOP_CHECK_EVERY = 4  # train/preemption.py CHECK_EVERY (plan sits above train; the figure is copied)
+
+
+def host_overhead(cfg: Config, cluster: Cluster, n_moe: int, accum: int, recompute: bool, device_s: float) -> dict:
+    """Eager overhead per step: launches (``cluster.host_op_s`` each) hide behind the device's work
+    unless they take longer; each host read (a dispatch's split sizes per MoE layer and pass, the
+    stop check every few steps, the logged values at log steps) drains the stream and costs
+    ``cluster.host_read_s`` of idle device."""
+    passes = accum * (2 if recompute else 1)
+    ops = passes * (cfg.model.resolved()[0] * OPS_PER_BLOCK["compiled" if cfg.train.compile else "eager"])
+    ops += passes * n_moe * OPS_PER_MOE_LAYER
+    reads = accum * n_moe * (2 if recompute else 1) + 1 / STOP_CHECK_EVERY + 1 / max(1, cfg.logging.log_every)
+    launch_s, read_s = ops * cluster.host_op_s, reads * cluster.host_read_s
+    return {"ops": ops, "reads": reads, "launch_s": launch_s, "read_s": read_s,
+            "exposed_s": max(0.0, launch_s - device_s) + read_s}  # fmt: skip
+
+
 def plan(
     cfg: Config,
     cluster: Cluster,
@@ -280,7 +304,9 @@ def plan(
 
     compute_s = fwd_s + bwd_s
     grad_bytes = (params["dense"] + expert_local) * elt
-    step_s = compute_s + a2a_s + sel_s + grad_exposed_s + param_gather_s + misc_s + optimizer_s
+    device_s = compute_s + a2a_s + sel_s + grad_exposed_s + param_gather_s + misc_s + optimizer_s
+    host = host_overhead(cfg, cluster, n_moe, accum, recompute, device_s)
+    step_s = device_s + host["exposed_s"]
     expert_s = (fwd_s + bwd_s) * accum * sum(by_part.get("moe_experts", (0, 0))) / max(fwd_flops + bwd_flops, 1)
     if a2a_s > 0.3 * step_s or a2a_s > expert_s > 0:
         warnings.append(
@@ -307,7 +333,9 @@ def plan(
                    "weight_casts": weight_casts, "total": mem_total, "capacity": capacity},
         "time": {"forward_s": fwd_s, "backward_s": bwd_s, "compute_s": compute_s, "a2a_s": a2a_s,
                  "selection_s": sel_s, "grad_reduce_s": grad_s, "grad_exposed_s": grad_exposed_s,
-                 "param_gather_s": param_gather_s, "misc_s": misc_s, "optimizer_s": optimizer_s, "step_s": step_s},
+                 "param_gather_s": param_gather_s, "misc_s": misc_s, "optimizer_s": optimizer_s,
+                 "host_exposed_s": host["exposed_s"], "step_s": step_s},
+        "host": host,
         "throughput": {"images_per_s": cfg.data.global_batch_size / step_s, "tokens_per_s_per_rank": accum * n / step_s,
                        "tflops_per_rank": model_flops / step_s / 1e12, "mfu": model_flops / step_s / peak},
         "warnings": warnings,

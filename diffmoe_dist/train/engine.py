@@ -149,7 +149,8 @@ class PlainEngine(_Engine):
         return self.optimizer
 
     def zero_grad(self) -> None:
-        self.optimizer.zero_grad(set_to_none=True)
+        if not self.reducer.zero_grad():  # gradients stay views of the reducer's flat buckets
+            self.optimizer.zero_grad(set_to_none=True)
 
     def backward(self, loss: torch.Tensor) -> None:
         self._micro += 1

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Iterator, MutableMapping
 from typing import Any
 
 import torch
@@ -48,9 +49,10 @@ class MetricsLogger:
         self._task = self._progress.add_task("train", total=total_steps, info="")
         self._progress.start()
 
-    def advance_to(self, step: int, info: str = "") -> None:
+    def advance_to(self, step: int, info: str | None = "") -> None:
+        """Moves the bar; ``info`` None keeps the last line (a step whose values were not read)."""
         if self._progress is not None:
-            self._progress.update(self._task, completed=step, info=info)
+            self._progress.update(self._task, completed=step, **({} if info is None else {"info": info}))
 
     def log(self, step: int, values: dict[str, Any]) -> None:
         if not self.enabled:
@@ -175,3 +177,45 @@ def progress_info(last: dict[str, Any]) -> str:
             info += f" MFU {last['mfu']:.1%}"
         info += f" | mem {last['peak_memory_gb_max']:.2f} GB"
     return info
+
+
+class StepMetrics(MutableMapping):
+    """A step's logged values, read from the device only when first looked at (issue 23: on a GPU
+    a host read drains the stream; the loop reads at log steps only). ``device_values`` (float64,
+    one tensor) fill the names in ``device_names`` in one ``tolist``; ``host`` holds values already
+    on the host. Key order: ``order``, then keys set later."""
+
+    def __init__(self, device_values: torch.Tensor, device_names: list[str], host: dict[str, Any], order: list[str]):
+        self._pending, self._names = device_values, device_names
+        self._values: dict[str, Any] = dict(host)
+        self._order = order
+
+    @property
+    def read(self) -> bool:
+        return self._pending is None
+
+    def _materialize(self) -> dict[str, Any]:
+        if self._pending is not None:
+            self._values.update(zip(self._names, self._pending.tolist(), strict=True))  # the host read
+            self._pending = None
+            ordered = {k: self._values[k] for k in self._order if k in self._values}
+            self._values = {**ordered, **self._values}
+        return self._values
+
+    def __getitem__(self, key: str) -> Any:
+        return self._materialize()[key]
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        self._values[key] = value
+
+    def __delitem__(self, key: str) -> None:
+        del self._materialize()[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._materialize())
+
+    def __len__(self) -> int:
+        return len(self._materialize())
+
+    def __repr__(self) -> str:
+        return f"StepMetrics({self._materialize()!r})"

@@ -4,10 +4,12 @@ every rank agrees on; the trainer then saves and the process exits with `EXIT_RE
 - SIGTERM: what Slurm (preemption, ``scontrol requeue``, ``scancel``), torchrun and Kubernetes send
   before SIGKILL. SIGUSR1: Slurm's ``--signal=USR1@T`` time-limit warning. A handler only sets a
   flag; the current step finishes.
-- A signal may reach only some ranks (a node's tasks, one process): after every step the ranks
-  all-reduce (MAX) one small integer, so all stop after the same step. The cost is one 4-byte
-  all-reduce per step.
-- ``train.max_minutes``: stops when the next step would end past the limit.
+- A signal may reach only some ranks (a node's tasks, one process): every ``check_every`` steps
+  (`CHECK_EVERY`, counted from the loop's start, identical on every rank) the ranks all-reduce
+  (MAX) one small integer and read it, so all stop after the same step. The read is a host sync
+  on a GPU (the stream drains): once every few steps, not every step (issue 23); a stop then
+  reacts up to ``check_every - 1`` steps later.
+- ``train.max_minutes``: stops when the steps until the next check would end past the limit.
 
 The exit status 75 (sysexits.h EX_TEMPFAIL, "try again") is what ``launchers/common.sh``
 (``DIFFMOE_EXIT_REQUEUE``) takes as "checkpoint saved, requeue me".
@@ -32,6 +34,7 @@ import torch.distributed as dist
 from diffmoe_dist.parallel.groups import ParallelDims, comm_device
 
 EXIT_REQUEUE = 75
+CHECK_EVERY = 4  # steps between stop checks: a host read per check (module docstring)
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 _REASONS = {0: None, 1: "time limit (train.max_minutes)", 2: "SIGUSR1", 3: "SIGTERM"}
 
@@ -71,8 +74,10 @@ class StopRequest:
     """Installs the handlers on construction (main thread only) and restores them on `close`; inside
     a `SignalGuard` (the CLI) it reads the guard's flag instead, and `close` leaves the guard's handlers."""
 
-    def __init__(self, dims: ParallelDims, max_minutes: float = 0.0):
+    def __init__(self, dims: ParallelDims, max_minutes: float = 0.0, check_every: int = CHECK_EVERY):
         self.dims = dims
+        self.check_every = max(1, check_every)
+        self._checks = 0
         self.deadline = time.monotonic() + max_minutes * 60.0 if max_minutes > 0 else None
         self._own: int | None = None
         self._guard = SignalGuard.active
@@ -100,11 +105,16 @@ class StopRequest:
         return 0
 
     def should_stop(self) -> str | None:
-        """Collective (every rank calls it after every step): the reason to stop, identical on
-        all ranks, or None. Precedence when ranks differ: SIGTERM > SIGUSR1 > time limit."""
+        """Collective (every rank calls it after every step; every ``check_every``-th call reads):
+        the reason to stop, identical on all ranks, or None. Precedence when ranks differ:
+        SIGTERM > SIGUSR1 > time limit."""
+        self._checks += 1
+        if self._checks % self.check_every:
+            return None
         now = time.monotonic()
-        step_seconds, self._last_check = now - self._last_check, now
-        code = self._local_code(step_seconds)
+        step_seconds, self._last_check = (now - self._last_check) / self.check_every, now
+        # Until the next check: check_every more steps (a first check counts the start-up in).
+        code = self._local_code(step_seconds * self.check_every)
         if self.dims.distributed:
             flag = torch.tensor([code], dtype=torch.int32, device=comm_device(self.dims.dp_group))
             dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.dims.dp_group)

@@ -62,6 +62,7 @@ NOT_TRAINING = {
     "train.zero_stage",
     "train.deepspeed_config",
     "train.activation_checkpointing",
+    "train.compile",
     "data.num_workers",
     "moe.inference",
     "moe.gamma",

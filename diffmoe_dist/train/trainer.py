@@ -23,7 +23,7 @@ from diffmoe_dist.model.moe.layer import schedule_capacity
 from diffmoe_dist.parallel.groups import ParallelDims, comm_device
 from diffmoe_dist.parallel.parallelize import parallelize
 from diffmoe_dist.train.engine import build_engine, uses_deepspeed
-from diffmoe_dist.train.metrics import MetricsLogger, PhaseTimer, Throughput, progress_info, untimed_lap
+from diffmoe_dist.train.metrics import MetricsLogger, PhaseTimer, StepMetrics, Throughput, progress_info, untimed_lap
 from diffmoe_dist.train.preemption import EXIT_REQUEUE, StopRequest
 from diffmoe_dist.train.run_dir import RunDirError, RunOwner, begin, plan_start
 from diffmoe_dist.train.telemetry import RoutingTelemetry
@@ -63,6 +63,7 @@ class Trainer:
             cfg.moe,
             ema=self.ema.model,
             activation_checkpointing=cfg.train.activation_checkpointing,
+            compile=cfg.train.compile,
             grad_reduce=None if uses_deepspeed(cfg, self.dims) else cfg.parallel,  # ZeRO reduces its own
         )
         # On the device it draws on (flow_targets checks): a CPU generator cannot draw CUDA noise.
@@ -223,20 +224,17 @@ class Trainer:
         self.ema.update(self.model)
         self.step += 1
         lap("ema")
-        # The step's one host read: losses, C_avg and the gradient norm together (float64 holds them exactly).
+        # The step's one host read (losses, C_avg and the gradient norm together; float64 holds them
+        # exactly), deferred to the first look at the values: the loop looks at log steps only.
         logged = torch.cat([self._global_means(parts).double(), self.moe.capacity_avg().reshape(1).to(parts.device)])
+        names, host = ["loss", "loss_flow", "loss_predictor", "loss_aux", "capacity_avg"], {}
         if torch.is_tensor(grad_norm):
             logged = torch.cat([logged, grad_norm.detach().double().reshape(1).to(logged.device)])
-        loss_v, flow_v, pred_v, aux_v, capacity_v, *norm = logged.tolist()
-        metrics = {
-            "loss": loss_v,
-            "loss_flow": flow_v,
-            "loss_predictor": pred_v,
-            "loss_aux": aux_v,
-            "grad_norm": norm[0] if norm else float(grad_norm),
-            "lr": self.scheduler.get_last_lr()[0],
-            "capacity_avg": capacity_v,
-        }
+            names.append("grad_norm")
+        else:
+            host["grad_norm"] = float(grad_norm)
+        host["lr"] = self.scheduler.get_last_lr()[0]
+        metrics = StepMetrics(logged, names, host, order=[*names[:4], "grad_norm", "lr", "capacity_avg"])
         lap("metrics")
         return metrics
 
@@ -333,7 +331,7 @@ class Trainer:
                 last.update(throughput.measure(window_steps, dt))  # collective: peak memory per rank
                 logger.log(self.step, last)
                 window_t, window_steps = time.time(), 0
-            logger.advance_to(self.step, progress_info(last))
+            logger.advance_to(self.step, progress_info(last) if last.read else None)  # no host read
             if cfg.sample.every and self.step % cfg.sample.every == 0 and self.step < cfg.train.steps:
                 self._write_samples(logger)
             if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0 and self.step < cfg.train.steps:

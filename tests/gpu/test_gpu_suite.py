@@ -155,3 +155,36 @@ def test_train_throughput_and_mfu_against_the_measured_bf16_peak(tmp_path, smoke
     }
     assert not errors, errors
     assert all(0 < r["mfu"] < 1.5 for r in rows), [r["mfu"] for r in rows]
+
+
+def test_compiled_blocks_against_eager_side_by_side(tmp_path, smoke_numbers):
+    # train.compile (parallel/compile.py): the same rows eager and compiled, steps/s ratio, the first
+    # (compiling) step apart, and the losses of the two runs, which start from the same weights and data.
+    if ON_GPU:
+        args = ["--device", "cuda", "--procs", "1", "--precision", "bf16", "--configs", "dense-S,diffmoe-S"]
+        args += ["--steps", "5", "--warmup", "2", "--no-profile"]
+    else:
+        args = ["--quick", "--procs", "1", "--precision", "fp32", "--no-profile"]
+    runs = {
+        mode: _benchmark(
+            "train_throughput.py", [*args, f"train.compile={mode == 'compiled'}"], tmp_path / f"{mode}.json"
+        )
+        for mode in ("eager", "compiled")
+    }
+    table = []
+    for eager, compiled in zip(runs["eager"]["rows"], runs["compiled"]["rows"], strict=True):
+        assert "error" not in eager and "error" not in compiled, (eager.get("error"), compiled.get("error"))
+        assert compiled["compile"] and not eager["compile"]
+        table.append(
+            {
+                "config": eager["config"],
+                "steps_per_s_ratio": compiled["images_per_s"] / eager["images_per_s"],
+                "first_step_s": {"eager": eager["first_step_s"], "compiled": compiled["first_step_s"]},
+                "loss": {"eager": eager["loss"], "compiled": compiled["loss"]},
+            }
+        )
+        # Same weights, data and noise: losses agree within the precision's rounding (bf16 on GPU).
+        tol = 5e-2 if ON_GPU else 1e-3
+        for a, b in zip(eager["loss"], compiled["loss"], strict=True):
+            assert abs(a - b) <= tol * max(abs(a), 1e-6), (eager["config"], a, b)
+    smoke_numbers["compile"] = table

@@ -4,7 +4,11 @@
 experts local) and ``AllToAllDispatcher`` (parallel/all_to_all.py: rows go to the owners of the
 experts, expert parallelism) implement it and share `combine`.
 
-A dispatch runs in two calls so that a forward reads the host once: ``plan(counts_E, experts)``
+The layer runs it as three steps (torchtitan's MoE): ``dispatch`` returns the rows grouped by
+local expert and a `Dispatched` (what undoes the permutation), the layer calls the experts, and
+``combine`` takes the outputs and the `Dispatched` back.
+
+Sizes come first, so that a forward reads the host once: ``plan(counts_E, experts)``
 turns the per-expert row counts of the local mask (a device tensor) into a `DispatchPlan` with one
 host read (the all-to-all dispatcher first exchanges them with its peers and reads send and
 receive counts together); the layer builds the assignment at the plan's known size, and
@@ -34,11 +38,25 @@ class DispatchPlan:
     recv_counts_PL: Tensor | None = None  # (source, local expert) counts, on the device
 
 
+@dataclass
+class Dispatched:
+    """What `Dispatcher.dispatch` returns beside the rows it permuted: what `combine` needs to
+    undo the permutation and weight the outputs back into the tokens (torchtitan's split of an
+    MoE layer into dispatch, experts, combine: the layer calls the experts in between)."""
+
+    token_idx_M: Tensor  # local token of each assignment (the combine's index_add target)
+    weight_M: Tensor  # fp32 combine weight of each assignment
+    n_tokens: int
+    out_dtype: torch.dtype
+    plan: DispatchPlan
+    inverse_R: Tensor | None = None  # all-to-all: received rows back from expert-grouped order
+
+
 class Dispatcher(Protocol):
     """``y_t = sum_{m: token_idx[m] = t} weight[m] * Expert_{expert_idx[m]}(x_t)``.
 
-    ``timings``: set to a dict to accumulate seconds per phase (``dispatch``, ``experts``,
-    ``combine``); ``phase_bytes``: set to a dict to accumulate payload bytes sent to other ranks per
+    ``timings``: set to a dict to accumulate seconds per phase (``dispatch``,
+    ``combine``; the experts run in the layer); ``phase_bytes``: set to a dict to accumulate payload bytes sent to other ranks per
     phase; ``bytes_sent``: total payload bytes sent to other ranks. A local dispatcher sends none."""
 
     timings: dict[str, float] | None
@@ -47,9 +65,27 @@ class Dispatcher(Protocol):
 
     def plan(self, counts_E: Tensor, experts: StackedExperts) -> DispatchPlan: ...
 
+    def dispatch(
+        self, x_ND: Tensor, assignment: Assignment, experts: StackedExperts, plan: DispatchPlan
+    ) -> tuple[Tensor, Dispatched]:
+        """The rows each local expert computes, grouped by local expert (``plan.expert_rows``)."""
+        ...
+
+    def combine(self, y_grouped: Tensor, dispatched: Dispatched) -> Tensor:
+        """``y_ND`` from the experts' outputs of `dispatch`'s rows."""
+        ...
+
     def __call__(
         self, x_ND: Tensor, assignment: Assignment, experts: StackedExperts, plan: DispatchPlan | None = None
     ) -> Tensor: ...
+
+
+def dispatch_experts_combine(
+    dispatcher: Dispatcher, x_ND: Tensor, assignment: Assignment, experts: StackedExperts, plan: DispatchPlan
+) -> Tensor:
+    """The three steps in a row (dispatchers' ``__call__``, benchmarks and tests)."""
+    rows, dispatched = dispatcher.dispatch(x_ND, assignment, experts, plan)
+    return dispatcher.combine(experts.forward_grouped(rows, plan.expert_rows), dispatched)
 
 
 def combine(y_MD: Tensor, weight_M: Tensor, token_idx_M: Tensor, n_tokens: int, out_dtype: torch.dtype) -> Tensor:
@@ -75,9 +111,9 @@ class LocalDispatcher:
         expert_rows = [int(c) for c in counts_E.tolist()]  # the forward's one host read
         return DispatchPlan(rows=sum(expert_rows), expert_rows=expert_rows)
 
-    def __call__(
-        self, x_ND: Tensor, assignment: Assignment, experts: StackedExperts, plan: DispatchPlan | None = None
-    ) -> Tensor:
+    def dispatch(
+        self, x_ND: Tensor, assignment: Assignment, experts: StackedExperts, plan: DispatchPlan
+    ) -> tuple[Tensor, Dispatched]:
         """Assignments must be sorted by (global) expert index, so that each expert's rows are one
         contiguous block for ``experts.forward_grouped``."""
         if experts.num_local != experts.num_experts:
@@ -85,11 +121,20 @@ class LocalDispatcher:
                 f"LocalDispatcher needs all {experts.num_experts} experts local, got {experts.num_local} "
                 f"(sharded for expert parallelism: use the all-to-all dispatcher)"
             )
-        token_idx_M, weight_M = assignment.token_idx_M, assignment.weight_M
+        token_idx_M = assignment.token_idx_M
+        # index_select, not x_ND[idx]: its backward is one index_add_ where advanced indexing's
+        # is an accumulating index_put_, slower on CPU.
+        rows_MD = x_ND.index_select(0, token_idx_M)
+        return rows_MD, Dispatched(token_idx_M, assignment.weight_M, x_ND.shape[0], x_ND.dtype, plan)
+
+    def combine(self, y_MD: Tensor, dispatched: Dispatched) -> Tensor:
+        d = dispatched
+        return combine(y_MD, d.weight_M, d.token_idx_M, d.n_tokens, d.out_dtype)
+
+    def __call__(
+        self, x_ND: Tensor, assignment: Assignment, experts: StackedExperts, plan: DispatchPlan | None = None
+    ) -> Tensor:
         if plan is None:
             counts_E = torch.bincount(assignment.expert_idx_M - experts.offset, minlength=experts.num_local)
             plan = self.plan(counts_E, experts)
-        # index_select, not x_ND[idx]: its backward is one index_add_ where advanced indexing's
-        # is an accumulating index_put_, slower on CPU.
-        y_MD = experts.forward_grouped(x_ND.index_select(0, token_idx_M), plan.expert_rows)
-        return combine(y_MD, weight_M, token_idx_M, x_ND.shape[0], x_ND.dtype)
+        return dispatch_experts_combine(self, x_ND, assignment, experts, plan)

@@ -49,6 +49,25 @@ def _local_range(num_experts: int, ep_rank: int, ep_size: int) -> range:
     return range(ep_rank * per, (ep_rank + 1) * per)
 
 
+def _grouped_mm_fits(x_MD: Tensor, w_EDH: Tensor) -> bool:
+    """Where one ``torch._grouped_mm`` replaces the per-expert loop (measured, torch 2.13):
+    CPU in fp32 (the same bits as the loop's matmuls, forward and backward); CUDA in bf16 weights on
+    compute capability 9.0+ (its kernel is Hopper's); rows of a multiple of 16 bytes (the op
+    refuses others). Elsewhere (bf16 on CPU refused by the op, fp32 on CUDA, older GPUs, weights
+    in another dtype than the rows: fp32 master weights under autocast) the loop of ``addmm`` runs.
+    A bf16 model without autocast on an H100 takes the grouped path (tests/gpu checks it)."""
+    if not hasattr(torch, "_grouped_mm") or x_MD.shape[0] == 0:
+        return False
+    if any(n * x_MD.element_size() % 16 for n in w_EDH.shape[1:]) or not x_MD.is_contiguous():
+        return False
+    device = x_MD.device.type
+    if torch.is_autocast_enabled(device) or x_MD.dtype != w_EDH.dtype:
+        return False  # autocast would cast per call; the loop's addmm casts as autocast does
+    if device == "cpu":
+        return x_MD.dtype == torch.float32
+    return device == "cuda" and x_MD.dtype == torch.bfloat16 and torch.cuda.get_device_capability()[0] >= 9
+
+
 class ExpertParameter(nn.Parameter):
     """A parameter stacking experts along dim 0. Its type says so: a copy keeps it (the EMA model is
     a deepcopy; an attribute would be dropped), and `parallel.grads.is_expert_param` reads
@@ -113,6 +132,19 @@ class StackedExperts(nn.Module):
             x_EKD = x_MD.reshape(self.num_local, counts[0], self.dim)
             h_EKH = F.gelu(torch.baddbmm(self.b1_EH.unsqueeze(1), x_EKD, self.w1_EDH), approximate="tanh")
             return torch.baddbmm(self.b2_ED.unsqueeze(1), h_EKH, self.w2_EHD).view(-1, self.dim)
+        if _grouped_mm_fits(x_MD, self.w1_EDH):
+            # Unequal groups, one launch per matmul: torch._grouped_mm over the row offsets. Empty
+            # experts take part (zero gradients, so DDP / ZeRO need no find_unused_parameters).
+            counts_E = torch.tensor(counts, device=x_MD.device)
+            offs_E = counts_E.cumsum(0).to(torch.int32)
+            m = x_MD.shape[0]
+            b1_MH = self.b1_EH.repeat_interleave(counts_E, dim=0, output_size=m)
+            b2_MD = self.b2_ED.repeat_interleave(counts_E, dim=0, output_size=m)
+            h_MH = F.gelu(torch._grouped_mm(x_MD, self.w1_EDH, offs=offs_E) + b1_MH, approximate="tanh")
+            return torch._grouped_mm(h_MH, self.w2_EHD, offs=offs_E) + b2_MD
+        return self._forward_loop(x_MD, counts)
+
+    def _forward_loop(self, x_MD: Tensor, counts: list[int]) -> Tensor:
         # split / unbind, never x_MD[a:b] or w[e]: the backward of each slice or select would
         # materialise a zero-filled gradient of the whole stacked tensor and add the E of them
         # up, O(E) times the work of the matmuls' own gradients; split and unbind concatenate

@@ -76,7 +76,8 @@ class MoEFeedForward(nn.Module):
         # The forward's one host read: the dispatcher's row counts (exchanged with the EP peers).
         plan = self.dispatcher.plan(mask_NE.sum(0), self.experts)
         a = routers.assignment_from_mask(mask_NE, scores_NE, plan.rows)
-        y_ND = self.dispatcher(x_ND, a, self.experts, plan)
+        rows, dispatched = self.dispatcher.dispatch(x_ND, a, self.experts, plan)  # grouped by local expert
+        y_ND = self.dispatcher.combine(self.experts.forward_grouped(rows, plan.expert_rows), dispatched)
         if self.shared_experts is not None:
             y_ND = y_ND + self.shared_experts(x_ND)
         collector.record(
