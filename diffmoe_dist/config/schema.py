@@ -110,6 +110,7 @@ class TrainConfig:
     zero_stage: int = 0
     deepspeed_config: str = ""  # DeepSpeed JSON; "" = configs/deepspeed/zero{zero_stage}.json
     activation_checkpointing: bool = False  # recompute each DiT block in backward
+    max_skipped_steps: int = 10  # non-finite steps skipped in a row before the run stops (train/guard.py)
 
 
 @dataclass

@@ -139,6 +139,7 @@ def validate_config(cfg, world_size: int) -> None:
         ("train.steps", 1, "use at least 1 step"),
         ("train.seed", 0, "use a non-negative integer"),
         ("train.threads", 0, "use 0 (cores / local processes) or a positive thread count"),
+        ("train.max_skipped_steps", 1, "use at least 1 (non-finite steps skipped in a row before the run stops)"),
         ("sample.num_steps", 1, "use at least 1 ODE step"),
         ("sample.every", 0, "use 0 (only at the end) or a positive number of steps"),
         ("sample.per_class", 1, "use at least 1 image per class"),

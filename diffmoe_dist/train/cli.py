@@ -4,8 +4,9 @@ Runs single-process, or under torchrun / srun / mpirun with one process per devi
 
 Exit status: 0 finished (train.steps reached); 2 bad config, or a run directory that may not be
 used as asked (another live owner, another run's checkpoints, every checkpoint corrupt, a refused
-config change: one line naming the choices); 75 stopped early by SIGTERM, SIGUSR1 or
-train.max_minutes after saving a checkpoint ("run me again": train.resume=auto continues);
+config change: one line naming the choices); 3 train.max_skipped_steps non-finite steps in a row,
+or a save of non-finite weights refused (one line; not requeued: train/guard.py); 75 stopped
+early by SIGTERM, SIGUSR1 or train.max_minutes after saving a checkpoint ("run me again": train.resume=auto continues);
 anything else is a crash (resume from the last periodic checkpoint). A signal that arrives after
 the run finished or stopped (during the final save or the teardown) does not change the status.
 With DIFFMOE_EXIT_STATUS_FILE set (by launchers/local.sh and mpi.sh), a stopped rank appends
@@ -81,6 +82,7 @@ def _train(cfg, env) -> int:
 
     from diffmoe_dist.checkpoint import CheckpointError
     from diffmoe_dist.checkpoint.ownership import RunDirError
+    from diffmoe_dist.train.guard import EXIT_NON_FINITE, NonFiniteError
     from diffmoe_dist.train.trainer import Trainer
 
     device = torch.device(
@@ -114,14 +116,14 @@ def _train(cfg, env) -> int:
         torch.cuda.set_device(env.local_rank)
     try:
         result = Trainer(cfg, dims, device, env.local_world_size).fit()
-    except (RunDirError, CheckpointError) as exc:
+    except (RunDirError, CheckpointError, NonFiniteError) as exc:
         if env.rank == 0:  # every rank raised the same error; one line is enough
             print(f"diffmoe-train: error: {exc}", file=sys.stderr)
         if dims is not None:
             from diffmoe_dist.parallel.launch import destroy_distributed
 
             destroy_distributed()
-        return 2 if isinstance(exc, RunDirError) else 1
+        return 2 if isinstance(exc, RunDirError) else EXIT_NON_FINITE if isinstance(exc, NonFiniteError) else 1
     if env.rank == 0:
         print(
             json.dumps(

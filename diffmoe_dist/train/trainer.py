@@ -22,6 +22,7 @@ from diffmoe_dist.model.moe.experts import expert_shard
 from diffmoe_dist.parallel.groups import ParallelDims, comm_device
 from diffmoe_dist.parallel.parallelize import parallelize
 from diffmoe_dist.train.engine import build_engine, uses_deepspeed
+from diffmoe_dist.train.guard import StepGuard, check_state_finite
 from diffmoe_dist.train.metrics import MetricsLogger, PhaseTimer, Throughput, progress_info, untimed_lap
 from diffmoe_dist.train.preemption import EXIT_REQUEUE, StopRequest
 from diffmoe_dist.train.run_dir import RunDirError, RunOwner, begin, plan_start
@@ -73,6 +74,7 @@ class Trainer:
         self.engine = build_engine(self.model, cfg, self.dims, reducer, print if self.rank0 else lambda _: None)
         self.optimizer, self.scheduler = self.engine.base_optimizer, self.engine.scheduler
         self.loader = self._build_loader()
+        self.guard = StepGuard(self.dims, cfg.train.max_skipped_steps, print if self.rank0 else lambda _: None)
         self.step = 0
         self.run_dir = cfg.train.run_dir
         self.ckpt_root = os.path.join(self.run_dir, "checkpoints")
@@ -93,6 +95,7 @@ class Trainer:
     def save(self) -> str:
         """Collective. Each rank writes its own share; nothing is gathered but the index."""
         t0 = time.time()
+        check_state_finite({"model": self.model, "EMA": self.ema.model}, self.dims, self.step)  # train/guard.py
         meta = {
             "config": self.cfg.to_dict(),
             "ep_size": self.dims.ep_size,
@@ -177,7 +180,7 @@ class Trainer:
         loss_flow = flow_loss(v_pred, v_target)
         moe = self.moe.losses()
         # moe["loss"] = sum over layers of predictor_loss_weight * BCE + weighted TC aux loss
-        loss = loss_flow + moe["loss"]
+        loss = self.guard.fold_loss(loss_flow + moe["loss"], self.step + 1)  # NaN everywhere if not finite
         return loss, torch.stack([loss, loss_flow, moe["predictor_bce"], moe["aux_loss"]]).detach().float()
 
     def _global_means(self, parts_sum: torch.Tensor) -> torch.Tensor:
@@ -196,6 +199,7 @@ class Trainer:
         metrics, with a device synchronise at each boundary; None costs nothing."""
         lap = timer.lap if timer is not None else untimed_lap
         lap(None)
+        self.guard.begin(self.noise_gen, self.device)
         self.engine.zero_grad()
         self.moe.clear()
         parts = torch.zeros(4, device=self.device)
@@ -207,11 +211,15 @@ class Trainer:
             self.engine.backward(loss)  # / grad_accum_steps inside
             parts += micro_parts
             lap("backward")
-        # The threshold EMA, once per optimizer step over the step's whole pool (all micro-batches).
-        # Called here, not from an optimizer step pre-hook: DeepSpeed ZeRO steps its base optimizer
-        # once per parameter group, which would update twice.
+        grad_norm = self.engine.step(self.guard.decide)  # a tensor (plain engine) or a float (DeepSpeed)
+        if self.guard.skipped:  # not finite: nothing changed but the data position (train/guard.py)
+            self.guard.after_skip(self.step + 1)
+            return {"skipped": 1.0}
+        self.guard.after_apply()
+        # The threshold EMA, once per applied optimizer step over the step's whole pool (all
+        # micro-batches). Called here, not from an optimizer step pre-hook: DeepSpeed ZeRO steps its
+        # base optimizer once per parameter group, which would update twice.
         self.moe.update_thresholds()
-        grad_norm = self.engine.step()  # a tensor (plain engine) or a float (DeepSpeed)
         lap("optimizer")
         self.ema.update(self.model)
         self.step += 1
@@ -306,6 +314,7 @@ class Trainer:
         logger.advance_to(self.step)
         stop = StopRequest(self.dims, cfg.train.max_minutes)  # SIGTERM / SIGUSR1 / time limit
         stopped = None
+        self.guard.stop = stop  # the guard's flags ride on the stop flag's all-reduce
         telemetry = RoutingTelemetry(
             self.model, cfg.logging.routing_every, self.run_dir, self.dims, self.step + 1, collector=self.moe
         )
@@ -316,6 +325,10 @@ class Trainer:
         while self.step < cfg.train.steps:
             last = self.train_step()
             self._owner.heartbeat()
+            if self.guard.skipped:  # same step again with the next batch (nothing to log or save)
+                if stopped := stop.should_stop():
+                    break
+                continue
             telemetry.after_step(self.step)  # routing.jsonl every logging.routing_every steps
             window_steps += 1
             if self.step % cfg.logging.log_every == 0 or self.step == cfg.train.steps:
