@@ -68,7 +68,7 @@ class MoEFeedForward(nn.Module):
             mask_NE, k_E, n_pool, predictor_bce, prob_NE = self._route_global(x_ND, scores_NE)
         else:
             if self.router == "expert_choice_local":
-                mask_NE = routers.expert_choice_local(scores_NE.view(b, seq, -1), self.capacity)
+                mask_NE = routers.expert_choice_local(scores_NE.view(b, seq, self.num_experts), self.capacity)
             else:
                 mask_NE = routers.token_choice(scores_NE, self.top_k)
                 if self.training:
@@ -104,7 +104,7 @@ class MoEFeedForward(nn.Module):
             mask_NE, k_E, n_pool = self.pool.capacity_topk_mask(scores_NE, self.capacity)
         elif mode in ("dynamic", "interval"):
             prob_NE = torch.sigmoid(predictor(x_ND))
-            tau_E = predictor.threshold_E if mode == "dynamic" else torch.full_like(prob_NE[0], self.gamma)
+            tau_E = predictor.threshold_E if mode == "dynamic" else prob_NE.new_full(prob_NE.shape[1:], self.gamma)
             mask_NE, k_E, n_pool = routers.expert_choice_dynamic(scores_NE, prob_NE, tau_E, self.pool)
         else:
             raise ValueError(f"inference={mode!r}: choose one of {routers.INFERENCE_MODES}")
