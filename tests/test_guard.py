@@ -59,7 +59,13 @@ def _guard_runs(rank: int, world_size: int, digits: str, run_dir: str) -> dict:
     # train.max_skipped_steps in a row end the run with one line
     cfg = load_config(
         "configs/local/diffmoe-tiny.yaml",
-        [*TINY, f"data.path={digits}", f"train.run_dir={run_dir}", "train.max_skipped_steps=2", "parallel.expert_parallel_size=2"],
+        [
+            *TINY,
+            f"data.path={digits}",
+            f"train.run_dir={run_dir}",
+            "train.max_skipped_steps=2",
+            "parallel.expert_parallel_size=2",
+        ],
     ).validate(world_size=world_size)
     os.environ[INJECT_ENV] = "2,2"  # twice in a row
     trainer = Trainer(cfg, dims, torch.device("cpu"))
@@ -101,9 +107,10 @@ def test_a_nan_on_one_rank_skips_the_step_and_ends_bitwise_equal_to_a_run_withou
                     assert np.array_equal(poisoned[key], reference[key]), f"rank {rank} {name} {key}"
             for a, b in zip(poisoned["rng"], reference["rng"]):
                 assert np.array_equal(a, b), f"rank {rank} {name}: RNG streams"
-        assert "2 steps in a row were not finite" in out["max_skipped"] and "train.max_skipped_steps=2" in out[
-            "max_skipped"
-        ]
+        assert (
+            "2 steps in a row were not finite" in out["max_skipped"]
+            and "train.max_skipped_steps=2" in out["max_skipped"]
+        )
         assert "weights are not finite: not saved" in out["save"] and not out["written"]
 
 

@@ -67,6 +67,7 @@ def main(argv=None) -> int:
             from diffmoe_dist.data.check import check_files
 
             check_files(cfg, env.rank, env.world_size)  # rank r reads the headers of shards r, r + W, ...
+        _check_sizes(cfg, env.world_size)  # before the lock, the process group and the model
     except ConfigError as exc:
         print(f"diffmoe-train: error: {exc}", file=sys.stderr)
         return 2
@@ -75,6 +76,15 @@ def main(argv=None) -> int:
     # Signals only set the stop flag from here until the process has left (train/preemption.py).
     with SignalGuard():
         return _train(cfg, env)
+
+
+def _check_sizes(cfg, world_size: int) -> None:
+    import torch
+
+    from diffmoe_dist.train.sizes import check_sizes, local_world_size
+
+    on_host = cfg.parallel.device == "cpu" or (cfg.parallel.device == "auto" and not torch.cuda.is_available())
+    check_sizes(cfg, world_size, local_world_size(), on_host)
 
 
 def _train(cfg, env) -> int:

@@ -11,6 +11,7 @@ import torch
 import torch.distributed as dist
 
 from diffmoe_dist import checkpoint as ckpt
+from diffmoe_dist.checkpoint.identity import data_manifest_hash
 from diffmoe_dist.config import Config
 from diffmoe_dist.data.position import GlobalPosition
 from diffmoe_dist.diffusion.ema import EMA
@@ -104,6 +105,7 @@ class Trainer:
             "optimizer_steps": self.engine.optimizer_steps(),
             "loader": self.loader.state_dict(),
             "device_type": self.device.type,  # RNG states are per device type
+            "data_manifest_sha256": data_manifest_hash(self.cfg.data.path),  # checkpoint/identity.py
         }
         rank_state = {"rng_torch": torch.get_rng_state(), "rng_noise": self.noise_gen.get_state()}
         if self.device.type == "cuda":  # label / caption dropout draws from the CUDA default generator
