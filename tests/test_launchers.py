@@ -247,3 +247,16 @@ def test_launcher_keeps_the_trainers_exit_75_after_a_stop(script, digits, tmp_pa
     assert "2 of 2 ranks exited 75" in res.stderr and "ChildFailedError" not in res.stderr
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_0000001"
     assert not list(tmp_path.glob(".run.exit-status.*"))  # the status file is gone with the launcher
+
+
+def test_a_second_owner_is_refused_by_the_launcher_in_one_line_before_any_rank_starts(digits, tmp_path):
+    import socket
+
+    run = tmp_path / "run"
+    run.mkdir()
+    me = {"host": socket.gethostname(), "pid": os.getpid(), "start": None, "owner": f"pid {os.getpid()}"}
+    (run / "owner.lock").write_text(json.dumps(me))  # a live owner: this test process
+    res = launch("local.sh", "-n", "2", f"data.path={digits}", f"train.run_dir={run}", timeout=200)
+    errors = [line for line in res.stderr.splitlines() if "error" in line.lower()]
+    assert res.returncode == 2 and len(errors) == 1 and "is in use by" in errors[0], res.stderr
+    assert "Traceback" not in res.stderr and sorted(os.listdir(run)) == ["owner.lock"]

@@ -57,6 +57,7 @@ def main(argv=None) -> int:
                 from diffmoe_dist.data.check import check_files
 
                 check_files(cfg)
+            _check_owner(cfg.train.run_dir)  # a launcher refuses a second owner before starting any rank
             print(cfg.train.run_dir)
             return 0
         from diffmoe_dist.parallel.launch import read_launch_env
@@ -78,6 +79,19 @@ def main(argv=None) -> int:
         return _train(cfg, env)
 
 
+def _check_owner(run_dir: str) -> None:
+    """Another live owner of ``run_dir`` (train/run_dir.py) as a ConfigError; torch is imported only
+    when there is a lock to judge."""
+    if not os.path.exists(os.path.join(run_dir, "owner.lock")):
+        return
+    from diffmoe_dist.checkpoint.ownership import RunDirError, RunLock
+
+    try:
+        RunLock(run_dir).check()
+    except RunDirError as exc:
+        raise ConfigError(str(exc)) from None
+
+
 def _check_sizes(cfg, world_size: int) -> None:
     import torch
 
@@ -91,7 +105,7 @@ def _train(cfg, env) -> int:
     import torch
 
     from diffmoe_dist.checkpoint import CheckpointError
-    from diffmoe_dist.checkpoint.ownership import RunDirError
+    from diffmoe_dist.checkpoint.ownership import RunDirError, RunLock
     from diffmoe_dist.train.guard import EXIT_NON_FINITE, NonFiniteError
     from diffmoe_dist.train.trainer import Trainer
 
@@ -100,6 +114,12 @@ def _train(cfg, env) -> int:
         if cfg.parallel.device == "cuda" or (cfg.parallel.device == "auto" and torch.cuda.is_available())
         else "cpu"
     )
+    try:  # another live owner (a pending requeued job, a second launch): one line before anything is built
+        RunLock(cfg.train.run_dir).check()
+    except RunDirError as exc:
+        if env.rank == 0:
+            print(f"diffmoe-train: error: {exc}", file=sys.stderr)
+        return 2
     dims = None
     distributed = env.world_size > 1 or cfg.parallel.force_distributed
     if distributed:

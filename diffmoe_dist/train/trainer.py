@@ -304,7 +304,10 @@ class Trainer:
             if self.rank0:
                 begin(self.run_plan, self.cfg, self.run_dir, self.ckpt_root, say)
             failed = False
-            return self._fit()
+            result = self._fit()
+            if result["stopped"] and self._owner.lock is not None:  # requeued under SLURM: still ours
+                self._owner.lock.keep_for_requeue()
+            return result
         finally:
             self._owner.release(failed=failed)
 
