@@ -10,7 +10,7 @@ early by SIGTERM, SIGUSR1 or train.max_minutes after saving a checkpoint ("run m
 anything else is a crash (resume from the last periodic checkpoint). A signal that arrives after
 the run finished or stopped (during the final save or the teardown) does not change the status.
 With DIFFMOE_EXIT_STATUS_FILE set (by launchers/local.sh and mpi.sh), a stopped rank appends
-"RANK 75" there and exits 0 instead.
+"RANK 75" there and exits 0 instead, and a finished rank appends "RANK 0".
 
 `--validate-only [--world-size N]` checks the config and the files it names, prints train.run_dir
 and exits 0, or prints one line and exits 2.
@@ -166,11 +166,11 @@ def _train(cfg, env) -> int:
                 }
             )
         )
-    status = 0
-    if result.get("stopped"):
-        from diffmoe_dist.train.preemption import EXIT_REQUEUE
+    from diffmoe_dist.train.preemption import EXIT_REQUEUE
 
-        status = _requeue_status(env.rank, EXIT_REQUEUE)
+    # "RANK 0" (finished) or "RANK 75" (stopped) for the launcher, which keeps that status whatever
+    # torchrun / mpirun make of a signal arriving in their teardown (launchers/common.sh)
+    status = _requeue_status(env.rank, EXIT_REQUEUE if result.get("stopped") else 0)
     if dims is not None:
         from diffmoe_dist.parallel.launch import destroy_distributed, exit_process
 
