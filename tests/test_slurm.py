@@ -350,7 +350,11 @@ def test_a_requeued_job_keeps_its_run_while_pending_and_a_second_job_is_refused(
     assert (run_dir / "owner.lock").exists()  # kept across exit 75
     second = submit(slurm_cluster, tmp_path, "owned", "t2i_256gpu.sh", [*TINY, f"train.steps={steps}",
                     "optim.lr=5e-4"], sbatch_args=ONE_NODE)  # fmt: skip
-    info = slurm_cluster.wait_job(second, timeout=240)
+    try:
+        info = slurm_cluster.wait_job(second, timeout=240)
+    except TimeoutError:
+        raw = slurm_cluster.cmd("scontrol", "show", "job", "-o", str(second), check=False)
+        raise AssertionError(f"{raw!r} {slurm_cluster.cmd('squeue', check=False)}") from None
     log = output(tmp_path, "owned", second)
     errors = [line for line in log.splitlines() if "diffmoe-train: error:" in line]
     assert info["JobState"] == "FAILED" and len(errors) == 1 and f"is in use by slurm job {first}" in errors[0], log

@@ -169,10 +169,11 @@ def _validate_bounds(cfg, world_size: int) -> None:
     cores = os.cpu_count() or 1
     if tr.seed > MAX_SEED:
         fail("train.seed", tr.seed, f"use 0..{MAX_SEED}")
-    if tr.threads > cores:
-        fail("train.threads", tr.threads, f"use at most the {cores} cores of this machine (0: cores / local ranks)")
-    if data.num_workers > 4 * cores:
-        fail("data.num_workers", data.num_workers, f"use at most {4 * cores} (4 per core of this machine)")
+    # Oversubscription is legal (slow); thousands of threads or workers per process crash or exhaust memory.
+    if tr.threads > 4 * cores:
+        fail("train.threads", tr.threads, f"use at most {4 * cores} (4 per core here; 0: cores / local ranks)")
+    if data.num_workers > max(16, 4 * cores):
+        fail("data.num_workers", data.num_workers, f"use at most {max(16, 4 * cores)} (4 per core here)")
     images = m.num_classes * cfg.sample.per_class
     if images > MAX_GRID_IMAGES:
         fail("sample.per_class", cfg.sample.per_class, f"{m.num_classes} classes x it must stay <= {MAX_GRID_IMAGES}")
