@@ -236,9 +236,17 @@ diffmoe_run_keeping_status() {
     break
   done
   trap - TERM INT HUP
-  local stopped=0
-  [[ -f $DIFFMOE_EXIT_STATUS_FILE ]] && stopped=$(wc -l <"$DIFFMOE_EXIT_STATUS_FILE")
+  local stopped=0 finished=0
+  if [[ -f $DIFFMOE_EXIT_STATUS_FILE ]]; then
+    stopped=$(grep -c " $DIFFMOE_EXIT_REQUEUE\$" "$DIFFMOE_EXIT_STATUS_FILE" || true)
+    finished=$(grep -c " 0\$" "$DIFFMOE_EXIT_STATUS_FILE" || true)
+  fi
   rm -f "$DIFFMOE_EXIT_STATUS_FILE"
+  if ((finished >= world)); then
+    # every rank finished its run (exit 0): a signal in the launcher's teardown does not undo that
+    ((rc == 0)) || diffmoe_log "all $world ranks finished; launcher exit $rc (a late signal): exit 0"
+    exit 0
+  fi
   if ((stopped > 0)); then
     diffmoe_log "$stopped of $world ranks exited $DIFFMOE_EXIT_REQUEUE (checkpoint saved, run again to resume); launcher exit $rc"
     # every rank stopped cleanly after the checkpoint: what the launcher made of the last one's

@@ -247,3 +247,40 @@ def test_launcher_keeps_the_trainers_exit_75_after_a_stop(script, digits, tmp_pa
     assert "2 of 2 ranks exited 75" in res.stderr and "ChildFailedError" not in res.stderr
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_0000001"
     assert not list(tmp_path.glob(".run.exit-status.*"))  # the status file is gone with the launcher
+
+
+def test_a_second_owner_is_refused_by_the_launcher_in_one_line_before_any_rank_starts(digits, tmp_path):
+    import socket
+
+    run = tmp_path / "run"
+    run.mkdir()
+    me = {"host": socket.gethostname(), "pid": os.getpid(), "start": None, "owner": f"pid {os.getpid()}"}
+    (run / "owner.lock").write_text(json.dumps(me))  # a live owner: this test process
+    res = launch("local.sh", "-n", "2", f"data.path={digits}", f"train.run_dir={run}", timeout=200)
+    errors = [line for line in res.stderr.splitlines() if "error" in line.lower()]
+    assert res.returncode == 2 and len(errors) == 1 and "is in use by" in errors[0], res.stderr
+    assert "Traceback" not in res.stderr and sorted(os.listdir(run)) == ["owner.lock"]
+
+
+@pytest.mark.slow
+def test_a_finished_run_exits_0_from_local_sh_when_sigterm_arrives_during_the_final_save(tmp_path):
+    import signal
+    import time
+
+    release, run_dir = tmp_path / "release", tmp_path / "run"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "OMPI_", "PMI_", "OMP_NUM"))}
+    env.update(DIFFMOE_TRAIN=f"{sys.executable} {REPO / 'tests' / 'slow_save.py'}", SLOW_SAVE_DIR=str(tmp_path),
+               SLOW_SAVE_STEP="2", SLOW_SAVE_UNTIL=str(release))  # fmt: skip
+    cmd = ["bash", str(LAUNCHERS / "local.sh"), "-n", "2", *TINY, f"train.run_dir={run_dir}", "train.steps=2"]
+    proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not (tmp_path / "saving-rank0.pid").exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)  # the final save is in progress: forwarded to torchrun
+        time.sleep(2)
+    finally:
+        release.touch()
+    out = proc.communicate(timeout=240)[0]
+    assert proc.returncode == 0 and "SIGTERM received" in out, out[-3000:]
+    assert (run_dir / "checkpoints" / "step_0000002").is_dir()

@@ -334,3 +334,35 @@ def test_a_signal_to_one_node_during_the_final_save_ends_completed_and_is_not_re
     manifest = ckpt.verify(str(root / f"step_{steps:07d}"))
     assert {f"rank{r:05d}.pt" for r in range(4)} <= set(manifest["files"])
     assert not [d for d in os.listdir(root) if d.startswith(".tmp")]
+
+
+def test_a_requeued_job_keeps_its_run_while_pending_and_a_second_job_is_refused(slurm_cluster, tmp_path):
+    # Job A stops at a requeue (SIGTERM, exit 75) and is held PENDING: its run stays its own. Job B of
+    # the same name is refused in one line, exit 2, before building anything; A, released, resumes
+    # its own checkpoint and finishes (issue 25).
+    steps = 20
+    first = submit(slurm_cluster, tmp_path, "owned", "t2i_256gpu.sh", [*TINY, f"train.steps={steps}",
+                   "checkpoint.every=5"], sbatch_args=ONE_NODE)  # fmt: skip
+    run_dir = tmp_path / "runs" / "owned"
+    wait_for((run_dir / "checkpoints" / "step_0000005").is_dir, 240, slurm_cluster, first, "the first checkpoint")
+    slurm_cluster.cmd("scontrol", "requeuehold", str(first))
+    wait_for(lambda: slurm_cluster.job(first).get("JobState") == "PENDING", 240, what="job A pending")
+    assert (run_dir / "owner.lock").exists()  # kept across exit 75
+    second = submit(slurm_cluster, tmp_path, "owned", "t2i_256gpu.sh", [*TINY, f"train.steps={steps}",
+                    "optim.lr=5e-4"], sbatch_args=ONE_NODE)  # fmt: skip
+    try:
+        info = slurm_cluster.wait_job(second, timeout=240)
+    except TimeoutError:
+        raw = slurm_cluster.cmd("scontrol", "show", "job", "-o", str(second), check=False)
+        raise AssertionError(f"{raw!r} {slurm_cluster.cmd('squeue', check=False)}") from None
+    log = output(tmp_path, "owned", second)
+    errors = [line for line in log.splitlines() if "diffmoe-train: error:" in line]
+    assert info["JobState"] == "FAILED" and len(errors) == 1 and f"is in use by slurm job {first}" in errors[0], log
+    assert "Traceback" not in log and "[diffmoe] resumed" not in log
+    slurm_cluster.cmd("scontrol", "release", str(first))
+    info = slurm_cluster.wait_job(first, timeout=300)
+    log = output(tmp_path, "owned", first)
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", log[-3000:]
+    with open(run_dir / "checkpoints" / "history.jsonl") as f:
+        owners = {r.get("slurm_job_id") for r in map(json.loads, f) if r["event"] in ("start", "resume")}
+    assert owners == {str(first)} and "lr: 0.001" in (run_dir / "config.yaml").read_text()

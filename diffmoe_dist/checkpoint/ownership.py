@@ -180,6 +180,30 @@ class RunLock:
             return
         raise RunDirError(f"could not take {self.path}: other processes keep taking it; is a second job starting?")
 
+    def check(self) -> None:
+        """Read-only `acquire`: raises the same one-line RunDirError when another live owner holds the
+        lock, and takes nothing (diffmoe-train asks this before it builds anything)."""
+        try:
+            other, mtime = read_owner(self.path)
+        except FileNotFoundError:
+            return
+        if other is None:
+            return
+        alive, why = owner_alive(other, self.me, mtime)
+        if alive:
+            raise RunDirError(
+                f"train.run_dir={self.run_dir} is in use by {other.get('owner')} ({why}): use another "
+                f"train.run_dir (sbatch -J NAME runs in RUNS/NAME), or wait until it ends; if it is really "
+                f"gone, delete {self.path}"
+            )
+
+    def keep_for_requeue(self) -> None:
+        """A SLURM job stopping to be requeued (exit 75) keeps the lock while it is PENDING or
+        REQUEUED: its restart takes it back (an earlier restart of the same job is stale), another job
+        is refused while squeue shows this one alive, anyone may take it once squeue shows it over."""
+        if self.me.get("slurm_job_id"):
+            self.held = False
+
     def heartbeat(self) -> None:
         if self.held and time.monotonic() - self._beat > HEARTBEAT_SECONDS:
             self._beat = time.monotonic()

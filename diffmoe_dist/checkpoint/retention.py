@@ -5,11 +5,12 @@ of the same run; a temporary directory only when its owner (``owner.json``) is t
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import time
 
-from diffmoe_dist.checkpoint.layout import MANIFEST
+from diffmoe_dist.checkpoint.layout import MANIFEST, META
 from diffmoe_dist.checkpoint.ownership import OWNER, RunHistory, owner_alive, owner_identity, read_owner
 
 
@@ -34,7 +35,7 @@ def clear_stale_tmp(root: str, log) -> None:
 def replace_aside(root: str, final: str, history: RunHistory, run_id: str | None, log) -> None:
     """A step directory of the same name exists: replaced if this run wrote it, else set aside."""
     name = os.path.basename(final)
-    if name in history.lineage(run_id):
+    if name in history.lineage(run_id) and _written_by(final, run_id):
         shutil.rmtree(final, ignore_errors=True)
         return
     aside = os.path.join(root, f"archive-{time.strftime('%Y%m%d-%H%M%S')}")
@@ -56,6 +57,17 @@ def retain(root: str, keep_last: int, history: RunHistory, run_id: str | None, w
         if name == written:
             kept += 1
         elif kept >= keep_last:
-            shutil.rmtree(path, ignore_errors=True)
+            if _written_by(path, run_id):  # by the run id inside, not the name: never another run's
+                shutil.rmtree(path, ignore_errors=True)
         elif name not in bad and os.path.isfile(os.path.join(path, MANIFEST)):
             kept += 1
+
+
+def _written_by(path: str, run_id: str | None) -> bool:
+    """The ``run_id`` inside ``path``'s checkpoint.json is ``run_id`` (or absent: saved before run ids)."""
+    try:
+        with open(os.path.join(path, META)) as f:
+            theirs = json.load(f).get("run_id")
+    except (OSError, ValueError, AttributeError):
+        return True  # unreadable: the history's word stands (a partial save of this run)
+    return theirs in (None, run_id)

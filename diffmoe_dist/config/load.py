@@ -33,10 +33,29 @@ def _did_you_mean(name: str, known, prefix: str = "") -> str:
     return f"did you mean {prefix}{close[0]}? ({listed})" if close else listed
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.safe_load's loader, refusing a key given twice in one mapping (PyYAML keeps the last)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                raise ConfigError(
+                    f"{self._origin}: {key!r} appears twice at line {key_node.start_mark.line + 1} "
+                    "(the second would silently replace the first): keep one"
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
 def _yaml_load(text_or_file, origin: str) -> Any:
-    """yaml.safe_load with its errors as one line: a syntax error's position, or a refused tag."""
+    """yaml.safe_load with its errors as one line: a syntax error's position, a refused tag, a
+    duplicate key."""
+    loader = _UniqueKeyLoader(text_or_file)
+    loader._origin = origin
     try:
-        return yaml.safe_load(text_or_file)
+        return loader.get_single_data()
     except yaml.constructor.ConstructorError as exc:
         tag = next(iter(str(exc.problem).split("'")[1:2]), exc.problem)
         where = f" at line {exc.problem_mark.line + 1}" if exc.problem_mark else ""
@@ -48,6 +67,8 @@ def _yaml_load(text_or_file, origin: str) -> Any:
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise ConfigError(f"{origin} is not valid YAML{where}: {problem}") from None
+    finally:
+        loader.dispose()
 
 
 def _coerce(name: str, text: str, current: Any, annotation: Any) -> Any:
@@ -75,6 +96,8 @@ def _coerce(name: str, text: str, current: Any, annotation: Any) -> Any:
         return float(value)
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return str(value)  # a str field given a number in YAML (logging.mfu_peak: 989)
+    if isinstance(value, (list, dict)):  # a list would become a directory named "- runs/a\n- ..."
+        fail(name, value, f"use one string, not a {'list' if isinstance(value, list) else 'mapping'}")
     return text if value is None or not isinstance(value, str) else value
 
 
@@ -90,7 +113,8 @@ def _apply(section_obj: Any, section: str, values: dict[str, Any], origin: str) 
             hint = _did_you_mean(key, fields, section + ".")
             raise ConfigError(f"{name} (from {origin}) is not a config field: {hint}")
         current = getattr(section_obj, key)
-        value = _coerce(name, raw if isinstance(raw, str) else yaml.safe_dump(raw), current, fields[key].type)
+        text = raw if isinstance(raw, str) else "" if raw is None else yaml.safe_dump(raw)
+        value = _coerce(name, text, current, fields[key].type)
         setattr(section_obj, key, value)
 
 
@@ -104,7 +128,9 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tu
                 f"--config {str(path)!r} does not exist: pass a YAML file such as configs/local/diffmoe-tiny.yaml"
             )
         with open(path) as f:
-            data = _yaml_load(f, f"--config {str(path)!r}") or {}
+            data = _yaml_load(f, f"--config {str(path)!r}")
+        if data is None:
+            raise ConfigError(f"--config {str(path)!r} is empty: write the sections to change (model:, moe:, ...)")
         if not isinstance(data, dict):
             raise ConfigError(f"--config {str(path)!r} is not a YAML mapping of sections (model:, moe:, optim:, ...)")
         for section, values in data.items():

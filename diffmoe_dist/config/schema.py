@@ -127,6 +127,7 @@ class TrainConfig:
     deepspeed_config: str = ""  # DeepSpeed JSON; "" = configs/deepspeed/zero{zero_stage}.json
     activation_checkpointing: bool = False  # recompute each DiT block in backward
     compile: bool = False  # torch.compile each DiT block (MoE layers stay eager): parallel/compile.py
+    max_skipped_steps: int = 10  # non-finite steps skipped in a row before the run stops (train/guard.py)
 
 
 @dataclass

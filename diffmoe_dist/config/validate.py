@@ -8,6 +8,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 from pathlib import Path
 
 import yaml
@@ -136,6 +137,7 @@ def validate_config(cfg, world_size: int) -> None:
         ("train.steps", 1, "use at least 1 step"),
         ("train.seed", 0, "use a non-negative integer"),
         ("train.threads", 0, "use 0 (cores / local processes) or a positive thread count"),
+        ("train.max_skipped_steps", 1, "use at least 1 (non-finite steps skipped in a row before the run stops)"),
         ("sample.num_steps", 1, "use at least 1 ODE step"),
         ("sample.every", 0, "use 0 (only at the end) or a positive number of steps"),
         ("sample.per_class", 1, "use at least 1 image per class"),
@@ -150,6 +152,59 @@ def validate_config(cfg, world_size: int) -> None:
     _validate_mfu_peak(cfg.logging.mfu_peak, tr.precision)
     if not tr.resume:
         fail("train.resume", tr.resume, "use auto, never, or a run / checkpoint directory")
+    _validate_bounds(cfg, world_size)
+    validate_environment(os.environ)
+
+
+MAX_SEED = 2**32 - 1  # the streams are seeded with seed * 104729 + rank (and + 1_000_003 * step): int64 room
+MAX_GRID_IMAGES = 10_000  # sample grids are sampled and held in memory at once
+
+
+def _validate_bounds(cfg, world_size: int) -> None:
+    """Sizes that would fail only after allocating (or crash a library): refused by value here."""
+    tr, data, moe, m = cfg.train, cfg.data, cfg.moe, cfg.model
+    cores = os.cpu_count() or 1
+    if tr.seed > MAX_SEED:
+        fail("train.seed", tr.seed, f"use 0..{MAX_SEED}")
+    # Oversubscription is legal (slow); thousands of threads or workers per process crash or exhaust memory.
+    if tr.threads > 4 * cores:
+        fail("train.threads", tr.threads, f"use at most {4 * cores} (4 per core here; 0: cores / local ranks)")
+    if data.num_workers > max(16, 4 * cores):
+        fail("data.num_workers", data.num_workers, f"use at most {max(16, 4 * cores)} (4 per core here)")
+    images = m.num_classes * cfg.sample.per_class
+    if images > MAX_GRID_IMAGES:
+        fail("sample.per_class", cfg.sample.per_class, f"{m.num_classes} classes x it must stay <= {MAX_GRID_IMAGES}")
+    if moe.router not in ("expert_choice_global", "expert_choice_local"):
+        return
+    # k = floor(C N / E) tokens per expert (model/moe/pool.py): 0 would make every MoE layer take no token.
+    seq = (m.image_size // m.patch_size) ** 2
+    micro = data.global_batch_size // (world_size * cfg.optim.grad_accum_steps)
+    ranks = {"rank": 1, "ep": cfg.parallel.expert_parallel_size, "dp": world_size}[moe.pool]
+    tokens = seq if moe.router == "expert_choice_local" else seq * micro * ranks
+    if math.floor(moe.capacity * tokens / moe.num_experts + 1e-9) < 1:
+        fail(
+            "moe.capacity",
+            moe.capacity,
+            f"gives k = floor(C x {tokens} tokens / {moe.num_experts} experts) = 0: every MoE layer would take no "
+            f"token; use at least {moe.num_experts / tokens:.3g}",
+        )
+
+
+def validate_environment(env) -> None:
+    """The environment variables the project reads, checked like config values (one line, exit 2)."""
+    stale = env.get("DIFFMOE_LOCK_STALE_MINUTES")
+    if stale:
+        try:
+            minutes = float(stale)
+        except ValueError:
+            minutes = float("nan")
+        if not (math.isfinite(minutes) and minutes > 0):
+            raise options.ConfigError(
+                f"DIFFMOE_LOCK_STALE_MINUTES={stale!r} is invalid: use a positive number of minutes (default 30)"
+            )
+    inject = env.get("DIFFMOE_INJECT_NAN")
+    if inject and not re.fullmatch(r"[1-9]\d*(,[1-9]\d*)*(@\d+)?", inject):
+        raise options.ConfigError(f"DIFFMOE_INJECT_NAN={inject!r} is invalid: use STEP[,STEP...][@RANK], e.g. 3 or 3@1")
 
 
 def divisors(n: int) -> str:

@@ -26,7 +26,34 @@ def check_files(cfg: Config, rank: int = 0, world_size: int = 1) -> None:
             fail("train.resume", tr.resume, "does not exist: use auto, never, or a run / checkpoint directory")
         if not os.path.isdir(tr.resume):
             fail("train.resume", tr.resume, "is not a directory: pass a run directory or its step_* directories")
-    check_data_path(cfg.data.path, rank, world_size, cfg.model.task)
+    num_samples, latent_shape = check_data_path(cfg.data.path, rank, world_size, cfg.model.task)
+    if cfg.data.global_batch_size > num_samples:
+        fail("data.global_batch_size", cfg.data.global_batch_size, f"data.path holds {num_samples} samples: use fewer")
+    check_data_fits_model(cfg, latent_shape)
+
+
+def check_data_fits_model(cfg: Config, latent_shape) -> None:
+    """The shards' latent shape against the model, and for text-to-image their caption embeddings
+    against model.text_len / text_dim and data.text_encoder (`data.captions.text_tensors`, on the
+    first sample): the loader's checks, here before the model is built."""
+    m = cfg.model
+    if latent_shape is not None and list(latent_shape) != [m.in_channels, m.image_size, m.image_size]:
+        fail(
+            "model.image_size",
+            m.image_size,
+            f"data.path={cfg.data.path} holds latents of shape {list(latent_shape)}: set model.in_channels="
+            f"{latent_shape[0]} model.image_size={latent_shape[-1]}",
+        )
+    if m.task != "t2i":
+        return
+    from diffmoe_dist.data.captions import text_tensors
+    from diffmoe_dist.data.stream import ShardSamples
+
+    try:
+        first = ShardSamples(os.path.join(cfg.data.path, "train"), {"text": "text.npy", "mask": "mask.npy"})[0]
+        text_tensors({"text": first["text"][None], "mask": first["mask"][None]}, cfg, cfg.data.path)
+    except (ShardError, ValueError) as exc:
+        raise ConfigError(str(exc).splitlines()[0]) from None
 
 
 _SHARDS_HINTS = {  # the recipe for the config's task: a text-to-image run needs caption embeddings
@@ -36,9 +63,9 @@ _SHARDS_HINTS = {  # the recipe for the config's task: a text-to-image run needs
 }
 
 
-def check_data_path(path: str, rank: int = 0, world_size: int = 1, task: str = "c2i") -> None:
+def check_data_path(path: str, rank: int = 0, world_size: int = 1, task: str = "c2i") -> tuple[int, list | None]:
     """``path/train``: a manifest listing at least one sample, and every listed shard a tar of the
-    size the manifest records."""
+    size the manifest records. Returns (samples, latent shape or None)."""
     hint = _SHARDS_HINTS[task]
     train = os.path.join(path, "train")
     if not os.path.isdir(path):
@@ -62,3 +89,4 @@ def check_data_path(path: str, rank: int = 0, world_size: int = 1, task: str = "
         check_each_shard(path, rank, world_size)  # train/ and heldout/
     except ShardError as exc:
         raise ConfigError(f"data.path={path!r} is invalid: {exc}") from None
+    return num_samples, manifest.get("latent_shape")

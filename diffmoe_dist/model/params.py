@@ -35,6 +35,17 @@ def count_parameters(model: torch.nn.Module, moe: MoEConfig) -> dict[str, int]:
     return {"total": total, "active": total - inactive, "predictor": predictor}
 
 
+def dense_and_expert_counts(model_cfg, moe_cfg) -> tuple[int, int]:
+    """(non-expert, expert) parameter counts of the whole model, built on the meta device: nothing
+    is allocated, so any size can be asked about before a run commits to it."""
+    from diffmoe_dist.model.build import build_model
+
+    with torch.device("meta"):
+        model = build_model(model_cfg, moe_cfg)
+    expert = sum(p.numel() for p in model.parameters() if getattr(p, "is_expert", False))
+    return sum(p.numel() for p in model.parameters()) - expert, expert
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="diffmoe-params", description=__doc__)
     p.add_argument("--config", required=True)

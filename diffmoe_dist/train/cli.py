@@ -4,12 +4,13 @@ Runs single-process, or under torchrun / srun / mpirun with one process per devi
 
 Exit status: 0 finished (train.steps reached); 2 bad config, or a run directory that may not be
 used as asked (another live owner, another run's checkpoints, every checkpoint corrupt, a refused
-config change: one line naming the choices); 75 stopped early by SIGTERM, SIGUSR1 or
-train.max_minutes after saving a checkpoint ("run me again": train.resume=auto continues);
+config change: one line naming the choices); 3 train.max_skipped_steps non-finite steps in a row,
+or a save of non-finite weights refused (one line; not requeued: train/guard.py); 75 stopped
+early by SIGTERM, SIGUSR1 or train.max_minutes after saving a checkpoint ("run me again": train.resume=auto continues);
 anything else is a crash (resume from the last periodic checkpoint). A signal that arrives after
 the run finished or stopped (during the final save or the teardown) does not change the status.
 With DIFFMOE_EXIT_STATUS_FILE set (by launchers/local.sh and mpi.sh), a stopped rank appends
-"RANK 75" there and exits 0 instead.
+"RANK 75" there and exits 0 instead, and a finished rank appends "RANK 0".
 
 `--validate-only [--world-size N]` checks the config and the files it names, prints train.run_dir
 and exits 0, or prints one line and exits 2.
@@ -56,6 +57,7 @@ def main(argv=None) -> int:
                 from diffmoe_dist.data.check import check_files
 
                 check_files(cfg)
+            _check_owner(cfg.train.run_dir)  # a launcher refuses a second owner before starting any rank
             print(cfg.train.run_dir)
             return 0
         from diffmoe_dist.parallel.launch import read_launch_env
@@ -66,6 +68,7 @@ def main(argv=None) -> int:
             from diffmoe_dist.data.check import check_files
 
             check_files(cfg, env.rank, env.world_size)  # rank r reads the headers of shards r, r + W, ...
+        _check_sizes(cfg, env.world_size)  # before the lock, the process group and the model
     except ConfigError as exc:
         print(f"diffmoe-train: error: {exc}", file=sys.stderr)
         return 2
@@ -76,11 +79,34 @@ def main(argv=None) -> int:
         return _train(cfg, env)
 
 
+def _check_owner(run_dir: str) -> None:
+    """Another live owner of ``run_dir`` (train/run_dir.py) as a ConfigError; torch is imported only
+    when there is a lock to judge."""
+    if not os.path.exists(os.path.join(run_dir, "owner.lock")):
+        return
+    from diffmoe_dist.checkpoint.ownership import RunDirError, RunLock
+
+    try:
+        RunLock(run_dir).check()
+    except RunDirError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def _check_sizes(cfg, world_size: int) -> None:
+    import torch
+
+    from diffmoe_dist.train.sizes import check_sizes, local_world_size
+
+    on_host = cfg.parallel.device == "cpu" or (cfg.parallel.device == "auto" and not torch.cuda.is_available())
+    check_sizes(cfg, world_size, local_world_size(), on_host)
+
+
 def _train(cfg, env) -> int:
     import torch
 
     from diffmoe_dist.checkpoint import CheckpointError
-    from diffmoe_dist.checkpoint.ownership import RunDirError
+    from diffmoe_dist.checkpoint.ownership import RunDirError, RunLock
+    from diffmoe_dist.train.guard import EXIT_NON_FINITE, NonFiniteError
     from diffmoe_dist.train.trainer import Trainer
 
     device = torch.device(
@@ -88,6 +114,12 @@ def _train(cfg, env) -> int:
         if cfg.parallel.device == "cuda" or (cfg.parallel.device == "auto" and torch.cuda.is_available())
         else "cpu"
     )
+    try:  # another live owner (a pending requeued job, a second launch): one line before anything is built
+        RunLock(cfg.train.run_dir).check()
+    except RunDirError as exc:
+        if env.rank == 0:
+            print(f"diffmoe-train: error: {exc}", file=sys.stderr)
+        return 2
     dims = None
     distributed = env.world_size > 1 or cfg.parallel.force_distributed
     if distributed:
@@ -114,14 +146,14 @@ def _train(cfg, env) -> int:
         torch.cuda.set_device(env.local_rank)
     try:
         result = Trainer(cfg, dims, device, env.local_world_size).fit()
-    except (RunDirError, CheckpointError) as exc:
+    except (RunDirError, CheckpointError, NonFiniteError) as exc:
         if env.rank == 0:  # every rank raised the same error; one line is enough
             print(f"diffmoe-train: error: {exc}", file=sys.stderr)
         if dims is not None:
             from diffmoe_dist.parallel.launch import destroy_distributed
 
             destroy_distributed()
-        return 2 if isinstance(exc, RunDirError) else 1
+        return 2 if isinstance(exc, RunDirError) else EXIT_NON_FINITE if isinstance(exc, NonFiniteError) else 1
     if env.rank == 0:
         print(
             json.dumps(
@@ -134,11 +166,11 @@ def _train(cfg, env) -> int:
                 }
             )
         )
-    status = 0
-    if result.get("stopped"):
-        from diffmoe_dist.train.preemption import EXIT_REQUEUE
+    from diffmoe_dist.train.preemption import EXIT_REQUEUE
 
-        status = _requeue_status(env.rank, EXIT_REQUEUE)
+    # "RANK 0" (finished) or "RANK 75" (stopped) for the launcher, which keeps that status whatever
+    # torchrun / mpirun make of a signal arriving in their teardown (launchers/common.sh)
+    status = _requeue_status(env.rank, EXIT_REQUEUE if result.get("stopped") else 0)
     if dims is not None:
         from diffmoe_dist.parallel.launch import destroy_distributed, exit_process
 

@@ -114,9 +114,11 @@ class _Engine:
     def backward(self, loss: torch.Tensor) -> None:
         raise NotImplementedError
 
-    def step(self) -> float | torch.Tensor:
+    def step(self, decide=None) -> float | torch.Tensor:
         """One optimizer step after ``grad_accum_steps`` backwards; returns the gradient norm
-        (a 0-d tensor where reading it would cost a host sync)."""
+        (a 0-d tensor where reading it would cost a host sync). ``decide`` (train/guard.py): called
+        on every rank with the gradients' non-finite flag before the update; False skips it (no
+        optimizer, moment or scheduler change; the gradients are dropped)."""
         raise NotImplementedError
 
     def state_fragments(self) -> list[StateFragment]:
@@ -159,10 +161,13 @@ class PlainEngine(_Engine):
         with contextlib.nullcontext() if last else self.reducer.no_sync():
             (loss / self.grad_accum_steps if self.grad_accum_steps > 1 else loss).backward()
 
-    def step(self) -> torch.Tensor:
+    def step(self, decide=None) -> torch.Tensor:
         self._micro = 0
         self.reducer.finish()  # waits for the buckets launched in backward (no host read)
         norm = clip_grad_norm_(self.model, self.cfg.optim.grad_clip, self.dims)  # read at log time
+        if decide is not None and not decide(~torch.isfinite(norm)):
+            self.optimizer.zero_grad(set_to_none=True)
+            return norm
         self.optimizer.step()
         self.scheduler.step()
         return norm
@@ -273,10 +278,19 @@ class ZeroEngine(_Engine):
         if not self.ds.is_gradient_accumulation_boundary():
             self.ds.step()  # DeepSpeed's micro-step bookkeeping; the real step comes in step()
 
-    def step(self) -> float:
+    def step(self, decide=None) -> float:
         if not self.ds.is_gradient_accumulation_boundary():
             raise RuntimeError("ZeroEngine.step: call backward once per micro-batch, grad_accum_steps times")
+        steps, samples = self.ds.global_steps, self.ds.global_samples
+        # ZeRO's fp32 optimizer tests the reduced gradients itself (all-reduced, before updating)
+        # and skips a non-finite step ("overflow"): its verdict is the guard's gradient flag.
         self.ds.step()
+        overflow = bool(getattr(self.optimizer, "overflow", False))
+        if decide is not None and not decide(overflow):
+            if not overflow:  # the loss folds into the gradients (guard.fold_loss): cannot happen
+                raise RuntimeError("ZeroEngine.step: a non-finite step that DeepSpeed applied")
+            self.ds.global_steps, self.ds.global_samples = steps, samples  # as if the batch never came
+            return float("nan")
         self.scheduler.step()
         norm = self.ds.get_global_grad_norm()
         return float(norm) if norm is not None else float("nan")

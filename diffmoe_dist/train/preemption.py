@@ -82,6 +82,7 @@ class StopRequest:
         self._own: int | None = None
         self._guard = SignalGuard.active
         self._last_check = time.monotonic()
+        self._agreed: list[str | None] = []  # the reason `agree` settled within the step, for should_stop
         self._previous = {}
         if self._guard is None and threading.current_thread() is threading.main_thread():
             for sig in SIGNALS:
@@ -108,6 +109,8 @@ class StopRequest:
         """Collective (every rank calls it after every step; every ``check_every``-th call reads):
         the reason to stop, identical on all ranks, or None. Precedence when ranks differ:
         SIGTERM > SIGUSR1 > time limit."""
+        if self._agreed:  # settled by `agree` inside the step (train/guard.py): no second collective
+            return self._agreed.pop()
         self._checks += 1
         if self._checks % self.check_every:
             return None
@@ -120,6 +123,21 @@ class StopRequest:
             dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.dims.dp_group)
             code = int(flag)
         return _REASONS[code]
+
+    def agree(self, flags: torch.Tensor) -> torch.Tensor:
+        """The stop agreement, taken inside the step (before its optimizer update) and carrying
+        ``flags`` (int32, e.g. the step guard's non-finite flags, train/guard.py) in the same
+        all-reduce (MAX): one collective and one host read per step for both. Returns the reduced
+        flags; the next `should_stop` returns the agreed reason without communicating."""
+        now = time.monotonic()
+        step_seconds, self._last_check = now - self._last_check, now
+        code = torch.tensor([self._local_code(step_seconds)], dtype=torch.int32, device=flags.device)
+        both = torch.cat([code, flags.to(torch.int32).reshape(-1)])
+        if self.dims.distributed:
+            dist.all_reduce(both, op=dist.ReduceOp.MAX, group=self.dims.dp_group)
+        values = both.tolist()
+        self._agreed = [_REASONS[values[0]]]
+        return torch.tensor(values[1:], dtype=torch.int32)
 
     def close(self) -> None:
         for sig, handler in self._previous.items():

@@ -30,6 +30,7 @@ from typing import Any
 import torch.distributed as dist
 
 from diffmoe_dist import checkpoint as ckpt
+from diffmoe_dist.checkpoint.identity import check_identity
 from diffmoe_dist.checkpoint.ownership import HISTORY, RunDirError, RunHistory, RunLock, owner_identity
 from diffmoe_dist.config import MODEL_SIZES
 
@@ -175,6 +176,7 @@ def plan_start(cfg, root: str, dims, log) -> StartPlan:
             f"run: resume with {key}={old}, use a new train.run_dir, or train.resume=archive to move the old "
             f"checkpoints to {root}/archive-<time>/ and start over"
         )
+    check_identity(cfg, path, meta, history, inside, log)  # run id, name, rank files, steps, data
     step, name = int(meta["step"]), os.path.basename(path)
     if not inside:  # a new run here, initialised from another run's checkpoint
         plan = StartPlan(path, uuid.uuid4().hex[:12], {"event": "start", "resume": path, "step": step})

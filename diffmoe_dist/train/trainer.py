@@ -11,6 +11,7 @@ import torch
 import torch.distributed as dist
 
 from diffmoe_dist import checkpoint as ckpt
+from diffmoe_dist.checkpoint.identity import data_manifest_hash
 from diffmoe_dist.config import Config
 from diffmoe_dist.data.position import GlobalPosition
 from diffmoe_dist.diffusion.ema import EMA
@@ -23,6 +24,7 @@ from diffmoe_dist.model.moe.layer import schedule_capacity
 from diffmoe_dist.parallel.groups import ParallelDims, comm_device
 from diffmoe_dist.parallel.parallelize import parallelize
 from diffmoe_dist.train.engine import build_engine, uses_deepspeed
+from diffmoe_dist.train.guard import StepGuard, check_state_finite
 from diffmoe_dist.train.metrics import MetricsLogger, PhaseTimer, StepMetrics, Throughput, progress_info, untimed_lap
 from diffmoe_dist.train.preemption import EXIT_REQUEUE, StopRequest
 from diffmoe_dist.train.run_dir import RunDirError, RunOwner, begin, plan_start
@@ -74,6 +76,7 @@ class Trainer:
         self.engine = build_engine(self.model, cfg, self.dims, reducer, print if self.rank0 else lambda _: None)
         self.optimizer, self.scheduler = self.engine.base_optimizer, self.engine.scheduler
         self.loader = self._build_loader()
+        self.guard = StepGuard(self.dims, cfg.train.max_skipped_steps, print if self.rank0 else lambda _: None)
         self.step = 0
         self.run_dir = cfg.train.run_dir
         self.ckpt_root = os.path.join(self.run_dir, "checkpoints")
@@ -94,6 +97,7 @@ class Trainer:
     def save(self) -> str:
         """Collective. Each rank writes its own share; nothing is gathered but the index."""
         t0 = time.time()
+        check_state_finite({"model": self.model, "EMA": self.ema.model}, self.dims, self.step)  # train/guard.py
         meta = {
             "config": self.cfg.to_dict(),
             "ep_size": self.dims.ep_size,
@@ -102,6 +106,7 @@ class Trainer:
             "optimizer_steps": self.engine.optimizer_steps(),
             "loader": self.loader.state_dict(),
             "device_type": self.device.type,  # RNG states are per device type
+            "data_manifest_sha256": data_manifest_hash(self.cfg.data.path),  # checkpoint/identity.py
         }
         rank_state = {"rng_torch": torch.get_rng_state(), "rng_noise": self.noise_gen.get_state()}
         if self.device.type == "cuda":  # label / caption dropout draws from the CUDA default generator
@@ -184,7 +189,7 @@ class Trainer:
         loss_flow = training_loss(self.cfg.diffusion, v_pred, v_target)
         moe = self.moe.losses()
         # moe["loss"] = sum over layers of predictor_loss_weight * BCE + weighted TC aux loss
-        loss = loss_flow + moe["loss"]
+        loss = self.guard.fold_loss(loss_flow + moe["loss"], self.step + 1)  # NaN everywhere if not finite
         return loss, torch.stack([loss, loss_flow, moe["predictor_bce"], moe["aux_loss"]]).detach().float()
 
     def _global_means(self, parts_sum: torch.Tensor) -> torch.Tensor:
@@ -203,6 +208,7 @@ class Trainer:
         metrics, with a device synchronise at each boundary; None costs nothing."""
         lap = timer.lap if timer is not None else untimed_lap
         lap(None)
+        self.guard.begin(self.noise_gen, self.device)
         self.engine.zero_grad()
         self.moe.clear()
         schedule_capacity(self.model, self.cfg.moe, self.step)  # moe.capacity_full/decay_steps; no-op without
@@ -215,11 +221,15 @@ class Trainer:
             self.engine.backward(loss)  # / grad_accum_steps inside
             parts += micro_parts
             lap("backward")
-        # The threshold EMA, once per optimizer step over the step's whole pool (all micro-batches).
-        # Called here, not from an optimizer step pre-hook: DeepSpeed ZeRO steps its base optimizer
-        # once per parameter group, which would update twice.
+        grad_norm = self.engine.step(self.guard.decide)  # a tensor (plain engine) or a float (DeepSpeed)
+        if self.guard.skipped:  # not finite: nothing changed but the data position (train/guard.py)
+            self.guard.after_skip(self.step + 1)
+            return {"skipped": 1.0}
+        self.guard.after_apply()
+        # The threshold EMA, once per applied optimizer step over the step's whole pool (all
+        # micro-batches). Called here, not from an optimizer step pre-hook: DeepSpeed ZeRO steps its
+        # base optimizer once per parameter group, which would update twice.
         self.moe.update_thresholds()
-        grad_norm = self.engine.step()  # a tensor (plain engine) or a float (DeepSpeed)
         lap("optimizer")
         self.ema.update(self.model)
         self.step += 1
@@ -299,7 +309,10 @@ class Trainer:
             if self.rank0:
                 begin(self.run_plan, self.cfg, self.run_dir, self.ckpt_root, say)
             failed = False
-            return self._fit()
+            result = self._fit()
+            if result["stopped"] and self._owner.lock is not None:  # requeued under SLURM: still ours
+                self._owner.lock.keep_for_requeue()
+            return result
         finally:
             self._owner.release(failed=failed)
 
@@ -311,6 +324,7 @@ class Trainer:
         logger.advance_to(self.step)
         stop = StopRequest(self.dims, cfg.train.max_minutes)  # SIGTERM / SIGUSR1 / time limit
         stopped = None
+        self.guard.stop = stop  # the guard's flags ride on the stop flag's all-reduce
         telemetry = RoutingTelemetry(
             self.model, cfg.logging.routing_every, self.run_dir, self.dims, self.step + 1, collector=self.moe
         )
@@ -321,6 +335,10 @@ class Trainer:
         while self.step < cfg.train.steps:
             last = self.train_step()
             self._owner.heartbeat()
+            if self.guard.skipped:  # same step again with the next batch (nothing to log or save)
+                if stopped := stop.should_stop():
+                    break
+                continue
             telemetry.after_step(self.step)  # routing.jsonl every logging.routing_every steps
             window_steps += 1
             if self.step % cfg.logging.log_every == 0 or self.step == cfg.train.steps:

@@ -183,7 +183,8 @@ class MoECollector:
         # Pools smaller than DP: average the replicas' quantiles (where they had one), all layers at once.
         local = [i for i, (layer, _, _) in enumerate(quantiles) if not layer.pool.thresholds_global]
         if local:
-            q = torch.stack([quantiles[i][1].double() * quantiles[i][2] for i in local])
+            # where, not a product: an empty pool's quantile is NaN, and NaN * 0 is NaN
+            q = torch.stack([torch.where(quantiles[i][2], quantiles[i][1].double(), 0.0) for i in local])
             valid = torch.stack([quantiles[i][2].double() for i in local])
             summed = quantiles[local[0]][0].pool.replica_sum(torch.stack([q, valid]))
             for j, i in enumerate(local):

@@ -110,5 +110,5 @@ class Router:
         if inp.inference == "dynamic":
             tau_E = inp.predictor.threshold_E
         else:
-            tau_E = torch.full_like(prob_NE[0], inp.gamma)
+            tau_E = prob_NE.new_full(prob_NE.shape[1:], inp.gamma)  # a rank may hold no token
         return prob_NE > tau_E.to(prob_NE).view(1, -1)
