@@ -366,3 +366,28 @@ def test_the_256gpu_twin_trains_on_two_ranks_with_vae_decoded_grids_in_png_and_w
     assert sample_main([*args, "--out", str(other), "--vae", str(tmp_path / "other-vae")]) == 0
     a, b = np.asarray(Image.open(out)), np.asarray(Image.open(other))
     assert a.shape == b.shape and not np.array_equal(a, b)
+
+
+def test_windowed_stream_equals_the_indexed_loader_and_opens_a_shard_per_many_samples(digits):
+    # 7 shards of <= 256 samples, windows of 3 shards: the same batches from both loaders at any W
+    from diffmoe_dist.data.shards import read_manifest
+
+    sizes = [s["num_samples"] for s in read_manifest(digits / "train")["shards"]]
+    data = load_indexed(digits / "train")
+    ref = _global_batches([GlobalBatchLoader({"x": data["latent"], "y": data["cls"]}, 64, 0, 1, 5, sizes, 3)], 30)
+    for W, workers in ((1, 0), (4, 2)):
+        loaders = [_stream(digits / "train", 64, r, W, seed=5, num_workers=workers, shuffle_window=3) for r in range(W)]
+        got = _global_batches(loaders, 30)  # past the epoch boundary (1617 samples)
+        assert all(torch.equal(a["y"], b["y"]) and torch.equal(a["x"], b["x"]) for a, b in zip(ref, got, strict=True))
+        for ld in loaders:
+            ld.close()
+    # rank 0 of 4, in-process: today's order opens a shard for most samples, the windowed order rarely
+    for window, most in ((0, None), (3, 0.1)):
+        ld = _stream(digits / "train", 64, 0, 4, seed=5, shuffle_window=window, cache_shards=2)
+        for _ in range(50):
+            ld.next_batch()
+        per_sample = ld.dataset.opens / (50 * 16)
+        if most is None:
+            assert per_sample > 0.5
+        else:
+            assert per_sample < most

@@ -124,6 +124,7 @@ class ShardSamples(torch.utils.data.Dataset):
         self.sorted_keys = manifest.get("sorted_keys")
         self.cache_shards = cache_shards
         self._open: OrderedDict[int, tuple[int, np.ndarray]] = OrderedDict()
+        self.opens = 0  # shard opens in this process (benchmarks/loader.py: opens per sample)
 
     def __len__(self) -> int:
         return int(self.ends[-1]) if len(self.ends) else 0
@@ -133,6 +134,7 @@ class ShardSamples(torch.utils.data.Dataset):
             self._open.move_to_end(n)
             return self._open[n]
         path = self.dir / self.names[n]
+        self.opens += 1
         try:
             fd = os.open(path, os.O_RDONLY)
         except OSError as exc:
@@ -232,7 +234,7 @@ class _RankBatches:
     def __iter__(self):
         p, pos = self.position, self.start
         while True:
-            yield p.global_indices(pos + p.rank * p.local_batch_size, p.local_batch_size).tolist()
+            yield p.rank_indices(pos).tolist()
             pos += p.global_batch_size
 
 
@@ -254,10 +256,16 @@ class StreamBatchLoader(GlobalPosition):
         pin_memory: bool = False,
         float_fields: tuple[str, ...] = (),
         bool_fields: tuple[str, ...] = (),
-        cache_shards: int = 8,
+        cache_shards: int = 0,
+        shuffle_window: int = 0,
     ):
+        if cache_shards <= 0:  # the windowed order reads ~W_s / W shards per rank and window (data/position.py)
+            cache_shards = max(8, -(-shuffle_window // world_size) + 4)
         self.dataset = ShardSamples(shard_dir, fields, cache_shards)
-        super().__init__(len(self.dataset), global_batch_size, rank, world_size, seed, perm_dtype=torch.int32)
+        sizes = np.diff(self.dataset.ends, prepend=0)
+        super().__init__(
+            len(self.dataset), global_batch_size, rank, world_size, seed, torch.int32, sizes, shuffle_window
+        )
         self.num_workers, self.prefetch_factor, self.pin_memory = num_workers, prefetch_factor, pin_memory
         self.float_fields, self.bool_fields = float_fields, bool_fields
         self._batches = None
