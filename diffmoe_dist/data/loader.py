@@ -32,7 +32,7 @@ class GlobalBatchLoader(GlobalPosition):
         if len(sizes) != 1:
             raise ValueError(f"dataset tensors disagree on length: {sizes}")
         super().__init__(
-            sizes.pop(), global_batch_size, rank, world_size, seed, shard_sizes=shard_sizes, shuffle_window=shuffle_window
+            sizes.pop(), global_batch_size, rank, world_size, seed, shard_sizes, shuffle_window=shuffle_window
         )
         self.tensors = tensors
 
@@ -90,6 +90,4 @@ def build_loader(cfg, rank: int, world_size: int, device: torch.device) -> Globa
         from diffmoe_dist.data.shards import read_manifest
 
         sizes = [s["num_samples"] for s in read_manifest(train, check_files=False)["shards"]]
-    return GlobalBatchLoader(
-        tensors, micro_batch, rank, world_size, cfg.train.seed, shard_sizes=sizes, shuffle_window=cfg.data.shuffle_window
-    )
+    return GlobalBatchLoader(tensors, micro_batch, rank, world_size, cfg.train.seed, sizes, cfg.data.shuffle_window)
