@@ -2,6 +2,7 @@
 
 - `layout`: what a checkpoint holds (flat ranges of global tensors) and which rank writes which range;
 - `io`: the atomic, verified save, and verification;
+- `async_save`: the same save written beside training (the step waits for a host copy only);
 - `retention`: clean-up beside a save, and deleting only this run's older checkpoints;
 - `discovery`: the newest verified checkpoint of a run, or the one a path names;
 - `resume`: reading ranges into the current layout (resharding), or whole into one process;
@@ -10,6 +11,7 @@
 Its users import the package (``from diffmoe_dist import checkpoint as ckpt``) and call the names below.
 """
 
+from diffmoe_dist.checkpoint.async_save import AsyncSaver
 from diffmoe_dist.checkpoint.discovery import find_resumable, resolve_checkpoint
 from diffmoe_dist.checkpoint.io import save, verify, verify_distributed
 from diffmoe_dist.checkpoint.layout import (
@@ -36,6 +38,7 @@ from diffmoe_dist.checkpoint.resume import (
 )
 
 __all__ = [
+    "AsyncSaver",
     "FORMAT",
     "MANIFEST",
     "META",

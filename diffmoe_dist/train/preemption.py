@@ -78,6 +78,7 @@ class StopRequest:
         self._own: int | None = None
         self._guard = SignalGuard.active
         self._checks = 0
+        self.save_due = False
         self._last_check = time.monotonic()
         self._previous = {}
         if self._guard is None and threading.current_thread() is threading.main_thread():
@@ -101,19 +102,24 @@ class StopRequest:
             return 1
         return 0
 
-    def should_stop(self) -> str | None:
+    def should_stop(self, save_due: bool = False) -> str | None:
         """Collective (every rank calls it after every step): the reason to stop, identical on
-        all ranks, or None. Precedence when ranks differ: SIGTERM > SIGUSR1 > time limit."""
+        all ranks, or None. Precedence when ranks differ: SIGTERM > SIGUSR1 > time limit.
+        ``save_due`` (one rank's clock: checkpoint.every_minutes) rides in the same all-reduce:
+        afterwards `self.save_due` says, identically on every rank, whether any rank asked."""
         now = time.monotonic()
         step_seconds, self._last_check = now - self._last_check, now
         self._checks += 1
+        self.save_due = False
         if self._checks % self.check_every:
             return None
         code = self._local_code(step_seconds)
+        due = int(save_due)
         if self.dims.distributed:
-            flag = torch.tensor([code], dtype=torch.int32, device=comm_device(self.dims.dp_group))
+            flag = torch.tensor([code, due], dtype=torch.int32, device=comm_device(self.dims.dp_group))
             dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.dims.dp_group)
-            code = int(flag)
+            code, due = (int(v) for v in flag.tolist())
+        self.save_due = bool(due)
         return _REASONS[code]
 
     def close(self) -> None:
