@@ -129,7 +129,8 @@ def start_training_ranks(
     env: dict | None = None,
     script: tuple[str, ...] = ("-m", "diffmoe_dist.train.cli"),
 ) -> list:
-    """Starts ``diffmoe-train`` (or ``script``, e.g. tests/slow_save.py) as ``world_size`` separate processes joined by gloo, as torchrun would
+    """Starts ``diffmoe-train`` (or ``script``: tests/slow_save.py) as ``world_size`` separate processes joined
+    by gloo, as torchrun would
     (RANK, WORLD_SIZE, ... set per process) but without its agent, so that a test can signal one
     rank. Output goes to ``log_dir/rankN.log``. Returns the ``subprocess.Popen`` objects in rank order."""
     import subprocess
