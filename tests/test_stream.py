@@ -16,6 +16,7 @@ import pytest
 import torch
 from distributed import run_distributed, start_training_ranks, wait_all
 
+from diffmoe_dist import checkpoint as ckpt
 from diffmoe_dist.config import load_config
 from diffmoe_dist.data.digits import load_digits_split
 from diffmoe_dist.data.loader import GlobalBatchLoader
@@ -271,6 +272,33 @@ def test_a_missing_or_corrupt_shard_is_one_line_naming_it(digits, tmp_path):
     loader = _stream(bad / "train", 1617, 0, 1)
     with pytest.raises(ShardError, match=r"shard .*shard-000003\.tar"):
         loader.next_batch()
+
+
+@pytest.mark.slow
+def test_a_shard_that_goes_bad_mid_run_stops_every_rank_after_a_save_with_one_line(digits, tmp_path):
+    import shutil
+    import time
+
+    data, run = tmp_path / "data", tmp_path / "run"
+    shutil.copytree(digits, data)
+    over = [*TINY, f"data.path={data}", f"train.run_dir={run}", "data.loader=stream", "data.num_workers=1",
+            "train.steps=100000", "checkpoint.every=0", "logging.wandb=disabled"]  # fmt: skip
+    procs = start_training_ranks(2, over, str(tmp_path / "log"))
+    metrics = run / "metrics.jsonl"
+    deadline = time.monotonic() + 240
+    while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 2):
+        assert time.monotonic() < deadline and all(p.poll() is None for p in procs)
+        time.sleep(0.05)
+    for shard in (data / "train").glob("*.tar"):  # the file server loses them: every read comes back short
+        os.truncate(shard, 0)
+    codes = wait_all(procs, 240)  # never a hang: every rank learns it in the stop check
+    logs = {r: (tmp_path / "log" / f"rank{r}.log").read_text() for r in range(2)}
+    assert codes == [1, 1], logs
+    errors = [line for line in logs[0].splitlines() if line.startswith("diffmoe-train: error:")]
+    assert len(errors) == 1 and "shard " in errors[0] and ".tar" in errors[0], logs[0]
+    stopped = int(errors[0].split("stopped at step ")[1].split(",")[0])
+    latest = ckpt.find_resumable(str(run / "checkpoints"))
+    assert ckpt.read_meta(latest)["step"] == stopped >= 2 and ckpt.verify(latest)
 
 
 # ---- the 256-GPU twin, end to end ----------------------------------------------------------------

@@ -32,7 +32,13 @@ class GlobalBatchLoader(GlobalPosition):
         if len(sizes) != 1:
             raise ValueError(f"dataset tensors disagree on length: {sizes}")
         super().__init__(
-            sizes.pop(), global_batch_size, rank, world_size, seed, shard_sizes, shuffle_window=shuffle_window
+            sizes.pop(),
+            global_batch_size,
+            rank,
+            world_size,
+            seed,
+            shard_sizes=shard_sizes,
+            shuffle_window=shuffle_window,
         )
         self.tensors = tensors
 
@@ -67,6 +73,7 @@ def build_loader(cfg, rank: int, world_size: int, device: torch.device) -> Globa
             float_fields=("text",) if t2i else (),
             bool_fields=("text_mask",) if t2i else (),
             shuffle_window=cfg.data.shuffle_window,
+            batches_per_step=cfg.optim.grad_accum_steps,
         )
         if t2i:  # the indexed path's shape and encoder checks, on one sample
             from diffmoe_dist.data.captions import text_tensors

@@ -121,6 +121,7 @@ class GlobalPosition:
         self.rank = rank
         self.seed = seed
         self.samples_seen = 0  # global position in the stream: the whole loader state
+        self.error: str | None = None  # the next step's batch cannot be read (data/stream.py): a stop reason
         self.shuffle_window = int(shuffle_window)
         self._windowed = None
         if self.shuffle_window > 0:

@@ -33,7 +33,7 @@ import io
 import os
 import tarfile
 import weakref
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from pathlib import Path
 
 import numpy as np
@@ -161,7 +161,12 @@ class ShardSamples(torch.utils.data.Dataset):
         out = {}
         for name, field in self.fields.items():
             offset, size = (int(v) for v in index[inner, self.column[field]])
-            data = os.pread(fd, size, offset)
+            try:
+                data = os.pread(fd, size, offset)
+            except OSError as exc:  # EIO from a failing disk or file server
+                raise ShardError(
+                    f"shard {self.dir / self.names[n]} cannot be read ({exc.strerror}); {REMAKE}"
+                ) from None
             if len(data) != size:
                 raise ShardError(f"shard {self.dir / self.names[n]} is truncated at sample {inner}; {REMAKE}")
             try:
@@ -224,6 +229,16 @@ def _ignore_stop_signals(worker_id: int) -> None:
         signal.signal(sig, signal.SIG_IGN)
 
 
+def _one_line(exc: Exception) -> str:
+    """A ShardError's line, also out of DataLoader's re-raise ("Caught ShardError in DataLoader worker
+    process 0. Original Traceback ... ShardError: shard ... is truncated ...")."""
+    lines = [line for line in str(exc).strip().splitlines() if line.strip()]
+    last = lines[-1] if lines else type(exc).__name__
+    if len(lines) > 1 and ": " in last:
+        last = last.split(": ", 1)[1]
+    return last if isinstance(exc, ShardError) else f"reading the shards failed: {type(exc).__name__}: {last}"
+
+
 class _RankBatches:
     """The batch sampler (runs in the rank's main process): this rank's indices of global batches
     start, start + G, ... forever."""
@@ -258,6 +273,7 @@ class StreamBatchLoader(GlobalPosition):
         bool_fields: tuple[str, ...] = (),
         cache_shards: int = 0,
         shuffle_window: int = 0,
+        batches_per_step: int = 1,
     ):
         if cache_shards <= 0:  # the windowed order reads ~W_s / W shards per rank and window (data/position.py)
             cache_shards = max(8, -(-shuffle_window // world_size) + 4)
@@ -268,7 +284,9 @@ class StreamBatchLoader(GlobalPosition):
         )
         self.num_workers, self.prefetch_factor, self.pin_memory = num_workers, prefetch_factor, pin_memory
         self.float_fields, self.bool_fields = float_fields, bool_fields
+        self.batches_per_step = batches_per_step
         self._batches = None
+        self._ahead: deque = deque()
 
     def _start(self) -> None:
         # Before multiprocessing's own exit hook (registered earlier, so run later), which would
@@ -289,10 +307,23 @@ class StreamBatchLoader(GlobalPosition):
         self._batches = iter(loader)
 
     def next_batch(self) -> dict:
+        """The next micro-batch. The last one of a step also takes the next step's batches from the
+        workers: a shard that cannot be read is then `self.error` (one line naming it), which the
+        trainer's stop check shares with every rank before that step starts (all stop and save),
+        instead of an exception on one rank while the others wait in a collective. The very first
+        step's batches raise ShardError directly."""
         if self._batches is None:
             self._start()
-        batch = next(self._batches)
+        if not self._ahead:
+            self._ahead.extend(next(self._batches) for _ in range(self.batches_per_step))
+        batch = self._ahead.popleft()
         self.samples_seen += self.global_batch_size
+        if not self._ahead and self.error is None:
+            try:
+                self._ahead.extend(next(self._batches) for _ in range(self.batches_per_step))
+            except Exception as exc:  # noqa: BLE001 - a worker's error comes back re-raised, its traceback in the text
+                self._ahead.clear()
+                self.error = _one_line(exc)
         return batch
 
     def first_sample(self) -> dict:
@@ -301,6 +332,8 @@ class StreamBatchLoader(GlobalPosition):
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
         self.close()  # the prefetched batches belong to the old position
+        self._ahead.clear()
+        self.error = None
 
     def close(self) -> None:
         batches, self._batches = getattr(self, "_batches", None), None

@@ -81,6 +81,7 @@ def _train(cfg, env) -> int:
 
     from diffmoe_dist.checkpoint import CheckpointError
     from diffmoe_dist.checkpoint.ownership import RunDirError
+    from diffmoe_dist.data.tar_index import ShardError
     from diffmoe_dist.train.trainer import Trainer
 
     device = torch.device(
@@ -114,7 +115,7 @@ def _train(cfg, env) -> int:
         torch.cuda.set_device(env.local_rank)
     try:
         result = Trainer(cfg, dims, device, env.local_world_size).fit()
-    except (RunDirError, CheckpointError) as exc:
+    except (RunDirError, CheckpointError, ShardError) as exc:  # ShardError: a shard went bad mid-run
         if env.rank == 0:  # every rank raised the same error; one line is enough
             print(f"diffmoe-train: error: {exc}", file=sys.stderr)
         if dims is not None:

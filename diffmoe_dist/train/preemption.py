@@ -33,7 +33,7 @@ from diffmoe_dist.parallel.groups import ParallelDims, comm_device
 
 EXIT_REQUEUE = 75
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
-_REASONS = {0: None, 1: "time limit (train.max_minutes)", 2: "SIGUSR1", 3: "SIGTERM"}
+_REASONS = {0: None, 1: "time limit (train.max_minutes)", 2: "SIGUSR1", 3: "SIGTERM", 4: "unreadable data"}
 
 
 class SignalGuard:
@@ -79,6 +79,7 @@ class StopRequest:
         self._guard = SignalGuard.active
         self._checks = 0
         self.save_due = False
+        self.data_error: str | None = None
         self._last_check = time.monotonic()
         self._previous = {}
         if self._guard is None and threading.current_thread() is threading.main_thread():
@@ -102,25 +103,39 @@ class StopRequest:
             return 1
         return 0
 
-    def should_stop(self, save_due: bool = False) -> str | None:
+    def should_stop(self, save_due: bool = False, data_error: str | None = None) -> str | None:
         """Collective (every rank calls it after every step): the reason to stop, identical on
-        all ranks, or None. Precedence when ranks differ: SIGTERM > SIGUSR1 > time limit.
-        ``save_due`` (one rank's clock: checkpoint.every_minutes) rides in the same all-reduce:
-        afterwards `self.save_due` says, identically on every rank, whether any rank asked."""
+        all ranks, or None. Precedence when ranks differ: unreadable data > SIGTERM > SIGUSR1 > time
+        limit. ``save_due`` (one rank's clock: checkpoint.every_minutes) rides in the same all-reduce:
+        afterwards `self.save_due` says, identically on every rank, whether any rank asked.
+        ``data_error``: the loader could not read the next step's batch (one line naming the shard);
+        every rank stops, and `self.data_error` holds that line on every rank (`raise_data_error`)."""
         now = time.monotonic()
         step_seconds, self._last_check = now - self._last_check, now
         self._checks += 1
         self.save_due = False
-        if self._checks % self.check_every:
+        if self._checks % self.check_every and data_error is None:
             return None
-        code = self._local_code(step_seconds)
+        code = 4 if data_error is not None else self._local_code(step_seconds)
         due = int(save_due)
         if self.dims.distributed:
             flag = torch.tensor([code, due], dtype=torch.int32, device=comm_device(self.dims.dp_group))
             dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.dims.dp_group)
             code, due = (int(v) for v in flag.tolist())
+            if code == 4:  # rare: which rank saw which shard
+                errors = [None] * self.dims.world_size
+                dist.all_gather_object(errors, data_error, group=self.dims.dp_group)
+                data_error = next(e for e in errors if e)
         self.save_due = bool(due)
+        self.data_error = data_error if code == 4 else None
         return _REASONS[code]
+
+    def raise_data_error(self, step: int) -> None:
+        """After the stop save: an unreadable shard ends the run (exit 1, no requeue: it would fail again)."""
+        if self.data_error is not None:
+            from diffmoe_dist.data.tar_index import ShardError
+
+            raise ShardError(f"{self.data_error} (stopped at step {step}, checkpoint saved: fix the shard and resume)")
 
     def close(self) -> None:
         for sig, handler in self._previous.items():

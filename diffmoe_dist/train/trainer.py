@@ -334,7 +334,8 @@ class Trainer:
             if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0 and self.step < cfg.train.steps:
                 self.save(blocking=not cfg.checkpoint.async_save)
             # collective: all ranks stop after the same step (and agree whether checkpoint.every_minutes is due)
-            stopped = stop.should_stop(self.rank0 and self.saver.minutes_due(cfg.checkpoint.every_minutes))
+            due = self.rank0 and self.saver.minutes_due(cfg.checkpoint.every_minutes)
+            stopped = stop.should_stop(due, self.loader.error)  # loader.error: the next step's batch is unreadable
             if stop.save_due and not stopped and self._saved_step != self.step and self.step < cfg.train.steps:
                 self.save(blocking=not cfg.checkpoint.async_save)
             if stopped and self.step < cfg.train.steps:
@@ -345,6 +346,7 @@ class Trainer:
         if self._saved_step != self.step:
             self.save()  # waits for a save in flight first
         self.saver.wait()
+        stop.raise_data_error(self.step)
         if stopped:
             logger.print(
                 f"[diffmoe] {stopped}: stopped at step {self.step}, checkpoint saved; exit {EXIT_REQUEUE} (requeue)"
