@@ -192,6 +192,35 @@ def read_manifest(shard_dir: str | os.PathLike, check_files: bool = True) -> dic
     return manifest
 
 
+VALIDATED = "manifest.validated.json"
+
+
+def manifest_digest(shard_dir: str | os.PathLike) -> str:
+    import hashlib
+
+    return hashlib.sha256((Path(shard_dir) / MANIFEST).read_bytes()).hexdigest()
+
+
+def is_validated(shard_dir: str | os.PathLike, digest: str) -> bool:
+    """Whether every shard of the manifest with sha256 ``digest`` passed the full check (data/check.py)."""
+    try:
+        record = json.loads((Path(shard_dir) / VALIDATED).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(record, dict) and record.get("manifest_sha256") == digest
+
+
+def record_validated(shard_dir: str | os.PathLike, digest: str) -> None:
+    """Records beside the manifest that all its shards passed; a read-only data directory keeps none."""
+    import time
+
+    record = {"manifest_sha256": digest, "checked": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    try:
+        _atomic_write_bytes(Path(shard_dir) / VALIDATED, (json.dumps(record) + "\n").encode())
+    except OSError:
+        pass
+
+
 def shard_urls(shard_dir: str | os.PathLike) -> list[str]:
     shard_dir = Path(shard_dir)
     return [str(shard_dir / s["name"]) for s in read_manifest(shard_dir)["shards"]]
