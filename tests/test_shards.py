@@ -183,7 +183,7 @@ def test_make_shards_cli_writes_both_digits_splits(tmp_path, capsys):
 def test_the_full_shard_check_runs_once_per_manifest_and_a_restart_reads_the_record(tmp_path):
     from diffmoe_dist.config import ConfigError
     from diffmoe_dist.data.check import check_data_path
-    from diffmoe_dist.data.shards import VALIDATED
+    from diffmoe_dist.data.manifest import VALIDATED
 
     write_shards(tmp_path / "train", make_samples(9), samples_per_shard=2, index=True)
     train = tmp_path / "train"

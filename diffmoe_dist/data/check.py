@@ -7,7 +7,7 @@ prints it and exits 2), like a bad value from `Config.validate`, which checks th
 
 The full shard check runs once per shard set: a check of every shard in one process (the launchers'
 ``--validate-only`` on the batch node) records the manifest's sha256 in ``manifest.validated.json``
-beside it (`data.shards.record_validated`); later starts (every requeue) find the record, hash the
+beside it (`data.manifest.record_validated`); later starts (every requeue) find the record, hash the
 manifest and skip the per-shard walk, so a restart costs one manifest read whatever the number of
 shards. A changed manifest (re-made or extended shards) has another hash: checked again. A shard
 damaged after its check is named by the loader when it is read (data/stream.py: every rank stops
@@ -21,9 +21,9 @@ import os
 
 from diffmoe_dist.config import RESUME_WORDS, Config, ConfigError
 from diffmoe_dist.config.options import fail
-from diffmoe_dist.data.shards import is_validated, manifest_digest, record_validated
-from diffmoe_dist.data.stream import ShardError
-from diffmoe_dist.data.stream import check_shards as check_each_shard
+from diffmoe_dist.data.manifest import check_shards as check_each_shard
+from diffmoe_dist.data.manifest import is_validated, manifest_digest, record_validated
+from diffmoe_dist.data.tar_index import ShardError
 
 
 def check_files(cfg: Config, rank: int = 0, world_size: int = 1) -> None:

@@ -31,7 +31,6 @@ from __future__ import annotations
 import atexit
 import io
 import os
-import tarfile
 import weakref
 from collections import OrderedDict, deque
 from pathlib import Path
@@ -39,57 +38,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from diffmoe_dist.data.manifest import MANIFEST, check_shards, read_manifest
 from diffmoe_dist.data.position import GlobalPosition
-from diffmoe_dist.data.shards import MANIFEST, read_manifest
 from diffmoe_dist.data.tar_index import REMAKE, ShardError, index_path, tar_index
 
-
-def check_shards(path: str | os.PathLike, rank: int = 0, world_size: int = 1) -> None:
-    """Cheap checks before any process group starts: the manifest parses, every shard it lists is on
-    disk with the recorded size (a multiple of 512 bytes, the tar block), its first tar header is
-    valid, and its offset index (if any) has the manifest's sample count. `path` is a shard directory
-    or a data root with train/ (and heldout/). Rank r checks shards r, r + W, ... only: the whole job
-    touches each shard once (100K shards are not 100K stats per rank on a shared file system).
-    Raises ShardError, one line naming the shard."""
-    root = Path(path)
-    dirs = [root] if (root / MANIFEST).is_file() else [d for d in (root / "train", root / "heldout") if d.is_dir()]
-    if not dirs:
-        dirs = [root / "train"]
-    for shard_dir in dirs:
-        try:
-            manifest = read_manifest(shard_dir, check_files=False)
-        except (FileNotFoundError, ValueError) as exc:
-            raise ShardError(str(exc)) from None
-        for n, entry in enumerate(manifest["shards"]):
-            if n % world_size != rank:
-                continue
-            shard = shard_dir / entry["name"]
-            if not shard.is_file():
-                raise ShardError(f"shard {shard} is missing (listed in {shard_dir / MANIFEST}); {REMAKE}")
-            with open(shard, "rb") as f:
-                header = f.read(512)
-            try:
-                tarfile.TarInfo.frombuf(header, tarfile.ENCODING, "surrogateescape")
-            except tarfile.HeaderError as exc:
-                raise ShardError(
-                    f"shard {shard} is not a tar file: its first header is unreadable ({exc}); {REMAKE}"
-                ) from None
-            # The recorded size catches a cut anywhere, even on a 512-byte block edge, at one stat
-            # per shard (walking every member's header would be one read per sample).
-            size = shard.stat().st_size
-            expected = entry.get("bytes")
-            if size % 512 or (expected is not None and size != expected):
-                want = f"{expected} bytes" if expected is not None else "a multiple of 512 bytes"
-                raise ShardError(
-                    f"shard {shard} is truncated or corrupt: {size} bytes, the manifest expects {want}; {REMAKE}"
-                )
-            idx = index_path(shard)
-            if idx.is_file():
-                shape = np.load(idx, mmap_mode="r", allow_pickle=False).shape
-                if shape[0] != entry["num_samples"]:
-                    raise ShardError(
-                        f"index {idx} lists {shape[0]} samples, the manifest {entry['num_samples']}; {REMAKE}"
-                    )
+__all__ = ["ShardError", "ShardSamples", "StreamBatchLoader", "check_shards"]
 
 
 def _decode_field(field: str, data: bytes, bf16: bool):
