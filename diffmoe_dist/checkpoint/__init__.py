@@ -6,6 +6,7 @@
 - `retention`: clean-up beside a save, and deleting only this run's older checkpoints;
 - `discovery`: the newest verified checkpoint of a run, or the one a path names;
 - `resume`: reading ranges into the current layout (resharding), or whole into one process;
+- `load_once`: the same at resume, each byte read once per job (replicas exchange their ranges);
 - `ownership`: who owns a run directory (the owner lock) and what its run did (the history).
 
 Its users import the package (``from diffmoe_dist import checkpoint as ckpt``) and call the names below.
@@ -27,6 +28,7 @@ from diffmoe_dist.checkpoint.layout import (
     rank_file,
     step_dir,
 )
+from diffmoe_dist.checkpoint.load_once import load_slots_once
 from diffmoe_dist.checkpoint.resume import (
     ShardReader,
     check_keys,
@@ -52,6 +54,7 @@ __all__ = [
     "load_full_state_dict",
     "load_model_state",
     "load_slots",
+    "load_slots_once",
     "module_slots",
     "optimizer_slots",
     "owned_ranges",

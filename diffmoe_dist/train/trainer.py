@@ -138,7 +138,7 @@ class Trainer:
         if any(k.startswith("optim/") for k in reader.tensors):  # none before the first step
             self.engine.ensure_optimizer_state()
             slots += ckpt.optimizer_slots(self.engine.state_fragments(), model)
-        ckpt.load_slots(reader, slots)
+        ckpt.load_slots_once(reader, slots, self.dims)  # each byte read once per job
         self.engine.after_load()
         self.step = self._saved_step = int(meta["step"])
         self.engine.set_optimizer_steps(int(meta["optimizer_steps"]))
