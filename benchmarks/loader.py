@@ -224,10 +224,13 @@ def main(argv=None) -> int:
     plan = []
     for window in (0, args.plan_window):
         for workers in (int(w) for w in args.plan_workers.split(",")):
-            steps = args.plan_steps if window else 400  # today's order: ~1 open a sample from the start
+            # today's order: ~1 open a sample from the first step; counted over 10K shards, as its 100M-sample
+            # permutation alone takes minutes on a loaded 2-core machine
+            steps, shards = (args.plan_steps, 100_000) if window else (400, 10_000)
             t0 = time.perf_counter()
-            per_sample = count_opens(100_000, 1000, 2048, 256, window, workers, steps)
-            plan.append({"window": window, "workers": workers, "steps": steps, "opens_per_sample": per_sample})
+            per_sample = count_opens(shards, 1000, 2048, 256, window, workers, steps)
+            plan.append({"window": window, "workers": workers, "shards": shards, "steps": steps,
+                         "opens_per_sample": per_sample})  # fmt: skip
             print(json.dumps({**plan[-1], "seconds": round(time.perf_counter() - t0, 1)}), file=sys.stderr)
 
     scales = [int(s) for s in args.scales.split(",")]
@@ -276,10 +279,10 @@ def main(argv=None) -> int:
         f"256-GPU step consumes {need:.1f} images/s per rank (tools/plan.py, h100_32x8); goal: loader >= {3 * need:.1f}"
     )
     print("Shard opens per sample, rank 0 of the 256-GPU layout (100K shards x 1,000 samples, 8 samples a step):")
-    print("| data.shuffle_window | workers | opens per sample |")
-    print("|---|---|---|")
+    print("| data.shuffle_window | workers | shards | micro-batches | opens per sample |")
+    print("|---|---|---|---|---|")
     for r in plan:
-        print(f"| {r['window']} | {r['workers']} | {r['opens_per_sample']:.4f} |")
+        print(f"| {r['window']} | {r['workers']} | {r['shards']:,} | {r['steps']} | {r['opens_per_sample']:.4f} |")
     print(f"Real reads: rank 0 of {args.world_size}, {args.workers} workers, {per_shard} samples a shard:")
     print(
         "| scale | loader | samples | shards | opens per sample | samples/s per rank | x consumption "
