@@ -27,6 +27,7 @@ class GlobalBatchLoader(GlobalPosition):
         seed: int,
         shard_sizes=None,
         shuffle_window: int = 0,
+        lanes: int | None = None,
     ):
         sizes = {len(v) for v in tensors.values()}
         if len(sizes) != 1:
@@ -39,6 +40,7 @@ class GlobalBatchLoader(GlobalPosition):
             seed,
             shard_sizes=shard_sizes,
             shuffle_window=shuffle_window,
+            lanes=lanes,
         )
         self.tensors = tensors
 
@@ -74,6 +76,7 @@ def build_loader(cfg, rank: int, world_size: int, device: torch.device) -> Globa
             bool_fields=("text_mask",) if t2i else (),
             shuffle_window=cfg.data.shuffle_window,
             batches_per_step=cfg.optim.grad_accum_steps,
+            lanes=cfg.data.global_batch_size,
         )
         if t2i:  # the indexed path's shape and encoder checks, on one sample
             from diffmoe_dist.data.captions import text_tensors
@@ -97,4 +100,13 @@ def build_loader(cfg, rank: int, world_size: int, device: torch.device) -> Globa
         from diffmoe_dist.data.shards import read_manifest
 
         sizes = [s["num_samples"] for s in read_manifest(train, check_files=False)["shards"]]
-    return GlobalBatchLoader(tensors, micro_batch, rank, world_size, cfg.train.seed, sizes, cfg.data.shuffle_window)
+    return GlobalBatchLoader(
+        tensors,
+        micro_batch,
+        rank,
+        world_size,
+        cfg.train.seed,
+        sizes,
+        cfg.data.shuffle_window,
+        cfg.data.global_batch_size,
+    )

@@ -11,19 +11,20 @@ Two orders (``data.shuffle_window``):
 - 0: a permutation of all samples per epoch (`epoch_permutation`): nearly every sample read from the
   streaming loader is a shard open (hit rate ~ open shards / all shards), and the permutation costs
   4 bytes per sample in memory.
-- W_s > 0 (`WindowedOrder`): the epoch permutes the shards, cuts that shard order into windows of
-  W_s consecutive shards, and permutes the samples inside each window; each global batch (a slice of
-  that stream) is then sorted by its samples' place in the window's shard order. Sorting inside a
-  batch changes no gradient (a batch is a mean), but makes rank r's contiguous part come from the
-  same ~W_s / W shards step after step while the window lasts: a rank opens about W_s / W + 2
-  shards per window and reads ~W_s * S / W samples (S samples per shard) from them. Memory: the
-  shard order and per-window counts (O(shards)) and one window's permutation (W_s * S int32).
-  The randomness given up: a batch draws from W_s shards instead of all, and two samples of one
-  shard meet in the same window (they are never further apart than a window's samples). Shards
-  written in key order hold neighbouring keys (one source, one crawl): the larger W_s, the closer a
-  batch is to a uniform draw; W_s >= G / S makes every batch span at least as many shards as it has
-  S-sample groups. The samples of each global batch are identical at every world size, EP size and
-  accumulation split (sorting happens inside the loader batch, which is a slice of the same stream).
+- W_s > 0 (`WindowedOrder`): the epoch permutes the shards and cuts that shard order into windows
+  of W_s consecutive shards. A window's samples are dealt into G lanes (G = data.global_batch_size):
+  lane j is the j-th contiguous chunk of the window's samples (~W_s / G shards' worth, in shard
+  order), read in a seeded random order; the window's stream is lane 0's first sample, lane 1's
+  first, ..., lane G-1's first, then every lane's second, and so on. A global batch is one such row:
+  one random sample from every lane, i.e. G / W_s from each of the window's shards (stratified).
+  Rank r's contiguous part of every batch is always the same ~G / W lanes, so for the whole window
+  it reads the same ~W_s / W + 1 shards: per window a rank opens each of them once per DataLoader
+  worker and reads W_s S / W samples (S samples a shard): about ``workers (1 / S + W / (W_s S))``
+  opens a sample. Memory: the shard order (O(shards)) and one window's lane orders (W_s S int32).
+  The randomness given up: a batch draws from W_s shards, not all (shards written in key order
+  hold neighbouring keys, one source or crawl: the larger W_s, the closer to a uniform draw), and a
+  sample's neighbours in the stream come from the same window. The samples of each global batch
+  are identical at every world size, EP size and accumulation split.
 """
 
 from __future__ import annotations
@@ -45,17 +46,20 @@ def _generator(*words: int) -> torch.Generator:
 
 class WindowedOrder:
     """Epoch e: shard order pi_e (a seeded permutation of the shards); the shards' samples laid out in
-    that order form the epoch's "concatenation" c in [0, N); window w covers shards pi_e[w W_s, (w+1) W_s)
-    and the stream position p inside it is c = start_w + perm_{e,w}[p - start_w]. `sort_key` of a
-    stream position is e N + c: in shard order, and inside a shard in sample order."""
+    that order form the epoch's "concatenation" c in [0, N). Window w covers shards pi_e[w W_s, (w+1) W_s)
+    (N_w samples) and lays them out in ``lanes`` lanes (the global batch size G): lane j holds the
+    j-th contiguous chunk of the window's concatenation, ~N_w / G samples, in a seeded random order.
+    Window offset o = t G + j is lane j's t-th sample. A global batch is one row of the lanes (shifted
+    by the window's start), so rank r's contiguous share always reads the same lanes, hence the same
+    ~W_s / W shards, for the whole window, at every world size."""
 
-    def __init__(self, shard_sizes, window: int, seed: int):
+    def __init__(self, shard_sizes, window: int, seed: int, lanes: int):
         self.sizes = np.asarray(shard_sizes, dtype=np.int64)
         self.first = np.concatenate([[0], np.cumsum(self.sizes)])  # global index of each shard's first sample
         self.num_samples = int(self.first[-1])
-        self.window, self.seed = int(window), int(seed)
+        self.window, self.seed, self.lanes = int(window), int(seed), int(lanes)
         self._epoch_cache: tuple | None = None
-        self._window_cache: dict[tuple[int, int], torch.Tensor] = {}
+        self._window_cache: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
 
     def _epoch(self, epoch: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(shard order, start of each shard in the concatenation (+ N), start of each window (+ N))."""
@@ -66,12 +70,19 @@ class WindowedOrder:
             self._epoch_cache = (epoch, order, starts, windows)
         return self._epoch_cache[1:]
 
-    def _window_perm(self, epoch: int, w: int, size: int) -> torch.Tensor:
+    def _lanes(self, epoch: int, w: int, size: int) -> tuple[np.ndarray, np.ndarray]:
+        """(start of each lane in the window, (lanes, rows) int32: lane j's t-th sample's place in its chunk)."""
         if (epoch, w) not in self._window_cache:
             if len(self._window_cache) >= 2:  # the current window and the next (a batch may span both)
                 self._window_cache.pop(next(iter(self._window_cache)))
-            perm = torch.randperm(size, generator=_generator(self.seed, epoch, 2, w), dtype=torch.int32)
-            self._window_cache[(epoch, w)] = perm
+            lanes = min(self.lanes, size)
+            rows = -(-size // lanes)
+            length = np.full(lanes, rows, dtype=np.int64)
+            length[size - (rows - 1) * lanes :] -= 1  # the last row is partial
+            start = np.concatenate([[0], np.cumsum(length)[:-1]])
+            keys = torch.rand(lanes, rows, generator=_generator(self.seed, epoch, 2, w))
+            keys[torch.arange(rows)[None, :] >= torch.from_numpy(length)[:, None]] = 2.0  # padding sorts last
+            self._window_cache[(epoch, w)] = (start, keys.argsort(dim=1).to(torch.int32).numpy())
         return self._window_cache[(epoch, w)]
 
     def concat_positions(self, epoch: int, offset: int, count: int) -> np.ndarray:
@@ -82,8 +93,9 @@ class WindowedOrder:
             w = int(np.searchsorted(windows, pos, side="right")) - 1
             lo, hi = int(windows[w]), int(windows[w + 1])
             take = min(end, hi) - pos
-            perm = self._window_perm(epoch, w, hi - lo)
-            out.append(lo + perm[pos - lo : pos - lo + take].numpy().astype(np.int64))
+            start, perm = self._lanes(epoch, w, hi - lo)
+            rows, lanes = np.divmod(np.arange(pos - lo, pos - lo + take), len(start))
+            out.append(lo + start[lanes] + perm[lanes, rows])
             pos += take
         return np.concatenate(out) if out else np.zeros(0, np.int64)
 
@@ -108,6 +120,7 @@ class GlobalPosition:
         perm_dtype: torch.dtype = torch.int64,
         shard_sizes=None,
         shuffle_window: int = 0,
+        lanes: int | None = None,
     ):
         if num_samples < 1:
             raise ValueError("the dataset is empty")
@@ -128,6 +141,9 @@ class GlobalPosition:
             if shard_sizes is None or int(np.sum(shard_sizes)) != num_samples:
                 raise ValueError("data.shuffle_window > 0 needs the shards' sample counts (the manifest)")
             self._shard_sizes = shard_sizes
+        # The windowed order's lanes: the optimizer step's global batch (data.global_batch_size), not
+        # the micro-batch this position walks in, so the order does not depend on the accumulation split.
+        self._lanes = int(lanes or global_batch_size)
         self._perm_dtype = perm_dtype
         self._perm_cache: dict[tuple[int, int], torch.Tensor] = {}
 
@@ -141,13 +157,13 @@ class GlobalPosition:
 
     def _order(self) -> WindowedOrder:
         if self._windowed is None or self._windowed.seed != self.seed:
-            self._windowed = WindowedOrder(self._shard_sizes, self.shuffle_window, self.seed)
+            self._windowed = WindowedOrder(self._shard_sizes, self.shuffle_window, self.seed, self._lanes)
         return self._windowed
 
     def global_indices(self, start: int, count: int) -> torch.Tensor:
         """Sample indices of the stream positions [start, start + count), in stream order."""
         if self.shuffle_window > 0:
-            return torch.from_numpy(self._windowed_samples(start, count)[1])
+            return torch.from_numpy(self._windowed_samples(start, count))
         out, pos = [], start
         while count > 0:
             epoch, offset = divmod(pos, self.num_samples)
@@ -156,26 +172,18 @@ class GlobalPosition:
             pos, count = pos + take, count - take
         return torch.cat(out)
 
-    def _windowed_samples(self, start: int, count: int) -> tuple[np.ndarray, np.ndarray]:
-        """(sort keys e N + c, sample indices) of the stream positions [start, start + count)."""
-        order, keys, samples, pos = self._order(), [], [], start
+    def _windowed_samples(self, start: int, count: int) -> np.ndarray:
+        order, samples, pos = self._order(), [], start
         while count > 0:
             epoch, offset = divmod(pos, self.num_samples)
             take = min(count, self.num_samples - offset)
-            concat = order.concat_positions(epoch, offset, take)
-            keys.append(epoch * self.num_samples + concat)
-            samples.append(order.samples(epoch, concat))
+            samples.append(order.samples(epoch, order.concat_positions(epoch, offset, take)))
             pos, count = pos + take, count - take
-        return np.concatenate(keys), np.concatenate(samples)
+        return np.concatenate(samples)
 
     def rank_indices(self, batch_start: int) -> torch.Tensor:
         """This rank's sample indices of the global batch at stream position ``batch_start``."""
-        lo = self.rank * self.local_batch_size
-        if self.shuffle_window <= 0:
-            return self.global_indices(batch_start + lo, self.local_batch_size)
-        keys, samples = self._windowed_samples(batch_start, self.global_batch_size)
-        mine = np.argsort(keys, kind="stable")[lo : lo + self.local_batch_size]
-        return torch.from_numpy(samples[mine])
+        return self.global_indices(batch_start + self.rank * self.local_batch_size, self.local_batch_size)
 
     @property
     def epoch(self) -> int:

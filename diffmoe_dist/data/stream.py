@@ -227,13 +227,14 @@ class StreamBatchLoader(GlobalPosition):
         cache_shards: int = 0,
         shuffle_window: int = 0,
         batches_per_step: int = 1,
+        lanes: int | None = None,
     ):
         if cache_shards <= 0:  # the windowed order reads ~W_s / W shards per rank and window (data/position.py)
             cache_shards = max(8, -(-shuffle_window // world_size) + 4)
         self.dataset = ShardSamples(shard_dir, fields, cache_shards)
         sizes = np.diff(self.dataset.ends, prepend=0)
         super().__init__(
-            len(self.dataset), global_batch_size, rank, world_size, seed, torch.int32, sizes, shuffle_window
+            len(self.dataset), global_batch_size, rank, world_size, seed, torch.int32, sizes, shuffle_window, lanes
         )
         self.num_workers, self.prefetch_factor, self.pin_memory = num_workers, prefetch_factor, pin_memory
         self.float_fields, self.bool_fields = float_fields, bool_fields

@@ -6,9 +6,9 @@ file says its file system gives one job (``file_system: {read_bandwidth, metadat
   tools/make_shards.py stores them).
 - Opens: shard opens per sample of the streaming loader's order (data/position.py). Today's order
   (``data.shuffle_window=0``) permutes all samples: with shards >> open shards, every sample is an
-  open (1.0). The windowed order: per window a rank reads W_s S / W samples from its ~W_s / W shards
-  plus one or two at the edges, each DataLoader worker opening them once (workers do not share file
-  descriptors): ``workers (ceil(W_s / W) + 2) W / (W_s S)``, which benchmarks/loader.py counts
+  open (1.0). The windowed order: per window a rank reads W_s S / W samples from the same ~W_s / W
+  shards (plus one at a lane edge), each DataLoader worker opening them once (workers do not share
+  file descriptors): ``workers (ceil(W_s / W) + 1) W / (W_s S)``, which benchmarks/loader.py counts
   against the real order (S = ``samples_per_shard``, the file's or 1,000).
 - The step is data-bound when reading its batch at those rates takes longer than computing it:
   the loader prefetches, so only the excess is lost, but no prefetch depth hides a deficit.
@@ -33,7 +33,7 @@ def opens_per_sample(cfg: Config, world: int, samples_per_shard: int) -> float:
         return 0.0  # indexed: read whole at start-up
     if window <= 0:
         return 1.0
-    return min(1.0, workers * (math.ceil(window / world) + 2) * world / (window * samples_per_shard))
+    return min(1.0, workers * (math.ceil(window / world) + 1) * world / (window * samples_per_shard))
 
 
 def data_term(cfg: Config, file_system: dict | None, world: int, step_s: float) -> dict:
