@@ -5,6 +5,9 @@ DeepSpeed ZeRO-1 (``--zero 0`` for plain data parallelism), take one step on the
 time, for each model size:
 
 - ``save``: `Trainer.save` (pieces, sha256, index, manifest, rename, `latest`), max over ranks;
+- ``async block``: `Trainer.save(blocking=False)` (checkpoint.async_save): what the training step
+  waits for, the copy of the rank's share to host memory; ``async rest``: the write that then runs
+  beside training (`AsyncSaver.wait` right after, with no step to overlap);
 - ``load``: `Trainer.maybe_resume` into a fresh trainer at the same topology (checksums shared out
   over the ranks, memory-mapped reads of the needed ranges), max over ranks;
 - ``reshard``: the same at W/2 ranks and P=1 (``--no-reshard`` skips it);
@@ -76,8 +79,16 @@ def _save_and_load(rank: int, world_size: int, port: int, args, size: str, run_d
             trainer.train_step()
             dist.barrier()
             t0 = time.perf_counter()
-            trainer.save()
+            trainer.save()  # the whole save: what every save cost the step before checkpoint.async_save
             out["save_s"] = _max(time.perf_counter() - t0)
+            trainer.train_step()
+            dist.barrier()
+            t0 = time.perf_counter()
+            trainer.save(blocking=False)  # what the step waits for now: the copy to host memory
+            out["async_block_s"] = _max(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            trainer.saver.wait()  # the rest, which ran beside training (here: nothing else to do)
+            out["async_rest_s"] = _max(time.perf_counter() - t0)
             out["params"] = sum(p.numel() for p in trainer.model.parameters())
         else:
             trainer = _trainer(args, size, run_dir, ep_size, "auto")
@@ -85,7 +96,7 @@ def _save_and_load(rank: int, world_size: int, port: int, args, size: str, run_d
             t0 = time.perf_counter()
             trainer.maybe_resume(lambda m: None)
             out["load_s"] = _max(time.perf_counter() - t0)
-            assert trainer.step == 1
+            assert trainer.step == 2
         if rank == 0:
             queue.put(out)
     finally:
@@ -132,12 +143,13 @@ def measure(args, size: str) -> dict:
 def print_table(rows: list[dict]) -> None:
     print(
         f"{'size':>5} {'params':>12} {'W':>2} {'P':>2} {'ZeRO':>4} {'MiB':>8} {'max rank MiB':>12} "
-        f"{'save s':>7} {'load s':>7} {'reshard s':>9} {'1-proc s':>8}"
+        f"{'save s':>7} {'async block s':>13} {'async rest s':>12} {'load s':>7} {'reshard s':>9} {'1-proc s':>8}"
     )
     for r in rows:
         print(
             f"{r['size']:>5} {r['params']:>12,} {r['world_size']:>2} {r['ep_size']:>2} {r['zero_stage']:>4} "
             f"{r['bytes'] / 2**20:>8.1f} {r['largest_rank_file_bytes'] / 2**20:>12.1f} {r['save_s']:>7.2f} "
+            f"{r['async_block_s']:>13.3f} {r['async_rest_s']:>12.2f} "
             f"{r['load_s']:>7.2f} {r.get('reshard_s', float('nan')):>9.2f} {r['one_process_s']:>8.2f}"
         )
     print("params: one rank's (local experts only); MiB: whole checkpoint (model, EMA, Adam moments)")

@@ -1,10 +1,18 @@
-"""The streaming loader (data.loader=stream) as the data grows: peak RSS and samples/s per rank.
+"""The streaming loader (data.loader=stream) as the data grows: shard opens per sample, peak memory
+and samples/s per rank, today's order (data.shuffle_window=0) beside the windowed one.
 
-Writes synthetic shards of the 256-GPU config's sample shape (a 4 x 32 x 32 fp32 latent, 120 x 4096
-bf16 caption features and their mask: ~1 MB a sample) under a temporary directory, once at the
-largest scale; the smaller scales are manifests over a prefix of the same shards. For each scale a
-fresh process plays rank 0 of the 256-GPU job (global batch 2048, 8 samples per rank per step)
-with `--workers` DataLoader workers and measures, after a warm-up:
+Shard opens per sample at the 256-GPU layout (100K shards of 1,000 samples, a micro-batch of 2,048
+over 256 ranks: 8 samples per rank, `--plan-workers` DataLoader workers, each with its own LRU of
+open shards as data/stream.py sizes it) are counted from the order itself (`count_opens`: the
+batches rank 0 reads, handed to the workers round-robin as DataLoader does); no I/O is needed to
+count them, and a 100 TB data set is not needed either.
+
+Then real reads: writes synthetic shards of the 256-GPU config's sample shape (a 4 x 32 x 32 fp32
+latent, 120 x 4096 bf16 caption features and their mask: ~1 MB a sample) under a temporary
+directory, once at the largest scale; the smaller scales are manifests over a prefix of the same
+shards. For each scale and order a fresh process plays rank 0 of `--world-size` ranks (8 samples
+per rank per step, as the 256-GPU job's micro-batch) with `--workers` DataLoader workers and
+measures, after a warm-up:
 
 - samples/s per rank (warm page cache: the shards were just written);
 - peak RSS of the rank's main process and of its largest worker (getrusage; forked workers count
@@ -108,7 +116,38 @@ class PeakPss:
         return self.peak
 
 
-def child(path: str, loader_kind: str, workers: int, steps: int, warmup: int) -> dict:
+def count_opens(shards: int, per_shard: int, G: int, W: int, window: int, workers: int, steps: int) -> float:
+    """Shard opens per sample of rank 0: DataLoader hands batch b to worker b % workers, and each
+    worker keeps an LRU of `cache` open shards (StreamBatchLoader's default for this window)."""
+    from collections import OrderedDict
+
+    import numpy as np
+    import torch
+
+    from diffmoe_dist.data.position import GlobalPosition
+
+    sizes = np.full(shards, per_shard)
+    position = GlobalPosition(shards * per_shard, G, 0, W, 0, torch.int32, sizes, window)
+    cache = max(8, -(-window // W) + 4)
+    ends = np.cumsum(sizes)
+    lrus = [OrderedDict() for _ in range(max(1, workers))]
+    opens = samples = 0
+    for b in range(steps):
+        lru = lrus[b % len(lrus)]
+        idx = position.rank_indices(b * G).numpy()
+        for shard in np.searchsorted(ends, idx, side="right").tolist():
+            if shard in lru:
+                lru.move_to_end(shard)
+                continue
+            opens += 1
+            lru[shard] = True
+            if len(lru) > cache:
+                lru.popitem(last=False)
+        samples += len(idx)
+    return opens / samples
+
+
+def child(path: str, loader_kind: str, workers: int, steps: int, warmup: int, window: int = 0, W: int = 256) -> dict:
     import torch
 
     from diffmoe_dist.data.loader import GlobalBatchLoader
@@ -116,9 +155,11 @@ def child(path: str, loader_kind: str, workers: int, steps: int, warmup: int) ->
 
     torch.set_num_threads(1)
     pss = PeakPss()
-    G, W = 2048, 256  # the 256-GPU config: rank 0 reads 8 samples a step
+    G = 8 * W  # as the 256-GPU config's micro-batch (2,048 over 256 ranks): rank 0 reads 8 samples a step
     if loader_kind == "stream":
-        loader = StreamBatchLoader(path, FIELDS, G, 0, W, 0, num_workers=workers, float_fields=("text",))
+        loader = StreamBatchLoader(
+            path, FIELDS, G, 0, W, 0, num_workers=workers, float_fields=("text",), shuffle_window=window
+        )
     else:
         from diffmoe_dist.data.shards import load_indexed
 
@@ -159,21 +200,38 @@ def consumption_per_rank() -> float:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--base-samples", type=int, default=96, help="samples at 1x (~1 MB each)")
+    p.add_argument("--base-samples", type=int, default=128, help="samples at 1x (~1 MB each)")
     p.add_argument("--scales", default="1,10,30")
-    p.add_argument("--samples-per-shard", type=int, default=16)
+    p.add_argument("--samples-per-shard", type=int, default=32)
+    p.add_argument("--world-size", type=int, default=8, help="rank 0 of this many reads the real shards")
+    p.add_argument("--window", type=int, default=16, help="data.shuffle_window of the real reads (shards)")
+    p.add_argument("--plan-window", type=int, default=4096, help="data.shuffle_window counted at the 256-GPU layout")
+    p.add_argument("--plan-workers", default="1,4,8", help="DataLoader workers counted at the 256-GPU layout")
+    p.add_argument("--plan-steps", type=int, default=4000, help="micro-batches counted at the 256-GPU layout")
     p.add_argument("--workers", type=int, default=4)
     p.add_argument("--steps", type=int, default=40, help="timed steps of 8 samples")
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--indexed", action="store_true", help="also the in-memory loader at the two smallest scales")
     p.add_argument("--tmp", default=None, help="where the shards go (default: the system temp dir)")
     p.add_argument("--out", default=None, help="write the results JSON here")
-    p.add_argument("--child", nargs=5, help=argparse.SUPPRESS)
+    p.add_argument("--child", nargs=7, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
-        path, kind, workers, steps, warmup = args.child
-        print(json.dumps(child(path, kind, int(workers), int(steps), int(warmup))))
+        path, kind, workers, steps, warmup, window, W = args.child
+        print(json.dumps(child(path, kind, int(workers), int(steps), int(warmup), int(window), int(W))))
         return 0
+
+    plan = []
+    for window in (0, args.plan_window):
+        for workers in (int(w) for w in args.plan_workers.split(",")):
+            # today's order: ~1 open a sample from the first step; counted over 10K shards, as its 100M-sample
+            # permutation alone takes minutes on a loaded 2-core machine
+            steps, shards = (args.plan_steps, 100_000) if window else (400, 10_000)
+            t0 = time.perf_counter()
+            per_sample = count_opens(shards, 1000, 2048, 256, window, workers, steps)
+            plan.append({"window": window, "workers": workers, "shards": shards, "steps": steps,
+                         "opens_per_sample": per_sample})  # fmt: skip
+            print(json.dumps({**plan[-1], "seconds": round(time.perf_counter() - t0, 1)}), file=sys.stderr)
 
     scales = [int(s) for s in args.scales.split(",")]
     per_shard = args.samples_per_shard
@@ -191,18 +249,22 @@ def main(argv=None) -> int:
             path = full if scale == max(scales) else tmp / f"x{scale}"
             if scale != max(scales):
                 subset(full, path, shards_at[scale])
-            kinds = ["stream"] + (["indexed"] if args.indexed and scale in sorted(scales)[:2] else [])
-            for kind in kinds:
+            kinds = [("stream", 0), ("stream", args.window)]
+            kinds += [("indexed", 0)] if args.indexed and scale in sorted(scales)[:2] else []
+            for kind, window in kinds:
                 cmd = [sys.executable, __file__, "--child", str(path), kind, str(args.workers)]
-                cmd += [str(args.steps), str(args.warmup)]
+                cmd += [str(args.steps), str(args.warmup), str(window), str(args.world_size)]
                 out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
                 result = json.loads(out.stdout.strip().splitlines()[-1])
+                opens = count_opens(shards_at[scale], per_shard, 8 * args.world_size, args.world_size, window,
+                                    args.workers, args.warmup + args.steps)  # fmt: skip
                 rows.append(
                     {
                         "scale": scale,
-                        "loader": kind,
+                        "loader": kind if kind == "indexed" else f"{kind} window={window}",
                         "samples": shards_at[scale] * per_shard,
                         "shards": shards_at[scale],
+                        "opens_per_sample": opens,
                         **result,
                     }
                 )
@@ -216,21 +278,30 @@ def main(argv=None) -> int:
     print(
         f"256-GPU step consumes {need:.1f} images/s per rank (tools/plan.py, h100_32x8); goal: loader >= {3 * need:.1f}"
     )
+    print("Shard opens per sample, rank 0 of the 256-GPU layout (100K shards x 1,000 samples, 8 samples a step):")
+    print("| data.shuffle_window | workers | shards | micro-batches | opens per sample |")
+    print("|---|---|---|---|---|")
+    for r in plan:
+        print(f"| {r['window']} | {r['workers']} | {r['shards']:,} | {r['steps']} | {r['opens_per_sample']:.4f} |")
+    print(f"Real reads: rank 0 of {args.world_size}, {args.workers} workers, {per_shard} samples a shard:")
     print(
-        "| scale | loader | samples | shards | samples/s per rank | x consumption "
+        "| scale | loader | samples | shards | opens per sample | samples/s per rank | x consumption "
         "| peak RSS main MB | peak RSS worker MB | peak PSS rank MB | PSS vs 1x |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(
-            f"| {r['scale']}x | {r['loader']} | {r['samples']} | {r['shards']} | {r['samples_per_s']:.0f} | "
+            f"| {r['scale']}x | {r['loader']} | {r['samples']} | {r['shards']} | {r['opens_per_sample']:.3f} | "
+            f"{r['samples_per_s']:.0f} | "
             f"{r['samples_per_s'] / need:.1f} | {r['rss_main_mb']:.0f} | {r['rss_worker_mb']:.0f} | "
             f"{r['pss_rank_mb']:.0f} | {r['pss_rank_mb'] / base[r['loader']] - 1:+.1%} |"
         )
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(
-            json.dumps({"consumption_per_rank": need, "workers": args.workers, "rows": rows}, indent=2)
+            json.dumps(
+                {"consumption_per_rank": need, "workers": args.workers, "plan_opens": plan, "rows": rows}, indent=2
+            )
         )
     return 0
 

@@ -127,8 +127,10 @@ def start_training_ranks(
     log_dir: str,
     config: str = "configs/local/diffmoe-tiny.yaml",
     env: dict | None = None,
+    script: tuple[str, ...] = ("-m", "diffmoe_dist.train.cli"),
 ) -> list:
-    """Starts ``diffmoe-train`` as ``world_size`` separate processes joined by gloo, as torchrun would
+    """Starts ``diffmoe-train`` (or ``script``: tests/slow_save.py) as ``world_size`` separate processes joined
+    by gloo, as torchrun would
     (RANK, WORLD_SIZE, ... set per process) but without its agent, so that a test can signal one
     rank. Output goes to ``log_dir/rankN.log``. Returns the ``subprocess.Popen`` objects in rank order."""
     import subprocess
@@ -153,7 +155,7 @@ def start_training_ranks(
         with open(os.path.join(log_dir, f"rank{rank}.log"), "w") as log:
             procs.append(
                 subprocess.Popen(
-                    [sys.executable, "-m", "diffmoe_dist.train.cli", "--config", config, *overrides],
+                    [sys.executable, *script, "--config", config, *overrides],
                     env=child_env,
                     stdout=log,
                     stderr=subprocess.STDOUT,

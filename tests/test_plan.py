@@ -139,3 +139,18 @@ def test_side_by_side_microbenchmarks_run_real_gloo_ranks_within_physical_bounds
     for op in ("all_reduce", "all_to_all"):
         link = got["collectives"][op]
         assert 0 < link["latency"] < 1.0 and 1e6 < link["bandwidth"] <= 1e11  # loopback: below 100 GB/s
+
+
+def test_the_data_term_says_when_shard_opens_not_compute_bound_the_256gpu_step():
+    cluster = load_cluster(H100)
+    big = "configs/t2i/diffmoe-e16-256gpu.yaml"
+    windowed = plan(load_config(big), cluster, 256)
+    today = plan(load_config(big, ["data.shuffle_window=0"]), cluster, 256)
+    step = windowed["time"]["step_s"]
+    assert today["time"]["step_s"] == step  # the data term never changes the compute estimate
+    # ~1 MB a sample (fp32 latent + 120 x 4096 bf16 text features), read once per step
+    per_sample = 4 * 32 * 32 * 4 + 120 * 4096 * 2 + 120
+    assert windowed["data"]["bytes_per_s"] == pytest.approx(8192 / step * per_sample)
+    assert today["data"]["opens_per_sample"] == 1.0 and windowed["data"]["opens_per_sample"] <= 0.01
+    assert today["data"]["bound"] == "data" and any("data, not compute" in w for w in today["warnings"])
+    assert windowed["data"]["bound"] == "compute" and not any("data, not" in w for w in windowed["warnings"])

@@ -151,3 +151,39 @@ def test_step_metrics_read_the_device_once_and_only_when_looked_at():
     assert not m.read and reads == []
     assert m["loss"] == 1.5 and dict(m) == {"loss": 1.5, "grad_norm": 2.0, "lr": 0.1, "steps_per_s": 3.0}
     assert m.read and reads == [1]
+
+
+@pytest.mark.slow
+def test_training_goes_on_during_an_async_save_and_sigterm_waits_for_it_then_saves_the_stop_step(digits, tmp_path):
+    # The write of step 2's checkpoint hangs (a slow file system) until `release` exists.
+    run, release = tmp_path / "run", tmp_path / "release"
+    env = {"SLOW_SAVE_DIR": str(tmp_path), "SLOW_SAVE_STEP": "2", "SLOW_SAVE_UNTIL": str(release)}
+    extra = [f"data.path={digits}", "parallel.expert_parallel_size=2", "train.steps=100000", "checkpoint.every=2"]
+    procs = start_training_ranks(
+        2, [*TINY, f"train.run_dir={run}", *extra], str(tmp_path / "log"), env=env, script=("tests/slow_save.py",)
+    )
+    try:
+        deadline = time.monotonic() + 240
+        while not ((run / "metrics.jsonl").is_file() and len((run / "metrics.jsonl").read_text().splitlines()) >= 3):
+            assert time.monotonic() < deadline and all(p.poll() is None for p in procs), logs(tmp_path / "log")
+            time.sleep(0.05)
+        # step 3 trained while both ranks' files of step 2 were still being written
+        assert all((tmp_path / f"saving-rank{r}.pid").is_file() for r in range(2))
+        assert not (run / "checkpoints" / "step_0000002").exists()
+        for p in procs:
+            p.send_signal(signal.SIGTERM)
+        time.sleep(2)
+        assert all(p.poll() is None for p in procs), "a stop must wait for the save in flight"
+        release.touch()
+        codes = wait_all(procs, 240)
+    finally:
+        release.touch()
+        for p in procs:
+            p.kill() if p.poll() is None else None
+    assert codes == [EXIT_REQUEUE] * 2, logs(tmp_path / "log")
+    stopped = int(logs(tmp_path / "log").split("SIGTERM: stopped at step ")[1].split(",")[0])
+    assert stopped >= 3
+    ckpt.verify(str(run / "checkpoints" / "step_0000002"))
+    latest = ckpt.find_resumable(str(run / "checkpoints"))
+    assert ckpt.read_meta(latest)["step"] == stopped and ckpt.verify(latest)
+    assert not [d for d in os.listdir(run / "checkpoints") if d.startswith(".tmp")]

@@ -178,3 +178,23 @@ def test_make_shards_cli_writes_both_digits_splits(tmp_path, capsys):
     make_shards = runpy.run_path(str(REPO_ROOT / "tools" / "make_shards.py"))
     assert make_shards["main"](cmd[2:]) == 2
     assert "--overwrite" in capsys.readouterr().err
+
+
+def test_the_full_shard_check_runs_once_per_manifest_and_a_restart_reads_the_record(tmp_path):
+    from diffmoe_dist.config import ConfigError
+    from diffmoe_dist.data.check import check_data_path
+    from diffmoe_dist.data.manifest import VALIDATED
+
+    write_shards(tmp_path / "train", make_samples(9), samples_per_shard=2, index=True)
+    train = tmp_path / "train"
+    check_data_path(str(tmp_path), rank=1, world_size=2)  # a share of the shards: proves nothing whole
+    assert not (train / VALIDATED).exists()
+    check_data_path(str(tmp_path))  # every shard, in one process (--validate-only): recorded
+    assert (train / VALIDATED).is_file()
+    shard = train / "shard-000002.tar"
+    os.truncate(shard, 512)
+    check_data_path(str(tmp_path), rank=0, world_size=4)  # a restart: the record, not the shards
+    manifest = json.loads((train / "manifest.json").read_text())
+    (train / "manifest.json").write_text(json.dumps(manifest))  # another manifest (here: its layout)
+    with pytest.raises(ConfigError, match=r"shard-000002\.tar is truncated"):
+        check_data_path(str(tmp_path))

@@ -16,6 +16,7 @@ import pytest
 import torch
 from distributed import run_distributed, start_training_ranks, wait_all
 
+from diffmoe_dist import checkpoint as ckpt
 from diffmoe_dist.config import load_config
 from diffmoe_dist.data.digits import load_digits_split, write_digits_shards
 from diffmoe_dist.data.loader import GlobalBatchLoader
@@ -265,6 +266,33 @@ def test_a_missing_or_corrupt_shard_is_one_line_naming_it(digits, tmp_path):
         loader.next_batch()
 
 
+@pytest.mark.slow
+def test_a_shard_that_goes_bad_mid_run_stops_every_rank_after_a_save_with_one_line(digits, tmp_path):
+    import shutil
+    import time
+
+    data, run = tmp_path / "data", tmp_path / "run"
+    shutil.copytree(digits, data)
+    over = [*TINY, f"data.path={data}", f"train.run_dir={run}", "data.loader=stream", "data.num_workers=1",
+            "train.steps=100000", "checkpoint.every=0", "logging.wandb=disabled"]  # fmt: skip
+    procs = start_training_ranks(2, over, str(tmp_path / "log"))
+    metrics = run / "metrics.jsonl"
+    deadline = time.monotonic() + 240
+    while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 2):
+        assert time.monotonic() < deadline and all(p.poll() is None for p in procs)
+        time.sleep(0.05)
+    for shard in (data / "train").glob("*.tar"):  # the file server loses them: every read comes back short
+        os.truncate(shard, 0)
+    codes = wait_all(procs, 240)  # never a hang: every rank learns it in the stop check
+    logs = {r: (tmp_path / "log" / f"rank{r}.log").read_text() for r in range(2)}
+    assert codes == [1, 1], logs
+    errors = [line for line in logs[0].splitlines() if line.startswith("diffmoe-train: error:")]
+    assert len(errors) == 1 and "shard " in errors[0] and ".tar" in errors[0], logs[0]
+    stopped = int(errors[0].split("stopped at step ")[1].split(",")[0])
+    latest = ckpt.find_resumable(str(run / "checkpoints"))
+    assert ckpt.read_meta(latest)["step"] == stopped >= 2 and ckpt.verify(latest)
+
+
 # ---- the 256-GPU twin, end to end ----------------------------------------------------------------
 def _captioned_images(root: Path, n: int) -> None:
     from PIL import Image
@@ -358,3 +386,28 @@ def test_the_256gpu_twin_trains_on_two_ranks_with_vae_decoded_grids_in_png_and_w
     assert sample_main([*args, "--out", str(other), "--vae", str(tmp_path / "other-vae")]) == 0
     a, b = np.asarray(Image.open(out)), np.asarray(Image.open(other))
     assert a.shape == b.shape and not np.array_equal(a, b)
+
+
+def test_windowed_stream_equals_the_indexed_loader_and_opens_a_shard_per_many_samples(digits):
+    # 7 shards of <= 256 samples, windows of 3 shards: the same batches from both loaders at any W
+    from diffmoe_dist.data.shards import read_manifest
+
+    sizes = [s["num_samples"] for s in read_manifest(digits / "train")["shards"]]
+    data = load_indexed(digits / "train")
+    ref = _global_batches([GlobalBatchLoader({"x": data["latent"], "y": data["cls"]}, 64, 0, 1, 5, sizes, 3)], 30)
+    for W, workers in ((1, 0), (4, 2)):
+        loaders = [_stream(digits / "train", 64, r, W, seed=5, num_workers=workers, shuffle_window=3) for r in range(W)]
+        got = _global_batches(loaders, 30)  # past the epoch boundary (1617 samples)
+        assert all(torch.equal(a["y"], b["y"]) and torch.equal(a["x"], b["x"]) for a, b in zip(ref, got, strict=True))
+        for ld in loaders:
+            ld.close()
+    # rank 0 of 4, in-process: today's order opens a shard for most samples, the windowed order rarely
+    for window, most in ((0, None), (3, 0.1)):
+        ld = _stream(digits / "train", 64, 0, 4, seed=5, shuffle_window=window, cache_shards=2)
+        for _ in range(50):
+            ld.next_batch()
+        per_sample = ld.dataset.opens / (50 * 16)
+        if most is None:
+            assert per_sample > 0.5
+        else:
+            assert per_sample < most

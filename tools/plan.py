@@ -96,6 +96,16 @@ def print_plan(p: dict) -> None:
         + f", autocast weight copies {_gb(mem['weight_casts'])}"
     )
     print(f"  total {_gb(mem['total'])} of {_gb(mem['capacity'])}")
+    d = p["data"]
+    print(
+        f"\ndata: {d['sample_bytes'] / 1e6:.2f} MB a sample, {d['opens_per_sample']:.4f} shard opens a sample: "
+        f"{d['bytes_per_s'] / 1e9:.2f} GB/s and {d['opens_per_s']:,.0f} opens/s at this step time"
+        + (
+            f"; the file system reads a batch in {_t(d['data_step_s'])} ({d['limit']}): {d['bound']}-bound"
+            if d["bound"]
+            else " (no file_system in the cluster file)"
+        )
+    )
     for w in p["warnings"]:
         print(f"WARNING: {w}")
 

@@ -64,6 +64,21 @@ def _gather_to_rank0(obj, dims: ParallelDims | None) -> list | None:
     return out
 
 
+def snapshot(slots: list[Slot]) -> tuple[dict, list, dict]:
+    """This rank's share as host copies: (pieces, index, specs). The only part of a save that must
+    happen while training stands still; the rest (`write_snapshot`) may run beside it."""
+    pieces, index, specs = {}, [], {}
+    for slot in slots:
+        specs[slot.key] = [list(slot.global_shape), str(slot.tensor.dtype).removeprefix("torch.")]
+        flat = slot.tensor.detach().reshape(-1)
+        for offset, numel in owned_ranges(slot):
+            start = slot.start + offset
+            # a copy: torch.save of a view would write the view's whole storage (and CPU: readers map it)
+            pieces[f"{slot.key}@{start}"] = flat[offset : offset + numel].to("cpu", copy=True)
+            index.append([slot.key, start, numel])
+    return pieces, index, specs
+
+
 def save(
     root: str,
     step: int,
@@ -81,6 +96,27 @@ def save(
     removed and every rank raises the same CheckpointError. After the rename, rank 0 records the save
     in the run's history and applies retention (`retention.retain`)."""
     rank = dims.rank if dims is not None else 0
+    try:
+        snap = snapshot(slots)
+    except Exception as exc:  # noqa: BLE001 - agreed with the other ranks in write_snapshot
+        snap = f"rank {rank}: {type(exc).__name__}: {exc}"
+    return write_snapshot(root, step, snap, meta, rank_state, dims, keep_last, run_id, log)
+
+
+def write_snapshot(
+    root: str,
+    step: int,
+    snap: tuple[dict, list, dict] | str,
+    meta: dict,
+    rank_state: dict,
+    dims: ParallelDims | None = None,
+    keep_last: int = 2,
+    run_id: str | None = None,
+    log=print,
+) -> str:
+    """Collective over ``dims.dp_group``: writes a `snapshot` (or agrees on its error, a str) as
+    `save` describes. checkpoint/async_save.py runs it in a thread, over a group of its own."""
+    rank = dims.rank if dims is not None else 0
     world_size = dims.world_size if dims is not None else 1
     final = step_dir(root, step)
     tmp = os.path.join(root, f".tmp-step_{step:07d}")
@@ -97,21 +133,15 @@ def save(
 
     error = None
     try:
-        pieces, index, specs = {}, [], {}
-        for slot in slots:
-            specs[slot.key] = [list(slot.global_shape), str(slot.tensor.dtype).removeprefix("torch.")]
-            flat = slot.tensor.detach().reshape(-1)
-            for offset, numel in owned_ranges(slot):
-                start = slot.start + offset
-                # a copy: torch.save of a view would write the view's whole storage (and CPU: readers map it)
-                pieces[f"{slot.key}@{start}"] = flat[offset : offset + numel].to("cpu", copy=True)
-                index.append([slot.key, start, numel])
+        if isinstance(snap, str):
+            raise CheckpointError(snap)
+        pieces, index, specs = snap
         name = rank_file(rank)
         path = os.path.join(tmp, name)
         _fsync_write(path, lambda f: torch.save({"pieces": pieces, "rank_state": rank_state}, f))
         mine = (name, _sha256(path), index, specs)
     except Exception as exc:  # noqa: BLE001 - torch.save reports a full disk as RuntimeError
-        mine = ("error", f"rank {rank}: {type(exc).__name__}: {exc}")
+        mine = ("error", str(exc) if isinstance(snap, str) else f"rank {rank}: {type(exc).__name__}: {exc}")
     gathered = _gather_to_rank0(mine, dims)  # also: every rank wrote (or failed)
 
     error = None

@@ -42,6 +42,7 @@ class ShardReader:
         for entries in self._pieces.values():
             entries.sort()
         self._files: dict[str, dict] = {}
+        self.bytes_read = 0  # tensor bytes copied out of the files (tests count reads per node)
 
     def __contains__(self, key: str) -> bool:
         return key in self.tensors
@@ -67,6 +68,7 @@ class ShardReader:
             piece = self._piece(fname, key, p_start)
             out[lo - start : hi - start].copy_(piece[lo - p_start : hi - p_start])
             covered += hi - lo
+            self.bytes_read += (hi - lo) * piece.element_size()
         if covered != end - start:  # pieces never overlap: a shortfall means a missing piece
             raise CheckpointError(
                 f"{self.path}: {key}[{start}:{end}] is only {covered}/{end - start} present in the files' pieces"
@@ -78,12 +80,11 @@ class ShardReader:
         return out
 
     def rank_state(self, rank: int) -> dict:
-        return load_file(self.path, rank_file(rank))["rank_state"]
+        # mapped: only the RNG states' pages are read, not the rank file's pieces around them
+        return load_file(self.path, rank_file(rank), mmap=True)["rank_state"]
 
 
-@torch.no_grad()
-def load_slots(reader: ShardReader, slots: list[Slot]) -> None:
-    """Copies into every slot the range of its global tensor it holds, checking global shapes."""
+def check_slot_shapes(reader: ShardReader, slots: list[Slot]) -> None:
     for slot in slots:
         if slot.key not in reader:
             raise CheckpointError(f"{reader.path} has no {slot.key}: the checkpoint does not match the model")
@@ -92,6 +93,14 @@ def load_slots(reader: ShardReader, slots: list[Slot]) -> None:
                 f"{reader.path}: {slot.key} has shape {list(reader.shape(slot.key))} but the model needs "
                 f"{list(slot.global_shape)}: resume with the checkpoint's model config"
             )
+
+
+@torch.no_grad()
+def load_slots(reader: ShardReader, slots: list[Slot]) -> None:
+    """Copies into every slot the range of its global tensor it holds, checking global shapes. Every
+    rank reads all it holds; checkpoint/load_once.py reads each byte once per job."""
+    check_slot_shapes(reader, slots)
+    for slot in slots:
         t = slot.tensor
         if t.is_contiguous():
             reader.read_into(slot.key, slot.start, t.view(-1))

@@ -82,6 +82,9 @@ class DataConfig:
     global_batch_size: int = 128
     loader: str = "indexed"  # indexed (in memory, exact resume) | stream (webdataset streaming)
     num_workers: int = 0
+    # Shards whose samples are shuffled together (data/position.py): 0 = one permutation of all
+    # samples (a shard open per streamed sample); W_s > 0 = shards permuted, samples within windows.
+    shuffle_window: int = 0
     text_encoder: str = "minilm"  # t2i: "minilm" (packaged all-MiniLM-L6-v2) or a local HF model directory
 
 
@@ -144,6 +147,10 @@ class SampleConfig:
 class CheckpointConfig:
     every: int = 500  # steps; 0 = only at the end
     keep_last: int = 2
+    every_minutes: float = 0.0  # also save when this many minutes passed since the last save; 0 = off
+    # Write, fsync, verify and rename beside training (checkpoint/async_save.py); the step waits only
+    # for the copy to host memory. false: the step waits for the whole save.
+    async_save: bool = True
 
 
 @dataclass

@@ -144,6 +144,8 @@ def validate_config(cfg, world_size: int) -> None:
         ("sample.cfg_scale", 0, "use 1 (no guidance) or more, e.g. 2.0"),
         ("checkpoint.every", 0, "use 0 (only at the end) or a positive number of steps"),
         ("checkpoint.keep_last", 1, "keep at least 1 checkpoint"),
+        ("checkpoint.every_minutes", 0, "use 0 (off) or a positive number of minutes, e.g. 20"),
+        ("data.shuffle_window", 0, "use 0 (one permutation of all samples) or a number of shards, e.g. 256"),
         ("logging.log_every", 1, "use a positive number of steps, e.g. 10"),
         ("logging.routing_every", 0, "use 0 (off) or a positive number of steps"),
     )

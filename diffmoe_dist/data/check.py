@@ -4,6 +4,14 @@ prints it and exits 2), like a bad value from `Config.validate`, which checks th
 
 `diffmoe-train` runs `check_files` after `validate` (and `--validate-only` does, unless
 ``--no-file-checks``); rank r of W checks the headers of shards r, r + W, ... only.
+
+The full shard check runs once per shard set: a check of every shard in one process (the launchers'
+``--validate-only`` on the batch node) records the manifest's sha256 in ``manifest.validated.json``
+beside it (`data.manifest.record_validated`); later starts (every requeue) find the record, hash the
+manifest and skip the per-shard walk, so a restart costs one manifest read whatever the number of
+shards. A changed manifest (re-made or extended shards) has another hash: checked again. A shard
+damaged after its check is named by the loader when it is read (data/stream.py: every rank stops
+and saves, then one line, exit 1).
 """
 
 from __future__ import annotations
@@ -13,8 +21,9 @@ import os
 
 from diffmoe_dist.config import RESUME_WORDS, Config, ConfigError
 from diffmoe_dist.config.options import fail
-from diffmoe_dist.data.stream import ShardError
-from diffmoe_dist.data.stream import check_shards as check_each_shard
+from diffmoe_dist.data.manifest import check_shards as check_each_shard
+from diffmoe_dist.data.manifest import is_validated, manifest_digest, record_validated
+from diffmoe_dist.data.tar_index import ShardError
 
 
 def check_files(cfg: Config, rank: int = 0, world_size: int = 1) -> None:
@@ -84,9 +93,18 @@ def check_data_path(path: str, rank: int = 0, world_size: int = 1, task: str = "
     if not shards or num_samples < 1:
         fail("data.path", path, f"{manifest_path} lists no samples: {hint}")
     # Shard by shard: the one check the stream loader also relies on (data/stream.py), one stat and
-    # one header read per shard, each rank a 1/W share.
-    try:
-        check_each_shard(path, rank, world_size)  # train/ and heldout/
-    except ShardError as exc:
-        raise ConfigError(f"data.path={path!r} is invalid: {exc}") from None
+    # one header read per shard, each rank a 1/W share; skipped for a manifest already checked whole.
+    for split in ("train", "heldout"):
+        shard_dir = os.path.join(path, split)
+        if not os.path.isfile(os.path.join(shard_dir, "manifest.json")):
+            continue
+        digest = manifest_digest(shard_dir)
+        if is_validated(shard_dir, digest):
+            continue
+        try:
+            check_each_shard(shard_dir, rank, world_size)
+        except ShardError as exc:
+            raise ConfigError(f"data.path={path!r} is invalid: {exc}") from None
+        if world_size == 1:  # every shard was checked here: record it for the next start
+            record_validated(shard_dir, digest)
     return num_samples, manifest.get("latent_shape")

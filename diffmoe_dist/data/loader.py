@@ -18,16 +18,34 @@ from diffmoe_dist.data.position import GlobalPosition
 
 
 class GlobalBatchLoader(GlobalPosition):
-    def __init__(self, tensors: dict[str, torch.Tensor], global_batch_size: int, rank: int, world_size: int, seed: int):
+    def __init__(
+        self,
+        tensors: dict[str, torch.Tensor],
+        global_batch_size: int,
+        rank: int,
+        world_size: int,
+        seed: int,
+        shard_sizes=None,
+        shuffle_window: int = 0,
+        lanes: int | None = None,
+    ):
         sizes = {len(v) for v in tensors.values()}
         if len(sizes) != 1:
             raise ValueError(f"dataset tensors disagree on length: {sizes}")
-        super().__init__(sizes.pop(), global_batch_size, rank, world_size, seed)
+        super().__init__(
+            sizes.pop(),
+            global_batch_size,
+            rank,
+            world_size,
+            seed,
+            shard_sizes=shard_sizes,
+            shuffle_window=shuffle_window,
+            lanes=lanes,
+        )
         self.tensors = tensors
 
     def next_batch(self) -> dict[str, torch.Tensor]:
-        start = self.samples_seen + self.rank * self.local_batch_size
-        idx = self.global_indices(start, self.local_batch_size)
+        idx = self.rank_indices(self.samples_seen)
         self.samples_seen += self.global_batch_size
         return {k: v[idx] for k, v in self.tensors.items()}
 
@@ -56,6 +74,9 @@ def build_loader(cfg, rank: int, world_size: int, device: torch.device) -> Globa
             pin_memory=device.type == "cuda",
             float_fields=("text",) if t2i else (),
             bool_fields=("text_mask",) if t2i else (),
+            shuffle_window=cfg.data.shuffle_window,
+            batches_per_step=cfg.optim.grad_accum_steps,
+            lanes=cfg.data.global_batch_size,
         )
         if t2i:  # the indexed path's shape and encoder checks, on one sample
             from diffmoe_dist.data.captions import text_tensors
@@ -74,4 +95,18 @@ def build_loader(cfg, rank: int, world_size: int, device: torch.device) -> Globa
         tensors = {"x": data["latent"], **text_tensors(data, cfg, cfg.data.path)}
     else:
         tensors = {"x": data["latent"], "y": data["cls"]}
-    return GlobalBatchLoader(tensors, micro_batch, rank, world_size, cfg.train.seed)
+    sizes = None
+    if cfg.data.shuffle_window > 0:  # the windowed order walks shards: their sample counts
+        from diffmoe_dist.data.shards import read_manifest
+
+        sizes = [s["num_samples"] for s in read_manifest(train, check_files=False)["shards"]]
+    return GlobalBatchLoader(
+        tensors,
+        micro_batch,
+        rank,
+        world_size,
+        cfg.train.seed,
+        sizes,
+        cfg.data.shuffle_window,
+        cfg.data.global_batch_size,
+    )

@@ -21,9 +21,9 @@ import numpy as np
 import torch
 import webdataset as wds
 
-MANIFEST = "manifest.json"
+from diffmoe_dist.data.manifest import MAKE_SHARDS_HINT, MANIFEST, _atomic_write_bytes, read_manifest
+
 FORMAT_VERSION = 1
-MAKE_SHARDS_HINT = "run `python tools/make_shards.py digits --out DIR` (or its other subcommands) first"
 # webdataset groups tar members into samples by splitting the member name at the first "." after
 # the last "/", and lower-cases the field: keys must therefore contain no "." and fields be lowercase.
 _KEY_RE = re.compile(r"^[A-Za-z0-9_\-/]+$")
@@ -34,21 +34,10 @@ def _shard_name(prefix: str, index: int) -> str:
     return f"{prefix}-{index:06d}.tar"
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def _validate_sample(sample: dict, seen_keys: set[str], fields: list[str] | None, latent_shape) -> dict:
     key = sample.get("__key__")
     if not isinstance(key, str) or not _KEY_RE.match(key):
-        raise ValueError(
-            f"sample __key__={key!r} must be a non-empty str of [A-Za-z0-9_-/] (webdataset splits at '.')"
-        )
+        raise ValueError(f"sample __key__={key!r} must be a non-empty str of [A-Za-z0-9_-/] (webdataset splits at '.')")
     if key in seen_keys:
         raise ValueError(f"sample __key__={key!r} appears twice; keys must be unique across the dataset")
     latent = sample.get("latent.npy")
@@ -56,18 +45,14 @@ def _validate_sample(sample: dict, seen_keys: set[str], fields: list[str] | None
         desc = f"{latent.dtype} {latent.shape}" if isinstance(latent, np.ndarray) else type(latent).__name__
         raise ValueError(f"sample {key!r}: 'latent.npy' must be a float32 np.ndarray (C, H, W), got {desc}")
     if latent_shape is not None and tuple(latent.shape) != tuple(latent_shape):
-        raise ValueError(
-            f"sample {key!r}: latent shape {latent.shape} differs from the first sample's {latent_shape}"
-        )
+        raise ValueError(f"sample {key!r}: latent shape {latent.shape} differs from the first sample's {latent_shape}")
     cls = sample.get("cls")
     if isinstance(cls, (bool, np.bool_)) or not isinstance(cls, (int, np.integer)):
         raise ValueError(f"sample {key!r}: 'cls' must be an int, got {type(cls).__name__}")
     sample_fields = sorted(k for k in sample if k != "__key__")
     for field in sample_fields:
         if not _FIELD_RE.match(field):
-            raise ValueError(
-                f"sample {key!r}: field {field!r} must be lowercase [a-z0-9_] with '.' extensions"
-            )
+            raise ValueError(f"sample {key!r}: field {field!r} must be lowercase [a-z0-9_] with '.' extensions")
     if fields is not None and sample_fields != fields:
         raise ValueError(f"sample {key!r} has fields {sample_fields}, the first sample had {fields}")
     out = dict(sample)
@@ -107,9 +92,7 @@ def write_shards(
     old_manifest = None
     if manifest_path.exists():
         if not overwrite:
-            raise FileExistsError(
-                f"{manifest_path} exists; pass overwrite=True (--overwrite) to replace the shards"
-            )
+            raise FileExistsError(f"{manifest_path} exists; pass overwrite=True (--overwrite) to replace the shards")
         old_manifest = read_manifest(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
 
@@ -170,25 +153,6 @@ def write_shards(
             if stale["name"] not in current:
                 (out_dir / stale["name"]).unlink(missing_ok=True)
                 (out_dir / stale["name"]).with_suffix(".idx.npy").unlink(missing_ok=True)
-    return manifest
-
-
-def read_manifest(shard_dir: str | os.PathLike, check_files: bool = True) -> dict:
-    shard_dir = Path(shard_dir)
-    path = shard_dir / MANIFEST
-    if not path.is_file():
-        raise FileNotFoundError(f"no shard manifest at {path}; {MAKE_SHARDS_HINT}")
-    try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"shard manifest {path} is not valid JSON ({exc}); {MAKE_SHARDS_HINT}") from exc
-    for field in ("shards", "num_samples", "latent_shape", "keys"):
-        if field not in manifest:
-            raise ValueError(f"shard manifest {path} lacks {field!r}; {MAKE_SHARDS_HINT}")
-    # check_files=False: data/stream.py checks 1/W of the shards per rank (one stat each per job).
-    missing = [s["name"] for s in manifest["shards"] if check_files and not (shard_dir / s["name"]).is_file()]
-    if missing:
-        raise FileNotFoundError(f"{len(missing)} shard(s) listed in {path} are missing, e.g. {missing[0]}")
     return manifest
 
 
@@ -282,7 +246,5 @@ def stream(
         seed=pass_seed,
     )
     if shuffle:
-        dataset = dataset.compose(
-            wds.filters.detshuffle(shuffle_buffer, initial=shuffle_buffer, seed=pass_seed)
-        )
+        dataset = dataset.compose(wds.filters.detshuffle(shuffle_buffer, initial=shuffle_buffer, seed=pass_seed))
     return dataset.decode().map(_decode)

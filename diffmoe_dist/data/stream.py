@@ -31,65 +31,18 @@ from __future__ import annotations
 import atexit
 import io
 import os
-import tarfile
 import weakref
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from diffmoe_dist.data.manifest import MANIFEST, check_shards, read_manifest
 from diffmoe_dist.data.position import GlobalPosition
-from diffmoe_dist.data.shards import MANIFEST, read_manifest
 from diffmoe_dist.data.tar_index import REMAKE, ShardError, index_path, tar_index
 
-
-def check_shards(path: str | os.PathLike, rank: int = 0, world_size: int = 1) -> None:
-    """Cheap checks before any process group starts: the manifest parses, every shard it lists is on
-    disk with the recorded size (a multiple of 512 bytes, the tar block), its first tar header is
-    valid, and its offset index (if any) has the manifest's sample count. `path` is a shard directory
-    or a data root with train/ (and heldout/). Rank r checks shards r, r + W, ... only: the whole job
-    touches each shard once (100K shards are not 100K stats per rank on a shared file system).
-    Raises ShardError, one line naming the shard."""
-    root = Path(path)
-    dirs = [root] if (root / MANIFEST).is_file() else [d for d in (root / "train", root / "heldout") if d.is_dir()]
-    if not dirs:
-        dirs = [root / "train"]
-    for shard_dir in dirs:
-        try:
-            manifest = read_manifest(shard_dir, check_files=False)
-        except (FileNotFoundError, ValueError) as exc:
-            raise ShardError(str(exc)) from None
-        for n, entry in enumerate(manifest["shards"]):
-            if n % world_size != rank:
-                continue
-            shard = shard_dir / entry["name"]
-            if not shard.is_file():
-                raise ShardError(f"shard {shard} is missing (listed in {shard_dir / MANIFEST}); {REMAKE}")
-            with open(shard, "rb") as f:
-                header = f.read(512)
-            try:
-                tarfile.TarInfo.frombuf(header, tarfile.ENCODING, "surrogateescape")
-            except tarfile.HeaderError as exc:
-                raise ShardError(
-                    f"shard {shard} is not a tar file: its first header is unreadable ({exc}); {REMAKE}"
-                ) from None
-            # The recorded size catches a cut anywhere, even on a 512-byte block edge, at one stat
-            # per shard (walking every member's header would be one read per sample).
-            size = shard.stat().st_size
-            expected = entry.get("bytes")
-            if size % 512 or (expected is not None and size != expected):
-                want = f"{expected} bytes" if expected is not None else "a multiple of 512 bytes"
-                raise ShardError(
-                    f"shard {shard} is truncated or corrupt: {size} bytes, the manifest expects {want}; {REMAKE}"
-                )
-            idx = index_path(shard)
-            if idx.is_file():
-                shape = np.load(idx, mmap_mode="r", allow_pickle=False).shape
-                if shape[0] != entry["num_samples"]:
-                    raise ShardError(
-                        f"index {idx} lists {shape[0]} samples, the manifest {entry['num_samples']}; {REMAKE}"
-                    )
+__all__ = ["ShardError", "ShardSamples", "StreamBatchLoader", "check_shards"]
 
 
 def _decode_field(field: str, data: bytes, bf16: bool):
@@ -124,6 +77,7 @@ class ShardSamples(torch.utils.data.Dataset):
         self.sorted_keys = manifest.get("sorted_keys")
         self.cache_shards = cache_shards
         self._open: OrderedDict[int, tuple[int, np.ndarray]] = OrderedDict()
+        self.opens = 0  # shard opens in this process (benchmarks/loader.py: opens per sample)
 
     def __len__(self) -> int:
         return int(self.ends[-1]) if len(self.ends) else 0
@@ -133,6 +87,7 @@ class ShardSamples(torch.utils.data.Dataset):
             self._open.move_to_end(n)
             return self._open[n]
         path = self.dir / self.names[n]
+        self.opens += 1
         try:
             fd = os.open(path, os.O_RDONLY)
         except OSError as exc:
@@ -159,7 +114,12 @@ class ShardSamples(torch.utils.data.Dataset):
         out = {}
         for name, field in self.fields.items():
             offset, size = (int(v) for v in index[inner, self.column[field]])
-            data = os.pread(fd, size, offset)
+            try:
+                data = os.pread(fd, size, offset)
+            except OSError as exc:  # EIO from a failing disk or file server
+                raise ShardError(
+                    f"shard {self.dir / self.names[n]} cannot be read ({exc.strerror}); {REMAKE}"
+                ) from None
             if len(data) != size:
                 raise ShardError(f"shard {self.dir / self.names[n]} is truncated at sample {inner}; {REMAKE}")
             try:
@@ -222,6 +182,16 @@ def _ignore_stop_signals(worker_id: int) -> None:
         signal.signal(sig, signal.SIG_IGN)
 
 
+def _one_line(exc: Exception) -> str:
+    """A ShardError's line, also out of DataLoader's re-raise ("Caught ShardError in DataLoader worker
+    process 0. Original Traceback ... ShardError: shard ... is truncated ...")."""
+    lines = [line for line in str(exc).strip().splitlines() if line.strip()]
+    last = lines[-1] if lines else type(exc).__name__
+    if len(lines) > 1 and ": " in last:
+        last = last.split(": ", 1)[1]
+    return last if isinstance(exc, ShardError) else f"reading the shards failed: {type(exc).__name__}: {last}"
+
+
 class _RankBatches:
     """The batch sampler (runs in the rank's main process): this rank's indices of global batches
     start, start + G, ... forever."""
@@ -232,7 +202,7 @@ class _RankBatches:
     def __iter__(self):
         p, pos = self.position, self.start
         while True:
-            yield p.global_indices(pos + p.rank * p.local_batch_size, p.local_batch_size).tolist()
+            yield p.rank_indices(pos).tolist()
             pos += p.global_batch_size
 
 
@@ -254,13 +224,23 @@ class StreamBatchLoader(GlobalPosition):
         pin_memory: bool = False,
         float_fields: tuple[str, ...] = (),
         bool_fields: tuple[str, ...] = (),
-        cache_shards: int = 8,
+        cache_shards: int = 0,
+        shuffle_window: int = 0,
+        batches_per_step: int = 1,
+        lanes: int | None = None,
     ):
+        if cache_shards <= 0:  # the windowed order reads ~W_s / W shards per rank and window (data/position.py)
+            cache_shards = max(8, -(-shuffle_window // world_size) + 4)
         self.dataset = ShardSamples(shard_dir, fields, cache_shards)
-        super().__init__(len(self.dataset), global_batch_size, rank, world_size, seed, perm_dtype=torch.int32)
+        sizes = np.diff(self.dataset.ends, prepend=0)
+        super().__init__(
+            len(self.dataset), global_batch_size, rank, world_size, seed, torch.int32, sizes, shuffle_window, lanes
+        )
         self.num_workers, self.prefetch_factor, self.pin_memory = num_workers, prefetch_factor, pin_memory
         self.float_fields, self.bool_fields = float_fields, bool_fields
+        self.batches_per_step = batches_per_step
         self._batches = None
+        self._ahead: deque = deque()
 
     def _start(self) -> None:
         # Before multiprocessing's own exit hook (registered earlier, so run later), which would
@@ -281,10 +261,23 @@ class StreamBatchLoader(GlobalPosition):
         self._batches = iter(loader)
 
     def next_batch(self) -> dict:
+        """The next micro-batch. The last one of a step also takes the next step's batches from the
+        workers: a shard that cannot be read is then `self.error` (one line naming it), which the
+        trainer's stop check shares with every rank before that step starts (all stop and save),
+        instead of an exception on one rank while the others wait in a collective. The very first
+        step's batches raise ShardError directly."""
         if self._batches is None:
             self._start()
-        batch = next(self._batches)
+        if not self._ahead:
+            self._ahead.extend(next(self._batches) for _ in range(self.batches_per_step))
+        batch = self._ahead.popleft()
         self.samples_seen += self.global_batch_size
+        if not self._ahead and self.error is None:
+            try:
+                self._ahead.extend(next(self._batches) for _ in range(self.batches_per_step))
+            except Exception as exc:  # noqa: BLE001 - a worker's error comes back re-raised, its traceback in the text
+                self._ahead.clear()
+                self.error = _one_line(exc)
         return batch
 
     def first_sample(self) -> dict:
@@ -293,6 +286,8 @@ class StreamBatchLoader(GlobalPosition):
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
         self.close()  # the prefetched batches belong to the old position
+        self._ahead.clear()
+        self.error = None
 
     def close(self) -> None:
         batches, self._batches = getattr(self, "_batches", None), None

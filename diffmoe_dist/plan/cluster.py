@@ -55,6 +55,9 @@ class Cluster:
     # (the stream drains, then refills from the host). CPU: 0, its measured efficiency holds them.
     host_op_s: float = 0.0
     host_read_s: float = 0.0
+    # What the shared file system gives one job: read_bandwidth (bytes/s), metadata_ops (opens/s),
+    # optionally samples_per_shard (plan/data_io.py); None: no data term.
+    file_system: dict | None = None
 
     def ranks_per_node(self, world: int) -> int:
         return min(world, self.devices_per_node) if self.kind == "gpu" else world
@@ -116,11 +119,15 @@ def load_cluster(path: str) -> Cluster:
                 int(k): {op: _link(x, path, f"collectives.{k}.{op}") for op, x in v.items()}
                 for k, v in raw.get("collectives", {}).items()
             },
+            file_system=raw.get("file_system"),
         )
     except KeyError as exc:
         raise ClusterError(f"{path} lacks {exc.args[0]!r}: see tools/clusters/h100_32x8.yaml for the fields") from None
     if cluster.nodes > 1 and cluster.inter_node is None:
         raise ClusterError(f"{path} has nodes={cluster.nodes} but no inter_node link")
+    for name in ("read_bandwidth", "metadata_ops"):
+        if cluster.file_system is not None and not float(cluster.file_system.get(name, 0)) > 0:
+            raise ClusterError(f"{path}: file_system.{name} must be a positive number (bytes/s, opens/s)")
     if cluster.kind not in ("gpu", "cpu"):
         raise ClusterError(f"{path}: kind={cluster.kind!r} is invalid: use gpu or cpu")
     return cluster

@@ -29,6 +29,7 @@ from diffmoe_dist.model.ffn import is_moe_block
 from diffmoe_dist.model.moe.routing import router_type
 from diffmoe_dist.parallel.radix_select import DEFAULT_BITS, bit_widths
 from diffmoe_dist.plan.cluster import Cluster, all_gather_s, all_reduce_s, all_to_all_s
+from diffmoe_dist.plan.data_io import data_term, data_warning
 from diffmoe_dist.train import flops as flop_count
 
 BYTES_PER_PARAM_UPDATE = 76  # AdamW 28 + EMA 12 + clip 12 + bucket flatten/divide/copy 24
@@ -313,6 +314,9 @@ def plan(
             f"all-to-all dominates: {a2a_s * 1e3:.1f} ms per step ({a2a_s / step_s:.0%}) against "
             f"{expert_s * 1e3:.1f} ms of expert compute: keep EP inside a node, or lower P or C"
         )
+    data = data_term(cfg, cluster.file_system, world, step_s)  # file-system bytes and opens per second
+    if data_warning(data):
+        warnings.append(data_warning(data))
     if sel_s > 0.1 * step_s:
         warnings.append(f"selection latency is {sel_s / step_s:.0%} of the step: fewer collectives per layer help")
     if grad_exposed_s > 0.3 * step_s:
@@ -338,5 +342,6 @@ def plan(
         "host": host,
         "throughput": {"images_per_s": cfg.data.global_batch_size / step_s, "tokens_per_s_per_rank": accum * n / step_s,
                        "tflops_per_rank": model_flops / step_s / 1e12, "mfu": model_flops / step_s / peak},
+        "data": data,
         "warnings": warnings,
     }  # fmt: skip

@@ -106,6 +106,7 @@ def _train(cfg, env) -> int:
 
     from diffmoe_dist.checkpoint import CheckpointError
     from diffmoe_dist.checkpoint.ownership import RunDirError, RunLock
+    from diffmoe_dist.data.tar_index import ShardError
     from diffmoe_dist.train.guard import EXIT_NON_FINITE, NonFiniteError
     from diffmoe_dist.train.trainer import Trainer
 
@@ -146,7 +147,7 @@ def _train(cfg, env) -> int:
         torch.cuda.set_device(env.local_rank)
     try:
         result = Trainer(cfg, dims, device, env.local_world_size).fit()
-    except (RunDirError, CheckpointError, NonFiniteError) as exc:
+    except (RunDirError, CheckpointError, NonFiniteError, ShardError) as exc:  # ShardError: a shard went bad mid-run
         if env.rank == 0:  # every rank raised the same error; one line is enough
             print(f"diffmoe-train: error: {exc}", file=sys.stderr)
         if dims is not None:

@@ -8,7 +8,9 @@ every rank agrees on; the trainer then saves and the process exits with `EXIT_RE
   (`CHECK_EVERY`, counted from the loop's start, identical on every rank) the ranks all-reduce
   (MAX) one small integer and read it, so all stop after the same step. The read is a host sync
   on a GPU (the stream drains): once every few steps, not every step (issue 23); a stop then
-  reacts up to ``check_every - 1`` steps later.
+  reacts up to ``check_every - 1`` steps later. In training the step guard (train/guard.py) must
+  agree before every optimizer update whether the step is finite; that one all-reduce and read per
+  step carries the stop code too (`StopRequest.agree`), so the trainer stops after the very step.
 - ``train.max_minutes``: stops when the steps until the next check would end past the limit.
 
 The exit status 75 (sysexits.h EX_TEMPFAIL, "try again") is what ``launchers/common.sh``
@@ -36,7 +38,7 @@ from diffmoe_dist.parallel.groups import ParallelDims, comm_device
 EXIT_REQUEUE = 75
 CHECK_EVERY = 4  # steps between stop checks: a host read per check (module docstring)
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
-_REASONS = {0: None, 1: "time limit (train.max_minutes)", 2: "SIGUSR1", 3: "SIGTERM"}
+_REASONS = {0: None, 1: "time limit (train.max_minutes)", 2: "SIGUSR1", 3: "SIGTERM", 4: "unreadable data"}
 
 
 class SignalGuard:
@@ -72,15 +74,29 @@ class SignalGuard:
 
 class StopRequest:
     """Installs the handlers on construction (main thread only) and restores them on `close`; inside
-    a `SignalGuard` (the CLI) it reads the guard's flag instead, and `close` leaves the guard's handlers."""
+    a `SignalGuard` (the CLI) it reads the guard's flag instead, and `close` leaves the guard's handlers.
 
-    def __init__(self, dims: ParallelDims, max_minutes: float = 0.0, check_every: int = CHECK_EVERY):
+    ``save_due`` (rank 0's clock: checkpoint.every_minutes) and ``data_error`` (the loader could not
+    read the next step's batch: one line naming the shard) are asked at each agreement; after it
+    `self.save_due` and `self.data_error` hold the agreed answers, identical on every rank."""
+
+    def __init__(
+        self,
+        dims: ParallelDims,
+        max_minutes: float = 0.0,
+        check_every: int = CHECK_EVERY,
+        save_due=lambda: False,
+        data_error=lambda: None,
+    ):
         self.dims = dims
         self.check_every = max(1, check_every)
         self._checks = 0
         self.deadline = time.monotonic() + max_minutes * 60.0 if max_minutes > 0 else None
         self._own: int | None = None
         self._guard = SignalGuard.active
+        self._ask_save, self._ask_error = save_due, data_error
+        self.save_due = False
+        self.data_error: str | None = None
         self._last_check = time.monotonic()
         self._agreed: list[str | None] = []  # the reason `agree` settled within the step, for should_stop
         self._previous = {}
@@ -106,23 +122,20 @@ class StopRequest:
         return 0
 
     def should_stop(self) -> str | None:
-        """Collective (every rank calls it after every step; every ``check_every``-th call reads):
-        the reason to stop, identical on all ranks, or None. Precedence when ranks differ:
-        SIGTERM > SIGUSR1 > time limit."""
+        """Collective (every rank calls it after every step): the reason to stop, identical on all
+        ranks, or None. Precedence when ranks differ: unreadable data > SIGTERM > SIGUSR1 > time
+        limit. In the trainer the step guard's `agree` (every step, before the update) has settled
+        it already; without one, every ``check_every``-th call all-reduces and reads."""
         if self._agreed:  # settled by `agree` inside the step (train/guard.py): no second collective
             return self._agreed.pop()
         self._checks += 1
+        self.save_due = False
         if self._checks % self.check_every:
             return None
         now = time.monotonic()
         step_seconds, self._last_check = (now - self._last_check) / self.check_every, now
         # Until the next check: check_every more steps (a first check counts the start-up in).
-        code = self._local_code(step_seconds * self.check_every)
-        if self.dims.distributed:
-            flag = torch.tensor([code], dtype=torch.int32, device=comm_device(self.dims.dp_group))
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.dims.dp_group)
-            code = int(flag)
-        return _REASONS[code]
+        return self._reduce(self._local_code(step_seconds * self.check_every), torch.zeros(0, dtype=torch.int32))[0]
 
     def agree(self, flags: torch.Tensor) -> torch.Tensor:
         """The stop agreement, taken inside the step (before its optimizer update) and carrying
@@ -131,13 +144,33 @@ class StopRequest:
         flags; the next `should_stop` returns the agreed reason without communicating."""
         now = time.monotonic()
         step_seconds, self._last_check = now - self._last_check, now
-        code = torch.tensor([self._local_code(step_seconds)], dtype=torch.int32, device=flags.device)
-        both = torch.cat([code, flags.to(torch.int32).reshape(-1)])
+        reason, flags = self._reduce(self._local_code(step_seconds), flags)
+        self._agreed = [reason]
+        return flags
+
+    def _reduce(self, code: int, flags: torch.Tensor) -> tuple[str | None, torch.Tensor]:
+        data_error = self._ask_error()
+        code = 4 if data_error is not None else code
+        device = comm_device(self.dims.dp_group) if self.dims.distributed else flags.device
+        head = torch.tensor([code, int(self._ask_save())], dtype=torch.int32, device=device)
+        both = torch.cat([head, flags.to(device, torch.int32).reshape(-1)])
         if self.dims.distributed:
             dist.all_reduce(both, op=dist.ReduceOp.MAX, group=self.dims.dp_group)
         values = both.tolist()
-        self._agreed = [_REASONS[values[0]]]
-        return torch.tensor(values[1:], dtype=torch.int32)
+        code, self.save_due = values[0], bool(values[1])
+        if code == 4 and self.dims.distributed:  # rare: which rank saw which shard
+            errors = [None] * self.dims.world_size
+            dist.all_gather_object(errors, data_error, group=self.dims.dp_group)
+            data_error = next(e for e in errors if e)
+        self.data_error = data_error if code == 4 else None
+        return _REASONS[code], torch.tensor(values[2:], dtype=torch.int32)
+
+    def raise_data_error(self, step: int) -> None:
+        """After the stop save: an unreadable shard ends the run (exit 1, no requeue: it would fail again)."""
+        if self.data_error is not None:
+            from diffmoe_dist.data.tar_index import ShardError
+
+            raise ShardError(f"{self.data_error} (stopped at step {step}, checkpoint saved: fix the shard and resume)")
 
     def close(self) -> None:
         for sig, handler in self._previous.items():

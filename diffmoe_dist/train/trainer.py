@@ -81,6 +81,7 @@ class Trainer:
         self.run_dir = cfg.train.run_dir
         self.ckpt_root = os.path.join(self.run_dir, "checkpoints")
         self.run_id = self.run_plan = None  # set by maybe_resume (train/run_dir.py)
+        self.saver = ckpt.AsyncSaver(self.dims)  # checkpoint.async_save: written beside training
 
     def _build_loader(self) -> GlobalPosition:
         from diffmoe_dist.data.loader import build_loader
@@ -94,8 +95,9 @@ class Trainer:
         ema = ckpt.module_slots("ema", self.ema.model, self.dims)
         return [*model.values(), *ema.values(), *ckpt.optimizer_slots(self.engine.state_fragments(), model)]
 
-    def save(self) -> str:
-        """Collective. Each rank writes its own share; nothing is gathered but the index."""
+    def save(self, blocking: bool = True) -> str:
+        """Collective. Each rank writes its own share; nothing is gathered but the index. Waits for
+        the save in flight; ``blocking=False``: returns once the share is copied to host memory."""
         t0 = time.time()
         check_state_finite({"model": self.model, "EMA": self.ema.model}, self.dims, self.step)  # train/guard.py
         meta = {
@@ -112,11 +114,11 @@ class Trainer:
         if self.device.type == "cuda":  # label / caption dropout draws from the CUDA default generator
             rank_state["rng_cuda"] = torch.cuda.get_rng_state(self.device)
         log = print if self.rank0 else lambda _: None
-        path = ckpt.save(
-            self.ckpt_root, self.step, self._slots(), meta, rank_state, self.dims, self.cfg.checkpoint.keep_last,
-            self.run_id, log,
+        path = self.saver.save(
+            self.ckpt_root, self.step, self._slots(), meta, rank_state, self.cfg.checkpoint.keep_last, self.run_id,
+            log, blocking,
         )  # fmt: skip
-        self.last_save_seconds = time.time() - t0
+        self.last_save_seconds = time.time() - t0  # what the step waited
         self._saved_step = self.step
         return path
 
@@ -142,7 +144,7 @@ class Trainer:
         if any(k.startswith("optim/") for k in reader.tensors):  # none before the first step
             self.engine.ensure_optimizer_state()
             slots += ckpt.optimizer_slots(self.engine.state_fragments(), model)
-        ckpt.load_slots(reader, slots)
+        ckpt.load_slots_once(reader, slots, self.dims)  # each byte read once per job
         self.engine.after_load()
         self.step = self._saved_step = int(meta["step"])
         self.engine.set_optimizer_steps(int(meta["optimizer_steps"]))
@@ -322,7 +324,12 @@ class Trainer:
             self.run_dir, self.rank0, cfg.logging.wandb, cfg.logging.wandb_project, cfg.to_dict(), cfg.train.steps
         )
         logger.advance_to(self.step)
-        stop = StopRequest(self.dims, cfg.train.max_minutes)  # SIGTERM / SIGUSR1 / time limit
+        stop = StopRequest(  # SIGTERM / SIGUSR1 / time limit; every_minutes and unreadable data ride along
+            self.dims,
+            cfg.train.max_minutes,
+            save_due=lambda: self.rank0 and self.saver.minutes_due(cfg.checkpoint.every_minutes),
+            data_error=lambda: self.loader.error,  # the next step's batch is unreadable (data/stream.py)
+        )
         stopped = None
         self.guard.stop = stop  # the guard's flags ride on the stop flag's all-reduce
         telemetry = RoutingTelemetry(
@@ -353,15 +360,20 @@ class Trainer:
             if cfg.sample.every and self.step % cfg.sample.every == 0 and self.step < cfg.train.steps:
                 self._write_samples(logger)
             if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0 and self.step < cfg.train.steps:
-                self.save()
-            stopped = stop.should_stop()  # collective: all ranks stop after the same step
+                self.save(blocking=not cfg.checkpoint.async_save)
+            # collective: all ranks stop after the same step (and agree whether checkpoint.every_minutes is due)
+            stopped = stop.should_stop()
+            if stop.save_due and not stopped and self._saved_step != self.step and self.step < cfg.train.steps:
+                self.save(blocking=not cfg.checkpoint.async_save)
             if stopped and self.step < cfg.train.steps:
                 break
             stopped = None
         # Signals stay caught through the final save and the samples (and, under diffmoe-train's
         # SignalGuard, until the process ends): a late one can neither kill a save nor change the outcome.
         if self._saved_step != self.step:
-            self.save()
+            self.save()  # waits for a save in flight first
+        self.saver.wait()
+        stop.raise_data_error(self.step)
         if stopped:
             logger.print(
                 f"[diffmoe] {stopped}: stopped at step {self.step}, checkpoint saved; exit {EXIT_REQUEUE} (requeue)"
