@@ -3,7 +3,6 @@ Other ranks get a logger that does nothing, so they stay quiet unless they fail.
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from typing import Any
@@ -12,14 +11,32 @@ import torch
 
 from diffmoe_dist.config.validate import cluster_peak_flops
 from diffmoe_dist.train import flops
+from diffmoe_dist.train.progress import plain_lines, say, step_line
+from diffmoe_dist.train.records import METRICS_FILE, append_record
 
 
 class MetricsLogger:
-    def __init__(self, run_dir: str, enabled: bool, wandb_mode: str, project: str, config: dict, total_steps: int):
+    """``run_id``: the run's id (train/run_dir.py), also its W&B run id: every start of the run,
+    requeues and resumes included, continues one W&B run, whose step axis is the training step."""
+
+    def __init__(
+        self,
+        run_dir: str,
+        enabled: bool,
+        wandb_mode: str,
+        project: str,
+        config: dict,
+        total_steps: int,
+        run_id: str | None = None,
+    ):
         self.enabled = enabled
-        self.path = os.path.join(run_dir, "metrics.jsonl")
+        self.path = os.path.join(run_dir, METRICS_FILE)
+        self.total_steps = total_steps
         self._wandb = None
         self._progress = None
+        self._t0, self._first_step = time.time(), None
+        # Without a terminal (a SLURM .out file) the bar renders nothing: one plain line per log step.
+        self.lines = plain_lines()
         if not enabled:
             return
         if wandb_mode != "disabled":
@@ -28,10 +45,13 @@ class MetricsLogger:
 
                 # Never let a key in the environment leak into logs: only the mode and project are passed.
                 self._wandb = wandb.init(
-                    project=project, dir=run_dir, mode=wandb_mode, config=config, name=os.path.basename(run_dir)
-                )
+                    project=project, dir=run_dir, mode=wandb_mode, config=config, name=os.path.basename(run_dir),
+                    id=run_id, resume="allow" if run_id else None,
+                )  # fmt: skip
             except Exception as exc:  # wandb is a convenience; training must not die for it
-                print(f"[diffmoe] wandb disabled: {type(exc).__name__}: {exc}")
+                say(f"[diffmoe] wandb disabled: {type(exc).__name__}: {exc}")
+        if self.lines:
+            return
         from rich.console import Console
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -41,25 +61,29 @@ class MetricsLogger:
             MofNCompleteColumn(),
             TimeRemainingColumn(),
             TextColumn("{task.fields[info]}"),
-            # batch logs (no terminal) must not wrap long lines at 80 columns
-            console=Console(width=None if os.isatty(1) else 200, soft_wrap=True),
-            disable=os.environ.get("DIFFMOE_NO_PROGRESS") == "1",
+            console=Console(soft_wrap=True),
         )
         self._task = self._progress.add_task("train", total=total_steps, info="")
         self._progress.start()
 
     def advance_to(self, step: int, info: str = "") -> None:
+        if self._first_step is None:
+            self._first_step = step  # this start's first step: elapsed and ETA count from here
         if self._progress is not None:
             self._progress.update(self._task, completed=step, info=info)
 
     def log(self, step: int, values: dict[str, Any]) -> None:
         if not self.enabled:
             return
-        record = {"step": step, "time": time.time(), **values}
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        append_record(self.path, {"step": step, "time": time.time(), **values})
         if self._wandb is not None:  # per-rank lists stay in the JSONL (256 ranks: 256 series)
-            self._wandb.log({k: v for k, v in values.items() if not isinstance(v, list)}, step=step)
+            scalars = {k: v for k, v in values.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+            self._wandb.log(scalars, step=step)
+        if self.lines:
+            elapsed = time.time() - self._t0
+            done = step - (self._first_step or 0)
+            eta = elapsed / done * (self.total_steps - step) if done > 0 else None
+            say(step_line(step, self.total_steps, values, elapsed, eta))
 
     def log_image(self, step: int, key: str, path: str, caption: str | None = None) -> None:
         if self.enabled and self._wandb is not None:
@@ -69,7 +93,7 @@ class MetricsLogger:
 
     def print(self, msg: str) -> None:
         if self.enabled:
-            (self._progress.console.print if self._progress else print)(msg)
+            (self._progress.console.print if self._progress else say)(msg)
 
     def close(self) -> None:
         if self._progress is not None:
@@ -100,6 +124,28 @@ def untimed_lap(phase: str | None) -> None:
     pass
 
 
+class StepClock:
+    """The trainer's ``lap`` at every step (no device synchronise, a clock read per phase): host seconds
+    in ``train_step`` and in its data phase over the log window, for the operator telemetry."""
+
+    def __init__(self):
+        self.step_s = self.data_s = 0.0
+        self._t = time.perf_counter()
+
+    def lap(self, phase: str | None) -> None:
+        now = time.perf_counter()
+        if phase is not None:
+            self.step_s += now - self._t
+            if phase == "data":
+                self.data_s += now - self._t
+        self._t = now
+
+    def take(self) -> tuple[float, float]:
+        out = (self.step_s, self.data_s)
+        self.step_s = self.data_s = 0.0
+        return out
+
+
 def peak_memory_bytes(device: torch.device) -> int:
     """This process's peak: allocated device memory on CUDA, resident set size on the host."""
     if device.type == "cuda":
@@ -127,30 +173,60 @@ def resolve_mfu_peak(value: str, precision: str, device: torch.device) -> float 
         return cluster_peak_flops(value, dtype)
 
 
+def mfu_peak_source(value: str, precision: str) -> str:
+    """What MFU divides by, in words for the log: a peak measured at start-up is no datasheet figure."""
+    dtype = "bf16" if precision == "bf16" else "fp32"
+    value = str(value)
+    if value == "measure":
+        return f"{dtype} matmul measured at start-up"
+    try:
+        float(value)
+        return "logging.mfu_peak"
+    except ValueError:
+        return f"{value} peak_flops.{dtype}"
+
+
 class Throughput:
-    """Tokens/s, TFLOPS, MFU and peak memory per rank for the training log. FLOPs are the model's
-    per-rank training FLOPs (`train.flops.step_model_flops`: MoE layers at their active capacity,
-    no activation-checkpointing recompute), MFU against ``logging.mfu_peak``."""
+    """Tokens/s, TFLOPS, MFU, memory and the operator telemetry per rank for the training log. FLOPs
+    are the model's per-rank training FLOPs (`train.flops.step_model_flops`: MoE layers at their
+    active capacity, no activation-checkpointing recompute), MFU against ``logging.mfu_peak``.
+    ``clock``: the `StepClock` the trainer laps in every step."""
 
     def __init__(self, cfg, dims, device: torch.device):
         self.dims, self.device = dims, device
         self.flops_per_step = flops.step_model_flops(cfg, dims.world_size)
         self.tokens_per_step = flops.tokens_per_step(cfg)
         self.peak = resolve_mfu_peak(cfg.logging.mfu_peak, cfg.train.precision, device)
+        self.peak_source = mfu_peak_source(cfg.logging.mfu_peak, cfg.train.precision)
+        self.clock = StepClock()
 
-    def measure(self, steps: int, seconds: float) -> dict[str, Any]:
-        """Collective at log steps (one all-gather of the ranks' peak memory, to rank 0's log)."""
+    def _per_rank(self, steps: int) -> torch.Tensor:
+        """(W, 5): peak memory, step seconds, data seconds, reserved memory, allocator retries; one
+        all-gather over the DP group at log steps (the only collective of the telemetry)."""
+        step_s, data_s = self.clock.take()
+        reserved = retries = 0.0
+        if self.device.type == "cuda":
+            reserved = float(torch.cuda.max_memory_reserved(self.device))
+            retries = float(torch.cuda.memory_stats(self.device).get("num_alloc_retries", 0))
+        steps = max(steps, 1)
+        mine = [float(peak_memory_bytes(self.device)), step_s / steps, data_s / steps, reserved, retries]
+        row = torch.tensor([mine], dtype=torch.float64)
+        if not self.dims.distributed:
+            return row
         import torch.distributed as dist
 
         from diffmoe_dist.parallel.groups import comm_device
 
-        mem = torch.tensor([float(peak_memory_bytes(self.device))], dtype=torch.float64)
-        if self.dims.distributed:
-            mem = mem.to(comm_device(self.dims.dp_group))
-            parts = [torch.empty_like(mem) for _ in range(self.dims.world_size)]
-            dist.all_gather(parts, mem, group=self.dims.dp_group)
-            mem = torch.cat(parts)
-        mem_gb = [round(v / 1e9, 3) for v in mem.tolist()]
+        row = row.to(comm_device(self.dims.dp_group))
+        parts = [torch.empty_like(row) for _ in range(self.dims.world_size)]
+        dist.all_gather(parts, row, group=self.dims.dp_group)
+        return torch.cat(parts).cpu()
+
+    def measure(self, steps: int, seconds: float) -> dict[str, Any]:
+        """Collective at log steps."""
+        ranks = self._per_rank(steps)
+        mem_gb = [round(v / 1e9, 3) for v in ranks[:, 0].tolist()]
+        step_s = ranks[:, 1]
         seconds = max(seconds, 1e-9)
         achieved = self.flops_per_step * steps / seconds
         out = {
@@ -159,10 +235,22 @@ class Throughput:
             "tflops_per_rank": achieved / 1e12,
             "peak_memory_gb": mem_gb,
             "peak_memory_gb_max": max(mem_gb),
+            # each rank's own clock in train_step: a straggler's peers wait for it in the collectives
+            "step_s_per_rank": [round(v, 4) for v in step_s.tolist()],
+            "step_s_median": float(step_s.median()),
+            "step_s_max": float(step_s.max()),
+            "step_s_max_rank": int(step_s.argmax()),
+            "data_share": float((ranks[:, 2] / step_s.clamp_min(1e-9)).mean()),
+            "data_share_max": float((ranks[:, 2] / step_s.clamp_min(1e-9)).max()),
         }
+        if self.device.type == "cuda":
+            out["reserved_memory_gb_max"] = round(float(ranks[:, 3].max()) / 1e9, 3)
+            out["alloc_retries_max"] = int(ranks[:, 4].max())
+            out["alloc_retries_rank"] = int(ranks[:, 4].argmax())
         if self.peak:
             out["mfu"] = achieved / self.peak
             out["mfu_peak_tflops"] = self.peak / 1e12
+            out["mfu_peak_source"] = self.peak_source
         return out
 
 
