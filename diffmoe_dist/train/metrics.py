@@ -78,7 +78,7 @@ class MetricsLogger:
         append_record(self.path, {"step": step, "time": time.time(), **values})
         if self._wandb is not None:  # per-rank lists stay in the JSONL (256 ranks: 256 series)
             scalars = {k: v for k, v in values.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-            self._wandb.log(scalars, step=step)
+            self._wandb_call("log", scalars, step=step)
         if self.lines:
             elapsed = time.time() - self._t0
             done = step - (self._first_step or 0)
@@ -89,7 +89,7 @@ class MetricsLogger:
         if self.enabled and self._wandb is not None:
             import wandb
 
-            self._wandb.log({key: wandb.Image(path, caption=caption)}, step=step)
+            self._wandb_call("log", {key: wandb.Image(path, caption=caption)}, step=step)
 
     def print(self, msg: str) -> None:
         if self.enabled:
@@ -99,7 +99,17 @@ class MetricsLogger:
         if self._progress is not None:
             self._progress.stop()
         if self._wandb is not None:
-            self._wandb.finish()
+            self._wandb_call("finish")
+
+    def _wandb_call(self, method: str, *args, **kwargs) -> None:
+        """W&B's service is a child process: a SIGTERM to the job step (scontrol requeue, preemption)
+        kills it while the trainer saves and stops. W&B then stops here with one line; metrics.jsonl
+        keeps every record."""
+        try:
+            getattr(self._wandb, method)(*args, **kwargs)
+        except Exception as exc:  # noqa: BLE001 - wandb is a convenience; training must not die for it
+            say(f"[diffmoe] WARNING: wandb {method} failed ({type(exc).__name__}: {exc}); wandb is off for this start")
+            self._wandb = None
 
 
 class PhaseTimer:

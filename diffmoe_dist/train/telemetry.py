@@ -218,7 +218,10 @@ class RoutingTelemetry:
         wandb = sys.modules.get("wandb")  # only if the metrics logger started a run
         run = getattr(wandb, "run", None) if wandb is not None else None
         if run is not None:
-            run.log(wandb_scalars(record), step=record["step"])
+            try:
+                run.log(wandb_scalars(record), step=record["step"])
+            except Exception:  # noqa: BLE001 - its service died (a SIGTERM): the JSONL has the record
+                pass
 
 
 def wandb_scalars(record: dict) -> dict[str, float]:
