@@ -191,7 +191,7 @@ def mfu_peak_source(value: str, precision: str) -> str:
         return f"{dtype} matmul measured at start-up"
     try:
         float(value)
-        return "logging.mfu_peak"
+        return f"logging.mfu_peak={value}"
     except ValueError:
         return f"{value} peak_flops.{dtype}"
 
