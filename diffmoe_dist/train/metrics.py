@@ -3,6 +3,7 @@ Other ranks get a logger that does nothing, so they stay quiet unless they fail.
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from typing import Any
@@ -136,23 +137,43 @@ def untimed_lap(phase: str | None) -> None:
 
 class StepClock:
     """The trainer's ``lap`` at every step (no device synchronise, a clock read per phase): host seconds
-    in ``train_step`` and in its data phase over the log window, for the operator telemetry."""
+    in ``train_step`` and in its data phase over the log window, for the operator telemetry. The first
+    step of each start is left out: it holds the start-up skew between ranks (rank 0 opens W&B while
+    its peers wait for it in the first collective)."""
 
     def __init__(self):
         self.step_s = self.data_s = 0.0
+        self.steps = 0
+        self._cur = [0.0, 0.0]
+        self._open, self._first = False, True
         self._t = time.perf_counter()
 
     def lap(self, phase: str | None) -> None:
         now = time.perf_counter()
-        if phase is not None:
-            self.step_s += now - self._t
+        if phase is None:  # a step starts: the previous one is complete
+            self._close()
+            self._cur, self._open = [0.0, 0.0], True
+        else:
+            self._cur[0] += now - self._t
             if phase == "data":
-                self.data_s += now - self._t
+                self._cur[1] += now - self._t
         self._t = now
 
+    def _close(self) -> None:
+        if self._open and not self._first:
+            self.step_s += self._cur[0]
+            self.data_s += self._cur[1]
+            self.steps += 1
+        self._first = self._first and not self._open
+        self._open = False
+
     def take(self) -> tuple[float, float]:
-        out = (self.step_s, self.data_s)
+        """Mean seconds per step in train_step and in its data phase since the last take (NaN: none)."""
+        self._close()
+        n = self.steps
+        out = (self.step_s / n, self.data_s / n) if n else (math.nan, math.nan)
         self.step_s = self.data_s = 0.0
+        self.steps = 0
         return out
 
 
@@ -210,16 +231,15 @@ class Throughput:
         self.peak_source = mfu_peak_source(cfg.logging.mfu_peak, cfg.train.precision)
         self.clock = StepClock()
 
-    def _per_rank(self, steps: int) -> torch.Tensor:
-        """(W, 5): peak memory, step seconds, data seconds, reserved memory, allocator retries; one
+    def _per_rank(self) -> torch.Tensor:
+        """(W, 5): peak memory, seconds per step, data seconds per step, reserved memory, allocator retries; one
         all-gather over the DP group at log steps (the only collective of the telemetry)."""
         step_s, data_s = self.clock.take()
         reserved = retries = 0.0
         if self.device.type == "cuda":
             reserved = float(torch.cuda.max_memory_reserved(self.device))
             retries = float(torch.cuda.memory_stats(self.device).get("num_alloc_retries", 0))
-        steps = max(steps, 1)
-        mine = [float(peak_memory_bytes(self.device)), step_s / steps, data_s / steps, reserved, retries]
+        mine = [float(peak_memory_bytes(self.device)), step_s, data_s, reserved, retries]
         row = torch.tensor([mine], dtype=torch.float64)
         if not self.dims.distributed:
             return row
@@ -234,7 +254,7 @@ class Throughput:
 
     def measure(self, steps: int, seconds: float) -> dict[str, Any]:
         """Collective at log steps."""
-        ranks = self._per_rank(steps)
+        ranks = self._per_rank()
         mem_gb = [round(v / 1e9, 3) for v in ranks[:, 0].tolist()]
         step_s = ranks[:, 1]
         seconds = max(seconds, 1e-9)
@@ -245,14 +265,19 @@ class Throughput:
             "tflops_per_rank": achieved / 1e12,
             "peak_memory_gb": mem_gb,
             "peak_memory_gb_max": max(mem_gb),
-            # each rank's own clock in train_step: a straggler's peers wait for it in the collectives
-            "step_s_per_rank": [round(v, 4) for v in step_s.tolist()],
-            "step_s_median": float(step_s.median()),
-            "step_s_max": float(step_s.max()),
-            "step_s_max_rank": int(step_s.argmax()),
-            "data_share": float((ranks[:, 2] / step_s.clamp_min(1e-9)).mean()),
-            "data_share_max": float((ranks[:, 2] / step_s.clamp_min(1e-9)).max()),
         }
+        if not step_s.isnan().any():  # each rank's own clock in train_step (StepClock)
+            share = ranks[:, 2] / step_s.clamp_min(1e-9)
+            out.update(
+                {
+                    "step_s_per_rank": [round(v, 4) for v in step_s.tolist()],
+                    "step_s_median": float(step_s.median()),
+                    "step_s_max": float(step_s.max()),
+                    "step_s_max_rank": int(step_s.argmax()),
+                    "data_share": float(share.mean()),
+                    "data_share_max": float(share.max()),
+                }
+            )
         if self.device.type == "cuda":
             out["reserved_memory_gb_max"] = round(float(ranks[:, 3].max()) / 1e9, 3)
             out["alloc_retries_max"] = int(ranks[:, 4].max())
