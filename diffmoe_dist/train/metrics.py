@@ -1,4 +1,6 @@
-"""Rank-0 metrics: JSONL in the run directory, optional wandb (offline by default), a rich progress bar.
+"""Rank-0 metrics: JSONL in the run directory (train/records.py), optional wandb (offline by default,
+one W&B run per run id), and a rich progress bar in a terminal or a plain step line per log step
+elsewhere (train/progress.py); the throughput, MFU and operator telemetry of each log step.
 Other ranks get a logger that does nothing, so they stay quiet unless they fail."""
 
 from __future__ import annotations
