@@ -55,13 +55,14 @@ def test_classifier_cache_loads_without_retraining_and_retrains_when_corrupt(tra
     model = trained
     calls = []
 
-    def fake_train():
+    def fake_train(**kwargs):
         calls.append(1)
         return model
 
     monkeypatch.setattr(classifier_mod, "train_classifier", fake_train)
     first = load_or_train_classifier(tmp_path)  # missing -> trained (faked) and cached
-    path = tmp_path / classifier_mod.CACHE_FILENAME
+    path = classifier_mod.cache_file(tmp_path)
+    assert path.name.startswith("digits_classifier-") and path.parent == tmp_path
     assert calls == [1] and path.is_file()
     assert not list(tmp_path.glob(".*.tmp")), "temporary file left behind"
 

@@ -67,13 +67,19 @@ def test_matmul_peak_is_positive_and_below_a_physical_bound():
 
 def test_mfu_peak_reads_a_number_a_cluster_file_or_off_and_refuses_anything_else():
     from diffmoe_dist.config import ConfigError
-    from diffmoe_dist.train.metrics import resolve_mfu_peak
+    from diffmoe_dist.train.metrics import mfu_peak_source, resolve_mfu_peak
 
     cpu = torch.device("cpu")
     assert resolve_mfu_peak("989", "bf16", cpu) == 989e12
     assert resolve_mfu_peak("tools/clusters/h100_32x8.yaml", "bf16", cpu) == 989e12
     assert resolve_mfu_peak("tools/clusters/h100_32x8.yaml", "fp32", cpu) == 67e12
     assert resolve_mfu_peak("off", "fp32", cpu) is None
+    # the log names what MFU divides by (the GPU config's is the cluster file's datasheet peak)
+    gpu = load_config("configs/t2i/diffmoe-e16-256gpu.yaml").validate(world_size=256)
+    assert mfu_peak_source(gpu.logging.mfu_peak, "bf16") == "tools/clusters/h100_32x8.yaml peak_flops.bf16"
+    assert resolve_mfu_peak(gpu.logging.mfu_peak, gpu.train.precision, cpu) == 989e12
+    assert mfu_peak_source("989", "bf16") == "logging.mfu_peak=989"
+    assert mfu_peak_source("measure", "fp32") == "fp32 matmul measured at start-up"
     with pytest.raises(ConfigError, match=r"^logging.mfu_peak='fast' is invalid: .*use measure, off, TFLOPS per rank"):
         load_config("configs/local/diffmoe-tiny.yaml", ["logging.mfu_peak=fast"]).validate(world_size=2)
 

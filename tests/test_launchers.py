@@ -18,6 +18,8 @@ from pathlib import Path
 import conftest
 import pytest
 
+from diffmoe_dist.train.records import read_metrics
+
 REPO = Path(__file__).resolve().parents[1]
 LAUNCHERS = REPO / "launchers"
 SCRIPTS = sorted(p.name for p in LAUNCHERS.glob("*.sh"))
@@ -136,8 +138,7 @@ def final_result(res: subprocess.CompletedProcess) -> dict:
 
 def losses(run_dir: Path) -> list[tuple[int, float]]:
     """(step, global mean loss) from rank 0's metrics.jsonl (logging.log_every=1: every step)."""
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [(r["step"], r["loss"]) for r in records]
+    return [(r["step"], r["loss"]) for r in read_metrics(str(run_dir))]
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,6 @@ and the resumed run is bitwise the uninterrupted one (W=4, P=2, DeepSpeed ZeRO, 
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -17,14 +16,14 @@ from distributed import start_training_ranks, wait_all
 
 from diffmoe_dist import checkpoint as ckpt
 from diffmoe_dist.train.preemption import EXIT_REQUEUE
+from diffmoe_dist.train.records import metric_series
 
 TINY = [*conftest.TINY, "checkpoint.every=0"]
 STEPS = 10  # 2N
 
 
 def losses(run_dir) -> dict[int, float]:
-    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-        return {r["step"]: r["loss"] for r in map(json.loads, f)}
+    return metric_series(run_dir, "loss")  # one value per step: the one the run continued with
 
 
 def final_state(run_dir) -> tuple[int, dict[str, torch.Tensor]]:

@@ -24,6 +24,7 @@ import torch
 from distributed import run_distributed
 
 from diffmoe_dist import checkpoint as ckpt
+from diffmoe_dist.train.records import metric_series
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = [*conftest.TINY, "parallel.expert_parallel_size=1", "checkpoint.every=1"]
@@ -148,7 +149,7 @@ def test_resume_refuses_a_changed_seed_or_shape_and_warns_and_records_a_changed_
     ]
     changes = [r for r in history(run) if r["event"] == "config_change" and r.get("training", True)]
     assert [(r["field"], r["old"], r["new"], r["step"]) for r in changes] == [("optim.lr", 0.001, 0.002, 4)]
-    lrs = {r["step"]: r["lr"] for r in map(json.loads, open(run / "metrics.jsonl"))}
+    lrs = metric_series(str(run), "lr")
     assert lrs[4] == pytest.approx(1e-3) and lrs[5] == lrs[6] == pytest.approx(2e-3)  # the new value is used
     assert "lr: 0.002" in (run / "config.yaml").read_text()
 

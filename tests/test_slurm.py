@@ -169,7 +169,8 @@ def test_scancel_usr1_saves_on_every_rank_at_one_step_exits_75_and_requeues_bitw
 
 def test_scontrol_requeue_resumes_bitwise(slurm_cluster, reference_run, tmp_path):
     interrupt = lambda job: slurm_cluster.cmd("scontrol", "requeue", str(job))  # noqa: E731
-    info, log, run_dir = interrupted_run(slurm_cluster, tmp_path, "requeued", interrupt)
+    # W&B offline (no network): the requeued job must continue the first job's W&B run
+    info, log, run_dir = interrupted_run(slurm_cluster, tmp_path, "requeued", interrupt, ["logging.wandb=offline"])
     assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", log[-3000:]
     # SIGTERM is the warning: the trainer saved where it stopped; Slurm requeued, not the script
     assert "SIGTERM received" in log and "requeueing job" not in log
@@ -178,6 +179,35 @@ def test_scontrol_requeue_resumes_bitwise(slurm_cluster, reference_run, tmp_path
     assert len(stops) == 1 and EVERY <= stops[0] < STEPS, log[-3000:]
     assert_resumed_once_from(log, run_dir, stops[0])
     assert_bitwise_equal(final_weights(run_dir), final_weights(reference_run["dir"] / "runs" / "reference"))
+    assert_operator_view(log, run_dir, stops[0])
+
+
+def assert_operator_view(log: str, run_dir: Path, stop: int) -> None:
+    """What an operator reads after a requeue: step lines in the .out file from both jobs, one W&B run
+    (the run's id) continued across them, one metrics value per step through the reader, telemetry."""
+    from diffmoe_dist.train.records import read_metrics, resumes
+
+    log_steps = list(range(5, STEPS + 1, 5))  # logging.log_every=5
+    printed = [int(s) for s in re.findall(rf"\[diffmoe\] step (\d+)/{STEPS} \| loss ", log)]
+    assert sorted(set(printed)) == log_steps and printed == sorted(printed), log[-3000:]
+    with open(run_dir / "checkpoints" / "history.jsonl") as f:
+        run_ids = {r["run_id"] for r in map(json.loads, f)}
+    assert len(run_ids) == 1
+    run_id = run_ids.pop()
+    wandb_runs = sorted(p.name for p in (run_dir / "wandb").glob("offline-run-*"))
+    assert len(wandb_runs) == 2 and all(name.endswith(f"-{run_id}") for name in wandb_runs), wandb_runs
+    (resume,) = resumes(str(run_dir))
+    checkpoint = str(run_dir / "checkpoints" / f"step_{stop:07d}")
+    assert (resume["step"], resume["checkpoint"], resume["run_id"]) == (stop, checkpoint, run_id)
+    records = read_metrics(str(run_dir))
+    assert [r["step"] for r in records] == log_steps
+    timed = [r for r in records if "step_s_per_rank" in r]  # a window of a start's first step alone: none
+    assert len(timed) >= len(records) - 1
+    for r in timed:  # measured at log steps, gathered from the 4 ranks
+        assert len(r["step_s_per_rank"]) == 4 and r["step_s_max"] >= r["step_s_median"] > 0, r
+        assert r["step_s_per_rank"][r["step_s_max_rank"]] == pytest.approx(r["step_s_max"], rel=1e-3), r
+        assert 0 <= r["data_share"] <= r["data_share_max"] < 1 and len(r["peak_memory_gb"]) == 4, r
+        assert r["mfu_peak_source"] == "fp32 matmul measured at start-up" and r["mfu"] > 0, r
 
 
 def test_preemption_requeues_and_resumes_bitwise(slurm_cluster, reference_run, tmp_path):

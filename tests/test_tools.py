@@ -265,3 +265,29 @@ def test_plan_cli_refuses_a_bad_cluster_file_in_one_line(tmp_path):
         text=True,
     )
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1 and "lacks" in proc.stderr
+
+
+# ---- the records reader --------------------------------------------------------------------------
+def test_records_reader_gives_each_step_the_value_the_run_continued_with(tmp_path):
+    from diffmoe_dist.train.records import metric_series, read_metrics, resumes, write_resume
+
+    def log(*steps, tag):
+        with open(tmp_path / "metrics.jsonl", "a") as f:
+            f.writelines(json.dumps({"step": s, "loss": f"{tag}{s}"}) + "\n" for s in steps)
+
+    # steps 1-6 logged, a crash, resumed from the checkpoint at 4; 5-7 logged, then a rollback to the
+    # checkpoint at 2 (train.resume=RUN/checkpoints/step_0000002); 3-8 logged; a torn last line
+    log(1, 2, 3, 4, 5, 6, tag="a")
+    write_resume(str(tmp_path), 4, "RUN/checkpoints/step_0000004", "r1")
+    log(5, 6, 7, tag="b")
+    write_resume(str(tmp_path), 2, "RUN/checkpoints/step_0000002", "r1")
+    log(3, 4, 5, 6, 7, 8, tag="c")
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 9, "lo')
+    assert metric_series(str(tmp_path), "loss") == {1: "a1", 2: "a2", **{s: f"c{s}" for s in range(3, 9)}}
+    assert [r["step"] for r in read_metrics(str(tmp_path))] == list(range(1, 9))
+    assert [(r["step"], r["checkpoint"]) for r in resumes(str(tmp_path))] == [
+        (4, "RUN/checkpoints/step_0000004"),
+        (2, "RUN/checkpoints/step_0000002"),
+    ]
+    assert not (tmp_path / "routing.jsonl").exists()  # a resume record goes into routing.jsonl only if it exists

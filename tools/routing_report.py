@@ -3,7 +3,9 @@
     python tools/routing_report.py runs/main                 # -> runs/main/report/
     python tools/routing_report.py RUN --eval-json RUN/eval.json --out docs/img
 
-Reads ``RUN/routing.jsonl`` (diffmoe_dist/train/telemetry.py) and writes:
+Reads ``RUN/routing.jsonl`` (diffmoe_dist/train/telemetry.py) through the run's records reader
+(diffmoe_dist/train/records.py: one record per step, the one the run continued with after a resume
+or rollback) and writes:
 - ``expert_load.png``: experts x MoE layers, each expert's load relative to uniform
   (``tokens_e E / N``; DiffMoE training gives exactly C everywhere, token choice does not), and,
   with expert parallelism, the rows each EP rank computed relative to the mean;

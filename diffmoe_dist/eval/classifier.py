@@ -1,9 +1,11 @@
 """A small CNN that judges generated 16x16 digits: class accuracy and a feature space for FID.
 
-Trained deterministically on the digits train split in a few seconds on one thread, then cached
-(`$DIFFMOE_CACHE_DIR` or `~/.cache/diffmoe_dist`) so every run and every rank judges samples with
-the same weights. Shifts of +-1 px and light pixel noise in training make it robust to the small
-misalignments and grain of generated samples.
+Trained deterministically on the digits train split in a few seconds on one thread (minutes on a
+loaded machine), then cached per data set (`$DIFFMOE_CACHE_DIR` or `~/.cache/diffmoe_dist`, the file
+named by a digest of the training split) so every run and every rank judges samples with the same
+weights. The first use says so on stderr before it trains, with the time it will take. Shifts of
++-1 px and light pixel noise in training make it robust to the small misalignments and grain of
+generated samples.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import torch.nn.functional as F
 from diffmoe_dist.data.digits import IMAGE_SIZE, NUM_CLASSES, load_digits_split
 
 FEATURE_DIM = 64
-CACHE_FILENAME = "digits_classifier.pt"
+CACHE_PREFIX = "digits_classifier"
 # Bump when the architecture or the training recipe changes: older caches are then retrained.
 FORMAT_VERSION = 1
 _TRAIN_SEED = 0
@@ -92,11 +94,11 @@ def _random_shift(x_B1HW: torch.Tensor, generator: torch.Generator, max_shift: i
     return out_BHW.unsqueeze(1)
 
 
-def train_classifier(seed: int = _TRAIN_SEED, epochs: int = _EPOCHS) -> DigitsClassifier:
+def train_classifier(seed: int = _TRAIN_SEED, epochs: int = _EPOCHS, on_epoch=None) -> DigitsClassifier:
     """Trains on the digits train split; deterministic for a given seed and thread count.
 
     Uses its own generator for data order and augmentation and forks the global RNG for the weight
-    init, so callers' random streams are left untouched.
+    init, so callers' random streams are left untouched. ``on_epoch(done, epochs)`` after each epoch.
     """
     x_train, y_train = load_digits_split("train")
     generator = torch.Generator().manual_seed(seed)
@@ -109,7 +111,7 @@ def train_classifier(seed: int = _TRAIN_SEED, epochs: int = _EPOCHS) -> DigitsCl
             optimizer, max_lr=_LR, total_steps=epochs * steps_per_epoch, pct_start=0.2
         )
         model.train()
-        for _ in range(epochs):
+        for epoch in range(epochs):
             for idx in torch.randperm(len(y_train), generator=generator).split(_BATCH_SIZE):
                 x = _random_shift(x_train[idx], generator)
                 x = x + 0.05 * torch.randn(x.shape, generator=generator)
@@ -118,6 +120,8 @@ def train_classifier(seed: int = _TRAIN_SEED, epochs: int = _EPOCHS) -> DigitsCl
                 loss.backward()
                 optimizer.step()
                 schedule.step()
+            if on_epoch is not None:
+                on_epoch(epoch + 1, epochs)
     return model.eval()
 
 
@@ -173,26 +177,55 @@ def _save_atomic(model: DigitsClassifier, path: Path, accuracy: float) -> None:
         raise
 
 
+def dataset_digest() -> str:
+    """The training split's digest (images and labels) with the recipe version: another data set, or
+    another recipe, gets its own cache file."""
+    x, y = load_digits_split("train")
+    digest = hashlib.sha256(f"v{FORMAT_VERSION}:{tuple(x.shape)}".encode())
+    digest.update(x.contiguous().numpy().tobytes())
+    digest.update(y.contiguous().numpy().tobytes())
+    return digest.hexdigest()[:12]
+
+
+def cache_file(cache_dir: str | os.PathLike | None = None) -> Path:
+    """Where the classifier of this data set is cached."""
+    return Path(cache_dir or default_cache_dir()) / f"{CACHE_PREFIX}-{dataset_digest()}.pt"
+
+
+def _say(msg: str) -> None:
+    # stderr: the evaluators' stdout carries their JSON alone (`diffmoe-eval ... | tee eval.json`)
+    print(f"[diffmoe-eval] {msg}", file=sys.stderr, flush=True)
+
+
 def load_or_train_classifier(cache_dir: str | os.PathLike | None = None) -> DigitsClassifier:
     """The cached digits classifier in eval mode; trained (~10 s, one thread) and cached if missing/invalid.
 
     cache_dir: defaults to `$DIFFMOE_CACHE_DIR`, else `~/.cache/diffmoe_dist`.
     """
-    path = Path(cache_dir or default_cache_dir()) / CACHE_FILENAME
+    path = cache_file(cache_dir)
     if path.exists():
         try:
             return _load_cached(path)
         except Exception as exc:  # noqa: BLE001 - any unreadable cache is rebuilt, never trusted
             warnings.warn(f"digits classifier cache {path} is unusable ({exc}); retraining", stacklevel=2)
+    n = len(load_digits_split("train")[1])
+    _say(
+        f"training the evaluation classifier (digits CNN, {_EPOCHS} epochs on {n} images; once per data set, "
+        f"then cached at {path}): started"
+    )
     start = time.perf_counter()
-    model = train_classifier()
+
+    def estimate(done: int, epochs: int) -> None:
+        if done == 1:
+            per_epoch = time.perf_counter() - start
+            _say(f"classifier epoch 1/{epochs} took {per_epoch:.1f} s: about {per_epoch * epochs:.0f} s in all")
+
+    model = train_classifier(on_epoch=estimate)
     accuracy = heldout_accuracy(model)
     try:
         _save_atomic(model, path, accuracy)
     except OSError as exc:
         warnings.warn(f"could not cache the digits classifier at {path} ({exc})", stacklevel=2)
     elapsed = time.perf_counter() - start
-    # stderr: the evaluators' stdout carries their JSON alone (`diffmoe-eval ... | tee eval.json`)
-    msg = f"trained digits classifier in {elapsed:.1f}s, held-out accuracy {accuracy:.2%}; cached at {path}"
-    print(msg, file=sys.stderr)
+    _say(f"training the evaluation classifier: done in {elapsed:.1f} s (held-out accuracy {accuracy:.2%})")
     return model

@@ -60,6 +60,12 @@ def _sample_batched(
     meter = CapacityMeter(model)
     evals = args.steps * (2 if args.sampler == "heun" else 1)  # velocity evaluations per batch
     chunks = len(labels.split(args.batch_size))
+    print(
+        f"[diffmoe-eval] sampling {len(labels)} images ({args.sampler}, {args.steps} steps, CFG {args.cfg_scale}, "
+        f"batches of {args.batch_size}): started",
+        file=sys.stderr,
+        flush=True,
+    )
     t0 = time.perf_counter()
     with _progress(f"sampling {len(labels)} images", chunks * evals) as advance:
         images = sample_in_chunks(
@@ -68,9 +74,10 @@ def _sample_batched(
         )  # fmt: skip
     seconds = time.perf_counter() - t0
     print(
-        f"sampled {len(labels)} images ({args.sampler}, {args.steps} steps, CFG {args.cfg_scale}) in {seconds:.1f} s: "
-        f"{len(labels) / max(seconds, 1e-9):.2f} images/s",
+        f"[diffmoe-eval] sampled {len(labels)} images ({args.sampler}, {args.steps} steps, CFG {args.cfg_scale}) "
+        f"in {seconds:.1f} s: {len(labels) / max(seconds, 1e-9):.2f} images/s",
         file=sys.stderr,
+        flush=True,
     )
     meter.close()
     if per_step is not None and meter.values:  # C_avg per ODE step (routing telemetry at evaluation)
@@ -170,7 +177,11 @@ def eval_main(argv=None) -> int:
 
 def _evaluate(args) -> dict:
     model, cfg = _prepare(args)
+    from diffmoe_dist.eval.classifier import load_or_train_classifier
     from diffmoe_dist.eval.metrics import evaluate_images
+
+    # First, so that a first use says it trains the classifier (and for how long) before sampling.
+    classifier = load_or_train_classifier()
 
     per_step: list[float] = []
 
@@ -191,7 +202,7 @@ def _evaluate(args) -> dict:
         from diffmoe_dist.eval.fid import TorchScriptFeatures
 
         extractor = TorchScriptFeatures(args.features)
-    result = evaluate_images(images, labels, extractor=extractor)
+    result = evaluate_images(images, labels, extractor=extractor, classifier=classifier)
     if cfg.model.task == "t2i":
         result["prompt_accuracy"] = result.pop("class_accuracy")
         result["prompts"] = "held-out phrasings"
@@ -206,3 +217,15 @@ def _evaluate(args) -> dict:
         }
     )
     return result
+
+
+def main(argv=None) -> int:
+    """``python -m diffmoe_dist.eval.cli [eval|sample] ARGS``: diffmoe-eval (the default) or diffmoe-sample."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in ("eval", "sample"):
+        return (sample_main if argv[0] == "sample" else eval_main)(argv[1:])
+    return eval_main(argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

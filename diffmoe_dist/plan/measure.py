@@ -3,7 +3,6 @@ machine and read the step time from the run's metrics.jsonl (logged every step).
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess
@@ -12,6 +11,7 @@ import tempfile
 import time
 
 from diffmoe_dist.train.allocator import TUNED_MALLOC
+from diffmoe_dist.train.records import read_metrics
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 ENV = {
@@ -61,8 +61,7 @@ def measure_step(
         proc = subprocess.run(cmd, env={**os.environ, **ENV}, cwd=REPO, capture_output=True, text=True)
         if proc.returncode:
             raise RuntimeError(f"training failed ({' '.join(cmd)}):\n{proc.stderr[-3000:]}")
-        with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-            records = [json.loads(line) for line in f]
+        records = read_metrics(run_dir)
     times = sorted(1.0 / r["steps_per_s"] for r in records if r["step"] > warmup)
     if not times:
         raise RuntimeError(f"no steps after the {warmup} warm-up steps: raise the step count")

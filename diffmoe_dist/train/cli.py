@@ -102,6 +102,12 @@ def _check_sizes(cfg, world_size: int) -> None:
 
 
 def _train(cfg, env) -> int:
+    # A batch log (a SLURM .out file) is block-buffered: every line of the run as it happens.
+    if hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(line_buffering=True)
+    from diffmoe_dist.train.progress import Phase, say
+
+    startup = Phase(say if env.rank == 0 else lambda _: None, f"start-up ({env.world_size} ranks)")
     import torch
 
     from diffmoe_dist.checkpoint import CheckpointError
@@ -146,7 +152,9 @@ def _train(cfg, env) -> int:
     if device.type == "cuda":
         torch.cuda.set_device(env.local_rank)
     try:
-        result = Trainer(cfg, dims, device, env.local_world_size).fit()
+        trainer = Trainer(cfg, dims, device, env.local_world_size)
+        startup.end("process group, model, parallelism, optimizer, data loader")
+        result = trainer.fit()
     except (RunDirError, CheckpointError, NonFiniteError, ShardError) as exc:  # ShardError: a shard went bad mid-run
         if env.rank == 0:  # every rank raised the same error; one line is enough
             print(f"diffmoe-train: error: {exc}", file=sys.stderr)

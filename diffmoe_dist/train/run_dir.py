@@ -33,6 +33,7 @@ from diffmoe_dist import checkpoint as ckpt
 from diffmoe_dist.checkpoint.identity import check_identity
 from diffmoe_dist.checkpoint.ownership import HISTORY, RunDirError, RunHistory, RunLock, owner_identity
 from diffmoe_dist.config import MODEL_SIZES
+from diffmoe_dist.train.records import write_resume
 
 # A change of any of these makes a different run: refused on resume.
 IDENTITY = {
@@ -228,6 +229,8 @@ def begin(plan: StartPlan, cfg, run_dir: str, root: str, log) -> None:
     for key, old, new in plan.other_changes:
         history.append("config_change", run_id=plan.run_id, step=step, field=key, old=old, new=new, training=False)
     save_config(cfg, os.path.join(run_dir, "config.yaml"))
+    if plan.path is not None:  # metrics.jsonl: the steps after this one are logged again (train/records.py)
+        write_resume(run_dir, step, plan.path, plan.run_id)
 
 
 class RunOwner:

@@ -35,8 +35,8 @@ import torch.nn as nn
 from diffmoe_dist.model.moe.collector import MoECollector
 from diffmoe_dist.model.moe.layer import MoEFeedForward
 from diffmoe_dist.parallel.groups import comm_device
+from diffmoe_dist.train.records import ROUTING_FILE, read_continued
 
-ROUTING_FILE = "routing.jsonl"
 # Per-rank float slots in the reduce buffer: dispatch_s, combine_s, dispatch_bytes, combine_bytes.
 _PHASES = ("dispatch_s", "combine_s", "dispatch_bytes", "combine_bytes")
 
@@ -218,7 +218,10 @@ class RoutingTelemetry:
         wandb = sys.modules.get("wandb")  # only if the metrics logger started a run
         run = getattr(wandb, "run", None) if wandb is not None else None
         if run is not None:
-            run.log(wandb_scalars(record), step=record["step"])
+            try:
+                run.log(wandb_scalars(record), step=record["step"])
+            except Exception:  # noqa: BLE001 - its service died (a SIGTERM): the JSONL has the record
+                pass
 
 
 def wandb_scalars(record: dict) -> dict[str, float]:
@@ -238,16 +241,9 @@ def wandb_scalars(record: dict) -> dict[str, float]:
 
 
 def read_routing(run_dir: str) -> list[dict]:
-    """The records of ``RUN/routing.jsonl`` in step order (later records win for a repeated step,
-    as after a resume)."""
-    path = os.path.join(run_dir, ROUTING_FILE)
-    by_step: dict[int, dict] = {}
-    with open(path) as f:
-        for line in f:
-            if line.strip():
-                record = json.loads(line)
-                by_step[record["step"]] = record
-    return [by_step[s] for s in sorted(by_step)]
+    """The records of ``RUN/routing.jsonl`` in step order, one per step: those of the steps the run
+    continued with after a resume or rollback (train/records.py)."""
+    return read_continued(os.path.join(run_dir, ROUTING_FILE))
 
 
 def capacity_per_step(values: list[float], num_layers: int, num_steps: int, evals_per_step: int = 1) -> list[float]:

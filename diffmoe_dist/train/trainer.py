@@ -27,6 +27,7 @@ from diffmoe_dist.train.engine import build_engine, uses_deepspeed
 from diffmoe_dist.train.guard import StepGuard, check_state_finite
 from diffmoe_dist.train.metrics import MetricsLogger, PhaseTimer, StepMetrics, Throughput, progress_info, untimed_lap
 from diffmoe_dist.train.preemption import EXIT_REQUEUE, StopRequest
+from diffmoe_dist.train.progress import Phase, say
 from diffmoe_dist.train.run_dir import RunDirError, RunOwner, begin, plan_start
 from diffmoe_dist.train.telemetry import RoutingTelemetry
 
@@ -113,12 +114,14 @@ class Trainer:
         rank_state = {"rng_torch": torch.get_rng_state(), "rng_noise": self.noise_gen.get_state()}
         if self.device.type == "cuda":  # label / caption dropout draws from the CUDA default generator
             rank_state["rng_cuda"] = torch.cuda.get_rng_state(self.device)
-        log = print if self.rank0 else lambda _: None
+        log = say if self.rank0 else lambda _: None
+        phase = Phase(log, f"checkpoint save at step {self.step}")
         path = self.saver.save(
             self.ckpt_root, self.step, self._slots(), meta, rank_state, self.cfg.checkpoint.keep_last, self.run_id,
             log, blocking,
         )  # fmt: skip
         self.last_save_seconds = time.time() - t0  # what the step waited
+        phase.end(path if blocking else f"{path}, written in the background")
         self._saved_step = self.step
         return path
 
@@ -134,6 +137,7 @@ class Trainer:
         self.run_id, path = self.run_plan.run_id, self.run_plan.path
         if path is None:
             return
+        log(f"[diffmoe] resume from {path}: started")
         reader = ckpt.ShardReader(path)
         meta = reader.meta
         model = ckpt.module_slots("model", self.model, self.dims)
@@ -166,7 +170,7 @@ class Trainer:
         self.last_load_seconds = time.time() - t0
         where = f"world size {meta['world_size']}, EP {meta['ep_size']}"
         note = "" if same_topology else f" (written at {where}: resharded)"
-        log(f"[diffmoe] resumed from {path} at step {self.step}{note}")
+        log(f"[diffmoe] resumed from {path} at step {self.step}{note}: done in {self.last_load_seconds:.1f} s")
 
     def _seed_streams(self, step: int) -> None:
         """This rank's streams for t, noise and label dropout (torch's global one and ``noise_gen``;
@@ -321,8 +325,9 @@ class Trainer:
     def _fit(self) -> dict:
         cfg = self.cfg
         logger = MetricsLogger(
-            self.run_dir, self.rank0, cfg.logging.wandb, cfg.logging.wandb_project, cfg.to_dict(), cfg.train.steps
-        )
+            self.run_dir, self.rank0, cfg.logging.wandb, cfg.logging.wandb_project, cfg.to_dict(), cfg.train.steps,
+            self.run_id,
+        )  # fmt: skip
         logger.advance_to(self.step)
         stop = StopRequest(  # SIGTERM / SIGUSR1 / time limit; every_minutes and unreadable data ride along
             self.dims,
@@ -340,7 +345,7 @@ class Trainer:
         last = {}
         window_t, window_steps = time.time(), 0
         while self.step < cfg.train.steps:
-            last = self.train_step()
+            last = self.train_step(throughput.clock)  # host clock reads only: data share, per-rank step time
             self._owner.heartbeat()
             if self.guard.skipped:  # same step again with the next batch (nothing to log or save)
                 if stopped := stop.should_stop():
@@ -388,8 +393,9 @@ class Trainer:
         path = os.path.join(self.run_dir, "samples", f"step_{self.step:07d}.png")
         if self.rank0:
             os.makedirs(os.path.dirname(path), exist_ok=True)
+        phase = Phase(logger.print, f"sample grid at step {self.step}")
         self.sample_grid(path)
         prompts = os.path.splitext(path)[0] + ".txt"  # t2i: the columns' captions
         caption = Path(prompts).read_text() if self.rank0 and os.path.isfile(prompts) else None
         logger.log_image(self.step, "samples", path, caption)
-        logger.print(f"[diffmoe] step {self.step}: samples -> {path}")
+        phase.end(f"samples -> {path}")

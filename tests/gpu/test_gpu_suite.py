@@ -104,6 +104,14 @@ def test_nccl_forced_distributed_bf16_training_with_checkpoints(uninterrupted, s
     assert (run_dir / "routing.jsonl").is_file()  # telemetry's all-reduce ran on the comm device
     assert list((run_dir / "samples").glob("*.png"))  # the sample grid's all-gather too
     smoke_numbers["train"] = {"steps": STEPS, "loss": result["loss"], "seconds": result["seconds"]}
+    from diffmoe_dist.train.records import read_metrics
+
+    last = read_metrics(str(run_dir))[-1]  # the operator telemetry (reserved memory and retries: CUDA only)
+    keys = ["step_s_median", "step_s_max", "data_share", "peak_memory_gb_max", "mfu", "mfu_peak_source"]
+    if ON_GPU:
+        assert last["reserved_memory_gb_max"] >= last["peak_memory_gb_max"] > 0 <= last["alloc_retries_max"], last
+        keys += ["reserved_memory_gb_max", "alloc_retries_max"]
+    smoke_numbers["telemetry"] = {k: last[k] for k in keys}
 
 
 def test_resume_finishes_bitwise_equal_to_an_uninterrupted_run(uninterrupted, t2i_data, tmp_path):
