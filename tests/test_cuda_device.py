@@ -65,6 +65,20 @@ def test_trainer_under_torchrun_refuses_cuda_in_one_line_before_any_process_grou
     assert "parallel.device='cuda' is invalid" in _one_error_line(proc.stderr)
 
 
+@needs_no_cuda
+@pytest.mark.parametrize("gpus, device", [({"SLURM_JOB_GPUS": "0,1,2,3"}, "auto"), ({}, "cuda")])
+def test_gpu_job_launcher_refuses_a_cpu_build_in_one_line_before_any_rank(gpus, device, tmp_path):
+    # The sbatch script's first config check (diffmoe-train --validate-only) on the batch node.
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "CUDA_VISIBLE"))}
+    env.update(SLURM_JOB_ID="4242", SLURM_NTASKS="4", CONFIG="configs/local/diffmoe-tiny.yaml", RUNS=str(tmp_path))
+    cmd = ["bash", str(REPO / "launchers/t2i_256gpu.sh"), f"parallel.device={device}"]
+    proc = subprocess.run(cmd, env={**env, **gpus}, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    line = _one_error_line(proc.stderr)
+    assert f"parallel.device='{device}' is invalid" in line and "is a CPU build" in line, line
+    assert not list(tmp_path.iterdir())  # no run directory, no rank
+
+
 def test_a_job_given_gpus_is_told_by_slurm_or_cuda_visible_devices():
     assert gpus_expected({}) is None
     for empty in ({"CUDA_VISIBLE_DEVICES": ""}, {"CUDA_VISIBLE_DEVICES": "-1"}, {"SLURM_GPUS_ON_NODE": "0"}):
