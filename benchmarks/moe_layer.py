@@ -240,6 +240,12 @@ def _build_megatron(shape: Shape, dtype):
 
         if not parallel_state.model_parallel_is_initialized():
             parallel_state.initialize_model_parallel(1, 1, expert_model_parallel_size=1)
+            if DEVICE.type == "cuda":
+                # Its forward forks the CUDA RNG tracker's states (e.g. for dropout); unseeded, any fork
+                # raises "cuda rng state expert-parallel-rng is not added".
+                from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+
+                model_parallel_cuda_manual_seed(0)
         cfg = TransformerConfig(
             num_layers=1,
             hidden_size=shape.dim,
@@ -257,7 +263,9 @@ def _build_megatron(shape: Shape, dtype):
             gated_linear_unit=False,
             activation_func=lambda t: F.gelu(t, approximate="tanh"),
             bias_activation_fusion=False,
-            use_cpu_initialization=DEVICE.type == "cpu",
+            # On every device: the weights are drawn on the CPU, then moved. Drawn on CUDA, each expert
+            # forks the CUDA RNG tracker, and the construction path would differ from the one tested here.
+            use_cpu_initialization=True,
             params_dtype=dtype,
             bf16=dtype == torch.bfloat16,
         )

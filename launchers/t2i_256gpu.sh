@@ -79,4 +79,27 @@ source "$_root/launchers/common.sh"
 # Threads: OMP_NUM_THREADS = --cpus-per-task (12 here: data loading and host-side work only; the
 # GPU does the math). Allocator: MALLOC_MMAP_THRESHOLD_/MALLOC_TRIM_THRESHOLD_ = 4 GiB (common.sh).
 
+# ---- Container (optional): every Python command of the job inside the image of container/ -------
+#   DIFFMOE_SIF=/shared/diffmoe-dist-cu128.sif sbatch launchers/t2i_256gpu.sh             # Apptainer
+#   DIFFMOE_CONTAINER_IMAGE=/shared/diffmoe-dist-cu128.sqsh sbatch launchers/t2i_256gpu.sh # pyxis (enroot)
+# Bound into it: this checkout (its code runs), DIFFMOE_DATA, DIFFMOE_RUNS and DIFFMOE_BIND (more host
+# paths, comma-separated: the config's text encoder lives in /models, so DIFFMOE_BIND=/models).
+# Apptainer: container/python.sh is the job's python, so the config check and each rank run in
+# `apptainer exec --nv`. pyxis: the batch shell's checks run as one-task steps in the image, and the
+# ranks' step gets srun --container-image (each rank then runs the image's python).
+# The image sets PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True. /dev/shm holds the loader workers'
+# batches in flight (ranks per node x data.num_workers x 2 x one batch; docs/notes/issue-24.md).
+# A CPU build of torch on this GPU job is refused in one line by the first config check
+# (diffmoe-train --validate-only: parallel.device=cuda, or auto in a job given GPUs).
+if [[ -n ${DIFFMOE_SIF:-}${DIFFMOE_CONTAINER_IMAGE:-} ]]; then
+  export PYTHON=$_root/container/python.sh DIFFMOE_SIF DIFFMOE_CONTAINER_IMAGE
+  if [[ -n ${DIFFMOE_CONTAINER_IMAGE:-} ]]; then
+    export DIFFMOE_TRAIN=${DIFFMOE_TRAIN:-python -m diffmoe_dist.train.cli}
+    srun() { # the ranks' step only: container/python.sh calls the real srun for its one-task steps
+      command srun --container-image="$DIFFMOE_CONTAINER_IMAGE" --container-workdir="$DIFFMOE_ROOT" \
+        --container-mounts="$("$PYTHON" --pyxis-mounts)" "$@"
+    }
+  fi
+fi
+
 diffmoe_slurm_train configs/t2i/diffmoe-e16-256gpu.yaml "$@"

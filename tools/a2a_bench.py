@@ -180,10 +180,10 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="runs/a2a_bench", help="directory for a2a_bench.json and a2a_bench.png")
     args = p.parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    from diffmoe_dist.parallel.launch import destroy_distributed, init_distributed, read_launch_env, resolve_device
+    from diffmoe_dist.parallel.launch import destroy_distributed, init_distributed, rank_device, read_launch_env
 
     env = read_launch_env()
-    device = resolve_device(args.device, env.local_rank)
+    device = rank_device(args.device, env)  # one GPU per rank under any binding, as the trainer
     init_distributed(env, 1, device, use_megatron=False)
     try:
         if env.rank == 0:

@@ -209,12 +209,38 @@ def free_port() -> int:
     return free_ports(1)[0]
 
 
-def resolve_device(device: str | torch.device, local_rank: int) -> torch.device:
+def cuda_index(local_rank: int, local_world_size: int, visible: int) -> int:
+    """Which of the ``visible`` CUDA devices (``torch.cuda.device_count()``, after CUDA_VISIBLE_DEVICES)
+    this rank takes. Either each task sees every GPU of its node (torchrun; srun without GPU binding)
+    and takes its local rank's, or it sees only its own (srun --gpus-per-task=1 / --gpu-bind=single:1,
+    one GPU per container: fewer visible than local ranks) and takes the first it sees."""
+    if visible < 1:
+        raise ParallelSetupError(
+            f"parallel.device=cuda: local rank {local_rank} sees no CUDA device (CUDA_VISIBLE_DEVICES="
+            f"{os.environ.get('CUDA_VISIBLE_DEVICES')!r}): give the job GPUs (--gpus-per-node), or parallel.device=cpu"
+        )
+    return local_rank if local_world_size <= visible and local_rank < visible else 0
+
+
+def resolve_device(
+    device: str | torch.device, local_rank: int, local_world_size: int = 1, visible: int | None = None
+) -> torch.device:
+    """``auto`` / ``cpu`` / ``cuda`` / ``cuda:N`` -> this rank's device (`cuda_index` picks N)."""
     if str(device) == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(device)
     if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", local_rank % torch.cuda.device_count())
+        visible = torch.cuda.device_count() if visible is None else visible
+        device = torch.device("cuda", cuda_index(local_rank, local_world_size, visible))
+    return device
+
+
+def rank_device(device: str, env: LaunchEnv) -> torch.device:
+    """This rank's device, chosen once at launch (the trainer, `init_distributed` and every library
+    use it): on CUDA it is made current, so NCCL, DeepSpeed and megatron-core agree with us."""
+    device = resolve_device(device, env.local_rank, env.local_world_size)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
     return device
 
 
@@ -243,7 +269,7 @@ def init_distributed(
     # DeepSpeed asserts LOCAL_RANK (torchrun's) or Open MPI's variable; srun and MPICH set others.
     # Assigned, not defaulted: a LOCAL_RANK inherited from a parent process would be another's.
     os.environ["LOCAL_RANK"] = str(env.local_rank)
-    device = resolve_device(device, env.local_rank)
+    device = resolve_device(device, env.local_rank, env.local_world_size)
     if backend == "auto":
         backend = "nccl" if device.type == "cuda" else "gloo"
     if device.type == "cuda":

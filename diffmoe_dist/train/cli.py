@@ -24,6 +24,7 @@ import os
 import sys
 
 from diffmoe_dist.config import ConfigError, load_config
+from diffmoe_dist.config.validate import validate_cuda
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -53,6 +54,7 @@ def main(argv=None) -> int:
         # do not walk every shard's headers again.
         if args.validate_only:  # no torch import for the values: the launchers' check is quick
             cfg = load_config(args.config, args.overrides).validate(world_size=args.world_size or 1)
+            validate_cuda(cfg.parallel.device)
             if not args.no_file_checks:
                 from diffmoe_dist.data.check import check_files
 
@@ -64,6 +66,7 @@ def main(argv=None) -> int:
 
         env = read_launch_env(dict(os.environ))
         cfg = load_config(args.config, args.overrides).validate(world_size=env.world_size)
+        validate_cuda(cfg.parallel.device)  # before any process group: no ZeroDivisionError under torchrun
         if os.environ.get("DIFFMOE_FILES_CHECKED") != "1":
             from diffmoe_dist.data.check import check_files
 
@@ -108,19 +111,19 @@ def _train(cfg, env) -> int:
     from diffmoe_dist.train.progress import Phase, say
 
     startup = Phase(say if env.rank == 0 else lambda _: None, f"start-up ({env.world_size} ranks)")
-    import torch
 
     from diffmoe_dist.checkpoint import CheckpointError
     from diffmoe_dist.checkpoint.ownership import RunDirError, RunLock
     from diffmoe_dist.data.tar_index import ShardError
+    from diffmoe_dist.parallel.launch import rank_device
     from diffmoe_dist.train.guard import EXIT_NON_FINITE, NonFiniteError
     from diffmoe_dist.train.trainer import Trainer
 
-    device = torch.device(
-        "cuda"
-        if cfg.parallel.device == "cuda" or (cfg.parallel.device == "auto" and torch.cuda.is_available())
-        else "cpu"
-    )
+    try:
+        device = rank_device(cfg.parallel.device, env)  # the one place a rank's device is chosen
+    except ConfigError as exc:
+        print(f"diffmoe-train: error: {exc}", file=sys.stderr)
+        return 2
     try:  # another live owner (a pending requeued job, a second launch): one line before anything is built
         RunLock(cfg.train.run_dir).check()
     except RunDirError as exc:
@@ -149,8 +152,6 @@ def _train(cfg, env) -> int:
         except ConfigError as exc:  # e.g. an EP group spread over nodes: every rank says it, exit 2
             print(f"diffmoe-train: error: {exc}", file=sys.stderr)
             return 2
-    if device.type == "cuda":
-        torch.cuda.set_device(env.local_rank)
     try:
         trainer = Trainer(cfg, dims, device, env.local_world_size)
         startup.end("process group, model, parallelism, optimizer, data loader")

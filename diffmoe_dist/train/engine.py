@@ -331,8 +331,9 @@ class ZeroEngine(_Engine):
 
 
 def uses_deepspeed(cfg: Config, dims: ParallelDims) -> bool:
-    """True where `build_engine` builds the `ZeroEngine` (DeepSpeed then reduces the gradients)."""
-    return cfg.train.zero_stage > 0 and dims.world_size > 1
+    """True where `build_engine` builds the `ZeroEngine` (DeepSpeed then reduces the gradients): on
+    several processes, or on one forced onto the distributed path (the GPU suite's ZeRO-1 check)."""
+    return cfg.train.zero_stage > 0 and dims.distributed
 
 
 def build_engine(

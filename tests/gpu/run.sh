@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU suite in one command, on a machine with one CUDA GPU (see tests/gpu/test_gpu_suite.py):
-#   bash tests/gpu/run.sh                         # ~5-8 min on one H100/H200; writes benchmarks/results/gpu_smoke.json
+#   bash tests/gpu/run.sh                         # ~6-10 min on one H100/H200 (estimated; give it 600 s); writes benchmarks/results/gpu_smoke.json
 #   DIFFMOE_GPU_SUITE_DEVICE=cpu bash tests/gpu/run.sh   # the same checks on the CPU (gloo, tiny): debug the suite
 # Exit status: pytest's (0: every check passed). The JSON records the device, torch and CUDA versions,
 # the date, each check's outcome and numbers, and "passed" (true only on a GPU with every check passed).
