@@ -260,8 +260,14 @@ def train_rank(dims: Any, cfg: Any, count_ranks: tuple[int, ...] = (), signal_at
     metrics, this rank's first-step counts (on ``count_ranks``) and its final weights."""
     from diffmoe_dist.train.preemption import StopRequest
 
+    from diffmoe_dist.train.metrics import Throughput
+    from diffmoe_dist.train.telemetry import RoutingTelemetry
+
     trainer = twin_trainer(dims, cfg)
     stop = StopRequest(dims)  # off the main thread it installs no handler: the agreement alone
+    every = cfg.logging.routing_every
+    telemetry = RoutingTelemetry(trainer.model, every, trainer.run_dir, dims, trainer.step + 1, collector=trainer.moe)
+    throughput = Throughput(cfg, dims, trainer.device)
     metrics, counts, grids, stopped = [], {}, [], None
     while trainer.step < cfg.train.steps:
         if not counts and dims.rank in count_ranks:
@@ -271,6 +277,9 @@ def train_rank(dims: Any, cfg: Any, count_ranks: tuple[int, ...] = (), signal_at
             counts = {"comm": dict(comm), "aten_ops": ops.aten_ops, "host_reads": dict(ops.host_reads)}
         else:
             metrics.append(trainer.train_step())
+        telemetry.after_step(trainer.step)  # the routing gathers (a W x E buffer over DP)
+        if trainer.step % cfg.logging.log_every == 0 or trainer.step == cfg.train.steps:
+            metrics[-1].update(throughput.measure(1, 1.0))  # the peak-memory gather
         every = cfg.sample.every
         if every and trainer.step % every == 0 and trainer.step < cfg.train.steps:
             grids.append(_grid(trainer))
