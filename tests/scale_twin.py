@@ -220,14 +220,15 @@ if __name__ == "__main__":  # a smoke run: python tests/scale_twin.py 256
 CONFIG_256 = "configs/t2i/diffmoe-e16-256gpu.yaml"
 # What differs from configs/t2i/diffmoe-e16-256gpu.yaml: widths (the CI digits: 16 px, 1 channel,
 # MiniLM's 384-d captions of 16 tokens), CPU and gloo, one thread, no loader workers (threads cannot
-# fork per rank), no wandb, 2 Euler steps per sample. The layout (W, EP 8, pool dp, 16 experts,
-# bf16, ZeRO-0, overlapped bf16 gradient buckets), the grid (8 prompt columns x 4) and the
-# checkpoint settings are the config's; callers choose the batch and the steps.
+# fork per rank), no wandb, no MFU peak timed per rank (W matmul benchmarks in a row), 2 Euler steps
+# per sample. The layout (W, EP 8, pool dp, 16 experts, bf16, ZeRO-0, overlapped bf16 gradient
+# buckets), the grid (8 prompt columns x 4) and the checkpoint settings are the config's; callers
+# choose the batch and the steps.
 TWIN = [
     "model.depth=2", "model.hidden_size=48", "model.num_heads=4", "model.image_size=16", "model.in_channels=1",
     "model.text_dim=384", "model.text_len=16", "data.num_workers=0", "data.text_encoder=minilm",
     "parallel.backend=gloo", "parallel.device=cpu", "train.threads=1", "logging.wandb=disabled",
-    "sample.num_steps=2",
+    "logging.mfu_peak=off", "sample.num_steps=2",
 ]  # fmt: skip
 
 
