@@ -109,6 +109,14 @@ def main(argv=None) -> int:
                        check=True, capture_output=True)  # fmt: skip
     tests, result = {}, {"world_size": W, "ep_size": EP, "nodes": W // 8, "edp_size": W // EP, "global_batch": G}
 
+    def write() -> None:  # after every part: a run cut short still records what it finished
+        result["tests"] = tests
+        result["passed"] = bool(tests) and all(t["outcome"] == "passed" for t in tests.values())
+        result["machine"] = f"{os.cpu_count()} CPU cores, torch {torch.__version__}, threaded process group"
+        os.makedirs(os.path.dirname(args.out), exist_ok=True)
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1, default=str)
+
     def run(name, fn):
         t0 = time.time()
         try:
@@ -121,8 +129,15 @@ def main(argv=None) -> int:
             return None
         finally:
             print(f"{name}: {tests[name]['outcome']} ({time.time() - t0:.0f} s)", flush=True)
+            write()
 
-    sched = ["train.steps=4", "sample.every=2", "checkpoint.every=2", "logging.routing_every=2", f"data.global_batch_size={G}"]
+    sched = [
+        "train.steps=4",
+        "sample.every=2",
+        "checkpoint.every=2",
+        "logging.routing_every=2",
+        f"data.global_batch_size={G}",
+    ]
     full_dir = os.path.join(tmp, "full")
     cfg = twin_config(data, full_dir, W, *sched)
     full = run("steps", lambda: run_threaded(train_rank, W, EP, cfg, (0, 7, 8, W - 1)))
@@ -143,6 +158,7 @@ def main(argv=None) -> int:
         tests["planner_within_10pct"] = {"outcome": "passed" if within else "failed", "ratio": ratio}
         tests["steps"]["losses"] = [m["loss"] for m in full[0]["metrics"]]
         tests["steps"]["grids"] = full[0]["grids"]
+        write()
 
     cfg_acc = twin_config(data, os.path.join(tmp, "accum"), W, "train.steps=2", "sample.every=0",
                           "checkpoint.every=0", "optim.grad_accum_steps=2", f"data.global_batch_size={G}")  # fmt: skip
@@ -174,12 +190,7 @@ def main(argv=None) -> int:
             cfg_w = twin_config(data, d, w, "train.steps=4", f"data.global_batch_size={G}")
             run(f"reshard_{w}", lambda cfg_w=cfg_w, w=w: run_threaded(_reshard_rank, w, EP, cfg_w, saved))
 
-    result["tests"] = tests
-    result["passed"] = all(t["outcome"] == "passed" for t in tests.values())
-    result["machine"] = f"{os.cpu_count()} CPU cores, torch {torch.__version__}, threaded process group"
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=1, default=str)
+    write()
     print(json.dumps({k: v for k, v in result.items() if k != "counts"}, indent=1, default=str))
     shutil.rmtree(tmp, ignore_errors=True)
     return 0 if result["passed"] else 1

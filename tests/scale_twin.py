@@ -253,15 +253,16 @@ def twin_trainer(dims: Any, cfg: Any):
     return trainer
 
 
-def train_rank(dims: Any, cfg: Any, count_ranks: tuple[int, ...] = (), signal_at: tuple[int, int] | None = None) -> dict:
+def train_rank(
+    dims: Any, cfg: Any, count_ranks: tuple[int, ...] = (), signal_at: tuple[int, int] | None = None
+) -> dict:
     """`Trainer._fit`'s schedule on one rank: steps, a grid at every step ``sample.every`` asks for
     one and at the end, a save at every ``checkpoint.every`` and at the end, the stop-flag agreement
     after every step (``signal_at=(rank, step)``: that rank alone "receives" SIGTERM after that
     step, as its handler would record it; every rank must stop there and save). Returns the per-step
     metrics, this rank's first-step counts (on ``count_ranks``) and its final weights."""
-    from diffmoe_dist.train.preemption import StopRequest
-
     from diffmoe_dist.train.metrics import Throughput
+    from diffmoe_dist.train.preemption import StopRequest
     from diffmoe_dist.train.telemetry import RoutingTelemetry
 
     trainer = twin_trainer(dims, cfg)

@@ -351,8 +351,10 @@ def test_256gpu_job_as_2_nodes_of_8_requeues_and_resumes_bitwise(slurm_cluster, 
     env = {**os.environ, "CONFIG": "configs/t2i/diffmoe-e16-256gpu.yaml", "RUNS": str(tmp_path / "runs")}
 
     def sbatch(name: str) -> int:
-        return slurm_cluster.sbatch("-J", name, *NODES_2X8, f"--output={tmp_path}/%x-%j.out",
-                                    str(REPO / "launchers" / "t2i_256gpu.sh"), *over, env=env, cwd=tmp_path)  # fmt: skip
+        script = str(REPO / "launchers" / "t2i_256gpu.sh")
+        return slurm_cluster.sbatch(
+            "-J", name, *NODES_2X8, f"--output={tmp_path}/%x-%j.out", script, *over, env=env, cwd=tmp_path
+        )
 
     job, ref = sbatch("req2x8"), sbatch("ref2x8")  # the requeued job first: it holds the nodes
     run_dir = tmp_path / "runs" / "req2x8"
