@@ -396,3 +396,42 @@ def test_a_requeued_job_keeps_its_run_while_pending_and_a_second_job_is_refused(
     with open(run_dir / "checkpoints" / "history.jsonl") as f:
         owners = {r.get("slurm_job_id") for r in map(json.loads, f) if r["event"] in ("start", "resume")}
     assert owners == {str(first)} and "lr: 0.001" in (run_dir / "config.yaml").read_text()
+
+
+# ---- issue 21: the shape of the 256-GPU job in real processes: 2 nodes x 8 ranks ----------------------
+# configs/t2i/diffmoe-e16-256gpu.yaml through its own launcher, shrunk to 2 of its 32 nodes: EP 8
+# inside each node, EDP across the two, pool dp, its grid (8 prompts x 4 on 16 ranks) and bf16, at
+# the scale twin's widths (tests/scale_twin.py TWIN: one thread, no loader workers).
+NODES_2X8 = ["--nodes=2", "--ntasks-per-node=8", "--gpus-per-node=0", "--cpus-per-task=1"]
+
+
+def test_256gpu_job_as_2_nodes_of_8_requeues_and_resumes_bitwise(slurm_cluster, digits_t2i, tmp_path):
+    from scale_twin import TWIN
+
+    over = [*TWIN, f"data.path={digits_t2i}", "data.global_batch_size=16", "train.steps=8", "checkpoint.every=2",
+            "checkpoint.keep_last=100", "logging.log_every=1"]  # fmt: skip
+    env = {**os.environ, "CONFIG": "configs/t2i/diffmoe-e16-256gpu.yaml", "RUNS": str(tmp_path / "runs")}
+
+    def sbatch(name: str) -> int:
+        script = str(REPO / "launchers" / "t2i_256gpu.sh")
+        return slurm_cluster.sbatch(
+            "-J", name, *NODES_2X8, f"--output={tmp_path}/%x-%j.out", script, *over, env=env, cwd=tmp_path
+        )
+
+    job, ref = sbatch("req2x8"), sbatch("ref2x8")  # the requeued job first: it holds the nodes
+    run_dir = tmp_path / "runs" / "req2x8"
+    wait_for((run_dir / "checkpoints" / "step_0000002").is_dir, 900, slurm_cluster, job, "checkpoint step 2")
+    slurm_cluster.cmd("scontrol", "requeue", str(job))
+    info, ref_info = slurm_cluster.wait_job(job, timeout=1200), slurm_cluster.wait_job(ref, timeout=1200)
+    log = output(tmp_path, "req2x8", job)
+    assert ref_info["JobState"] == "COMPLETED", output(tmp_path, "ref2x8", ref)[-3000:]
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", log[-3000:]
+    assert "16 of 16 ranks exited 75" in log, log[-3000:]
+    placement = dict(re.findall(r"\[diffmoe-task\] rank (\d+)/16 node (\d+) local \d+ host \S+ restart 1", log))
+    assert {int(r): int(n) for r, n in placement.items()} == {r: r // 8 for r in range(16)}, log[-3000:]
+    resumed = resumed_steps(log)
+    assert len(resumed) == 1 and 2 <= resumed[0][1] < 8, log[-3000:]
+    manifest = json.loads((run_dir / "checkpoints" / "step_0000008" / "manifest.json").read_text())
+    assert manifest["world_size"] == 16 and {f"rank{r:05d}.pt" for r in range(16)} <= set(manifest["files"])
+    assert (run_dir / "samples" / "step_0000008.png").stat().st_size > 0  # the 8 x 4 grid on 16 ranks
+    assert_bitwise_equal(final_weights(run_dir), final_weights(tmp_path / "runs" / "ref2x8"))

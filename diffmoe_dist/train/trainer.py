@@ -271,8 +271,9 @@ class Trainer:
                     f.write("".join(f"column {i}: {c}\n" for i, c in enumerate(prompts["caption"])))
         labels = torch.arange(nc).repeat_interleave(s.per_class)
         W = self.dims.world_size
-        padded = math.ceil(len(labels) / W) * W
-        labels = torch.cat([labels, labels[: padded - len(labels)]])
+        # Padded cyclically to a multiple of W, which may exceed the grid (32 images on 256 ranks); the gathered
+        # images are cut back to the grid below.
+        labels = labels[torch.arange(math.ceil(len(labels) / W) * W) % len(labels)]
         mine = labels.view(W, -1)[self.dims.rank]
         imgs = sample_images(
             model,
