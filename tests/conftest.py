@@ -65,10 +65,23 @@ SLOW_MODULES = {
     "test_zero",
 }
 
+# Single tests elsewhere that spawn ranks or train (the slowest of the fast tier on 2 loaded cores).
+SLOW_TESTS = {
+    "test_a2a_bench_under_torchrun_reports_latency_bandwidth_and_fit",
+    "test_a_process_that_drops_a_stream_trainer_unclosed_still_exits",
+    "test_classifier_training_is_deterministic",
+    "test_dp_and_ep_pools_match_local_pool_on_concatenation_with_ties_and_empty_ranks",
+    "test_image_folder_with_sidecar_captions_becomes_vae_latent_shards",
+    "test_one_token_rank_and_straddling_ties_select_as_one_process_on_the_concatenation",
+    "test_side_by_side_microbenchmarks_run_real_gloo_ranks_within_physical_bounds",
+    "test_training_leaves_the_global_rng_untouched",
+}
+
 
 def pytest_collection_modifyitems(config, items):
     for item in items:
-        if SLOW_FIXTURES.intersection(getattr(item, "fixturenames", ())) or item.module.__name__ in SLOW_MODULES:
+        slow = SLOW_FIXTURES.intersection(getattr(item, "fixturenames", ())) or item.module.__name__ in SLOW_MODULES
+        if slow or item.originalname in SLOW_TESTS:
             item.add_marker(pytest.mark.slow)
 
 
