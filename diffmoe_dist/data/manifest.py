@@ -62,14 +62,20 @@ def is_validated(shard_dir: str | os.PathLike, digest: str) -> bool:
         record = json.loads((Path(shard_dir) / VALIDATED).read_text())
     except (OSError, ValueError):
         return False
-    return isinstance(record, dict) and record.get("manifest_sha256") == digest
+    # The directory too: a copy of the set (to scratch, another file system) may have copied badly.
+    where = os.path.realpath(shard_dir)
+    return isinstance(record, dict) and record.get("manifest_sha256") == digest and record.get("dir") == where
 
 
 def record_validated(shard_dir: str | os.PathLike, digest: str) -> None:
     """Records beside the manifest that all its shards passed; a read-only data directory keeps none."""
     import time
 
-    record = {"manifest_sha256": digest, "checked": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    record = {
+        "manifest_sha256": digest,
+        "dir": os.path.realpath(shard_dir),
+        "checked": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
     try:
         _atomic_write_bytes(Path(shard_dir) / VALIDATED, (json.dumps(record) + "\n").encode())
     except OSError:
