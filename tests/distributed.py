@@ -17,6 +17,7 @@ hang past ``timeout`` kills every child. ``fn`` must be importable (a module-lev
 from __future__ import annotations
 
 import os
+import pickle
 import time
 import traceback
 from collections.abc import Callable
@@ -56,7 +57,10 @@ def _child(
         if init_process_group:
             dist.init_process_group("gloo", rank=rank, world_size=world_size)
         value = fn(rank, world_size, *args)
-        results.put((rank, True, value))
+        # Pickled by value here: through the queue, torch would share a tensor by passing its file
+        # descriptor over a socket to this process, which may have exited (exit_process below) by the
+        # time the parent unpickles it (ConnectionResetError in the parent on a loaded machine).
+        results.put((rank, True, pickle.dumps(value)))
     except BaseException:  # noqa: B036 - the parent must see every failure, with its traceback
         results.put((rank, False, traceback.format_exc()))
         if init_process_group and dist.is_initialized():
@@ -118,7 +122,7 @@ def run_distributed(
     missing = [r for r in range(world_size) if r not in outcomes]
     if missing:
         raise DistributedTestError(f"{fn.__name__}: ranks {missing} returned nothing")
-    return [outcomes[r][1] for r in range(world_size)]
+    return [pickle.loads(outcomes[r][1]) for r in range(world_size)]
 
 
 def start_training_ranks(
