@@ -93,7 +93,8 @@ def test_a_model_too_large_for_the_host_is_refused_before_it_allocates():
 def test_the_cli_refuses_a_huge_batch_before_writing_anything(digits, tmp_path):
     run = tmp_path / "run"
     cmd = [sys.executable, "-m", "diffmoe_dist.train.cli", "--config", TINY_YAML, *conftest.TINY]
-    cmd += [f"data.path={digits}", f"train.run_dir={run}", "data.global_batch_size=1000000000000", "parallel.expert_parallel_size=1"]
+    cmd += [f"data.path={digits}", f"train.run_dir={run}", "data.global_batch_size=1000000000000"]
+    cmd += ["parallel.expert_parallel_size=1"]
     out = subprocess.run(cmd, capture_output=True, text=True, cwd=conftest.REPO, timeout=300)
     assert out.returncode == 2 and "data.global_batch_size" in out.stderr, out.stderr
     assert len(out.stderr.strip().splitlines()) == 1 and not run.exists()

@@ -53,3 +53,13 @@ def check_sizes(cfg: Config, world_size: int, local_world_size: int, on_host: bo
 def local_world_size(env=os.environ) -> int:
     text = env.get("LOCAL_WORLD_SIZE", "1")
     return int(text) if text.isdigit() and int(text) > 0 else 1
+
+
+def rank_threads(cfg: Config, local_world_size: int) -> int:
+    """train.threads, else OMP_NUM_THREADS (set by our launchers and torchrun), else cores divided by
+    the processes on this node, so torchrun, srun and mpirun runs compute with the same thread count."""
+    if cfg.train.threads > 0:
+        return cfg.train.threads
+    if os.environ.get("OMP_NUM_THREADS", "").isdigit():
+        return max(1, int(os.environ["OMP_NUM_THREADS"]))
+    return max(1, (os.cpu_count() or 1) // max(1, local_world_size))

@@ -29,17 +29,8 @@ from diffmoe_dist.train.metrics import MetricsLogger, PhaseTimer, StepMetrics, T
 from diffmoe_dist.train.preemption import EXIT_REQUEUE, StopRequest
 from diffmoe_dist.train.progress import Phase, say
 from diffmoe_dist.train.run_dir import RunDirError, RunOwner, begin, plan_start
+from diffmoe_dist.train.sizes import rank_threads
 from diffmoe_dist.train.telemetry import RoutingTelemetry
-
-
-def _threads(cfg: Config, local_world_size: int) -> int:
-    """train.threads, else OMP_NUM_THREADS (set by our launchers and torchrun), else cores divided by
-    the processes on this node, so torchrun, srun and mpirun runs compute with the same thread count."""
-    if cfg.train.threads > 0:
-        return cfg.train.threads
-    if os.environ.get("OMP_NUM_THREADS", "").isdigit():
-        return max(1, int(os.environ["OMP_NUM_THREADS"]))
-    return max(1, (os.cpu_count() or 1) // max(1, local_world_size))
 
 
 class Trainer:
@@ -47,7 +38,7 @@ class Trainer:
         self.cfg, self.device = cfg, device
         self.dims = dims if dims is not None else ParallelDims.single()
         self.rank0 = self.dims.rank == 0
-        torch.set_num_threads(_threads(cfg, local_world_size))
+        torch.set_num_threads(rank_threads(cfg, local_world_size))
         if cfg.train.deterministic:
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
             torch.use_deterministic_algorithms(True)

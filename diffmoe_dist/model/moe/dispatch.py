@@ -55,9 +55,10 @@ class Dispatched:
 class Dispatcher(Protocol):
     """``y_t = sum_{m: token_idx[m] = t} weight[m] * Expert_{expert_idx[m]}(x_t)``.
 
-    ``timings``: set to a dict to accumulate seconds per phase (``dispatch``,
-    ``combine``; the experts run in the layer); ``phase_bytes``: set to a dict to accumulate payload bytes sent to other ranks per
-    phase; ``bytes_sent``: total payload bytes sent to other ranks. A local dispatcher sends none."""
+    ``timings``: set to a dict to accumulate seconds per phase (``dispatch``, ``combine``; the
+    experts run in the layer); ``phase_bytes``: set to a dict to accumulate payload bytes sent to
+    other ranks per phase; ``bytes_sent``: total payload bytes sent to other ranks. A local
+    dispatcher sends none."""
 
     timings: dict[str, float] | None
     phase_bytes: dict[str, int] | None
