@@ -408,8 +408,8 @@ NODES_2X8 = ["--nodes=2", "--ntasks-per-node=8", "--gpus-per-node=0", "--cpus-pe
 def test_256gpu_job_as_2_nodes_of_8_requeues_and_resumes_bitwise(slurm_cluster, digits_t2i, tmp_path):
     from scale_twin import TWIN
 
-    over = [*TWIN, f"data.path={digits_t2i}", "data.global_batch_size=16", "train.steps=8", "checkpoint.every=2",
-            "checkpoint.keep_last=100", "logging.log_every=1"]  # fmt: skip
+    over = [*TWIN, f"data.path={digits_t2i}", "data.global_batch_size=16", f"train.steps={STEPS}",
+            f"checkpoint.every={EVERY}", "checkpoint.keep_last=100", "logging.log_every=5"]  # fmt: skip
     env = {**os.environ, "CONFIG": "configs/t2i/diffmoe-e16-256gpu.yaml", "RUNS": str(tmp_path / "runs")}
 
     def sbatch(name: str) -> int:
@@ -420,7 +420,8 @@ def test_256gpu_job_as_2_nodes_of_8_requeues_and_resumes_bitwise(slurm_cluster, 
 
     job, ref = sbatch("req2x8"), sbatch("ref2x8")  # the requeued job first: it holds the nodes
     run_dir = tmp_path / "runs" / "req2x8"
-    wait_for((run_dir / "checkpoints" / "step_0000002").is_dir, 900, slurm_cluster, job, "checkpoint step 2")
+    first = run_dir / "checkpoints" / f"step_{EVERY:07d}"  # mid-run: the requeue lands before the end
+    wait_for(first.is_dir, 900, slurm_cluster, job, f"checkpoint {first.name}")
     slurm_cluster.cmd("scontrol", "requeue", str(job))
     info, ref_info = slurm_cluster.wait_job(job, timeout=1200), slurm_cluster.wait_job(ref, timeout=1200)
     log = output(tmp_path, "req2x8", job)
@@ -430,8 +431,8 @@ def test_256gpu_job_as_2_nodes_of_8_requeues_and_resumes_bitwise(slurm_cluster, 
     placement = dict(re.findall(r"\[diffmoe-task\] rank (\d+)/16 node (\d+) local \d+ host \S+ restart 1", log))
     assert {int(r): int(n) for r, n in placement.items()} == {r: r // 8 for r in range(16)}, log[-3000:]
     resumed = resumed_steps(log)
-    assert len(resumed) == 1 and 2 <= resumed[0][1] < 8, log[-3000:]
-    manifest = json.loads((run_dir / "checkpoints" / "step_0000008" / "manifest.json").read_text())
+    assert len(resumed) == 1 and EVERY <= resumed[0][1] < STEPS, log[-3000:]
+    manifest = json.loads((run_dir / "checkpoints" / f"step_{STEPS:07d}" / "manifest.json").read_text())
     assert manifest["world_size"] == 16 and {f"rank{r:05d}.pt" for r in range(16)} <= set(manifest["files"])
-    assert (run_dir / "samples" / "step_0000008.png").stat().st_size > 0  # the 8 x 4 grid on 16 ranks
+    assert (run_dir / "samples" / f"step_{STEPS:07d}.png").stat().st_size > 0  # the 8 x 4 grid on 16 ranks
     assert_bitwise_equal(final_weights(run_dir), final_weights(tmp_path / "runs" / "ref2x8"))
