@@ -81,6 +81,7 @@ from diffmoe_dist.config import load_config
 from diffmoe_dist.diffusion.sampling import sample_images
 from diffmoe_dist.model.build import build_model
 from diffmoe_dist.model.moe.collector import MoECollector
+from diffmoe_dist.train.guard import StepGuard
 from diffmoe_dist.parallel.groups import ParallelDims
 from diffmoe_dist.train.engine import _Engine
 from diffmoe_dist.train.trainer import Trainer
@@ -120,7 +121,8 @@ for config, extra in CONFIGS:
     # The trainer's own methods on the state they read (no process group, no optimizer: a backward
     # on fake tensors aborts a CPU-only build).
     run = types.SimpleNamespace(cfg=cfg, device=accel, noise_gen=None, engine=engine, model=model,
-                                dims=ParallelDims.single(), moe=MoECollector())
+                                dims=ParallelDims.single(), moe=MoECollector(),
+                                guard=StepGuard(ParallelDims.single(), cfg.train.max_skipped_steps), step=0)
     B, m = 4, cfg.model
     batch = {"x": torch.randn(B, m.in_channels, m.image_size, m.image_size)}  # host tensors, as the loader's
     if m.task == "t2i":

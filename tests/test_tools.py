@@ -215,13 +215,17 @@ def test_plan_of_the_256gpu_config_fits_h100s_at_the_planned_mfu():
     from diffmoe_dist.plan.cluster import load_cluster
     from diffmoe_dist.plan.cost import plan
 
-    cfg = load_config(os.path.join(REPO, T2I))
-    p = plan(cfg, load_cluster(os.path.join(REPO, H100)), world=256)
-    # The layout the README states: 32 images per GPU, EP 8 inside a node, bf16 gradients overlapped.
+    cfg, cluster = load_config(os.path.join(REPO, T2I)), load_cluster(os.path.join(REPO, H100))
+    p = plan(cfg, cluster, world=256)
+    # The layout the README states: 32 images per GPU, EP 8 inside a node, fp32 gradients overlapped
+    # (bf16 reduction errs 1.6-9.2% over 256 contributions: benchmarks/grad_reduce_error.py).
     lay = p["layout"]
-    assert (lay["images_per_rank"], lay["ep"], lay["zero"], lay["grad_reduce_dtype"]) == (32, 8, 0, "bf16")
+    assert (lay["images_per_rank"], lay["ep"], lay["zero"], lay["grad_reduce_dtype"]) == (32, 8, 0, "fp32")
     assert lay["overlap_grad_reduce"] and p["memory"]["total"] < 0.9 * 80e9
-    assert p["throughput"]["mfu"] >= 0.25, p["time"]
+    assert p["throughput"]["mfu"] >= 0.18, p["time"]
+    # What bounds it: the exposed fp32 reduction, which bf16 on the wire would shrink.
+    bf16 = plan(load_config(os.path.join(REPO, T2I), ["parallel.grad_reduce_dtype=bf16"]), cluster, world=256)
+    assert bf16["throughput"]["mfu"] > p["throughput"]["mfu"]
 
 
 def test_plan_warns_when_memory_does_not_fit_or_all_to_all_dominates():

@@ -148,18 +148,18 @@ def threshold_calls(moe, pool_ranks: int, n_moe: int, radix_bits: int = DEFAULT_
 # kernel, ~24 per block forward + backward); MoE layers stay eager (parallel/compile.py).
 OPS_PER_BLOCK = {"eager": 159, "compiled": 45}
 OPS_PER_MOE_LAYER = 239
-STOP_CHECK_EVERY = 4  # train/preemption.py CHECK_EVERY (plan sits above train; the figure is copied)
 
 
 def host_overhead(cfg: Config, cluster: Cluster, n_moe: int, accum: int, recompute: bool, device_s: float) -> dict:
     """Eager overhead per step: launches (``cluster.host_op_s`` each) hide behind the device's work
     unless they take longer; each host read (a dispatch's split sizes per MoE layer and pass, the
-    stop check every few steps, the logged values at log steps) drains the stream and costs
+    step guard's agreement before every update, which carries the stop check (train/guard.py), the
+    logged values at log steps) drains the stream and costs
     ``cluster.host_read_s`` of idle device."""
     passes = accum * (2 if recompute else 1)
     ops = passes * (cfg.model.resolved()[0] * OPS_PER_BLOCK["compiled" if cfg.train.compile else "eager"])
     ops += passes * n_moe * OPS_PER_MOE_LAYER
-    reads = accum * n_moe * (2 if recompute else 1) + 1 / STOP_CHECK_EVERY + 1 / max(1, cfg.logging.log_every)
+    reads = accum * n_moe * (2 if recompute else 1) + 1 + 1 / max(1, cfg.logging.log_every)
     launch_s, read_s = ops * cluster.host_op_s, reads * cluster.host_read_s
     return {"ops": ops, "reads": reads, "launch_s": launch_s, "read_s": read_s,
             "exposed_s": max(0.0, launch_s - device_s) + read_s}  # fmt: skip

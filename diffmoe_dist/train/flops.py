@@ -18,6 +18,7 @@ choice: ``top_k`` per token). ``imbalance`` scales them for the slowest EP rank 
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 
@@ -176,8 +177,9 @@ def matmul_peak(
 
 
 def flop_counter():
-    """`FlopCounterMode` that also counts the CPU flash-attention ops (torch 2.13 has no formula for
-    ``_scaled_dot_product_flash_attention_for_cpu[_backward]``): torch's own SDPA formulas."""
+    """`FlopCounterMode` that also counts what torch 2.13 has no formula for: the CPU flash-attention
+    ops (``_scaled_dot_product_flash_attention_for_cpu[_backward]``, torch's own SDPA formulas) and
+    the experts' ``_grouped_mm``."""
     from torch.utils import flop_counter as fc
 
     aten = torch.ops.aten
@@ -188,8 +190,17 @@ def flop_counter():
     def cpu_sdpa_backward(grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs):
         return fc.sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
 
+    def grouped_mm(a_shape, b_shape, *args, out_shape=None, **kwargs) -> int:
+        # The experts' grouped GEMM (model/moe/experts.py), forward and backward:
+        # 3d x 2d splits B's columns by group (M K N_total); the 2d x 3d, 2d x 2d (weight grads) and
+        # 3d x 3d forms multiply every row of A by B's last dimension.
+        if len(a_shape) == 3 and len(b_shape) == 2:
+            return 2 * a_shape[1] * a_shape[2] * b_shape[1]
+        return 2 * math.prod(a_shape) * b_shape[-1]
+
     mapping = {
         aten._scaled_dot_product_flash_attention_for_cpu: cpu_sdpa,
         aten._scaled_dot_product_flash_attention_for_cpu_backward: cpu_sdpa_backward,
+        aten._grouped_mm: grouped_mm,
     }
     return fc.FlopCounterMode(display=False, custom_mapping=mapping)
