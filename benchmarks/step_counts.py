@@ -14,7 +14,7 @@ batches (a count does not depend on the values). Counted, per phase (forward, ba
 
 A step that is not a log step (``logging.log_every``) and not a stop-check step is counted, and one
 that is, separately. The JSON keeps the figures of the tree it ran on; run it on two trees to
-compare (docs/notes/issue-23.md has the before / after table).
+compare (docs/performance.md "What one training step launches" has the before / after table).
 
     python benchmarks/step_counts.py --out benchmarks/results/step_counts.json
     python benchmarks/step_counts.py --tokens 2048   # fewer tokens per rank: same op counts, faster

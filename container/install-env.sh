@@ -4,7 +4,7 @@
 # package; finally the build is checked. The Dockerfile and diffmoe.def run it; so can a bare-metal venv:
 #   python3.11 -m venv .venv && . .venv/bin/activate && TORCH_CUDA=cu126 bash container/install-env.sh
 #
-# TORCH_CUDA  the torch build (docs/notes/issue-24.md "Install on a GPU cluster"), by the driver the
+# TORCH_CUDA  the torch build (docs/operations.md "Install on a GPU cluster"), by the driver the
 #             nodes run (nvidia-smi, top right):
 #               cu126  CUDA 12.6   driver >= 560.28.03
 #               cu128  CUDA 12.8   driver >= 570.26      (default; H100, H200, B200)

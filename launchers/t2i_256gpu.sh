@@ -88,7 +88,7 @@ source "$_root/launchers/common.sh"
 # `apptainer exec --nv`. pyxis: the batch shell's checks run as one-task steps in the image, and the
 # ranks' step gets srun --container-image (each rank then runs the image's python).
 # The image sets PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True. /dev/shm holds the loader workers'
-# batches in flight (ranks per node x data.num_workers x 2 x one batch; docs/notes/issue-24.md).
+# batches in flight (ranks per node x data.num_workers x 2 x one batch; docs/operations.md, "Containers").
 # A CPU build of torch on this GPU job is refused in one line by the first config check
 # (diffmoe-train --validate-only: parallel.device=cuda, or auto in a job given GPUs).
 if [[ -n ${DIFFMOE_SIF:-}${DIFFMOE_CONTAINER_IMAGE:-} ]]; then

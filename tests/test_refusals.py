@@ -1,6 +1,6 @@
 """Mistakes refused on one line before anything is built or written: config types and YAML, sizes
 that would allocate, data the model cannot read, environment variables, and checkpoints that are not
-this run's (issue 25, docs/notes/issue-25.md)."""
+this run's (issue 25, docs/operations.md "Refused at start")."""
 
 from __future__ import annotations
 

@@ -328,7 +328,7 @@ def validate_objective(cfg) -> None:
 
 
 # CUDA builds of torch 2.13.0 we support, and the oldest Linux driver each one's toolkit asks for
-# (requirements-cuda.txt and container/ install them; docs/notes/issue-24.md has the table).
+# (requirements-cuda.txt and container/ install them; docs/operations.md, "Install on a GPU cluster" has the table).
 CUDA_DRIVERS = {"12.6": "560.28.03", "12.8": "570.26", "13.0": "580.65.06"}
 CUDA_FIX = "install a CUDA build of torch (pip install -r requirements-cuda.txt, or run in the container/ image)"
 # What Slurm sets in a job (or step) that was given GPUs; "NoDevFiles" / "none": given none.
