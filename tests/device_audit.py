@@ -43,6 +43,7 @@ TENSOR_COLLECTIVES = (
     "all_reduce",
     "all_gather",
     "all_gather_into_tensor",
+    "all_gather_single",  # torch 2.13's name of all_gather_into_tensor (the selection's tie counts)
     "reduce_scatter_tensor",
     "all_to_all_single",
     "broadcast",

@@ -182,7 +182,7 @@ def test_distributed_path_forced_at_world_size_1_matches_one_process(digits, tmp
         _forced_distributed_steps, 1, digits, str(tmp_path / "run"), timeout=300
     )
     assert (dispatcher, pool) == ("AllToAllDispatcher", "DistributedPool")
-    for op in ("all_reduce", "all_gather", "all_to_all_single", "broadcast"):
+    for op in ("all_reduce", "all_gather_single", "all_to_all_single", "broadcast"):
         assert op in ops, (op, ops)
     assert not errors, errors
     torch.testing.assert_close(losses["forced"], losses["single"], rtol=1e-5, atol=1e-6)

@@ -157,7 +157,10 @@ def test_training_goes_on_during_an_async_save_and_sigterm_waits_for_it_then_sav
     # The write of step 2's checkpoint hangs (a slow file system) until `release` exists.
     run, release = tmp_path / "run", tmp_path / "release"
     env = {"SLOW_SAVE_DIR": str(tmp_path), "SLOW_SAVE_STEP": "2", "SLOW_SAVE_UNTIL": str(release)}
-    extra = [f"data.path={digits}", "parallel.expert_parallel_size=2", "train.steps=100000", "checkpoint.every=2"]
+    # keep_last: a SIGTERM that lands while step 4's save waits for step 2's is agreed at step 5 (the
+    # step guard agrees before each update), whose save would otherwise retire step 2
+    extra = [f"data.path={digits}", "parallel.expert_parallel_size=2", "train.steps=100000", "checkpoint.every=2",
+             "checkpoint.keep_last=100"]  # fmt: skip
     procs = start_training_ranks(
         2, [*TINY, f"train.run_dir={run}", *extra], str(tmp_path / "log"), env=env, script=("tests/slow_save.py",)
     )

@@ -405,6 +405,11 @@ def test_a_requeued_job_keeps_its_run_while_pending_and_a_second_job_is_refused(
 NODES_2X8 = ["--nodes=2", "--ntasks-per-node=8", "--gpus-per-node=0", "--cpus-per-task=1"]
 
 
+# 32 processes on the machine for about 7.5 minutes (457 s on 2 quiet cores, 2026-12-07): too long for
+# CI's budget, so it runs on request (docs/operations.md "The GPU suite" names the command).
+@pytest.mark.skipif(
+    os.environ.get("DIFFMOE_SCALE_TESTS") != "1", reason="the 16-rank SLURM job: set DIFFMOE_SCALE_TESTS=1"
+)
 def test_256gpu_job_as_2_nodes_of_8_requeues_and_resumes_bitwise(slurm_cluster, digits_t2i, tmp_path):
     from scale_twin import TWIN
 
