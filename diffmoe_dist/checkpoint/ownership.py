@@ -154,11 +154,7 @@ class RunLock:
                 else:
                     alive, why = owner_alive(other, self.me, mtime)
                 if alive:
-                    raise RunDirError(
-                        f"train.run_dir={self.run_dir} is in use by {other.get('owner')} ({why}): use another "
-                        f"train.run_dir (sbatch -J NAME runs in RUNS/NAME), or wait until it ends; if it is really "
-                        f"gone, delete {self.path}"
-                    ) from None
+                    raise self._in_use(other, why) from None
                 log(f"[diffmoe] WARNING: taking over {self.path} from {other.get('owner')} ({why})")
                 aside = f"{self.path}.stale-{self.me['pid']}"
                 try:
@@ -191,11 +187,14 @@ class RunLock:
             return
         alive, why = owner_alive(other, self.me, mtime)
         if alive:
-            raise RunDirError(
-                f"train.run_dir={self.run_dir} is in use by {other.get('owner')} ({why}): use another "
-                f"train.run_dir (sbatch -J NAME runs in RUNS/NAME), or wait until it ends; if it is really "
-                f"gone, delete {self.path}"
-            )
+            raise self._in_use(other, why)
+
+    def _in_use(self, other: dict, why: str) -> RunDirError:
+        return RunDirError(
+            f"train.run_dir={self.run_dir} is in use by {other.get('owner')} ({why}): use another "
+            f"train.run_dir (sbatch -J NAME runs in RUNS/NAME), or wait until it ends; if it is really "
+            f"gone, delete {self.path}"
+        )
 
     def keep_for_requeue(self) -> None:
         """A SLURM job stopping to be requeued (exit 75) keeps the lock while it is PENDING or
