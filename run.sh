@@ -37,6 +37,10 @@ case "$cmd" in
   test)
     setup_venv
     export WANDB_MODE=disabled DIFFMOE_NO_PROGRESS=1
+    # Trainer processes build the Megatron rank sets without importing megatron-core (~4 CPU-s each,
+    # minutes over the suite): tests/test_parallel_launch.py proves the sets equal megatron-core's, and
+    # the launcher runs of tests/test_launchers.py build them through megatron-core end to end.
+    export DIFFMOE_NO_MEGATRON=${DIFFMOE_NO_MEGATRON:-1}
     ruff check .
     # The whole suite; the 15 slowest tests are listed at the end (CI's log shows where time goes).
     exec python -m pytest tests --durations=15 "$@"
@@ -46,6 +50,10 @@ case "$cmd" in
     # processes, launchers, SLURM), a few minutes on 2 cores. CI runs `test`.
     setup_venv
     export WANDB_MODE=disabled DIFFMOE_NO_PROGRESS=1
+    # Trainer processes build the Megatron rank sets without importing megatron-core (~4 CPU-s each,
+    # minutes over the suite): tests/test_parallel_launch.py proves the sets equal megatron-core's, and
+    # the launcher runs of tests/test_launchers.py build them through megatron-core end to end.
+    export DIFFMOE_NO_MEGATRON=${DIFFMOE_NO_MEGATRON:-1}
     ruff check .
     exec python -m pytest tests -m "not slow" --durations=15 "$@"
     ;;
@@ -53,6 +61,10 @@ case "$cmd" in
     # Regenerate tests/golden/*.json (the tiny configs' reference loss curves) after an intended change.
     setup_venv
     export WANDB_MODE=disabled DIFFMOE_NO_PROGRESS=1
+    # Trainer processes build the Megatron rank sets without importing megatron-core (~4 CPU-s each,
+    # minutes over the suite): tests/test_parallel_launch.py proves the sets equal megatron-core's, and
+    # the launcher runs of tests/test_launchers.py build them through megatron-core end to end.
+    export DIFFMOE_NO_MEGATRON=${DIFFMOE_NO_MEGATRON:-1}
     exec python -m tools.golden "$@"
     ;;
   *)
