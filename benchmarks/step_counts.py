@@ -40,19 +40,9 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from diffmoe_dist.config import load_config  # noqa: E402
+from diffmoe_dist.parallel.groups import COLLECTIVE_NAMES as COLLECTIVES  # noqa: E402
 
 CONFIG = "configs/t2i/diffmoe-e16-256gpu.yaml"
-COLLECTIVES = (
-    "all_reduce",
-    "all_gather",
-    "all_gather_into_tensor",
-    "all_to_all",
-    "all_to_all_single",
-    "broadcast",
-    "reduce_scatter",
-    "reduce_scatter_tensor",
-    "barrier",
-)
 HOST_READ_OPS = ("_local_scalar_dense",)
 # Ops that only make a new view of the same storage: no kernel on a GPU (counted, reported apart).
 VIEW_OPS = {"view", "_unsafe_view", "detach", "t", "transpose", "permute", "unsqueeze", "squeeze", "expand", "slice"}

@@ -19,6 +19,7 @@ from distributed import run_distributed
 from diffmoe_dist.config import MoEConfig
 from diffmoe_dist.model.moe.layer import MoEFeedForward
 from diffmoe_dist.parallel import build_parallel_dims, parallelize
+from diffmoe_dist.parallel.groups import COLLECTIVE_NAMES as COLLECTIVES
 
 SYNC_OPS = (
     "aten::_local_scalar_dense",
@@ -27,17 +28,6 @@ SYNC_OPS = (
     "aten::repeat_interleave",
     "aten::unique",
     "aten::masked_select",
-)
-COLLECTIVES = (
-    "all_reduce",
-    "all_gather",
-    "all_gather_into_tensor",
-    "all_to_all",
-    "all_to_all_single",
-    "broadcast",
-    "reduce_scatter",
-    "reduce_scatter_tensor",
-    "barrier",
 )
 MAX_COLLECTIVES, MAX_SYNCS = 8, 4
 EXPERTS, DIM, BATCH, SEQ = 8, 16, 2, 32

@@ -22,6 +22,21 @@ import torch.distributed as dist
 from diffmoe_dist.config import ConfigError
 from diffmoe_dist.config.validate import layout_error
 
+# Every torch.distributed collective this code may issue, by name (for the counting benchmarks and
+# tests that wrap them); all_gather_single is torch 2.13's all_gather_into_tensor (the tie counts).
+COLLECTIVE_NAMES = (
+    "all_reduce",
+    "all_gather",
+    "all_gather_into_tensor",
+    "all_gather_single",
+    "all_to_all",
+    "all_to_all_single",
+    "broadcast",
+    "reduce_scatter",
+    "reduce_scatter_tensor",
+    "barrier",
+)
+
 
 class ParallelSetupError(ConfigError):
     """An impossible (world size, experts, expert-parallel size): one line naming field, value and fix."""
