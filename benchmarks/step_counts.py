@@ -167,7 +167,7 @@ def build_trainer(args, run_dir: str):
         rank=0, world_size=1, local_rank=0, node_id=0, master_addr="127.0.0.1", master_port=0, launcher="single"
     )
     dims = init_distributed(
-        env, 1, "cpu", num_experts=cfg.moe.num_experts, backend="gloo", use_megatron=False, force_collectives=True
+        env, 1, "cpu", num_experts=cfg.moe.num_experts, backend="gloo", use_megatron=False, force_distributed=True
     )
 
     class CountedTrainer(Trainer):
