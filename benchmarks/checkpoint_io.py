@@ -29,7 +29,6 @@ import time
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 SIZES = {  # name: (depth, width, heads, experts)
     "tiny": (6, 192, 6, 8),  # configs/local/diffmoe-tiny.yaml
@@ -68,53 +67,39 @@ def _trainer(args, size: str, run_dir: str, ep_size: int, resume: str):
     return Trainer(cfg, build_parallel_dims(ep_size, experts), torch.device("cpu"))
 
 
-def _save_and_load(rank: int, world_size: int, port: int, args, size: str, run_dir: str, ep_size: int, queue):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1", LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world_size)
-    try:
-        out = {}
-        if args.phase == "save":
-            trainer = _trainer(args, size, run_dir, ep_size, "never")
-            trainer.train_step()
-            dist.barrier()
-            t0 = time.perf_counter()
-            trainer.save()  # the whole save: what every save cost the step before checkpoint.async_save
-            out["save_s"] = _max(time.perf_counter() - t0)
-            trainer.train_step()
-            dist.barrier()
-            t0 = time.perf_counter()
-            trainer.save(blocking=False)  # what the step waits for now: the copy to host memory
-            out["async_block_s"] = _max(time.perf_counter() - t0)
-            t0 = time.perf_counter()
-            trainer.saver.wait()  # the rest, which ran beside training (here: nothing else to do)
-            out["async_rest_s"] = _max(time.perf_counter() - t0)
-            out["params"] = sum(p.numel() for p in trainer.model.parameters())
-        else:
-            trainer = _trainer(args, size, run_dir, ep_size, "auto")
-            dist.barrier()
-            t0 = time.perf_counter()
-            trainer.maybe_resume(lambda m: None)
-            out["load_s"] = _max(time.perf_counter() - t0)
-            assert trainer.step == 2
-        if rank == 0:
-            queue.put(out)
-    finally:
-        dist.destroy_process_group()
+def _save_and_load(rank: int, world_size: int, args, phase: str, size: str, run_dir: str, ep_size: int) -> dict:
+    out = {}
+    if phase == "save":
+        trainer = _trainer(args, size, run_dir, ep_size, "never")
+        trainer.train_step()
+        dist.barrier()
+        t0 = time.perf_counter()
+        trainer.save()  # the whole save: what every save cost the step before checkpoint.async_save
+        out["save_s"] = _max(time.perf_counter() - t0)
+        trainer.train_step()
+        dist.barrier()
+        t0 = time.perf_counter()
+        trainer.save(blocking=False)  # what the step waits for now: the copy to host memory
+        out["async_block_s"] = _max(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        trainer.saver.wait()  # the rest, which ran beside training (here: nothing else to do)
+        out["async_rest_s"] = _max(time.perf_counter() - t0)
+        out["params"] = sum(p.numel() for p in trainer.model.parameters())
+    else:
+        trainer = _trainer(args, size, run_dir, ep_size, "auto")
+        dist.barrier()
+        t0 = time.perf_counter()
+        trainer.maybe_resume(lambda m: None)
+        out["load_s"] = _max(time.perf_counter() - t0)
+        assert trainer.step == 2
+    return out
 
 
 def _spawn(args, phase: str, size: str, run_dir: str, world_size: int, ep_size: int) -> dict:
-    from diffmoe_dist.parallel.launch import free_port
+    """Rank 0's figures (each already the max over ranks)."""
+    from diffmoe_dist.parallel.spawn import run_ranks
 
-    args.phase = phase
-    queue = mp.get_context("spawn").SimpleQueue()
-    mp.start_processes(
-        _save_and_load,
-        (world_size, free_port(), args, size, run_dir, ep_size, queue),
-        nprocs=world_size,
-        start_method="spawn",
-    )
-    return queue.get()
+    return run_ranks(_save_and_load, world_size, args, phase, size, run_dir, ep_size)[0]
 
 
 def measure(args, size: str) -> dict:
@@ -176,7 +161,7 @@ def main() -> None:
     if args.out:
         os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
         with open(args.out, "w") as f:
-            json.dump({"args": {k: v for k, v in vars(args).items() if k != "phase"}, "rows": rows}, f, indent=1)
+            json.dump({"args": vars(args), "rows": rows}, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -36,7 +36,6 @@ from dataclasses import asdict, dataclass
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 
 @dataclass
@@ -235,35 +234,23 @@ def _overlap_rows(args: Args, rank: int, world_size: int) -> list[dict]:
     ]
 
 
-def _worker(rank: int, world_size: int, port: int, args: Args, queue) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world_size)
-    try:
-        result = {"step": [], "selection": [], "overlap": []}
-        if "step" in args.tables:
-            result["step"] = _step_rows(args, rank, world_size)
-        if "selection" in args.tables:
-            result["selection"] = _selection_rows(args, rank, world_size)
-        if "overlap" in args.tables:
-            result["overlap"] = _overlap_rows(args, rank, world_size)
-        if rank == 0:
-            queue.put(result)
-    finally:
-        dist.destroy_process_group()
+def _tables(rank: int, world_size: int, args: Args) -> dict:
+    result = {"step": [], "selection": [], "overlap": []}
+    if "step" in args.tables:
+        result["step"] = _step_rows(args, rank, world_size)
+    if "selection" in args.tables:
+        result["selection"] = _selection_rows(args, rank, world_size)
+    if "overlap" in args.tables:
+        result["overlap"] = _overlap_rows(args, rank, world_size)
+    return result
 
 
 def run(args: Args) -> dict:
-    from diffmoe_dist.parallel.launch import free_port
+    from diffmoe_dist.parallel.spawn import run_ranks
 
     out = {"config": asdict(args), "step": [], "selection": [], "overlap": []}
-    ctx = mp.get_context("spawn")
     for world_size in args.worlds:
-        queue = ctx.SimpleQueue()
-        mp.start_processes(
-            _worker, (world_size, free_port(), args, queue), nprocs=world_size, start_method="spawn"
-        )
-        result = queue.get()
+        result = run_ranks(_tables, world_size, args)[0]  # rank 0's rows: each figure is already over ranks
         out["step"] += result["step"]
         out["selection"] += result["selection"]
         out["overlap"] += result["overlap"]

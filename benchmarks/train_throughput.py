@@ -55,14 +55,12 @@ import statistics
 import sys
 import tempfile
 import time
-import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run as a script from anywhere
@@ -70,7 +68,7 @@ if str(REPO) not in sys.path:  # run as a script from anywhere
 
 from diffmoe_dist.config import Config, load_config  # noqa: E402
 from diffmoe_dist.data.digits import write_digits_shards  # noqa: E402
-from diffmoe_dist.parallel.launch import free_port  # noqa: E402
+from diffmoe_dist.parallel.spawn import run_ranks  # noqa: E402
 from diffmoe_dist.train import flops  # noqa: E402
 from diffmoe_dist.train.allocator import TUNED_MALLOC, ensure_malloc  # noqa: E402
 from diffmoe_dist.train.metrics import PhaseTimer  # noqa: E402
@@ -253,7 +251,7 @@ def _sum_over_ranks(values: list[float], distributed: bool, op=None) -> list[flo
     return t.tolist()
 
 
-def _measure(spec: RowSpec, rank: int) -> dict:
+def _measure(rank: int, world_size: int, spec: RowSpec) -> dict:
     from diffmoe_dist.train.trainer import Trainer
 
     distributed = spec.procs > 1
@@ -326,44 +324,10 @@ def _measure(spec: RowSpec, rank: int) -> dict:
     return out
 
 
-def _worker(rank: int, spec: RowSpec, port: int, queue) -> None:
-    os.environ.update(
-        RANK=str(rank),
-        WORLD_SIZE=str(spec.procs),
-        LOCAL_RANK=str(rank),
-        LOCAL_WORLD_SIZE=str(spec.procs),
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        OMP_NUM_THREADS=str(spec.threads),
-    )
-    torch.set_num_threads(spec.threads)
-    if spec.procs > 1:
-        dist.init_process_group("gloo", rank=rank, world_size=spec.procs)
-    try:
-        result = _measure(spec, rank)
-        if rank == 0:
-            queue.put(("ok", result))
-    except BaseException:  # noqa: B036 - the parent reports the row's failure with its traceback
-        queue.put(("error", f"rank {rank}: {traceback.format_exc()}"))
-        raise
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-
-
 def run_row(spec: RowSpec) -> dict:
     """Spawns ``spec.procs`` fresh processes (also for one: every row starts from the same clean
     state: thread pool, allocator, no earlier model in memory); returns rank 0's measurements."""
-    ctx = mp.get_context("spawn")
-    queue = ctx.SimpleQueue()
-    try:
-        mp.start_processes(_worker, (spec, free_port(), queue), nprocs=spec.procs, start_method="spawn")
-    except mp.ProcessRaisedException:
-        pass  # the queue holds the traceback
-    status, value = queue.get() if not queue.empty() else ("error", "a worker died without a report")
-    if status != "ok":
-        raise RuntimeError(value)
-    return value
+    return run_ranks(_measure, spec.procs, spec, threads=spec.threads, init_process_group=spec.procs > 1)[0]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -27,7 +27,6 @@ import time
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 
 def _max(value: float) -> float:
@@ -101,26 +100,14 @@ def _measure(args, world_size: int, ep_size: int, stage: int) -> dict:
     }
 
 
-def _worker(rank: int, world_size: int, port: int, args, queue) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), LOCAL_RANK=str(rank), OMP_NUM_THREADS="1")
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world_size)
-    try:
-        rows = [_measure(args, world_size, ep, stage) for ep in args.ep_sizes for stage in (0, 1, 2)]
-        queue.put((rank, rows))
-    finally:
-        dist.destroy_process_group()
+def _rows(rank: int, world_size: int, args) -> list[dict]:
+    return [_measure(args, world_size, ep, stage) for ep in args.ep_sizes for stage in (0, 1, 2)]
 
 
 def run(args) -> dict:
-    from diffmoe_dist.parallel.launch import free_port
+    from diffmoe_dist.parallel.spawn import run_ranks
 
-    ctx = mp.get_context("spawn")
-    queue = ctx.SimpleQueue()
-    mp.start_processes(
-        _worker, (args.world_size, free_port(), args, queue), nprocs=args.world_size, start_method="spawn"
-    )
-    per_rank = dict(queue.get() for _ in range(args.world_size))
+    per_rank = run_ranks(_rows, args.world_size, args)
     rows = []
     for i, row in enumerate(per_rank[0]):
         ranks = [per_rank[r][i] for r in range(args.world_size)]

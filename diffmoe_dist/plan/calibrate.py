@@ -16,14 +16,13 @@ from __future__ import annotations
 
 import os
 import statistics
-import tempfile
 import time
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import yaml
 
+from diffmoe_dist.parallel.spawn import run_ranks
 from diffmoe_dist.train import flops
 
 SIZES = (256 * 1024, 4 * 1024 * 1024, 16 * 1024 * 1024)  # bytes per rank
@@ -67,47 +66,35 @@ def _per_cpu_second(dtype: torch.dtype, n: int = 512, seconds: float = 2.0) -> f
     return 2 * n**3 * done / max(time.process_time() - c0, 1e-9)
 
 
-def _worker(rank: int, world: int, store: str, sizes, iters: int, queue) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
-    try:
-        peak = torch.tensor([_per_cpu_second(torch.float32), _per_cpu_second(torch.bfloat16)], dtype=torch.float64)
-        dist.all_reduce(peak)  # the mean rank: every rank computes in the trainer
-        share = min(1.0, (os.cpu_count() or 1) / world)  # one thread per rank
-        ar, a2a = [], []
-        for nbytes in sizes:
-            x = torch.ones(nbytes // 4)
-            ar.append((nbytes, _timed(lambda x=x: dist.all_reduce(x), iters)))
-            out = torch.empty_like(x[: x.numel() // world * world])
-            inp = x[: out.numel()]
-            a2a.append(
-                (
-                    inp.numel() * 4 * (world - 1) / world,
-                    _timed(lambda i=inp, o=out: dist.all_to_all_single(o, i), iters),
-                )
+def _side_by_side_rank(rank: int, world: int, sizes, iters: int) -> dict:
+    peak = torch.tensor([_per_cpu_second(torch.float32), _per_cpu_second(torch.bfloat16)], dtype=torch.float64)
+    dist.all_reduce(peak)  # the mean rank: every rank computes in the trainer
+    share = min(1.0, (os.cpu_count() or 1) / world)  # one thread per rank
+    ar, a2a = [], []
+    for nbytes in sizes:
+        x = torch.ones(nbytes // 4)
+        ar.append((nbytes, _timed(lambda x=x: dist.all_reduce(x), iters)))
+        out = torch.empty_like(x[: x.numel() // world * world])
+        inp = x[: out.numel()]
+        a2a.append(
+            (
+                inp.numel() * 4 * (world - 1) / world,
+                _timed(lambda i=inp, o=out: dist.all_to_all_single(o, i), iters),
             )
-        if rank == 0:
-            queue.put(
-                {
-                    "rank_peak_flops": {
-                        "fp32": float(f"{peak[0] / world * share:.4g}"),
-                        "bf16": float(f"{peak[1] / world * share:.4g}"),
-                    },
-                    "collectives": {"all_reduce": _fit(ar), "all_to_all": _fit(a2a)},
-                }
-            )
-    finally:
-        dist.destroy_process_group()
+        )
+    return {
+        "rank_peak_flops": {
+            "fp32": float(f"{peak[0] / world * share:.4g}"),
+            "bf16": float(f"{peak[1] / world * share:.4g}"),
+        },
+        "collectives": {"all_reduce": _fit(ar), "all_to_all": _fit(a2a)},
+    }
 
 
 def side_by_side(world: int, sizes=SIZES, iters: int = 5) -> dict:
-    """Matmul peak per rank and gloo's fits with ``world`` processes running at once."""
-    ctx = mp.get_context("spawn")
-    queue = ctx.SimpleQueue()
-    with tempfile.TemporaryDirectory() as tmp:  # a file rendezvous: no port to find
-        store = os.path.join(tmp, "store")
-        mp.start_processes(_worker, (world, store, sizes, iters, queue), nprocs=world, start_method="spawn")
-    return queue.get()
+    """Matmul peak per rank and gloo's fits with ``world`` processes running at once (rank 0's
+    figures: the peak is the mean over ranks)."""
+    return run_ranks(_side_by_side_rank, world, sizes, iters)[0]
 
 
 def memory_bandwidth(mb: int = 256) -> float:
