@@ -352,3 +352,24 @@ def test_train_cli_as_a_torchrun_rank_prints_one_line_and_exits_2_before_any_gro
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
     assert res.returncode == 2, res.stderr[-2000:]
     assert res.stderr.count("\n") == 1 and res.stderr.startswith("diffmoe-train: error: "), res.stderr
+
+
+def test_every_config_field_declares_what_its_change_means_on_resume():
+    import dataclasses
+
+    from diffmoe_dist.config import Config
+    from diffmoe_dist.config.resume import RESUME_POLICIES, resume_policies
+
+    sections = dataclasses.fields(Config)
+    assert all(s.metadata.get("resume") in RESUME_POLICIES for s in sections)  # the default of its fields
+    policies = resume_policies(Config)
+    assert set(policies) == {f"{s.name}.{f.name}" for s in sections for f in dataclasses.fields(s.default_factory)}
+    for key, policy in policies.items():
+        assert policy.get("resume") in RESUME_POLICIES, key
+        assert bool(policy.get("why")) == (policy["resume"] == "refuse"), key  # a refusal says what changed
+    # the contract train/run_dir.py enforces (tests/test_run_dir.py resumes with these changed)
+    assert policies["model.depth"] == {"resume": "refuse", "why": "model shape"}
+    assert policies["train.seed"]["resume"] == "refuse" and policies["moe.router"]["resume"] == "refuse"
+    assert policies["optim.lr"]["resume"] == policies["moe.capacity"]["resume"] == "warn"
+    assert policies["parallel.expert_parallel_size"]["resume"] == policies["train.steps"]["resume"] == "free"
+    assert policies["model.size"]["resume"] == "free"  # compared through the resolved depth / width / heads

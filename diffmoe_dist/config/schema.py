@@ -8,12 +8,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from diffmoe_dist.config.options import MODEL_SIZES
+from diffmoe_dist.config.resume import FREE, WARN, refuse
 from diffmoe_dist.config.validate import validate_config
 
 
 @dataclass
 class ModelConfig:
-    size: str = "tiny"
+    size: str = field(default="tiny", metadata=FREE)  # resume compares the resolved depth / width / heads
     depth: int | None = None  # None: from `size`
     hidden_size: int | None = None
     num_heads: int | None = None
@@ -21,9 +22,11 @@ class ModelConfig:
     in_channels: int = 1
     image_size: int = 16  # latent / pixel side length
     num_classes: int = 10
-    class_dropout: float = 0.1  # label (c2i) or caption (t2i) dropout for classifier-free guidance
+    # label (c2i) or caption (t2i) dropout for classifier-free guidance
+    class_dropout: float = field(default=0.1, metadata=WARN)
     mlp_ratio: float = 4.0
-    task: str = "c2i"  # c2i (class labels) | t2i (captions: cross-attention to text-encoder tokens)
+    # c2i (class labels) | t2i (captions: cross-attention to text-encoder tokens)
+    task: str = field(default="c2i", metadata=refuse("model"))
     text_dim: int = 384  # t2i: text-encoder width (384 all-MiniLM-L6-v2, 4096 T5-XXL)
     text_len: int = 16  # t2i: caption tokens per sample, padded / truncated (shards store exactly this)
 
@@ -41,17 +44,19 @@ class ModelConfig:
 
 @dataclass
 class MoEConfig:
-    router: str = "dense"  # dense | expert_choice_global (DiffMoE) | expert_choice_local | token_choice | expert_race
-    num_experts: int = 16
+    # dense | expert_choice_global (DiffMoE) | expert_choice_local | token_choice | expert_race
+    router: str = field(default="dense", metadata=refuse("router"))
+    num_experts: int = field(default=16, metadata=refuse("expert count"))
     capacity: float = 1.0  # C
     top_k: int = 1  # token_choice only
-    interleave: int = 2  # block i is MoE iff i % interleave == interleave - 1
+    # block i is MoE iff i % interleave == interleave - 1
+    interleave: int = field(default=2, metadata=refuse("MoE placement"))
     predictor_loss_weight: float = 1.0
     aux_loss_weight: float = 0.01
     threshold_momentum: float = 0.95
     pool: str = "dp"  # rank | ep | dp
-    inference: str = "dynamic"  # dynamic | static | interval
-    gamma: float = 0.5  # interval-mode threshold on sigmoid(predictor logit)
+    inference: str = field(default="dynamic", metadata=FREE)  # dynamic | static | interval
+    gamma: float = field(default=0.5, metadata=FREE)  # interval-mode threshold on sigmoid(predictor logit)
     num_shared_experts: int = 0  # dense experts (full-size MLPs) every token passes through, beside the routed ones
     # Training capacity schedule (official code): C = E up to step capacity_full_steps, then linear to
     # `capacity` at step capacity_decay_steps, then fixed. 0 and 0: no schedule.
@@ -81,7 +86,7 @@ class DataConfig:
     path: str = "data/digits"  # directory made by tools/make_shards.py (train/ and heldout/)
     global_batch_size: int = 128
     loader: str = "indexed"  # indexed (in memory, exact resume) | stream (webdataset streaming)
-    num_workers: int = 0
+    num_workers: int = field(default=0, metadata=FREE)
     # Shards whose samples are shuffled together (data/position.py): 0 = one permutation of all
     # samples (a shard open per streamed sample); W_s > 0 = shards permuted, samples within windows.
     shuffle_window: int = 0
@@ -112,24 +117,26 @@ class OptimConfig:
 
 @dataclass
 class TrainConfig:
-    steps: int = 1000
-    seed: int = 0
-    run_dir: str = "runs/default"
+    steps: int = field(default=1000, metadata=FREE)
+    seed: int = field(default=0, metadata=refuse("seed (the data order and the noise follow it)"))
+    run_dir: str = field(default="runs/default", metadata=FREE)
     precision: str = "fp32"  # fp32 | bf16 (autocast)
     ema_decay: float = 0.9999
     ema_warmup: bool = True  # decay min(ema_decay, (1+step)/(10+step)) so short runs get a useful EMA
-    threads: int = 0  # torch threads per process; 0 = cores / local processes
-    max_minutes: float = 0.0  # 0 = no limit
-    resume: str = "auto"  # auto | never | path to a checkpoint directory
+    threads: int = field(default=0, metadata=FREE)  # torch threads per process; 0 = cores / local processes
+    max_minutes: float = field(default=0.0, metadata=FREE)  # 0 = no limit
+    resume: str = field(default="auto", metadata=FREE)  # auto | never | path to a checkpoint directory
     # Bitwise-reproducible steps (and so exact resume): with 2+ threads some CPU kernels reduce in
     # a run-dependent order (measured: weights drifted by 1e-10 between identical runs).
     deterministic: bool = True
     # 0: plain data parallelism (bucketed all-reduce, replicated AdamW states); 1 / 2: DeepSpeed ZeRO
     # stage 1 / 2 (optimizer states / and gradients partitioned, experts over their EDP group).
-    zero_stage: int = 0
-    deepspeed_config: str = ""  # DeepSpeed JSON; "" = configs/deepspeed/zero{zero_stage}.json
-    activation_checkpointing: bool = False  # recompute each DiT block in backward
-    compile: bool = False  # torch.compile each DiT block (MoE layers stay eager): parallel/compile.py
+    zero_stage: int = field(default=0, metadata=FREE)
+    # DeepSpeed JSON; "" = configs/deepspeed/zero{zero_stage}.json
+    deepspeed_config: str = field(default="", metadata=FREE)
+    activation_checkpointing: bool = field(default=False, metadata=FREE)  # recompute each DiT block in backward
+    # torch.compile each DiT block (MoE layers stay eager): parallel/compile.py
+    compile: bool = field(default=False, metadata=FREE)
     max_skipped_steps: int = 10  # non-finite steps skipped in a row before the run stops (train/guard.py)
 
 
@@ -166,16 +173,18 @@ class LoggingConfig:
 
 @dataclass
 class Config:
-    model: ModelConfig = field(default_factory=ModelConfig)
-    moe: MoEConfig = field(default_factory=MoEConfig)
-    parallel: ParallelConfig = field(default_factory=ParallelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    sample: SampleConfig = field(default_factory=SampleConfig)
-    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    # metadata: what a changed field means on resume, for the fields of a section that declare none
+    # (config/resume.py)
+    model: ModelConfig = field(default_factory=ModelConfig, metadata=refuse("model shape"))
+    moe: MoEConfig = field(default_factory=MoEConfig, metadata=WARN)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig, metadata=FREE)  # resharded on load
+    data: DataConfig = field(default_factory=DataConfig, metadata=WARN)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig, metadata=WARN)
+    optim: OptimConfig = field(default_factory=OptimConfig, metadata=WARN)
+    train: TrainConfig = field(default_factory=TrainConfig, metadata=WARN)
+    sample: SampleConfig = field(default_factory=SampleConfig, metadata=FREE)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig, metadata=FREE)
+    logging: LoggingConfig = field(default_factory=LoggingConfig, metadata=FREE)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

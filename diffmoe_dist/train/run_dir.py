@@ -13,9 +13,10 @@
   samples, config.yaml) into ``RUN/checkpoints/archive-<time>/``; a requeued SLURM job (same job
   id as the run's start) continues its own run instead of archiving it.
 
-A resumed checkpoint's config is compared with the new one (`compare_configs`): a changed model
-shape, router, expert count or seed is refused; any other training-relevant change is warned about
-on one line (field, old, new), recorded in the history, and applied. `begin` (rank 0) then writes the
+A resumed checkpoint's config is compared with the new one (`compare_configs`), each field by the
+policy its schema field declares (config/resume.py): a changed model shape, router, expert count or
+seed is refused; any other training-relevant change is warned about on one line (field, old, new),
+recorded in the history, and applied. `begin` (rank 0) then writes the
 history records and ``config.yaml``: only after the decision has been made and checked.
 """
 
@@ -32,44 +33,12 @@ import torch.distributed as dist
 from diffmoe_dist import checkpoint as ckpt
 from diffmoe_dist.checkpoint.identity import check_identity
 from diffmoe_dist.checkpoint.ownership import HISTORY, RunDirError, RunHistory, RunLock, owner_identity
-from diffmoe_dist.config import MODEL_SIZES
+from diffmoe_dist.config import MODEL_SIZES, Config
+from diffmoe_dist.config.resume import resume_policies
 from diffmoe_dist.train.records import write_resume
 
-# A change of any of these makes a different run: refused on resume.
-IDENTITY = {
-    "model.depth": "model shape",
-    "model.hidden_size": "model shape",
-    "model.num_heads": "model shape",
-    "model.patch_size": "model shape",
-    "model.in_channels": "model shape",
-    "model.image_size": "model shape",
-    "model.num_classes": "model shape",
-    "model.mlp_ratio": "model shape",
-    "model.task": "model",
-    "model.text_dim": "model shape",
-    "model.text_len": "model shape",
-    "moe.router": "router",
-    "moe.num_experts": "expert count",
-    "moe.interleave": "MoE placement",
-    "train.seed": "seed (the data order and the noise follow it)",
-}
-# Changes that do not change what a step computes (topology: resharded on load; bookkeeping; sampling).
-NOT_TRAINING = {
-    "model.size",  # compared through the resolved depth / width / heads
-    "train.run_dir",
-    "train.resume",
-    "train.steps",
-    "train.threads",
-    "train.max_minutes",
-    "train.zero_stage",
-    "train.deepspeed_config",
-    "train.activation_checkpointing",
-    "train.compile",
-    "data.num_workers",
-    "moe.inference",
-    "moe.gamma",
-}
-NOT_TRAINING_SECTIONS = ("parallel", "sample", "checkpoint", "logging")
+# What a changed field means on resume, declared on each field of the config schema (config/resume.py).
+RESUME_POLICY = resume_policies(Config)
 
 
 def _flat(cfg: dict) -> dict[str, Any]:
@@ -88,12 +57,8 @@ def compare_configs(old: dict, new: dict) -> tuple[list[tuple[str, Any, Any]], l
         if key not in a or key not in b or a[key] == b[key]:
             continue  # a field added or removed since: nothing to compare
         change = (key, a[key], b[key])
-        if key in IDENTITY:
-            refused.append(change)
-        elif key in NOT_TRAINING or key.split(".", 1)[0] in NOT_TRAINING_SECTIONS:
-            other.append(change)
-        else:
-            relevant.append(change)
+        policy = RESUME_POLICY.get(key, {}).get("resume", "warn")
+        (refused if policy == "refuse" else other if policy == "free" else relevant).append(change)
     return refused, relevant, other
 
 
@@ -173,8 +138,8 @@ def plan_start(cfg, root: str, dims, log) -> StartPlan:
     if refused:
         key, old, new = refused[0]
         raise RunDirError(
-            f"{key}={new!r} but {path} was trained with {key}={old!r}: a changed {IDENTITY[key]} is a different "
-            f"run: resume with {key}={old}, use a new train.run_dir, or train.resume=archive to move the old "
+            f"{key}={new!r} but {path} was trained with {key}={old!r}: a changed {RESUME_POLICY[key]['why']} is a "
+            f"different run: resume with {key}={old}, use a new train.run_dir, or train.resume=archive to move the old "
             f"checkpoints to {root}/archive-<time>/ and start over"
         )
     check_identity(cfg, path, meta, history, inside, log)  # run id, name, rank files, steps, data
