@@ -25,7 +25,7 @@
 
 DIFFMOE_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 export DIFFMOE_ROOT
-DIFFMOE_LAUNCHER=${DIFFMOE_LAUNCHER:-$(basename "$0")}
+DIFFMOE_LAUNCHER=${DIFFMOE_LAUNCHER:-$(basename "${DIFFMOE_SCRIPT:-$0}")} # DIFFMOE_SCRIPT: an sbatch script's own path
 # The two locations a shared file system must hold, set here and nowhere else.
 DIFFMOE_DATA_SET=${DIFFMOE_DATA:+1}
 DIFFMOE_RUNS_SET=${DIFFMOE_RUNS:-${RUNS:-}}
@@ -198,52 +198,99 @@ diffmoe_validate() {
   DIFFMOE_EXIT_STATUS_FILE="$(dirname "$run_dir")/.$(basename "$run_dir").exit-status.$(hostname -s).$$"
 }
 
-# Runs a torchrun / mpirun command and keeps the trainer's "stopped, checkpoint saved, run me again"
-# status: both turn a rank's exit 75 into 1 (torchrun also kills the other ranks in their teardown),
-# so each rank appends "RANK 75" to DIFFMOE_EXIT_STATUS_FILE and exits 0 (train/cli.py), and this
-# exits 75 when all $1 ranks did. The file (diffmoe_validate names it) sits beside the run directory
-# (a shared file system for several hosts), never inside it. TERM, INT and HUP are forwarded to the launcher process, which
-# passes them to every rank (bash runs traps only between commands: the command runs in the
-# background and the shell waits). $1: world size, then the command.
+# Everything checked before any rank starts: the config's values, then the data (the digits shards
+# made when missing), then the files. $1: the job's world size.
+diffmoe_check() {
+  diffmoe_validate "$1" values
+  diffmoe_prepare_data
+  diffmoe_validate "$1"
+}
+
+# -n N (or NPROC=N, default 4) of local.sh and mpi.sh: sets NPROC, and ARGS to the other arguments.
+diffmoe_nproc_args() {
+  NPROC=${NPROC:-4}
+  if [[ ${1:-} == -n ]]; then
+    NPROC=${2:?-n needs a process count}
+    shift 2
+  fi
+  [[ $NPROC =~ ^[1-9][0-9]*$ ]] || diffmoe_die "NPROC=$NPROC is invalid: pass a positive process count, e.g. -n 4"
+  # shellcheck disable=SC2034 # read by the launcher
+  ARGS=("$@")
+}
+
+# ---- Running the ranks: one wait loop, one exit-75 path -------------------------------------------
+# Exit 75 ($DIFFMOE_EXIT_REQUEUE) does not survive the launchers: torchrun and mpirun turn a rank's 75
+# into 1 (torchrun also kills the other ranks in their teardown), and srun --kill-on-bad-exit kills
+# the peers of the first rank to exit 75 (measured: one rank "Terminated", the step's status not 75).
+# So each rank appends "RANK STATUS" (75 stopped, 0 finished) to DIFFMOE_EXIT_STATUS_FILE and exits 0
+# instead (train/cli.py; under srun the task's shell does it for a trainer that exits 75 itself), and
+# diffmoe_run_step counts the lines. The file (diffmoe_validate names it) sits beside the run
+# directory (a shared file system for several hosts), never inside it.
+#
+# bash runs a trap only between commands, so the ranks' command runs in the background and the shell
+# waits in a loop; the caller's traps call diffmoe_forward, which passes the signal on.
+diffmoe_forward() {
+  DIFFMOE_SIGNALS=$((DIFFMOE_SIGNALS + 1))
+  diffmoe_log "SIG$1 received: forwarding it to the ranks"
+  [[ -n ${DIFFMOE_STEP_PID:-} ]] && kill "-$1" "$DIFFMOE_STEP_PID" 2>/dev/null
+  return 0
+}
+
+# Runs "$@" and waits for it. Sets DIFFMOE_STEP_RC (its exit status), DIFFMOE_RANKS_75 and
+# DIFFMOE_RANKS_0 (how many ranks stopped and finished).
+diffmoe_run_step() {
+  [[ -n ${DIFFMOE_EXIT_STATUS_FILE:-} ]] || diffmoe_die "diffmoe_validate must run before diffmoe_run_step"
+  rm -f "$DIFFMOE_EXIT_STATUS_FILE"
+  DIFFMOE_SIGNALS=${DIFFMOE_SIGNALS:-0}
+  "$@" &
+  DIFFMOE_STEP_PID=$!
+  local rc seen again
+  while :; do
+    seen=$DIFFMOE_SIGNALS
+    rc=0
+    wait "$DIFFMOE_STEP_PID" || rc=$?
+    if ((seen != DIFFMOE_SIGNALS)); then
+      # interrupted by a trap: the command may still run, or may have ended meanwhile (its status is
+      # then still to be collected; 127 means the interrupted wait had collected it after all)
+      if kill -0 "$DIFFMOE_STEP_PID" 2>/dev/null; then continue; fi
+      again=0
+      wait "$DIFFMOE_STEP_PID" 2>/dev/null || again=$?
+      ((again == 127)) || rc=$again
+    fi
+    break
+  done
+  DIFFMOE_STEP_PID=
+  DIFFMOE_STEP_RC=$rc
+  DIFFMOE_RANKS_75=0
+  DIFFMOE_RANKS_0=0
+  if [[ -f $DIFFMOE_EXIT_STATUS_FILE ]]; then
+    DIFFMOE_RANKS_75=$(grep -c " $DIFFMOE_EXIT_REQUEUE\$" "$DIFFMOE_EXIT_STATUS_FILE" || true)
+    DIFFMOE_RANKS_0=$(grep -c " 0\$" "$DIFFMOE_EXIT_STATUS_FILE" || true)
+    rm -f "$DIFFMOE_EXIT_STATUS_FILE"
+  fi
+}
+
+# torchrun / mpirun: runs the command with TERM, INT and HUP forwarded to the launcher process, which
+# passes them to every rank, and exits with the trainer's status: 0 when all $1 ranks finished (a
+# signal in the launcher's teardown does not undo that), 75 when they stopped after a checkpoint.
+# $1: world size, then the command.
 diffmoe_run_keeping_status() {
-  local world=$1
+  local world=$1 sig
   shift
   if [[ ${DRY_RUN:-0} == 1 ]]; then
     printf '%q ' "$@"
     echo
     exit 0
   fi
-  [[ -n ${DIFFMOE_EXIT_STATUS_FILE:-} ]] || diffmoe_die "diffmoe_validate must run before diffmoe_run_keeping_status"
-  rm -f "$DIFFMOE_EXIT_STATUS_FILE"
   diffmoe_log "$*"
-  "$@" &
-  local pid=$! rc=0 sig
   for sig in TERM INT HUP; do
     # shellcheck disable=SC2064
-    trap "diffmoe_log 'SIG$sig received: forwarding it'; kill -$sig $pid 2>/dev/null" "$sig"
+    trap "diffmoe_forward $sig" "$sig"
   done
-  while :; do
-    rc=0
-    wait "$pid" || rc=$?
-    # a wait that a trapped signal interrupted returns > 128 while the command may still run (or
-    # may have ended meanwhile: its status is then still to be collected; 127: it was collected)
-    if ((rc > 128)); then
-      kill -0 "$pid" 2>/dev/null && continue
-      local again=0
-      wait "$pid" 2>/dev/null || again=$?
-      ((again == 127)) || rc=$again
-    fi
-    break
-  done
+  diffmoe_run_step "$@"
   trap - TERM INT HUP
-  local stopped=0 finished=0
-  if [[ -f $DIFFMOE_EXIT_STATUS_FILE ]]; then
-    stopped=$(grep -c " $DIFFMOE_EXIT_REQUEUE\$" "$DIFFMOE_EXIT_STATUS_FILE" || true)
-    finished=$(grep -c " 0\$" "$DIFFMOE_EXIT_STATUS_FILE" || true)
-  fi
-  rm -f "$DIFFMOE_EXIT_STATUS_FILE"
-  if ((finished >= world)); then
-    # every rank finished its run (exit 0): a signal in the launcher's teardown does not undo that
+  local rc=$DIFFMOE_STEP_RC stopped=$DIFFMOE_RANKS_75
+  if ((DIFFMOE_RANKS_0 >= world)); then
     ((rc == 0)) || diffmoe_log "all $world ranks finished; launcher exit $rc (a late signal): exit 0"
     exit 0
   fi
@@ -285,67 +332,37 @@ diffmoe_exec() {
 #   and this shell, then SIGKILL after KillWait: SIGTERM is the same warning; Slurm decides what
 #   follows (requeue or not), so this script never requeues after a SIGTERM.
 # - `scancel --signal=USR1 JOB` reaches the tasks directly; their exit status 75 requeues the job.
-# bash runs a trap only between commands, so the step runs in the background and the shell waits
-# in a loop; a wait that a trapped signal interrupts returns > 128 while the step still runs.
+# The step runs and is waited for as torchrun and mpirun are (diffmoe_run_step), its ranks' exit 75
+# reaching this shell through the same status file.
 DIFFMOE_MAX_REQUEUES=${DIFFMOE_MAX_REQUEUES:-100}
 
 diffmoe_srun() {
   DIFFMOE_WARNED=
-  DIFFMOE_SIGNALS=0
   trap 'DIFFMOE_WARNED=TERM; diffmoe_forward TERM' TERM
   trap '[[ $DIFFMOE_WARNED == TERM ]] || DIFFMOE_WARNED=USR1; diffmoe_forward USR1' USR1
   # srun does not inherit --cpus-per-task from sbatch in Slurm 22.05-23.02: pass it on.
   # --kill-on-bad-exit: a rank that dies ends the step instead of leaving the others in a collective.
   # Each task prints where it runs (all tasks of a node share a host name; SLURM_NODEID tells them apart).
-  # Exit 75 is not a failure: with --kill-on-bad-exit the first rank to exit 75 got its peers killed
-  # in their teardown (measured: one rank "Terminated", the step's status not 75, so no requeue).
-  # So each task's shell turns 75 into 0 plus a line in DIFFMOE_REQUEUE_FLAG (in the run directory:
-  # a shared file system), and outlives the signals the step gets (`trap :`; the trainer, its child,
-  # starts with default handlers, since bash resets caught signals for children, and installs its own).
+  # The task's shell outlives the signals the step gets (`trap :`; the trainer, its child, starts
+  # with default handlers, since bash resets caught signals for children, and installs its own), so
+  # that it can write a trainer's bare exit 75 into DIFFMOE_EXIT_STATUS_FILE (the exit-75 path above).
   # --distribution=block: consecutive ranks on one node, so each EP group (consecutive ranks) shares
   # its node's NVLink; a site default or user choice of cyclic comes through SLURM_DISTRIBUTION and
   # is refused at start-up by the trainer when it would split an EP group (one line, exit 2).
-  rm -f "$DIFFMOE_REQUEUE_FLAG"
-  srun --kill-on-bad-exit=1 --distribution="$DIFFMOE_DISTRIBUTION" ${SLURM_CPUS_PER_TASK:+--cpus-per-task=$SLURM_CPUS_PER_TASK} \
+  diffmoe_run_step srun --kill-on-bad-exit=1 --distribution="$DIFFMOE_DISTRIBUTION" \
+    ${SLURM_CPUS_PER_TASK:+--cpus-per-task=$SLURM_CPUS_PER_TASK} \
     bash -c 'echo "[diffmoe-task] rank $SLURM_PROCID/$SLURM_NTASKS node $SLURM_NODEID local $SLURM_LOCALID host $(hostname -s) restart ${SLURM_RESTART_COUNT:-0}"
       trap : TERM USR1
       "$@"
       rc=$?
-      if ((rc == 75)); then echo "$SLURM_PROCID" >>"$DIFFMOE_REQUEUE_FLAG"; rc=0; fi
+      if ((rc == 75)); then echo "$SLURM_PROCID 75" >>"$DIFFMOE_EXIT_STATUS_FILE"; rc=0; fi
       exit $rc' \
-    diffmoe-task "$@" &
-  DIFFMOE_STEP_PID=$!
-  local rc seen
-  while :; do
-    seen=$DIFFMOE_SIGNALS
-    rc=0
-    wait "$DIFFMOE_STEP_PID" || rc=$?
-    if ((seen != DIFFMOE_SIGNALS)); then
-      # interrupted by a trap: the step may still run, or may have ended meanwhile (its status is
-      # then still to be collected; 127 means the interrupted wait had collected it after all)
-      if kill -0 "$DIFFMOE_STEP_PID" 2>/dev/null; then continue; fi
-      local again=0
-      wait "$DIFFMOE_STEP_PID" 2>/dev/null || again=$?
-      ((again == 127)) || rc=$again
-    fi
-    break
-  done
+    diffmoe-task "$@"
   trap - TERM USR1
-  DIFFMOE_STEP_RC=$rc
-  DIFFMOE_RANKS_75=0
-  if [[ -f $DIFFMOE_REQUEUE_FLAG ]]; then
-    DIFFMOE_RANKS_75=$(wc -l <"$DIFFMOE_REQUEUE_FLAG")
-    rm -f "$DIFFMOE_REQUEUE_FLAG"
+  if ((DIFFMOE_RANKS_75 > 0)); then
     diffmoe_log "$DIFFMOE_RANKS_75 of ${SLURM_NTASKS:-?} ranks exited $DIFFMOE_EXIT_REQUEUE (checkpoint saved, requeue asked)"
-    ((rc != 0)) || DIFFMOE_STEP_RC=$DIFFMOE_EXIT_REQUEUE
+    ((DIFFMOE_STEP_RC != 0)) || DIFFMOE_STEP_RC=$DIFFMOE_EXIT_REQUEUE
   fi
-}
-
-diffmoe_forward() {
-  DIFFMOE_SIGNALS=$((DIFFMOE_SIGNALS + 1))
-  diffmoe_log "SIG$1 received: forwarding it to the training step"
-  [[ -n ${DIFFMOE_STEP_PID:-} ]] && kill "-$1" "$DIFFMOE_STEP_PID" 2>/dev/null
-  return 0
 }
 
 # After the step: requeue on the trainer's request (exit 75) or after a time-limit warning that the
@@ -391,14 +408,9 @@ diffmoe_slurm_train() {
     exit 0
   fi
   # Data is made once, on the batch node, before any task starts (a shared file system is assumed).
-  diffmoe_validate "${SLURM_NTASKS:-1}" values
-  diffmoe_prepare_data
-  diffmoe_validate "${SLURM_NTASKS:-1}"
-  unset DIFFMOE_EXIT_STATUS_FILE # each task's shell keeps the status 75 here (diffmoe_srun)
+  diffmoe_check "${SLURM_NTASKS:-1}"
   diffmoe_log "job $SLURM_JOB_ID ($job) restart ${SLURM_RESTART_COUNT:-0}: ${SLURM_NTASKS:-?} tasks on ${SLURM_JOB_NODELIST:-?}, OMP_NUM_THREADS=$OMP_NUM_THREADS"
   diffmoe_log "${cmd[*]}"
-  mkdir -p "$run_dir"
-  export DIFFMOE_REQUEUE_FLAG=$run_dir/.exit75-job${SLURM_JOB_ID}
   diffmoe_srun "${cmd[@]}"
   diffmoe_maybe_requeue
   return "$DIFFMOE_STEP_RC"

@@ -13,21 +13,12 @@ set -euo pipefail
 # shellcheck source=common.sh
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
-NPROC=${NPROC:-4}
-if [[ ${1:-} == -n ]]; then
-  NPROC=${2:?-n needs a process count}
-  shift 2
-fi
-[[ $NPROC =~ ^[1-9][0-9]*$ ]] || diffmoe_die "NPROC=$NPROC is invalid: pass a positive process count, e.g. -n 4"
+diffmoe_nproc_args "$@"
 
 diffmoe_resolve_config configs/local/diffmoe-tiny.yaml
 diffmoe_setup "$NPROC"
-diffmoe_overrides -- "$@"
-if [[ ${DRY_RUN:-0} != 1 ]]; then
-  diffmoe_validate "$NPROC" values
-  diffmoe_prepare_data
-  diffmoe_validate "$NPROC"
-fi
+diffmoe_overrides -- "${ARGS[@]}"
+[[ ${DRY_RUN:-0} == 1 ]] || diffmoe_check "$NPROC"
 # --standalone: a rendezvous on localhost with a free port, so two local runs do not collide.
 # --no-python: torchrun runs TRAIN_CMD as given (it already names the interpreter).
 diffmoe_run_keeping_status "$NPROC" "$PYTHON" -m torch.distributed.run --standalone --nproc-per-node "$NPROC" \

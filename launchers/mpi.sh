@@ -13,12 +13,7 @@ set -euo pipefail
 # shellcheck source=common.sh
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
-NPROC=${NPROC:-4}
-if [[ ${1:-} == -n ]]; then
-  NPROC=${2:?-n needs a process count}
-  shift 2
-fi
-[[ $NPROC =~ ^[1-9][0-9]*$ ]] || diffmoe_die "NPROC=$NPROC is invalid: pass a positive process count, e.g. -n 4"
+diffmoe_nproc_args "$@"
 read -ra mpirun_args <<<"${MPIRUN_ARGS:-}"
 
 diffmoe_resolve_config configs/local/diffmoe-tiny.yaml
@@ -31,12 +26,8 @@ if ((multi_host)); then
 else
   diffmoe_setup "$NPROC"
 fi
-diffmoe_overrides -- "$@"
-if [[ ${DRY_RUN:-0} != 1 ]]; then
-  diffmoe_validate "$NPROC" values
-  diffmoe_prepare_data
-  diffmoe_validate "$NPROC"
-fi
+diffmoe_overrides -- "${ARGS[@]}"
+[[ ${DRY_RUN:-0} == 1 ]] || diffmoe_check "$NPROC"
 
 # Rendezvous: on one machine, 127.0.0.1 and a free port. Across machines, leave MASTER_* unset
 # (unless given) and the trainer broadcasts rank 0's host and a free port through mpi4py.

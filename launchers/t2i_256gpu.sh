@@ -45,20 +45,13 @@
 #SBATCH --open-mode=append
 #SBATCH --output=%x-%j.out
 set -euo pipefail
-DIFFMOE_LAUNCHER=t2i_256gpu.sh  # Slurm runs this file as "slurm_script"
-
-# Slurm runs a copy of this file from its spool directory: find the checkout through DIFFMOE_ROOT,
-# this file's directory, the submit directory, then the path the job was submitted with.
-for _root in "${DIFFMOE_ROOT:-}" "$(dirname "${BASH_SOURCE[0]}")/.." "${SLURM_SUBMIT_DIR:-}" \
-  "$(dirname "$(scontrol show job "${SLURM_JOB_ID:-none}" 2>/dev/null | sed -n 's/^ *Command=\([^ ]*\).*/\1/p')")/.."; do
-  [[ -n $_root && -f $_root/launchers/common.sh ]] && break
-done
-[[ -f $_root/launchers/common.sh ]] || {
-  echo "$0: error: cannot find launchers/common.sh: set DIFFMOE_ROOT to the diffmoe-dist checkout" >&2
-  exit 2
-}
+# Slurm runs a copy of this file from its spool directory (as "slurm_script"): the checkout is
+# DIFFMOE_ROOT, else the one holding the script the job was submitted with (scontrol's Command=,
+# which also names the launcher in its log lines), else this file's.
+DIFFMOE_SCRIPT=$(scontrol show job "${SLURM_JOB_ID:-none}" 2>/dev/null | sed -n 's/^ *Command=\([^ ]*\).*/\1/p') || true
+_common=${DIFFMOE_ROOT:-$(dirname "${DIFFMOE_SCRIPT:-${BASH_SOURCE[0]}}")/..}/launchers/common.sh
 # shellcheck source=common.sh
-source "$_root/launchers/common.sh"
+if [[ -f $_common ]]; then source "$_common"; else echo "$0: error: no $_common: set DIFFMOE_ROOT to the diffmoe-dist checkout" >&2; exit 2; fi
 
 # ---- Interconnect (NCCL). Set these in the environment before sbatch to change them (sbatch exports
 # the submitting environment); the right values are cluster-specific:
@@ -92,7 +85,7 @@ source "$_root/launchers/common.sh"
 # A CPU build of torch on this GPU job is refused in one line by the first config check
 # (diffmoe-train --validate-only: parallel.device=cuda, or auto in a job given GPUs).
 if [[ -n ${DIFFMOE_SIF:-}${DIFFMOE_CONTAINER_IMAGE:-} ]]; then
-  export PYTHON=$_root/container/python.sh DIFFMOE_SIF DIFFMOE_CONTAINER_IMAGE
+  export PYTHON=$DIFFMOE_ROOT/container/python.sh DIFFMOE_SIF DIFFMOE_CONTAINER_IMAGE
   if [[ -n ${DIFFMOE_CONTAINER_IMAGE:-} ]]; then
     export DIFFMOE_TRAIN=${DIFFMOE_TRAIN:-python -m diffmoe_dist.train.cli}
     srun() { # the ranks' step only: container/python.sh calls the real srun for its one-task steps
