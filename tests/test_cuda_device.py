@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from diffmoe_dist.config import ConfigError
-from diffmoe_dist.config.validate import gpus_expected, validate_cuda
+from diffmoe_dist.config.environment import gpus_expected, validate_cuda
 from diffmoe_dist.parallel.launch import ParallelSetupError, cuda_index, read_launch_env, resolve_device
 from diffmoe_dist.train import cli
 

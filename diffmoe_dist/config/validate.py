@@ -8,24 +8,50 @@ import dataclasses
 import json
 import math
 import os
-import re
 from pathlib import Path
 
 import yaml
 
 import diffmoe_dist.config.options as options
+from diffmoe_dist.config.environment import validate_environment
 from diffmoe_dist.config.options import fail
 
 
 def validate_config(cfg, world_size: int) -> None:
     """Raises ConfigError naming the first bad field of `cfg` (a `schema.Config`, which imports this
-    module: hence no annotation) for a job of `world_size` ranks."""
-    m, moe, par, data, opt, tr = cfg.model, cfg.moe, cfg.parallel, cfg.data, cfg.optim, cfg.train
-    for section in dataclasses.fields(cfg):  # nan / inf pass every range check below: refuse them first
+    module: hence no annotation) for a job of `world_size` ranks: each section's own checks in turn,
+    then the ones that span sections (the parallel layout, sizes that would fail only after
+    allocating) and the environment."""
+    _finite(cfg)
+    depth = validate_model(cfg.model)
+    validate_moe(cfg.moe, depth)
+    validate_objective(cfg)
+    validate_parallel(cfg.parallel, cfg.moe, world_size)
+    validate_data(cfg.data, world_size)
+    validate_optim(cfg.optim)
+    experts = cfg.moe.num_experts if cfg.moe.router != options.DENSE_ROUTER else None
+    p, batch, accum = cfg.parallel.expert_parallel_size, cfg.data.global_batch_size, cfg.optim.grad_accum_steps
+    if error := layout_error(world_size, p, experts, batch, accum):
+        fail(*error)
+    validate_train(cfg.train)
+    validate_sample(cfg.sample)
+    validate_checkpoint(cfg.checkpoint)
+    validate_logging(cfg.logging, cfg.train.precision)
+    _validate_bounds(cfg, world_size)
+    validate_environment(os.environ)
+
+
+def _finite(cfg) -> None:
+    """nan / inf pass every range check below: refused first, in every section."""
+    for section in dataclasses.fields(cfg):
         for f in dataclasses.fields(getattr(cfg, section.name)):
             value = getattr(getattr(cfg, section.name), f.name)
             if isinstance(value, float) and not math.isfinite(value):
                 fail(f"{section.name}.{f.name}", value, "use a finite number")
+
+
+def validate_model(m) -> int:
+    """``model.*``; returns the resolved depth (the MoE checks place blocks in it)."""
     if m.size not in options.MODEL_SIZES:
         fail("model.size", m.size, f"use one of {', '.join(options.MODEL_SIZES)}")
     for name in ("depth", "hidden_size", "num_heads"):
@@ -49,6 +75,11 @@ def validate_config(cfg, world_size: int) -> None:
         fail("model.text_dim", m.text_dim, "use the text encoder's width, e.g. 384 (MiniLM) or 4096 (T5-XXL)")
     if m.task == "t2i" and m.text_len < 2:
         fail("model.text_len", m.text_len, "use at least 2 caption tokens, e.g. 16 for digits, 120 for T5")
+    return depth
+
+
+def validate_moe(moe, depth: int) -> None:
+    """``moe.*`` for a model of ``depth`` blocks."""
     if moe.router not in options.ROUTER_CHOICES:
         fail("moe.router", moe.router, f"use one of {', '.join(options.ROUTER_CHOICES)}")
     if moe.router != options.DENSE_ROUTER:
@@ -73,16 +104,18 @@ def validate_config(cfg, world_size: int) -> None:
     if moe.predictor_loss_weight < 0:
         fail("moe.predictor_loss_weight", moe.predictor_loss_weight, "use a non-negative weight")
     validate_moe_extras(moe)
-    validate_objective(cfg)
     if moe.aux_loss_weight < 0:
         fail("moe.aux_loss_weight", moe.aux_loss_weight, "use a non-negative weight, e.g. 0.01")
+
+
+def validate_parallel(par, moe, world_size: int) -> None:
+    """``parallel.*``; the expert-parallel size against the experts and the world size."""
     p = par.expert_parallel_size
     if p < 1:
         fail("parallel.expert_parallel_size", p, "use a positive integer")
     if p > 1 and moe.router == options.DENSE_ROUTER:
         fail("parallel.expert_parallel_size", p, "expert parallelism needs experts: set moe.router or use 1")
-    experts = moe.num_experts if moe.router != options.DENSE_ROUTER else None
-    if error := layout_error(world_size, p, experts):
+    if error := layout_error(world_size, p, moe.num_experts if moe.router != options.DENSE_ROUTER else None):
         fail(*error)
     if par.backend not in options.BACKENDS:
         fail("parallel.backend", par.backend, "use auto, gloo or nccl")
@@ -94,12 +127,22 @@ def validate_config(cfg, world_size: int) -> None:
         fail("parallel.grad_reduce_dtype", par.grad_reduce_dtype, "use fp32 or bf16")
     if par.grad_bucket_mb < 0:
         fail("parallel.grad_bucket_mb", par.grad_bucket_mb, "use 0 (chosen by device) or a positive size in MB")
+
+
+def validate_data(data, world_size: int) -> None:
+    """``data.*`` (the values: the shards themselves are checked by `diffmoe_dist.data.check`)."""
     if data.global_batch_size < 1:
         fail("data.global_batch_size", data.global_batch_size, f"use a multiple of the world size {world_size}")
     if data.loader not in options.LOADERS:
         fail("data.loader", data.loader, "use indexed or stream")
     if data.num_workers < 0:
         fail("data.num_workers", data.num_workers, "use 0 (load in the training process) or more workers")
+    _at_least(
+        data, "data", ("shuffle_window", 0, "use 0 (one permutation of all samples) or a number of shards, e.g. 256")
+    )
+
+
+def validate_optim(opt) -> None:
     if opt.lr <= 0:
         fail("optim.lr", opt.lr, "use a positive learning rate such as 1e-4")
     if opt.weight_decay < 0:
@@ -117,8 +160,9 @@ def validate_config(cfg, world_size: int) -> None:
         fail("optim.adamw_impl", opt.adamw_impl, f"choose one of {', '.join(options.ADAMW_IMPLS)}")
     if opt.grad_accum_steps < 1:
         fail("optim.grad_accum_steps", opt.grad_accum_steps, "use 1 or more micro-batches per step")
-    if error := layout_error(world_size, p, experts, data.global_batch_size, opt.grad_accum_steps):
-        fail(*error)
+
+
+def validate_train(tr) -> None:
     if tr.zero_stage not in options.ZERO_STAGES:
         fail("train.zero_stage", tr.zero_stage, "use 0 (plain data parallelism), 1 or 2 (ZeRO; MoE refuses 3)")
     if tr.zero_stage > 0:
@@ -129,33 +173,53 @@ def validate_config(cfg, world_size: int) -> None:
         fail("train.precision", tr.precision, "use fp32 or bf16")
     if not 0.0 <= tr.ema_decay < 1.0:
         fail("train.ema_decay", tr.ema_decay, "use a decay in [0, 1), e.g. 0.9999 (0.999 for short runs)")
-    if cfg.sample.sampler not in options.SAMPLERS:
-        fail("sample.sampler", cfg.sample.sampler, "use euler or heun")
     _at_least(
-        cfg,
-        ("train.max_minutes", 0, "use 0 (no limit) or a positive number of minutes"),
-        ("train.steps", 1, "use at least 1 step"),
-        ("train.seed", 0, "use a non-negative integer"),
-        ("train.threads", 0, "use 0 (cores / local processes) or a positive thread count"),
-        ("train.max_skipped_steps", 1, "use at least 1 (non-finite steps skipped in a row before the run stops)"),
-        ("sample.num_steps", 1, "use at least 1 ODE step"),
-        ("sample.every", 0, "use 0 (only at the end) or a positive number of steps"),
-        ("sample.per_class", 1, "use at least 1 image per class"),
-        ("sample.cfg_scale", 0, "use 1 (no guidance) or more, e.g. 2.0"),
-        ("checkpoint.every", 0, "use 0 (only at the end) or a positive number of steps"),
-        ("checkpoint.keep_last", 1, "keep at least 1 checkpoint"),
-        ("checkpoint.every_minutes", 0, "use 0 (off) or a positive number of minutes, e.g. 20"),
-        ("data.shuffle_window", 0, "use 0 (one permutation of all samples) or a number of shards, e.g. 256"),
-        ("logging.log_every", 1, "use a positive number of steps, e.g. 10"),
-        ("logging.routing_every", 0, "use 0 (off) or a positive number of steps"),
+        tr,
+        "train",
+        ("max_minutes", 0, "use 0 (no limit) or a positive number of minutes"),
+        ("steps", 1, "use at least 1 step"),
+        ("seed", 0, "use a non-negative integer"),
+        ("threads", 0, "use 0 (cores / local processes) or a positive thread count"),
+        ("max_skipped_steps", 1, "use at least 1 (non-finite steps skipped in a row before the run stops)"),
     )
-    if cfg.logging.wandb not in options.WANDB_MODES:
-        fail("logging.wandb", cfg.logging.wandb, "use offline, online or disabled")
-    _validate_mfu_peak(cfg.logging.mfu_peak, tr.precision)
     if not tr.resume:
         fail("train.resume", tr.resume, "use auto, never, or a run / checkpoint directory")
-    _validate_bounds(cfg, world_size)
-    validate_environment(os.environ)
+
+
+def validate_sample(sample) -> None:
+    if sample.sampler not in options.SAMPLERS:
+        fail("sample.sampler", sample.sampler, "use euler or heun")
+    _at_least(
+        sample,
+        "sample",
+        ("num_steps", 1, "use at least 1 ODE step"),
+        ("every", 0, "use 0 (only at the end) or a positive number of steps"),
+        ("per_class", 1, "use at least 1 image per class"),
+        ("cfg_scale", 0, "use 1 (no guidance) or more, e.g. 2.0"),
+    )
+
+
+def validate_checkpoint(ckpt) -> None:
+    _at_least(
+        ckpt,
+        "checkpoint",
+        ("every", 0, "use 0 (only at the end) or a positive number of steps"),
+        ("keep_last", 1, "keep at least 1 checkpoint"),
+        ("every_minutes", 0, "use 0 (off) or a positive number of minutes, e.g. 20"),
+    )
+
+
+def validate_logging(log, precision: str) -> None:
+    """``logging.*``; a cluster YAML as ``mfu_peak`` must give ``train.precision``'s peak."""
+    _at_least(
+        log,
+        "logging",
+        ("log_every", 1, "use a positive number of steps, e.g. 10"),
+        ("routing_every", 0, "use 0 (off) or a positive number of steps"),
+    )
+    if log.wandb not in options.WANDB_MODES:
+        fail("logging.wandb", log.wandb, "use offline, online or disabled")
+    _validate_mfu_peak(log.mfu_peak, precision)
 
 
 MAX_SEED = 2**32 - 1  # the streams are seeded with seed * 104729 + rank (and + 1_000_003 * step): int64 room
@@ -192,23 +256,6 @@ def _validate_bounds(cfg, world_size: int) -> None:
         )
 
 
-def validate_environment(env) -> None:
-    """The environment variables the project reads, checked like config values (one line, exit 2)."""
-    stale = env.get("DIFFMOE_LOCK_STALE_MINUTES")
-    if stale:
-        try:
-            minutes = float(stale)
-        except ValueError:
-            minutes = float("nan")
-        if not (math.isfinite(minutes) and minutes > 0):
-            raise options.ConfigError(
-                f"DIFFMOE_LOCK_STALE_MINUTES={stale!r} is invalid: use a positive number of minutes (default 30)"
-            )
-    inject = env.get("DIFFMOE_INJECT_NAN")
-    if inject and not re.fullmatch(r"[1-9]\d*(,[1-9]\d*)*(@\d+)?", inject):
-        raise options.ConfigError(f"DIFFMOE_INJECT_NAN={inject!r} is invalid: use STEP[,STEP...][@RANK], e.g. 3 or 3@1")
-
-
 def divisors(n: int) -> str:
     return ", ".join(str(d) for d in range(1, n + 1) if n % d == 0)
 
@@ -232,13 +279,12 @@ def layout_error(
     return None
 
 
-def _at_least(cfg, *checks: tuple[str, float, str]) -> None:
-    """Each (section.field, smallest allowed value, fix), in order."""
-    for name, least, fix in checks:
-        section, key = name.split(".")
-        value = getattr(getattr(cfg, section), key)
+def _at_least(values, section: str, *checks: tuple[str, float, str]) -> None:
+    """Each (field of ``values``, the ``section``'s dataclass; smallest allowed value; fix), in order."""
+    for key, least, fix in checks:
+        value = getattr(values, key)
         if value < least:
-            fail(name, value, fix)
+            fail(f"{section}.{key}", value, fix)
 
 
 def deepspeed_config_path(train) -> str:
@@ -325,51 +371,3 @@ def validate_objective(cfg) -> None:
         fail("diffusion.objective", objective, f"use one of {', '.join(options.OBJECTIVES)}")
     if objective == "ddpm" and cfg.model.task != "c2i":
         fail("diffusion.objective", objective, "DDPM is built for class-conditional models: use model.task=c2i or flow")
-
-
-# CUDA builds of torch 2.13.0 we support, and the oldest Linux driver each one's toolkit asks for
-# (requirements-cuda.txt and container/ install them; docs/operations.md, "Install on a GPU cluster" has the table).
-CUDA_DRIVERS = {"12.6": "560.28.03", "12.8": "570.26", "13.0": "580.65.06"}
-CUDA_FIX = "install a CUDA build of torch (pip install -r requirements-cuda.txt, or run in the container/ image)"
-# What Slurm sets in a job (or step) that was given GPUs; "NoDevFiles" / "none": given none.
-GPU_JOB_VARIABLES = ("SLURM_JOB_GPUS", "SLURM_STEP_GPUS", "SLURM_GPUS_ON_NODE", "CUDA_VISIBLE_DEVICES")
-
-
-def gpus_expected(env) -> str | None:
-    """``NAME=value`` of the first variable in ``env`` saying that this job was given GPUs, else None."""
-    for name in GPU_JOB_VARIABLES:
-        value = env.get(name, "").strip()
-        if value not in ("", "-1", "none", "NoDevFiles") and not (name == "SLURM_GPUS_ON_NODE" and value == "0"):
-            return f"{name}={value}"
-    return None
-
-
-def validate_cuda(device: str, env=None) -> None:
-    """``parallel.device=cuda``, or ``auto`` in a job that was given GPUs (`gpus_expected`), needs a
-    torch that can run on them: else one ConfigError naming what was found (torch.__version__,
-    torch.version.cuda, torch.cuda.is_available()) and the fix, before any process group starts.
-    Imports torch only then: the values-only check of the launchers stays quick."""
-    env = os.environ if env is None else env
-    given = gpus_expected(env) if device == "auto" else None
-    if device == "cpu" or (device == "auto" and given is None):
-        return
-    import torch
-
-    found = (
-        f"torch {torch.__version__} (torch.version.cuda={torch.version.cuda}, "
-        f"torch.cuda.is_available()={torch.cuda.is_available()})"
-    )
-    why = f"this job was given GPUs ({given}) but " if given else ""
-    if torch.version.cuda is None:
-        fail("parallel.device", device, f"{why}{found} is a CPU build: {CUDA_FIX}, or set parallel.device=cpu")
-    if not torch.cuda.is_available():
-        needs = CUDA_DRIVERS.get(".".join(torch.version.cuda.split(".")[:2]), "its release's")
-        visible = env.get("CUDA_VISIBLE_DEVICES")
-        fail(
-            "parallel.device",
-            device,
-            f"{why}{found} sees no usable GPU"
-            + (f" (CUDA_VISIBLE_DEVICES={visible!r})" if visible is not None else "")
-            + f": run on a node with GPUs (--gpus-per-node), or use an NVIDIA driver >= {needs} (what CUDA "
-            f"{torch.version.cuda} needs; nvidia-smi shows yours) or the build for your driver (requirements-cuda.txt)",
-        )

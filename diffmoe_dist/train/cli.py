@@ -24,7 +24,7 @@ import os
 import sys
 
 from diffmoe_dist.config import ConfigError, load_config
-from diffmoe_dist.config.validate import validate_cuda
+from diffmoe_dist.config.environment import validate_cuda
 
 
 def parse_args(argv=None) -> argparse.Namespace:
