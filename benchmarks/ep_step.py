@@ -103,6 +103,8 @@ def _step_rows(args: Args, rank: int, world_size: int) -> list[dict]:
             t4 = time.perf_counter()
             if ep_size == 1:  # LocalDispatcher: all of it is expert compute
                 timings = {"dispatch": 0.0, "experts": t3 - t2, "combine": 0.0}
+            else:  # the dispatcher times its own phases; the experts run between them
+                timings["experts"] = t3 - t2 - timings["dispatch"] - timings["combine"]
             measured = {"route": t1 - t0, "select": t2 - t1, **timings, "backward": t4 - t3}
             for name in phases:
                 value = _max_over_ranks(measured[name])

@@ -53,6 +53,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(REPO))
 
+from benchmarks._table import Column, header, line  # noqa: E402
 from diffmoe_dist.config import MoEConfig  # noqa: E402
 from diffmoe_dist.model.ffn import FeedForward  # noqa: E402
 from diffmoe_dist.model.moe.collector import MoECollector  # noqa: E402
@@ -408,22 +409,23 @@ def _add_ratios(rows: list[dict]) -> None:
 # ---------------------------------------------------------------------------------------------
 # Output
 
-HEADER = (
-    f"{'config':<11} {'dtype':<8} {'malloc':<7} {'impl':<9} {'ms/iter':>9} {'tokens/s':>10} "
-    f"{'vs ours':>7} {'%peak':>6} {'faults/it':>10} {'n':>2} {'util':>5}"
+COLUMNS = (
+    Column("config", "<11", "config"),
+    Column("dtype", "<8", "dtype"),
+    Column("malloc", "<7", "malloc"),
+    Column("impl", "<9", "impl"),
+    Column("ms/iter", ">9.1f", "ms_per_iter"),
+    Column("tokens/s", ">10.0f", "tokens_per_s"),
+    Column("vs ours", ">7", lambda r: f"{r['vs_ours']:.2f}x" if "vs_ours" in r else "-"),
+    Column("%peak", ">6", lambda r: f"{r['pct_of_matmul_peak']:.1f}%"),
+    Column("faults/it", ">10.0f", "minor_faults_per_iter"),
+    Column("n", ">2", "repeats"),
+    Column("util", ">5.2f", "cpu_utilisation"),
 )
 
 
 def _format_row(r: dict) -> str:
-    head = f"{r['config']:<11} {r['dtype']:<8} {r['malloc']:<7} {r['impl']:<9}"
-    if "error" in r:
-        return f"{head} n/a: {r['error']}"
-    vs = f"{r['vs_ours']:.2f}x" if "vs_ours" in r else "-"
-    return (
-        f"{head} {r['ms_per_iter']:>9.1f} {r['tokens_per_s']:>10.0f} {vs:>7} "
-        f"{r['pct_of_matmul_peak']:>5.1f}% {r['minor_faults_per_iter']:>10.0f} {r['repeats']:>2} "
-        f"{r['cpu_utilisation']:>5.2f}"
-    )
+    return line(r, COLUMNS, keys=4)
 
 
 def print_report(results: list[dict]) -> None:
@@ -438,7 +440,7 @@ def print_report(results: list[dict]) -> None:
             f"\nmalloc={res['malloc']}  threads={res['threads']}  tokens={res['tokens']}  "
             f"warmup={res['warmup']} repeats={res['repeats']} (median)  matmul peak: {peaks}"
         )
-        print(HEADER)
+        print(header(COLUMNS))
         for r in res["rows"]:
             print(_format_row(r))
     print()

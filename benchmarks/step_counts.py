@@ -40,7 +40,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from diffmoe_dist.config import load_config  # noqa: E402
-from diffmoe_dist.parallel.groups import COLLECTIVE_NAMES as COLLECTIVES  # noqa: E402
+from diffmoe_dist.parallel.groups import count_collectives  # noqa: E402
 
 CONFIG = "configs/t2i/diffmoe-e16-256gpu.yaml"
 HOST_READ_OPS = ("_local_scalar_dense",)
@@ -85,31 +85,20 @@ class _Patched:
         self.counter = counter
 
     def __enter__(self):
-        c, self.saved = self.counter, {}
-        tolist = torch.Tensor.tolist
+        c, tolist = self.counter, torch.Tensor.tolist
 
         def counted_tolist(t):
             c.reads[_caller()] += 1
             return tolist(t)
 
-        self.saved[(torch.Tensor, "tolist")] = tolist
-        torch.Tensor.tolist = counted_tolist
-        for name in COLLECTIVES:
-            original = getattr(dist, name, None)
-            if original is None:
-                continue
-            self.saved[(dist, name)] = original
-
-            def counted(*args, _n=name, _o=original, **kwargs):
-                c.collectives[_n] += 1
-                return _o(*args, **kwargs)
-
-            setattr(dist, name, counted)
+        self._tolist, torch.Tensor.tolist = tolist, counted_tolist
+        self._collectives = count_collectives(c.collectives)
+        self._collectives.__enter__()
         return self
 
     def __exit__(self, *exc):
-        for (owner, name), original in self.saved.items():
-            setattr(owner, name, original)
+        self._collectives.__exit__(*exc)
+        torch.Tensor.tolist = self._tolist
 
 
 class SyntheticBatches:

@@ -66,6 +66,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(REPO))
 
+from benchmarks._table import Column, header, line, percent  # noqa: E402
 from diffmoe_dist.config import Config, load_config  # noqa: E402
 from diffmoe_dist.data.digits import write_digits_shards  # noqa: E402
 from diffmoe_dist.parallel.spawn import run_ranks  # noqa: E402
@@ -522,21 +523,49 @@ def run(args: argparse.Namespace) -> dict:
 # ---------------------------------------------------------------------------------------------
 # Output
 
-HEADER = (
-    f"{'config':<13} {'P':>2} {'thr':>3} {'prec':<5} {'batch':>5} {'step s':>8} {'img/s':>8} {'tok/s':>9} "
-    f"{'GFLOP/st':>9} {'GFLOP/img':>9} {'GFLOP/s':>8} {'MFU':>6} {'util':>5}"
+COLUMNS = (
+    Column("config", "<13", "config"),
+    Column("P", ">2", "procs"),
+    Column("thr", ">3", "threads"),
+    Column("prec", "<5", "precision"),
+    Column("batch", ">5", "global_batch"),
+    Column("step s", ">8.3f", "step_s"),
+    Column("img/s", ">8.1f", "images_per_s"),
+    Column("tok/s", ">9.0f", "tokens_per_s"),
+    Column("GFLOP/st", ">9.1f", lambda r: r["flops_per_step"] / 1e9),
+    Column("GFLOP/img", ">9.3f", lambda r: r["flops_per_image"] / 1e9),
+    Column("GFLOP/s", ">8.1f", lambda r: r["achieved_flops"] / 1e9),
+    Column("MFU", ">6", percent("mfu")),
+    Column("util", ">5.2f", "cpu_utilisation"),
+)
+ROW = (Column("config", "<13", "config"), Column("P", ">2", "procs"))
+BREAKDOWN = (
+    *ROW,
+    *(Column(p[:8], ">8", percent("breakdown_fractions", p)) for p in PHASES),
+    Column("phases s", ">8.3f", "breakdown_total_s"),
+    Column("wall s", ">7.3f", "breakdown_step_wall_s"),
+)
+PROFILE = (
+    *ROW,
+    *(Column(c[:9], ">9", percent("profile_fractions", c)) for c in CATEGORIES),
+    Column("prof s", ">7.3f", "profile_step_s"),
+)
+BREAKDOWNS = (  # (title, the rows' key, columns)
+    (
+        "Where the time goes, rank 0: phases of the step (% of the phase-timed step; phases s vs its wall s)",
+        "breakdown_fractions",
+        BREAKDOWN,
+    ),
+    (
+        "Operator categories, rank 0, one profiled step (% of its wall time; python = outside any op)",
+        "profile_fractions",
+        PROFILE,
+    ),
 )
 
 
 def _format_row(r: dict) -> str:
-    head = f"{r['config']:<13} {r['procs']:>2} {r['threads']:>3} {r['precision']:<5} {r['global_batch']:>5}"
-    if "error" in r:
-        return f"{head} n/a: {r['error']}"
-    return (
-        f"{head} {r['step_s']:>8.3f} {r['images_per_s']:>8.1f} {r['tokens_per_s']:>9.0f} "
-        f"{r['flops_per_step'] / 1e9:>9.1f} {r['flops_per_image'] / 1e9:>9.3f} {r['achieved_flops'] / 1e9:>8.1f} "
-        f"{100 * r['mfu']:>5.1f}% {r['cpu_utilisation']:>5.2f}"
-    )
+    return line(r, COLUMNS, keys=5)
 
 
 def print_report(res: dict) -> None:
@@ -552,25 +581,17 @@ def print_report(res: dict) -> None:
         "(step s = median over timed steps, slowest rank; GFLOP = matmul FLOPs counted by FlopCounterMode;\n"
         " MFU = GFLOP/s / peak at the row's total threads; util = CPU time / (wall x threads))"
     )
-    print(HEADER)
+    print(header(COLUMNS))
     for r in res["rows"]:
         print(_format_row(r))
     rows = [r for r in res["rows"] if "error" not in r]
-    if any("breakdown_fractions" in r for r in rows):
-        print("\nWhere the time goes, rank 0: phases of the step (% of the phase-timed step; phases s vs its wall s)")
-        print(f"{'config':<13} {'P':>2} " + " ".join(f"{p[:8]:>8}" for p in PHASES) + f" {'phases s':>8} {'wall s':>7}")
-        for r in rows:
-            if "breakdown_fractions" in r:
-                cells = " ".join(f"{100 * r['breakdown_fractions'][p]:>7.1f}%" for p in PHASES)
-                wall = r["breakdown_step_wall_s"]
-                print(f"{r['config']:<13} {r['procs']:>2} {cells} {r['breakdown_total_s']:>8.3f} {wall:>7.3f}")
-    if any("profile_fractions" in r for r in rows):
-        print("\nOperator categories, rank 0, one profiled step (% of its wall time; python = outside any op)")
-        print(f"{'config':<13} {'P':>2} " + " ".join(f"{c[:9]:>9}" for c in CATEGORIES) + f" {'prof s':>7}")
-        for r in rows:
-            if "profile_fractions" in r:
-                cells = " ".join(f"{100 * r['profile_fractions'][c]:>8.1f}%" for c in CATEGORIES)
-                print(f"{r['config']:<13} {r['procs']:>2} {cells} {r['profile_step_s']:>7.3f}")
+    for title, key, columns in BREAKDOWNS:
+        if any(key in r for r in rows):
+            print(f"\n{title}")
+            print(header(columns))
+            for r in rows:
+                if key in r:
+                    print(line(r, columns))
     checks = ", ".join(f"{r['config']} P{r['procs']} {r['flops_counted_over_analytic']:.4f}" for r in rows)
     if checks:
         print(f"\nFLOPs counted / analytic: {checks}")

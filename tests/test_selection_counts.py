@@ -13,13 +13,12 @@ import collections
 
 import pytest
 import torch
-import torch.distributed as dist
 from distributed import run_distributed
 
 from diffmoe_dist.config import MoEConfig
 from diffmoe_dist.model.moe.layer import MoEFeedForward
 from diffmoe_dist.parallel import build_parallel_dims, parallelize
-from diffmoe_dist.parallel.groups import COLLECTIVE_NAMES as COLLECTIVES
+from diffmoe_dist.parallel.groups import count_collectives
 
 SYNC_OPS = (
     "aten::_local_scalar_dense",
@@ -33,31 +32,6 @@ MAX_COLLECTIVES, MAX_SYNCS = 8, 4
 EXPERTS, DIM, BATCH, SEQ = 8, 16, 2, 32
 
 
-class _CountCollectives:
-    """Counts calls of the torch.distributed collectives while active (patched module attributes:
-    the code calls them as ``dist.<name>``)."""
-
-    def __enter__(self):
-        self.counts: collections.Counter = collections.Counter()
-        self._saved = {}
-        for name in COLLECTIVES:
-            original = getattr(dist, name, None)
-            if original is None:
-                continue
-            self._saved[name] = original
-
-            def counted(*args, _name=name, _original=original, **kwargs):
-                self.counts[_name] += 1
-                return _original(*args, **kwargs)
-
-            setattr(dist, name, counted)
-        return self
-
-    def __exit__(self, *exc):
-        for name, original in self._saved.items():
-            setattr(dist, name, original)
-
-
 def _count(fn) -> tuple[dict, dict]:
     """Collectives and host-sync ops of ``fn()``. ``Tensor.tolist`` is counted too: on CPU it runs
     no aten op the profiler would name, on CUDA it is a device-to-host copy that waits."""
@@ -69,14 +43,14 @@ def _count(fn) -> tuple[dict, dict]:
 
     torch.Tensor.tolist = counted_tolist
     try:
-        with _CountCollectives() as c, torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as p:
+        with count_collectives() as c, torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as p:
             fn()
     finally:
         torch.Tensor.tolist = tolist
     syncs = collections.Counter(e.name for e in p.events() if e.name in SYNC_OPS)
     if reads:
         syncs["Tensor.tolist"] = len(reads)
-    return dict(c.counts), dict(syncs)
+    return dict(c), dict(syncs)
 
 
 def _layer(dims) -> MoEFeedForward:

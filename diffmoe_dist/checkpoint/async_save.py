@@ -22,7 +22,7 @@ import time
 
 import torch.distributed as dist
 
-from diffmoe_dist.checkpoint.io import snapshot, write_snapshot
+from diffmoe_dist.checkpoint.io import snapshot_or_error, write_snapshot
 from diffmoe_dist.checkpoint.layout import Slot, step_dir
 from diffmoe_dist.parallel.groups import ParallelDims
 
@@ -61,12 +61,7 @@ class AsyncSaver:
         t0 = time.monotonic()
         self.wait()
         self.started = time.monotonic()
-        rank = self.dims.rank if self.dims is not None else 0
-        try:
-            snap = snapshot(slots)
-        except Exception as exc:  # noqa: BLE001 - agreed with the other ranks in write_snapshot
-            snap = f"rank {rank}: {type(exc).__name__}: {exc}"
-        args = (root, step, snap, meta, rank_state)
+        args = (root, step, snapshot_or_error(slots, self.dims), meta, rank_state)
         if blocking:
             path = write_snapshot(*args, self.dims, keep_last, run_id, log)
             self.blocked_seconds = time.monotonic() - t0

@@ -79,28 +79,25 @@ def snapshot(slots: list[Slot]) -> tuple[dict, list, dict]:
     return pieces, index, specs
 
 
+def snapshot_or_error(slots: list[Slot], dims: ParallelDims | None) -> tuple[dict, list, dict] | str:
+    """`snapshot(slots)`, or its error as a line for `write_snapshot` to agree on with the other ranks
+    (a rank that fails alone must not leave the others waiting in the save's collectives)."""
+    try:
+        return snapshot(slots)
+    except Exception as exc:  # noqa: BLE001 - agreed with the other ranks in write_snapshot
+        return f"rank {dims.rank if dims is not None else 0}: {type(exc).__name__}: {exc}"
+
+
 def save(
-    root: str,
-    step: int,
-    slots: list[Slot],
-    meta: dict,
-    rank_state: dict,
-    dims: ParallelDims | None = None,
-    keep_last: int = 2,
-    run_id: str | None = None,
-    log=print,
+    root: str, step: int, slots: list[Slot], meta: dict, rank_state: dict, dims: ParallelDims | None = None, **kw
 ) -> str:
-    """Collective: every rank calls it with its own slots. Returns the step directory.
+    """Collective: every rank calls it with its own slots; ``kw``: `write_snapshot`'s ``keep_last``,
+    ``run_id`` and ``log``. Returns the step directory.
 
     A failure on any rank (a full disk, an I/O error) is agreed by all: the temporary directory is
     removed and every rank raises the same CheckpointError. After the rename, rank 0 records the save
     in the run's history and applies retention (`retention.retain`)."""
-    rank = dims.rank if dims is not None else 0
-    try:
-        snap = snapshot(slots)
-    except Exception as exc:  # noqa: BLE001 - agreed with the other ranks in write_snapshot
-        snap = f"rank {rank}: {type(exc).__name__}: {exc}"
-    return write_snapshot(root, step, snap, meta, rank_state, dims, keep_last, run_id, log)
+    return write_snapshot(root, step, snapshot_or_error(slots, dims), meta, rank_state, dims, **kw)
 
 
 def write_snapshot(
@@ -114,8 +111,8 @@ def write_snapshot(
     run_id: str | None = None,
     log=print,
 ) -> str:
-    """Collective over ``dims.dp_group``: writes a `snapshot` (or agrees on its error, a str) as
-    `save` describes. checkpoint/async_save.py runs it in a thread, over a group of its own."""
+    """Collective over ``dims.dp_group``: writes a `snapshot` (or agrees on its error, a str:
+    `snapshot_or_error`) as `save` describes. checkpoint/async_save.py runs it in a thread, over a group of its own."""
     rank = dims.rank if dims is not None else 0
     world_size = dims.world_size if dims is not None else 1
     final = step_dir(root, step)

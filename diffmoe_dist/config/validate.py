@@ -41,6 +41,43 @@ def validate_config(cfg, world_size: int) -> None:
     validate_environment(os.environ)
 
 
+# The smallest value of each count-like field and the fix, by section; each section's check reads its own.
+AT_LEAST = {
+    "data": {
+        "shuffle_window": (0, "use 0 (one permutation of all samples) or a number of shards, e.g. 256"),
+    },
+    "train": {
+        "max_minutes": (0, "use 0 (no limit) or a positive number of minutes"),
+        "steps": (1, "use at least 1 step"),
+        "seed": (0, "use a non-negative integer"),
+        "threads": (0, "use 0 (cores / local processes) or a positive thread count"),
+        "max_skipped_steps": (1, "use at least 1 (non-finite steps skipped in a row before the run stops)"),
+    },
+    "sample": {
+        "num_steps": (1, "use at least 1 ODE step"),
+        "every": (0, "use 0 (only at the end) or a positive number of steps"),
+        "per_class": (1, "use at least 1 image per class"),
+        "cfg_scale": (0, "use 1 (no guidance) or more, e.g. 2.0"),
+    },
+    "checkpoint": {
+        "every": (0, "use 0 (only at the end) or a positive number of steps"),
+        "keep_last": (1, "keep at least 1 checkpoint"),
+        "every_minutes": (0, "use 0 (off) or a positive number of minutes, e.g. 20"),
+    },
+    "logging": {
+        "log_every": (1, "use a positive number of steps, e.g. 10"),
+        "routing_every": (0, "use 0 (off) or a positive number of steps"),
+    },
+}
+
+
+def _at_least(values, section: str) -> None:
+    """``AT_LEAST[section]`` on ``values``, the section's dataclass, in order."""
+    for key, (least, fix) in AT_LEAST[section].items():
+        if getattr(values, key) < least:
+            fail(f"{section}.{key}", getattr(values, key), fix)
+
+
 def _finite(cfg) -> None:
     """nan / inf pass every range check below: refused first, in every section."""
     for section in dataclasses.fields(cfg):
@@ -137,9 +174,7 @@ def validate_data(data, world_size: int) -> None:
         fail("data.loader", data.loader, "use indexed or stream")
     if data.num_workers < 0:
         fail("data.num_workers", data.num_workers, "use 0 (load in the training process) or more workers")
-    _at_least(
-        data, "data", ("shuffle_window", 0, "use 0 (one permutation of all samples) or a number of shards, e.g. 256")
-    )
+    _at_least(data, "data")
 
 
 def validate_optim(opt) -> None:
@@ -173,15 +208,7 @@ def validate_train(tr) -> None:
         fail("train.precision", tr.precision, "use fp32 or bf16")
     if not 0.0 <= tr.ema_decay < 1.0:
         fail("train.ema_decay", tr.ema_decay, "use a decay in [0, 1), e.g. 0.9999 (0.999 for short runs)")
-    _at_least(
-        tr,
-        "train",
-        ("max_minutes", 0, "use 0 (no limit) or a positive number of minutes"),
-        ("steps", 1, "use at least 1 step"),
-        ("seed", 0, "use a non-negative integer"),
-        ("threads", 0, "use 0 (cores / local processes) or a positive thread count"),
-        ("max_skipped_steps", 1, "use at least 1 (non-finite steps skipped in a row before the run stops)"),
-    )
+    _at_least(tr, "train")
     if not tr.resume:
         fail("train.resume", tr.resume, "use auto, never, or a run / checkpoint directory")
 
@@ -189,34 +216,16 @@ def validate_train(tr) -> None:
 def validate_sample(sample) -> None:
     if sample.sampler not in options.SAMPLERS:
         fail("sample.sampler", sample.sampler, "use euler or heun")
-    _at_least(
-        sample,
-        "sample",
-        ("num_steps", 1, "use at least 1 ODE step"),
-        ("every", 0, "use 0 (only at the end) or a positive number of steps"),
-        ("per_class", 1, "use at least 1 image per class"),
-        ("cfg_scale", 0, "use 1 (no guidance) or more, e.g. 2.0"),
-    )
+    _at_least(sample, "sample")
 
 
 def validate_checkpoint(ckpt) -> None:
-    _at_least(
-        ckpt,
-        "checkpoint",
-        ("every", 0, "use 0 (only at the end) or a positive number of steps"),
-        ("keep_last", 1, "keep at least 1 checkpoint"),
-        ("every_minutes", 0, "use 0 (off) or a positive number of minutes, e.g. 20"),
-    )
+    _at_least(ckpt, "checkpoint")
 
 
 def validate_logging(log, precision: str) -> None:
     """``logging.*``; a cluster YAML as ``mfu_peak`` must give ``train.precision``'s peak."""
-    _at_least(
-        log,
-        "logging",
-        ("log_every", 1, "use a positive number of steps, e.g. 10"),
-        ("routing_every", 0, "use 0 (off) or a positive number of steps"),
-    )
+    _at_least(log, "logging")
     if log.wandb not in options.WANDB_MODES:
         fail("logging.wandb", log.wandb, "use offline, online or disabled")
     _validate_mfu_peak(log.mfu_peak, precision)
@@ -277,14 +286,6 @@ def layout_error(
         fix = f"world size {world_size} x accumulation steps must divide data.global_batch_size={global_batch}"
         return "optim.grad_accum_steps", accum, fix
     return None
-
-
-def _at_least(values, section: str, *checks: tuple[str, float, str]) -> None:
-    """Each (field of ``values``, the ``section``'s dataclass; smallest allowed value; fix), in order."""
-    for key, least, fix in checks:
-        value = getattr(values, key)
-        if value < least:
-            fail(f"{section}.{key}", value, fix)
 
 
 def deepspeed_config_path(train) -> str:

@@ -13,6 +13,9 @@ With W ranks and expert-parallel size P (docs/design.md section 2):
 
 from __future__ import annotations
 
+import collections
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,6 +39,31 @@ COLLECTIVE_NAMES = (
     "reduce_scatter_tensor",
     "barrier",
 )
+
+
+@contextlib.contextmanager
+def count_collectives(counts: collections.Counter | None = None) -> Iterator[collections.Counter]:
+    """Counts the calls of each `COLLECTIVE_NAMES` function by name into ``counts`` (a new Counter
+    when None), which it yields, while active. It patches the ``torch.distributed`` module's
+    attributes: the code calls them as ``dist.<name>``."""
+    counts = collections.Counter() if counts is None else counts
+    saved = {}
+    for name in COLLECTIVE_NAMES:
+        original = getattr(dist, name, None)
+        if original is None:
+            continue
+        saved[name] = original
+
+        def counted(*args, _name=name, _original=original, **kwargs):
+            counts[_name] += 1
+            return _original(*args, **kwargs)
+
+        setattr(dist, name, counted)
+    try:
+        yield counts
+    finally:
+        for name, original in saved.items():
+            setattr(dist, name, original)
 
 
 class ParallelSetupError(ConfigError):
