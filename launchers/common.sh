@@ -231,7 +231,7 @@ diffmoe_nproc_args() {
 # waits in a loop; the caller's traps call diffmoe_forward, which passes the signal on.
 diffmoe_forward() {
   DIFFMOE_SIGNALS=$((DIFFMOE_SIGNALS + 1))
-  diffmoe_log "SIG$1 received: forwarding it to the ranks"
+  diffmoe_log "SIG$1 received: forwarding it to the training step"
   [[ -n ${DIFFMOE_STEP_PID:-} ]] && kill "-$1" "$DIFFMOE_STEP_PID" 2>/dev/null
   return 0
 }
