@@ -35,6 +35,7 @@ export DIFFMOE_DATA DIFFMOE_RUNS
 # Exit status with which the trainer says "I saved a checkpoint because I was told to stop; run me
 # again" (sysexits.h EX_TEMPFAIL). A Slurm launcher requeues the job when its step exits with it.
 DIFFMOE_EXIT_REQUEUE=75
+DIFFMOE_SIGNALS=0 # signals trapped so far (diffmoe_forward): how diffmoe_run_step tells an interrupted wait
 
 diffmoe_log() { echo "[$DIFFMOE_LAUNCHER] $*" >&2; }
 diffmoe_die() {
@@ -241,7 +242,6 @@ diffmoe_forward() {
 diffmoe_run_step() {
   [[ -n ${DIFFMOE_EXIT_STATUS_FILE:-} ]] || diffmoe_die "diffmoe_validate must run before diffmoe_run_step"
   rm -f "$DIFFMOE_EXIT_STATUS_FILE"
-  DIFFMOE_SIGNALS=${DIFFMOE_SIGNALS:-0}
   "$@" &
   DIFFMOE_STEP_PID=$!
   local rc seen again
