@@ -8,8 +8,9 @@ checkpoints do not change.
 The MoE layers inside a block stay eager (``torch.compiler.disable``), each a graph break: their
 selection all-reduces the radix histograms and reads the pool's size on the device, and their
 dispatch reads the split sizes on the host once per layer; neither is graph-safe, and the router
-must keep its batch invariance bit for bit (measured, torch 2.13 CPU: inductor's fused softmax
-gives other bits than eager, and then a token's score would depend on which path computed it).
+and the capacity predictor must keep their batch invariance bit for bit (model/moe/invariant.py;
+measured, torch 2.13 CPU: inductor's fused softmax gives other bits than eager, and then a token's
+score would depend on which path computed it).
 What compiles are the dense parts: adaLN modulation, norms, attention, cross-attention, the
 dense FFN, and the residual arithmetic around the MoE call.
 """

@@ -7,6 +7,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from diffmoe_dist.model.moe import invariant
+
 # tau starts at 0.5, the decision boundary of a BCE classifier ("more likely selected than not")
 # and where sigmoid of an untrained predictor's near-zero logits sits, so dynamic inference
 # without training still routes a non-trivial share of tokens. With momentum 0.95 the EMA forgets
@@ -28,8 +30,24 @@ class CapacityPredictor(nn.Module):
 
     def forward(self, x_ND: Tensor) -> Tensor:
         """Logits ``pred_NE`` in fp32. The input is detached: the predictor's loss must never
-        reach the backbone or the router (it "never affects the diffusion loss")."""
-        return self.net(x_ND.detach()).float()
+        reach the backbone or the router (it "never affects the diffusion loss").
+
+        Batch invariant, as the router's scores: a token's logits, and so its `probability`, have
+        the same bits in any batch, alone or on any rank (model/moe/invariant.py: both linears over
+        fixed-size row blocks, SiLU from ``exp``), so dynamic inference's ``k_e`` and the threshold
+        EMA's quantile equal one process on the concatenated batch even at one ulp from ``tau_e``.
+        ``net`` keeps its ``nn.Sequential`` for the parameter names (checkpoints) and counts."""
+        first, _, last = self.net
+        x_GBD = invariant.blocks(x_ND.detach())
+        h_GBD = invariant.blocked_linear(x_GBD, first.weight, first.bias)
+        h_GBD = invariant.silu(h_GBD.float()).to(h_GBD.dtype)  # bf16 (autocast, a bf16 model) as torch's SiLU: via fp32
+        pred_GBE = invariant.blocked_linear(h_GBD, last.weight, last.bias)
+        return invariant.rows(pred_GBE, x_ND.shape[0]).float()
+
+    @staticmethod
+    def probability(pred_NE: Tensor) -> Tensor:
+        """``sigmoid(pred)`` of detached logits, batch invariant (`forward`); what a threshold meets."""
+        return invariant.sigmoid(pred_NE.detach().float())
 
     @staticmethod
     def loss(pred_NE: Tensor, mask_NE: Tensor) -> Tensor:

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from diffmoe_dist.config import INFERENCE_MODES, ROUTERS  # noqa: F401 (the MoE layer reads routers.ROUTERS)
+from diffmoe_dist.model.moe import invariant
 from diffmoe_dist.model.moe.pool import TokenPool, expert_capacity
 
 
@@ -30,25 +31,17 @@ class Assignment:
         return Assignment(self.token_idx_M, self.expert_idx_M, self.weight_M.detach(), self.mask_NE)
 
 
-# Router logits are computed ROUTER_BLOCK_ROWS rows at a time, the last block zero-padded, so that
-# every row goes through a matrix product of one fixed shape. A plain ``x @ W^T`` is not batch
-# invariant: measured (torch 2.13 CPU, D 8-1152, E 4 and 16), a row computed with M=1 (a rank of
-# the dp pool holding one token) and, at E=16, several other small M, rounds differently from the
-# same row inside a larger product; a tie that straddles ranks was then broken by one ulp instead
-# of by index. Blocked, every row's score has the same bits whatever the rank holds around it.
-ROUTER_BLOCK_ROWS = 128
-
-
 def router_logits(x_ND: Tensor, weight_ED: Tensor) -> Tensor:
-    """``x W_r^T``, batch invariant: row t's logits depend on row t alone, bit for bit."""
-    n, d = x_ND.shape
-    pad = -n % ROUTER_BLOCK_ROWS
-    if pad:
-        x_ND = torch.cat([x_ND, x_ND.new_zeros(pad, d)])
+    """``x W_r^T``, batch invariant: row t's logits depend on row t alone, bit for bit, over fixed
+    blocks of rows (model/moe/invariant.py). A plain ``x @ W^T`` of one row (a rank of the dp pool
+    holding one token) rounds differently from the same row in a larger product: a tie that
+    straddles ranks was then broken by one ulp instead of by index."""
+    x_GBD = invariant.blocks(x_ND)
     # One launch (issue 23: the per-block loop was ~22% of a step's ops): a bmm over the (G, 128, D)
-    # blocks with the weight broadcast, each batch entry the same fixed-shape product.
-    x_GBD = x_ND.view(-1, ROUTER_BLOCK_ROWS, d)
-    return torch.bmm(x_GBD, weight_ED.T.unsqueeze(0).expand(x_GBD.shape[0], d, -1)).view(-1, weight_ED.shape[0])[:n]
+    # blocks with the weight broadcast, each batch entry the same fixed-shape product. Autograd's
+    # (G, D, E) weight gradient is small here (E columns); the predictor's D x D uses blocked_linear.
+    w_GDE = weight_ED.T.unsqueeze(0).expand(x_GBD.shape[0], -1, -1)
+    return invariant.rows(torch.bmm(x_GBD, w_GDE), x_ND.shape[0])
 
 
 def router_scores(x_ND: Tensor, weight_ED: Tensor) -> Tensor:

@@ -101,12 +101,12 @@ class Router:
         bce = inp.predictor.loss(pred_NE, sel.mask_NE)
         sel.losses["predictor_bce"] = bce
         sel.loss = self.predictor_loss_weight * bce if sel.loss is None else sel.loss + self.predictor_loss_weight * bce
-        sel.prob_NE = torch.sigmoid(pred_NE.detach().float())
+        sel.prob_NE = inp.predictor.probability(pred_NE)
         return sel
 
     def predicted_counts(self, inp: RouteInputs) -> Tensor:
         """Dynamic / interval inference: ``sigmoid(pred[t, e]) > tau_e`` (tau = gamma for interval)."""
-        prob_NE = torch.sigmoid(inp.predictor(inp.x_ND))
+        prob_NE = inp.predictor.probability(inp.predictor(inp.x_ND))
         if inp.inference == "dynamic":
             tau_E = inp.predictor.threshold_E
         else:
