@@ -1,8 +1,8 @@
 """Smoke run of benchmarks/paper_table.py --quick: the nine models (the paper's seven rows, Race and
-the DDPM pair) train with the real trainer on the digits, at the active-parameter ratios the paper's
-table needs, and every evaluation row (DiffMoE and EC-DiT static and dynamic, TC, both dense models,
-Race, DDPM) lands in the table and the JSON with a sample grid. Quality itself is not asserted: 3
-steps teach nothing."""
+the DDPM pair) build and train with the real trainer on the digits (one step each, batches of 16),
+at the active-parameter ratios the paper's table needs, and every evaluation row (DiffMoE and EC-DiT
+static and dynamic, TC, both dense models, Race, DDPM) lands in the table and the JSON with a sample
+grid. Quality itself is not asserted: one step teaches nothing."""
 
 from __future__ import annotations
 

@@ -19,6 +19,9 @@ def test_schedule_is_dits_linear_1000_and_respacing_keeps_alpha_bar():
     assert full.num_timesteps == 1000 and full.betas[0] == pytest.approx(1e-4) and full.betas[-1] == pytest.approx(0.02)
     steps = ddpm.space_timesteps(1000, 50)
     assert len(steps) == 50 and steps[0] == 0 and steps[-1] == 999
+    # the official respace.py accumulates the stride: ten additions of 49.95 give 499.49999999999994 -> 499,
+    # where the product 10 * 49.95 = 499.5 rounds (half to even) to 500
+    assert ddpm.space_timesteps(1000, 21)[10] == 499 and ddpm.space_timesteps(1000, 1) == [0]
     spaced = ddpm.GaussianDiffusion(steps)
     full_ac = np.cumprod(1 - full.betas)
     np.testing.assert_allclose(np.cumprod(1 - spaced.betas), full_ac[steps], rtol=1e-12)

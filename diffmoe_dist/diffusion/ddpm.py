@@ -27,11 +27,17 @@ def linear_betas(num_steps: int = NUM_TIMESTEPS) -> np.ndarray:
 
 
 def space_timesteps(num_timesteps: int, count: int) -> list[int]:
-    """DiT's ``space_timesteps(T, str(count))``: ``count`` steps spread evenly over ``[0, T)``."""
+    """DiT's ``space_timesteps(T, str(count))``: ``count`` steps spread evenly over ``[0, T)``, the
+    stride accumulated in floating point and rounded half to even as there (21 steps of 1,000 keep
+    step 499, not 500: a product ``i * stride`` would round differently at 278 of the 1,000 counts)."""
     if count >= num_timesteps:
         return list(range(num_timesteps))
-    stride = (num_timesteps - 1) / (count - 1) if count > 1 else 0
-    return sorted({round(i * stride) for i in range(count)})
+    stride = (num_timesteps - 1) / (count - 1) if count > 1 else 1
+    steps, at = [], 0.0
+    for _ in range(count):
+        steps.append(round(at))
+        at += stride
+    return sorted(set(steps))
 
 
 class GaussianDiffusion:
