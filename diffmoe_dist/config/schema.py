@@ -53,6 +53,7 @@ class MoEConfig:
     inference: str = "dynamic"  # dynamic | static | interval
     gamma: float = 0.5  # interval-mode threshold on sigmoid(predictor logit)
     num_shared_experts: int = 0  # dense experts (full-size MLPs) every token passes through, beside the routed ones
+    dispatch: str = "exact"  # exact (row counts read on the host) | padded (blocks of the capacity bound, no read)
     # Training capacity schedule (official code): C = E up to step capacity_full_steps, then linear to
     # `capacity` at step capacity_decay_steps, then fixed. 0 and 0: no schedule.
     capacity_full_steps: int = 0
