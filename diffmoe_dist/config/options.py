@@ -25,7 +25,7 @@ ROUTER_CHOICES = (DENSE_ROUTER, *ROUTERS)  # what moe.router takes
 POOLS = ("rank", "ep", "dp")
 DISPATCHES = ("exact", "padded")  # moe.dispatch (model/moe/dispatch.py)
 # Routers whose training selection bounds an expert's rows per rank on the host (moe.dispatch=padded);
-# their router classes define `padded_rows` (tests/test_moe_dispatch_modes.py checks the two agree).
+# their router classes define `padded_rows` (tests/test_config.py checks the two agree).
 PADDED_ROUTERS = ("expert_choice_global", "expert_choice_local")
 INFERENCE_MODES = ("dynamic", "static", "interval")
 BACKENDS = ("auto", "gloo", "nccl")

@@ -169,7 +169,7 @@ class AllToAllDispatcher:
                 inverse_R[perm_R] = torch.arange(perm_R.numel(), device=perm_R.device)
         # Off-rank payload only: rows for this rank's own experts never leave it.
         sent = (sum(send_splits) - send_splits[ep_rank]) * d * x_MD.element_size()
-        stats = DispatchStats(timed, dispatch_bytes=plan.count_bytes + sent, dispatch_s=plan.seconds + timer.seconds)
+        stats = DispatchStats(timed, sent, count_bytes=plan.count_bytes, dispatch_s=plan.seconds + timer.seconds)
         dispatched = Dispatched(assignment.token_idx_M, assignment.weight_M, n, x_ND.dtype, plan, inverse_R, stats)
         return grouped_RD, dispatched
 

@@ -57,8 +57,9 @@ class DispatchStats:
     rows for this rank's own experts never leave it; the backward all-to-alls mirror both phases."""
 
     timed: bool = False
-    dispatch_bytes: int = 0  # rows out (and the exact plan's count exchange)
+    dispatch_bytes: int = 0  # rows out
     combine_bytes: int = 0  # outputs back
+    count_bytes: int = 0  # the exact plan's count exchange (padded: none)
     dispatch_s: float = 0.0  # the plan and the dispatch
     combine_s: float = 0.0
 
