@@ -1,6 +1,6 @@
 """Dispatch: send each (token, expert) assignment to its expert and combine the results.
 
-`Dispatcher` is the interface the MoE layer calls and telemetry reads; `LocalDispatcher` (all
+`Dispatcher` is the interface the MoE layer calls; `LocalDispatcher` (all
 experts local) and ``AllToAllDispatcher`` (parallel/all_to_all.py: rows go to the owners of the
 experts, expert parallelism) implement it and share `combine`.
 
