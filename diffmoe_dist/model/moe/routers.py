@@ -86,7 +86,7 @@ def padded_assignment(mask_NE: Tensor, scores_NE: Tensor, block_rows: int) -> As
     running_EN = mask_NE.T.cumsum(1)
     wanted_EB = torch.arange(1, block_rows + 1, device=mask_NE.device).expand(e, block_rows).contiguous()
     token_idx_M = torch.searchsorted(running_EN, wanted_EB).flatten()
-    expert_idx_M = torch.arange(e, device=mask_NE.device).repeat_interleave(block_rows)
+    expert_idx_M = torch.arange(e, device=mask_NE.device).view(e, 1).expand(e, block_rows).reshape(-1)
     scores_pad = torch.cat([scores_NE, scores_NE.new_zeros(1, e)])  # row N: padding's weight 0
     return Assignment(token_idx_M, expert_idx_M, scores_pad[token_idx_M, expert_idx_M], mask_NE)
 
