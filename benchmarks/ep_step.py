@@ -45,6 +45,8 @@ class Args:
     experts: int = 16
     capacity: float = 1.0
     tokens: int = 4096  # per rank, step table
+    pool: str = "dp"  # step table: moe.pool
+    dispatches: tuple[str, ...] = ("exact",)  # step table: moe.dispatch rows, side by side
     selection_tokens: tuple[int, ...] = (1024, 16384, 65536)
     tables: tuple[str, ...] = ("step", "selection", "overlap")
     steps: int = 5
@@ -68,55 +70,59 @@ def _max_over_ranks(seconds: float) -> float:
 def _step_rows(args: Args, rank: int, world_size: int) -> list[dict]:
     from diffmoe_dist.config import MoEConfig
     from diffmoe_dist.model.moe.layer import MoEFeedForward
-    from diffmoe_dist.model.moe.routers import assignment_from_mask, expert_choice_global, router_scores
+    from diffmoe_dist.model.moe.routers import router_scores
+    from diffmoe_dist.model.moe.routing import RouteInputs
     from diffmoe_dist.parallel import build_parallel_dims, parallelize
 
     rows = []
     for ep_size in [p for p in (1, 2, 4) if world_size % p == 0 and args.experts % p == 0]:
-        dims = build_parallel_dims(ep_size, args.experts)
-        torch.manual_seed(0)
-        cfg = MoEConfig(router="expert_choice_global", num_experts=args.experts, capacity=args.capacity, pool="dp")
-        layer = MoEFeedForward(args.dim, 4 * args.dim, cfg)
-        parallelize(layer, dims, cfg)
-        dispatcher, pool = layer.dispatcher, layer.pool
-        x_ND = torch.randn(args.tokens, args.dim, generator=torch.Generator().manual_seed(rank))
-        phases = ("route", "select", "dispatch", "experts", "combine", "backward")
-        samples: dict[str, list[float]] = {p: [] for p in phases}
-        select_bytes = dispatch_bytes = 0
-        for step in range(args.warmup + args.steps):
-            layer.zero_grad(set_to_none=True)
-            timings: dict[str, float] = {}
-            dispatcher.timings = timings
-            pool.reset_stats()
-            dispatcher.bytes_sent = 0
-            x = x_ND.clone().requires_grad_(True)
-            dist.barrier()
-            t0 = time.perf_counter()
-            scores_NE = router_scores(x, layer.router_weight_ED)
-            t1 = time.perf_counter()
-            mask_NE, _ = expert_choice_global(scores_NE, layer.capacity, pool)
-            a = assignment_from_mask(mask_NE, scores_NE)
-            t2 = time.perf_counter()
-            y = dispatcher(x, a, layer.experts)
-            t3 = time.perf_counter()
-            y.square().mean().backward()
-            t4 = time.perf_counter()
-            if ep_size == 1:  # LocalDispatcher: all of it is expert compute
-                timings = {"dispatch": 0.0, "experts": t3 - t2, "combine": 0.0}
-            else:  # the dispatcher times its own phases; the experts run between them
-                timings["experts"] = t3 - t2 - timings["dispatch"] - timings["combine"]
-            measured = {"route": t1 - t0, "select": t2 - t1, **timings, "backward": t4 - t3}
-            for name in phases:
-                value = _max_over_ranks(measured[name])
-                if step >= args.warmup:
-                    samples[name].append(value)
-            select_bytes = pool.bytes_sent
-            dispatch_bytes = getattr(dispatcher, "bytes_sent", 0)
-        row = {"world_size": world_size, "ep_size": ep_size, "tokens_per_rank": args.tokens}
-        row.update({f"{p}_s": statistics.mean(samples[p]) for p in phases})
-        row["total_s"] = sum(row[f"{p}_s"] for p in phases)
-        row.update(selection_bytes=select_bytes, dispatch_bytes=dispatch_bytes)
-        rows.append(row)
+        for dispatch in args.dispatches:
+            dims = build_parallel_dims(ep_size, args.experts)
+            torch.manual_seed(0)
+            cfg = MoEConfig(
+                router="expert_choice_global",
+                num_experts=args.experts,
+                capacity=args.capacity,
+                pool=args.pool,
+                dispatch=dispatch,
+            )
+            layer = MoEFeedForward(args.dim, 4 * args.dim, cfg)
+            parallelize(layer, dims, cfg)
+            pool = layer.pool
+            x_ND = torch.randn(args.tokens, args.dim, generator=torch.Generator().manual_seed(rank))
+            phases = ("route", "select", "dispatch", "experts", "combine", "backward")
+            samples: dict[str, list[float]] = {p: [] for p in phases}
+            select_bytes = dispatch_bytes = 0
+            for step in range(args.warmup + args.steps):
+                layer.zero_grad(set_to_none=True)
+                pool.reset_stats()
+                x = x_ND.clone().requires_grad_(True)
+                dist.barrier()
+                t0 = time.perf_counter()
+                scores_NE = router_scores(x, layer.router_weight_ED)
+                t1 = time.perf_counter()
+                inputs = RouteInputs(x, args.tokens, pool, None, True, "static", 0.5)
+                mask_NE = layer.router.select(scores_NE, inputs).mask_NE
+                t2 = time.perf_counter()
+                y, dispatched = layer.dispatch_experts_combine(x, mask_NE, scores_NE, inputs, timed=True)
+                t3 = time.perf_counter()
+                y.square().mean().backward()
+                t4 = time.perf_counter()
+                stats = dispatched.stats
+                experts = t3 - t2 - stats.dispatch_s - stats.combine_s  # LocalDispatcher (P = 1): all of it
+                measured = {"route": t1 - t0, "select": t2 - t1, "dispatch": stats.dispatch_s, "experts": experts}
+                measured.update(combine=stats.combine_s, backward=t4 - t3)
+                for name in phases:
+                    value = _max_over_ranks(measured[name])
+                    if step >= args.warmup:
+                        samples[name].append(value)
+                select_bytes = pool.bytes_sent
+                dispatch_bytes = stats.dispatch_bytes + stats.combine_bytes
+            row = {"world_size": world_size, "ep_size": ep_size, "dispatch": dispatch, "tokens_per_rank": args.tokens}
+            row.update({f"{p}_s": statistics.mean(samples[p]) for p in phases})
+            row["total_s"] = sum(row[f"{p}_s"] for p in phases)
+            row.update(selection_bytes=select_bytes, dispatch_bytes=dispatch_bytes)
+            rows.append(row)
     return rows
 
 
@@ -267,12 +273,13 @@ def print_tables(result: dict) -> None:
     cfg = result["config"]
     if result["step"]:
         print(
-            f"\nDiffMoE layer step, pool=dp, D={cfg['dim']}, E={cfg['experts']}, C={cfg['capacity']}, "
-            f"{cfg['tokens']} tokens/rank, fp32, gloo on CPU; seconds (max over ranks)"
+            f"\nDiffMoE layer step, pool={cfg.get('pool', 'dp')}, D={cfg['dim']}, E={cfg['experts']}, "
+            f"C={cfg['capacity']}, {cfg['tokens']} tokens/rank, fp32, gloo on CPU; seconds (max over ranks)"
         )
         head = (
             "W",
             "P",
+            "dispatch",
             "route",
             "select",
             "dispatch",
@@ -285,7 +292,7 @@ def print_tables(result: dict) -> None:
         )
         print(" ".join(f"{h:>9}" for h in head))
         for r in result["step"]:
-            cells = [r["world_size"], r["ep_size"]] + [
+            cells = [r["world_size"], r["ep_size"], r.get("dispatch", "exact")] + [
                 f"{r[p + '_s']:.4f}" for p in ("route", "select", "dispatch", "experts", "combine", "backward", "total")
             ]
             cells += [_kib(r["selection_bytes"]), _kib(r["dispatch_bytes"])]
@@ -325,6 +332,8 @@ def main() -> None:
     parser.add_argument("--out", default=None, help="write the results as JSON here")
     parser.add_argument("--worlds", default="2,4", help="comma-separated world sizes")
     parser.add_argument("--tokens", type=int, default=Args.tokens)
+    parser.add_argument("--pool", default=Args.pool, choices=("rank", "ep", "dp"), help="step table: moe.pool")
+    parser.add_argument("--dispatch", default="exact", help="step table: moe.dispatch list, e.g. exact,padded")
     parser.add_argument("--dim", type=int, default=Args.dim)
     parser.add_argument("--experts", type=int, default=Args.experts)
     parser.add_argument("--steps", type=int, default=Args.steps)
@@ -342,6 +351,8 @@ def main() -> None:
         dim=ns.dim,
         experts=ns.experts,
         tokens=ns.tokens,
+        pool=ns.pool,
+        dispatches=tuple(ns.dispatch.split(",")),
         steps=ns.steps,
         selection_tokens=tuple(int(n) for n in ns.selection_tokens.split(",")),
         tables=tuple(ns.tables.split(",")),

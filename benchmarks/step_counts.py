@@ -8,8 +8,9 @@ over a gloo group of one). The real ``Trainer.train_step`` runs (no copy of it h
 batches (a count does not depend on the values). Counted, per phase (forward, backward, after):
 
 - aten ops: every op that reaches the dispatcher below autograd (``TorchDispatchMode``);
-- host reads: ``aten::_local_scalar_dense`` (``.item()``, ``int(t)``, ``bool(t)``) and ``Tensor.tolist``
-  calls (on CPU no aten op; on CUDA a device-to-host copy that waits), each with the caller's line;
+- host reads: ``aten::_local_scalar_dense`` (``.item()``, ``int(t)``, ``bool(t)``), ``aten::nonzero`` (its
+  output size) and ``Tensor.tolist`` calls (on CPU no aten op; on CUDA a device-to-host copy that
+  waits), each with the caller's line;
 - collectives: calls of the ``torch.distributed`` functions.
 
 A step that is not a log step (``logging.log_every``) and not a stop-check step is counted, and one
@@ -18,6 +19,7 @@ compare (docs/performance.md "What one training step launches" has the before / 
 
     python benchmarks/step_counts.py --out benchmarks/results/step_counts.json
     python benchmarks/step_counts.py --tokens 2048   # fewer tokens per rank: same op counts, faster
+    python benchmarks/step_counts.py moe.dispatch=padded   # the MoE layers' dispatch without a host read
 """
 
 from __future__ import annotations
@@ -43,7 +45,9 @@ from diffmoe_dist.config import load_config  # noqa: E402
 from diffmoe_dist.parallel.groups import count_collectives  # noqa: E402
 
 CONFIG = "configs/t2i/diffmoe-e16-256gpu.yaml"
-HOST_READ_OPS = ("_local_scalar_dense",)
+# Ops whose result the host must see: a scalar read, or an output sized by the data (nonzero: on CUDA
+# it copies the count to the host and waits, as .item() does).
+HOST_READ_OPS = ("_local_scalar_dense", "nonzero")
 # Ops that only make a new view of the same storage: no kernel on a GPU (counted, reported apart).
 VIEW_OPS = {"view", "_unsafe_view", "detach", "t", "transpose", "permute", "unsqueeze", "squeeze", "expand", "slice"}
 VIEW_OPS |= {"select", "alias", "as_strided", "split", "split_with_sizes", "unbind", "chunk", "narrow", "reshape"}

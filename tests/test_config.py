@@ -12,6 +12,7 @@ from diffmoe_dist.data.check import check_files
         ("model.patch_size=3", "model.patch_size"),
         ("moe.router=switch", "moe.router"),
         ("moe.pool=node", "moe.pool"),
+        ("moe.dispatch=fast", "moe.dispatch"),
         ("moe.capacity=0", "moe.capacity"),
         ("moe.gamma=1.5", "moe.gamma"),
         ("optim.lr=-1", "optim.lr"),
@@ -251,6 +252,28 @@ def test_option_lists_are_declared_once_in_the_config_package():
                     values = frozenset(e.value for e in node.elts)
                     copies += [f"{path}:{node.lineno} {name}" for name, v in lists.items() if values == v]
     assert not copies, f"import these from diffmoe_dist.config: {copies}"
+
+
+@pytest.mark.parametrize("router", ["token_choice", "expert_race", "expert_choice_global", "expert_choice_local"])
+def test_padded_dispatch_only_for_routers_whose_rows_per_expert_have_a_host_bound(router):
+    """Token choice and Expert Race let one expert take every token of a rank: refused on one line.
+    The config's list and the router classes that define ``padded_rows`` are the same set, and a
+    change of moe.dispatch on resume is not a training change (the same rows are computed)."""
+    from diffmoe_dist.config import options
+    from diffmoe_dist.model.moe.routing import ROUTER_TYPES, Router
+    from diffmoe_dist.train.run_dir import compare_configs
+
+    cfg = load_config("configs/local/diffmoe-tiny.yaml", [f"moe.router={router}", "moe.dispatch=padded"])
+    if router in options.PADDED_ROUTERS:
+        cfg.validate(world_size=4)
+    else:
+        with pytest.raises(ConfigError) as err:
+            cfg.validate(world_size=4)
+        assert str(err.value).startswith("moe.dispatch='padded'") and router in str(err.value)
+        assert "\n" not in str(err.value)
+    bounded = {name for name, cls in ROUTER_TYPES.items() if cls.padded_rows is not Router.padded_rows}
+    assert bounded == set(options.PADDED_ROUTERS)
+    assert compare_configs({"moe": {"dispatch": "exact"}}, {"moe": {"dispatch": "padded"}})[:2] == ([], [])
 
 
 def test_moe_layer_refuses_the_dense_router_by_name():

@@ -144,3 +144,21 @@ def test_assignment_at_a_known_size_equals_the_nonzero_enumeration():
         got = routers.assignment_from_mask(mask, scores, int(mask.sum()))
         assert torch.equal(got.token_idx_M, ref.token_idx_M) and torch.equal(got.expert_idx_M, ref.expert_idx_M)
         assert torch.equal(got.weight_M, ref.weight_M)
+
+
+def test_padded_assignment_is_the_exact_one_in_blocks_padded_with_token_n_and_weight_0():
+    """moe.dispatch=padded: block e holds expert e's rows of the exact assignment, in order, then
+    padding (token index N, weight 0) up to the bound; every shape is the bound's, none the data's."""
+    g = torch.Generator().manual_seed(5)
+    for n, e in ((0, 3), (1, 1), (17, 4), (64, 16)):
+        mask = torch.rand(n, e, generator=g) < 0.3
+        scores = torch.rand(n, e, generator=g)
+        bound = int(mask.sum(0).max()) + 2 if n else 0
+        ref = routers.assignment_from_mask(mask, scores)
+        got = routers.padded_assignment(mask, scores, bound)
+        assert got.token_idx_M.shape == got.expert_idx_M.shape == got.weight_M.shape == (e * bound,)
+        real = got.token_idx_M < n
+        assert torch.equal(got.token_idx_M[real], ref.token_idx_M) and torch.equal(got.weight_M[real], ref.weight_M)
+        assert torch.equal(got.expert_idx_M, torch.arange(e).repeat_interleave(bound))
+        assert torch.equal(real.view(e, bound).sum(1), mask.sum(0)) and not got.weight_M[~real].any()
+        assert (real.view(e, bound).int().diff(dim=1) <= 0).all()  # rows first, then padding

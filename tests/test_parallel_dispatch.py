@@ -9,7 +9,7 @@ import pytest
 import torch
 from distributed import run_distributed
 
-from diffmoe_dist.model.moe.dispatch import LocalDispatcher
+from diffmoe_dist.model.moe.dispatch import LocalDispatcher, dispatch_experts_combine
 from diffmoe_dist.model.moe.experts import StackedExperts
 from diffmoe_dist.model.moe.routers import Assignment
 from diffmoe_dist.parallel import AllToAllDispatcher, build_parallel_dims
@@ -56,10 +56,11 @@ def _check_bf16_wire_under_autocast(rank, dims) -> None:
     sent = {}
     for autocast in (False, True):
         d = AllToAllDispatcher(dims.ep_group)
-        d.phase_bytes = {}
+        a = Assignment(token_idx, expert_idx, weight)
+        plan = d.plan(torch.bincount(expert_idx, minlength=EXPERTS), shard)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-            y = d(x, Assignment(token_idx, expert_idx, weight), shard)
-        sent[autocast] = d.phase_bytes["dispatch"] + d.phase_bytes["combine"]
+            y, dispatched = dispatch_experts_combine(d, x, a, shard, plan)
+        sent[autocast] = dispatched.stats.dispatch_bytes + dispatched.stats.combine_bytes  # row payloads
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y_ref = LocalDispatcher()(x_ref, Assignment(token_idx, expert_idx, weight), ref)
     assert y.dtype == torch.float32 and 2 * sent[True] == sent[False] > 0

@@ -20,9 +20,9 @@ from diffmoe_dist.parallel.groups import ParallelDims
 EXPERTS, BATCH = 4, 2
 
 
-def build_dit() -> tuple[torch.nn.Module, MoEConfig]:
+def build_dit(dispatch: str = "exact") -> tuple[torch.nn.Module, MoEConfig]:
     torch.manual_seed(0)
-    moe = MoEConfig(router="expert_choice_global", num_experts=EXPERTS, pool="dp")
+    moe = MoEConfig(router="expert_choice_global", num_experts=EXPERTS, pool="dp", dispatch=dispatch)
     model = ModelConfig(size="tiny", depth=4, hidden_size=32, num_heads=4, image_size=8, class_dropout=0.0)
     dit = build_model(model, moe)
     with torch.no_grad():  # adaLN-Zero starts with zero gradients for most weights: move off it
@@ -38,38 +38,41 @@ def dit_loss(dit, x, t, y, target) -> torch.Tensor:
     return ((out - target) ** 2).mean() + moe.losses()["loss"]
 
 
-def _dit_matches(rank: int, world_size: int, ep_size: int, compiled: bool = False) -> float:
+def _dit_matches(rank: int, world_size: int, ep_size: int, compiled: bool = False, dispatches=("exact",)) -> float:
     g = torch.Generator().manual_seed(3)
     n = world_size * BATCH
     x, t = torch.randn(n, 1, 8, 8, generator=g), torch.rand(n, generator=g)
     y, target = torch.randint(0, 10, (n,), generator=g), torch.randn(n, 1, 8, 8, generator=g)
     ref, _ = build_dit()
     dit_loss(ref, x, t, y, target).backward()
+    ref_params, worst = dict(ref.named_parameters()), 0.0
 
     dims = build_parallel_dims(ep_size, EXPERTS)
-    dit, moe = build_dit()
-    parallelize(dit, dims, moe)
-    if compiled:
-        assert compile_blocks(dit, backend="aot_eager") == len(dit.blocks)
-    rows = slice(rank * BATCH, (rank + 1) * BATCH)
-    dit_loss(dit, x[rows], t[rows], y[rows], target[rows]).backward()
-    reduce_gradients(dit, dims)
+    for dispatch in dispatches:
+        dit, moe = build_dit(dispatch)
+        parallelize(dit, dims, moe)
+        if compiled:
+            assert compile_blocks(dit, backend="aot_eager") == len(dit.blocks)
+        rows = slice(rank * BATCH, (rank + 1) * BATCH)
+        dit_loss(dit, x[rows], t[rows], y[rows], target[rows]).backward()
+        reduce_gradients(dit, dims)
 
-    ref_params, worst = dict(ref.named_parameters()), 0.0
-    for name, p in dit.named_parameters():
-        expected = ref_params[name].grad
-        if ".experts." in name:
-            expected = expected[dims.ep_rank * (EXPERTS // ep_size) :][: EXPERTS // ep_size]
-        torch.testing.assert_close(p.grad, expected, atol=1e-5, rtol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
-        worst = max(worst, float((p.grad - expected).abs().max()))
-    for (name, buf), (_, ref_buf) in zip(dit.named_buffers(), ref.named_buffers()):
-        torch.testing.assert_close(buf, ref_buf, atol=1e-6, rtol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
+        for name, p in dit.named_parameters():
+            expected = ref_params[name].grad
+            if ".experts." in name:
+                expected = expected[dims.ep_rank * (EXPERTS // ep_size) :][: EXPERTS // ep_size]
+            msg = lambda m, n=name, d=dispatch: f"{d} {n}: {m}"  # noqa: E731
+            torch.testing.assert_close(p.grad, expected, atol=1e-5, rtol=1e-5, msg=msg)
+            worst = max(worst, float((p.grad - expected).abs().max()))
+        for (name, buf), (_, ref_buf) in zip(dit.named_buffers(), ref.named_buffers()):
+            torch.testing.assert_close(buf, ref_buf, atol=1e-6, rtol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
     return worst
 
 
 @pytest.mark.slow
 def test_dit_forward_backward_at_w4_ep2_matches_single_process_on_concatenated_batch():
-    worst = run_distributed(_dit_matches, 4, 2)
+    # moe.dispatch exact and padded, in the same processes
+    worst = run_distributed(_dit_matches, 4, 2, False, ("exact", "padded"), timeout=300)
     assert max(worst) < 1e-5
 
 

@@ -21,9 +21,9 @@ DIM, HIDDEN, EXPERTS, BATCH, SEQ = 8, 16, 4, 2, 6
 TOL = {"atol": 1e-5, "rtol": 1e-5}
 
 
-def make_layer(pool: str, capacity: float = 1.0, tie_mode: str = "none") -> MoEFeedForward:
+def make_layer(pool: str, capacity: float = 1.0, tie_mode: str = "none", dispatch: str = "exact") -> MoEFeedForward:
     torch.manual_seed(0)
-    cfg = MoEConfig(router="expert_choice_global", num_experts=EXPERTS, capacity=capacity, pool=pool)
+    cfg = MoEConfig(router="expert_choice_global", num_experts=EXPERTS, capacity=capacity, pool=pool, dispatch=dispatch)
     layer = MoEFeedForward(DIM, HIDDEN, cfg)
     with torch.no_grad():
         if tie_mode == "none":
@@ -100,11 +100,13 @@ def reference(world_size: int, ep_size: int, pool: str, tie_mode: str, capacity:
     }
 
 
-def _check_layer(rank: int, world_size: int, ep_size: int, pool: str, tie_mode: str, capacity: float) -> None:
-    what = f"W={world_size} P={ep_size} pool={pool} ties={tie_mode} C={capacity}"
+def _check_layer(
+    rank: int, world_size: int, ep_size: int, pool: str, tie_mode: str, capacity: float, dispatch: str
+) -> None:
+    what = f"W={world_size} P={ep_size} pool={pool} ties={tie_mode} C={capacity} dispatch={dispatch}"
     ref = reference(world_size, ep_size, pool, tie_mode, capacity)
     dims = build_parallel_dims(ep_size, EXPERTS)
-    layer = make_layer(pool, capacity, tie_mode)
+    layer = make_layer(pool, capacity, tie_mode, dispatch)
     parallelize(layer, dims, MoEConfig(pool=pool))
     x_all, target_all = global_batch(world_size, tie_mode)
     rows = slice(rank * BATCH, (rank + 1) * BATCH)
@@ -136,16 +138,17 @@ def _check_layer(rank: int, world_size: int, ep_size: int, pool: str, tie_mode: 
     torch.testing.assert_close(norm, ref["norm"], **TOL, msg=lambda m: f"{what}: grad norm: {m}")
 
 
-def _all_layouts_match(rank: int, world_size: int, cases: list[tuple[str, float]]) -> list[str]:
+def _all_layouts_match(rank: int, world_size: int, cases: list[tuple[str, float]], dispatch: str) -> list[str]:
     checked = []
     for tie_mode, capacity in cases:
-        for ep_size in (1, 2, 4):
+        # padded (moe.dispatch): its one new path is the all-to-all of fixed blocks, at EP 2
+        for ep_size in (1, 2, 4) if dispatch == "exact" else (2,):
             if world_size % ep_size:
                 continue
             for pool in ("rank", "ep", "dp"):
                 if pool == "ep" and ep_size == 1 and world_size > 2:
                     continue  # same as pool=rank
-                _check_layer(rank, world_size, ep_size, pool, tie_mode, capacity)
+                _check_layer(rank, world_size, ep_size, pool, tie_mode, capacity, dispatch)
                 checked.append(f"ties={tie_mode} C={capacity} P={ep_size} pool={pool}")
     return checked
 
@@ -158,12 +161,14 @@ CASES = {2: [("none", 1.0), ("all", 0.5), ("all", 0.1)], 4: [("none", 1.0), ("so
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("dispatch", ["exact", "padded"])
 @pytest.mark.parametrize("world_size", [2, 4], ids=["W2", "W4"])
-def test_moe_layer_matches_single_process_on_concatenated_batch(world_size):
-    """Every valid P in {1, 2, 4} and pool in {rank, ep, dp}."""
-    checked = run_distributed(_all_layouts_match, world_size, CASES[world_size])
+def test_moe_layer_matches_single_process_on_concatenated_batch(world_size, dispatch):
+    """Every valid P in {1, 2, 4} and pool in {rank, ep, dp}; ``moe.dispatch=padded`` at P = 2."""
+    checked = run_distributed(_all_layouts_match, world_size, CASES[world_size], dispatch, timeout=300)
     assert checked[0] and all(c == checked[0] for c in checked)
-    assert len(checked[0]) == {2: 3 * 6, 4: 2 * 8}[world_size]
+    expected = {2: 3 * 6, 4: 2 * 8} if dispatch == "exact" else {2: 3 * 3, 4: 2 * 3}
+    assert len(checked[0]) == expected[world_size]
 
 
 def _empty_rank_matches(rank: int, world_size: int) -> None:
@@ -191,9 +196,7 @@ def _empty_rank_matches(rank: int, world_size: int) -> None:
     # Unequal batches: scale so that reduce_gradients' 1/W gives the global-token mean.
     (world_size * (y * target_all[rows]).sum() / n_tokens).backward()
     reduce_gradients(layer, dims)
-    assert torch.equal(
-        selected(layer, mine), selected(ref_layer, ref)[lo * SEQ : (lo + sizes[rank]) * SEQ]
-    )
+    assert torch.equal(selected(layer, mine), selected(ref_layer, ref)[lo * SEQ : (lo + sizes[rank]) * SEQ])
     torch.testing.assert_close(y, y_ref[rows], **TOL)
     torch.testing.assert_close(x.grad / world_size, x_ref.grad[rows], **TOL)
     off, n = layer.experts.offset, layer.experts.num_local

@@ -53,16 +53,16 @@ def _count(fn) -> tuple[dict, dict]:
     return dict(c), dict(syncs)
 
 
-def _layer(dims) -> MoEFeedForward:
+def _layer(dims, dispatch: str = "exact") -> MoEFeedForward:
     torch.manual_seed(0)
-    cfg = MoEConfig(router="expert_choice_global", num_experts=EXPERTS, capacity=1.0, pool="dp")
+    cfg = MoEConfig(router="expert_choice_global", num_experts=EXPERTS, capacity=1.0, pool="dp", dispatch=dispatch)
     layer = MoEFeedForward(DIM, 4 * DIM, cfg)
     parallelize(layer, dims, cfg)
     return layer.train()
 
 
-def _forward_counts(dims) -> tuple[dict, dict]:
-    layer = _layer(dims)
+def _forward_counts(dims, dispatch: str = "exact") -> tuple[dict, dict]:
+    layer = _layer(dims, dispatch)
     x = torch.randn(BATCH, SEQ, DIM, generator=torch.Generator().manual_seed(dims.rank))
     layer(x)  # warm-up: first calls may initialise lazily
     return _count(lambda: layer(x))
@@ -70,12 +70,12 @@ def _forward_counts(dims) -> tuple[dict, dict]:
 
 def _counts(rank: int, world_size: int) -> dict:
     dims = build_parallel_dims(2, EXPERTS)
-    return {"forward": _forward_counts(dims), "step": _step_counts(dims)}
+    return {"forward": _forward_counts(dims), "step": _step_counts(dims), "padded": _forward_counts(dims, "padded")}
 
 
 @pytest.fixture(scope="module")
 def counts() -> list[dict]:
-    return run_distributed(_counts, 2)
+    return run_distributed(_counts, 2, timeout=300)
 
 
 def test_training_forward_of_a_dp_pool_layer_has_few_collectives_and_host_syncs(counts):
@@ -83,6 +83,15 @@ def test_training_forward_of_a_dp_pool_layer_has_few_collectives_and_host_syncs(
         n_coll, n_sync = sum(collectives.values()), sum(syncs.values())
         what = f"rank {rank}: {n_coll} collectives {collectives}, {n_sync} host syncs {syncs}"
         assert n_coll <= MAX_COLLECTIVES and n_sync <= MAX_SYNCS, what
+
+
+def test_padded_dispatch_forward_reads_nothing_on_the_host_and_exchanges_no_counts(counts):
+    """moe.dispatch=padded: fixed splits from the capacity bound, so no host-sync op at all and one
+    all-to-all fewer (the count exchange) than the exact dispatch, the selection's collectives equal."""
+    for rank, c in enumerate(counts):
+        (exact, _), (padded, syncs) = c["forward"], c["padded"]
+        assert syncs == {}, (rank, syncs)
+        assert padded == {**exact, "all_to_all_single": exact["all_to_all_single"] - 1}, (rank, exact, padded)
 
 
 def _step_counts(dims) -> tuple[dict, dict, int]:

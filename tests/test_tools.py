@@ -107,24 +107,28 @@ def test_telemetry_counts_each_micro_batch_once_under_activation_checkpointing(d
     assert layer["predictor_recall"] is not None
 
 
-def test_telemetry_off_arms_no_dispatcher_timers_and_writes_nothing(tmp_path):
-    """Off, the dispatchers keep their timers and byte counters unset (no timing, no host sync) and
-    no file appears; on, the same model's dispatchers are armed at once (the check can fail)."""
+def test_telemetry_off_times_no_dispatch_and_writes_nothing(tmp_path):
+    """Off, no dispatch is timed (no timer, no host sync) and no file appears, while each record
+    still carries its dispatch's stats; on, the collector asks for timings at once (the check can fail)."""
     from diffmoe_dist.model.build import build_model
     from diffmoe_dist.model.moe import MoECollector
     from diffmoe_dist.model.moe.layer import moe_layers
 
     cfg = load_config("configs/local/diffmoe-tiny.yaml", TINY)
     model = build_model(cfg.model, cfg.moe)
-    dispatchers = [layer.dispatcher for layer in moe_layers(model)]
+    collector = MoECollector()
     telemetry = RoutingTelemetry(model, 0, str(tmp_path), dims=None, next_step=1)
     for step in range(1, 4):
-        model(torch.randn(2, 1, 16, 16), torch.rand(2), torch.tensor([0, 1]))
+        with collector.collect(model):
+            model(torch.randn(2, 1, 16, 16), torch.rand(2), torch.tensor([0, 1]))
         assert telemetry.after_step(step) is None
-        assert all(d.timings is None and d.phase_bytes is None for d in dispatchers)
-    assert not (tmp_path / "routing.jsonl").exists()
-    RoutingTelemetry(model, 1, str(tmp_path), dims=None, next_step=1, collector=MoECollector())
-    assert all(d.timings == {} and d.phase_bytes == {} for d in dispatchers)
+        stats = [collector.last(layer).dispatch for layer in moe_layers(model)]
+        assert stats and all(s is not None and not s.timed and s.dispatch_s == 0.0 for s in stats)
+    assert not (tmp_path / "routing.jsonl").exists() and not collector.time_dispatch
+    RoutingTelemetry(model, 1, str(tmp_path), dims=None, next_step=1, collector=collector)
+    with collector.collect(model):
+        model(torch.randn(2, 1, 16, 16), torch.rand(2), torch.tensor([0, 1]))
+    assert collector.time_dispatch and all(collector.last(layer).dispatch.timed for layer in moe_layers(model))
 
 
 def test_capacity_per_step_averages_layers_batches_and_heun_evaluations():

@@ -23,6 +23,10 @@ DENSE_ROUTER = "dense"  # no MoE layer: every block's FFN is the dense MLP
 ROUTERS = ("expert_choice_global", "expert_choice_local", "token_choice", "expert_race")  # an MoE layer's routers
 ROUTER_CHOICES = (DENSE_ROUTER, *ROUTERS)  # what moe.router takes
 POOLS = ("rank", "ep", "dp")
+DISPATCHES = ("exact", "padded")  # moe.dispatch (model/moe/dispatch.py)
+# Routers whose training selection bounds an expert's rows per rank on the host (moe.dispatch=padded);
+# their router classes define `padded_rows` (tests/test_config.py checks the two agree).
+PADDED_ROUTERS = ("expert_choice_global", "expert_choice_local")
 INFERENCE_MODES = ("dynamic", "static", "interval")
 BACKENDS = ("auto", "gloo", "nccl")
 DEVICES = ("auto", "cpu", "cuda")

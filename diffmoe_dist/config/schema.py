@@ -58,6 +58,8 @@ class MoEConfig:
     inference: str = field(default="dynamic", metadata=FREE)  # dynamic | static | interval
     gamma: float = field(default=0.5, metadata=FREE)  # interval-mode threshold on sigmoid(predictor logit)
     num_shared_experts: int = 0  # dense experts (full-size MLPs) every token passes through, beside the routed ones
+    # exact (row counts read on the host) | padded (blocks of the capacity bound, no read)
+    dispatch: str = field(default="exact", metadata=FREE)
     # Training capacity schedule (official code): C = E up to step capacity_full_steps, then linear to
     # `capacity` at step capacity_decay_steps, then fixed. 0 and 0: no schedule.
     capacity_full_steps: int = 0

@@ -132,6 +132,7 @@ def validate_moe(moe, depth: int) -> None:
             fail("moe.top_k", moe.top_k, f"use 1..moe.num_experts={moe.num_experts}")
     if moe.pool not in options.POOLS:
         fail("moe.pool", moe.pool, f"use one of {', '.join(options.POOLS)}")
+    _validate_dispatch(moe)
     if moe.inference not in options.INFERENCE_MODES:
         fail("moe.inference", moe.inference, f"use one of {', '.join(options.INFERENCE_MODES)}")
     if not 0.0 < moe.gamma < 1.0:
@@ -262,6 +263,18 @@ def _validate_bounds(cfg, world_size: int) -> None:
             moe.capacity,
             f"gives k = floor(C x {tokens} tokens / {moe.num_experts} experts) = 0: every MoE layer would take no "
             f"token; use at least {moe.num_experts / tokens:.3g}",
+        )
+
+
+def _validate_dispatch(moe) -> None:
+    if moe.dispatch not in options.DISPATCHES:
+        fail("moe.dispatch", moe.dispatch, f"use one of {', '.join(options.DISPATCHES)}")
+    if moe.dispatch == "padded" and moe.router not in options.PADDED_ROUTERS:
+        fail(
+            "moe.dispatch",
+            moe.dispatch,
+            f"moe.router={moe.router} bounds no expert's rows per rank below all of its tokens (padding would "
+            f"send up to E / capacity times the rows): use moe.dispatch=exact, or a router of {options.PADDED_ROUTERS}",
         )
 
 

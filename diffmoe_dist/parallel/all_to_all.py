@@ -13,6 +13,12 @@ the sender's EP group:
 3. combine: the outputs go back to (source, local expert) order and return by the reverse
    all-to-all; the sender weights them and ``index_add``s them into its tokens.
 
+``moe.dispatch: padded`` (a `padded_plan`) skips step 1: every (source, expert) block has the
+router's host-known bound of rows (routing/base.py ``padded_rows``), so the splits are fixed
+(``E/P x block`` rows per peer), nothing is counted, exchanged or read on the host, and the
+receiver regroups by a reshape. Its price is the padding on the wire and in the expert GEMMs
+(docs/notes/issue-23a.md gives the factor per router and pool).
+
 Backward of each all-to-all is the reverse all-to-all, so gradients of expert weights gather the
 contributions of every token of the EP group. gloo has only the ``_single`` form with uneven
 splits (the list form fails, docs/design.md section 4).
@@ -26,14 +32,19 @@ every expert even on zero rows.
 
 from __future__ import annotations
 
-import time
-from contextlib import contextmanager
-
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from diffmoe_dist.model.moe.dispatch import Dispatched, DispatchPlan, combine, dispatch_experts_combine
+from diffmoe_dist.model.moe.dispatch import (
+    Dispatched,
+    DispatchPlan,
+    DispatchStats,
+    Timer,
+    combine,
+    dispatch_experts_combine,
+    padded_token_rows,
+)
 from diffmoe_dist.model.moe.experts import StackedExperts
 from diffmoe_dist.model.moe.routers import Assignment
 
@@ -42,11 +53,6 @@ def _exchange(x: Tensor, out_splits: list[int], in_splits: list[int], group) -> 
     out = x.new_empty((sum(out_splits), *x.shape[1:]))
     dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=group)
     return out
-
-
-def _sync_cuda() -> None:
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        torch.cuda.synchronize()
 
 
 def _wire_dtype(x: Tensor) -> Tensor:
@@ -90,29 +96,11 @@ def _block_permutation(counts_SL: Tensor, total: int | None = None) -> Tensor:
 
 
 class AllToAllDispatcher:
-    """``y_ND`` as ``LocalDispatcher`` computes it, with experts sharded over ``ep_group``.
-
-    `Dispatcher` members: ``timings`` (seconds per phase, ``dispatch``, ``combine``),
-    ``phase_bytes`` (payload per phase, telemetry) and ``bytes_sent`` (row and count payloads this
-    rank sent to other ranks).
-    """
+    """``y_ND`` as ``LocalDispatcher`` computes it, with experts sharded over ``ep_group``. Holds
+    the group only: what a call sent and took comes back in ``Dispatched.stats``."""
 
     def __init__(self, ep_group=None):
         self.group = ep_group
-        self.timings: dict[str, float] | None = None
-        self.bytes_sent = 0
-        self.phase_bytes: dict[str, int] | None = None
-
-    @contextmanager
-    def _phase(self, name: str):
-        if self.timings is None:
-            yield
-            return
-        _sync_cuda()  # timed phases only: kernels are asynchronous, time what ran, not what launched
-        start = time.perf_counter()
-        yield
-        _sync_cuda()
-        self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - start
 
     def _check(self, experts: StackedExperts) -> tuple[int, int]:
         ep_size = dist.get_world_size(self.group)
@@ -125,65 +113,91 @@ class AllToAllDispatcher:
             )
         return ep_size, ep_rank
 
-    def plan(self, counts_E: Tensor, experts: StackedExperts) -> DispatchPlan:
+    def plan(self, counts_E: Tensor, experts: StackedExperts, timed: bool = False) -> DispatchPlan:
         """Exchanges the per-expert row counts (global expert order = owner order) and reads send
         and receive counts on the host in one go."""
         ep_size, _ = self._check(experts)
         per_rank = experts.num_local
-        with self._phase("dispatch"):
+        with Timer(timed) as timer:
             send_counts_PL = counts_E.to(torch.int64).reshape(ep_size, per_rank).contiguous()
             recv_counts_PL = torch.empty_like(send_counts_PL)
             dist.all_to_all_single(recv_counts_PL, send_counts_PL, group=self.group)
             both = torch.cat([send_counts_PL, recv_counts_PL]).tolist()  # the forward's one host read
         send_PL, recv_PL = both[:ep_size], both[ep_size:]
-        self.bytes_sent += (ep_size - 1) * per_rank * 8
         return DispatchPlan(
             rows=sum(map(sum, send_PL)),
             expert_rows=[sum(col) for col in zip(*recv_PL, strict=True)] if recv_PL else [0] * per_rank,
             send_splits=[sum(r) for r in send_PL],
             recv_splits=[sum(r) for r in recv_PL],
             recv_counts_PL=recv_counts_PL,
+            count_bytes=(ep_size - 1) * per_rank * 8,
+            seconds=timer.seconds,
+        )
+
+    def padded_plan(self, block_rows: int, experts: StackedExperts) -> DispatchPlan:
+        """``block_rows`` rows per (source, expert): every EP rank hands the same block size (the
+        router's bound from host values equal on all ranks), so the splits need no exchange."""
+        ep_size, _ = self._check(experts)
+        per_peer = experts.num_local * block_rows
+        return DispatchPlan(
+            rows=ep_size * per_peer,
+            expert_rows=[ep_size * block_rows] * experts.num_local,
+            send_splits=[per_peer] * ep_size,
+            recv_splits=[per_peer] * ep_size,
+            block_rows=block_rows,
         )
 
     def dispatch(
-        self, x_ND: Tensor, assignment: Assignment, experts: StackedExperts, plan: DispatchPlan
+        self, x_ND: Tensor, assignment: Assignment, experts: StackedExperts, plan: DispatchPlan, timed: bool = False
     ) -> tuple[Tensor, Dispatched]:
         """Rows out to the owners of their experts, regrouped by local expert on arrival."""
         ep_size, ep_rank = self._check(experts)
         send_splits, recv_splits = plan.send_splits, plan.recv_splits
-        with self._phase("dispatch"):
-            x_MD = x_ND.index_select(0, assignment.token_idx_M)  # backward: one index_add_
-            x_MD = _wire_dtype(x_MD)
+        padded = plan.block_rows is not None
+        n, d = x_ND.shape
+        inverse_R = None
+        with Timer(timed) as timer:
+            token_rows_M = padded_token_rows(assignment.token_idx_M, n) if padded else assignment.token_idx_M
+            x_MD = _wire_dtype(x_ND.index_select(0, token_rows_M))  # backward: one index_add_
             recv_RD = AllToAll.apply(x_MD, recv_splits, send_splits, self.group)
-            perm_R = _block_permutation(plan.recv_counts_PL, sum(recv_splits))
-            grouped_RD = recv_RD.index_select(0, perm_R)
-            inverse_R = torch.empty_like(perm_R)
-            inverse_R[perm_R] = torch.arange(perm_R.numel(), device=perm_R.device)
+            if padded:  # (source, local expert, block) -> (local expert, source, block): a reshape
+                grouped_RD = recv_RD.view(ep_size, experts.num_local, plan.block_rows, d).transpose(0, 1).reshape(-1, d)
+            else:
+                perm_R = _block_permutation(plan.recv_counts_PL, sum(recv_splits))
+                grouped_RD = recv_RD.index_select(0, perm_R)
+                inverse_R = torch.empty_like(perm_R)
+                inverse_R[perm_R] = torch.arange(perm_R.numel(), device=perm_R.device)
         # Off-rank payload only: rows for this rank's own experts never leave it.
-        sent = (sum(send_splits) - send_splits[ep_rank]) * x_ND.shape[1] * x_MD.element_size()
-        self.bytes_sent += sent
-        if self.phase_bytes is not None:
-            self.phase_bytes["dispatch"] = self.phase_bytes.get("dispatch", 0) + sent
-        dispatched = Dispatched(assignment.token_idx_M, assignment.weight_M, x_ND.shape[0], x_ND.dtype, plan, inverse_R)
+        sent = (sum(send_splits) - send_splits[ep_rank]) * d * x_MD.element_size()
+        stats = DispatchStats(timed, sent, count_bytes=plan.count_bytes, dispatch_s=plan.seconds + timer.seconds)
+        dispatched = Dispatched(assignment.token_idx_M, assignment.weight_M, n, x_ND.dtype, plan, inverse_R, stats)
         return grouped_RD, dispatched
 
     def combine(self, y_grouped_RD: Tensor, dispatched: Dispatched) -> Tensor:
         """Outputs back to (source, local expert) order, home by the reverse all-to-all, weighted."""
         d, plan = dispatched, dispatched.plan
-        ep_rank = dist.get_rank(self.group)
-        with self._phase("combine"):
-            y_recv_RD = _wire_dtype(y_grouped_RD.index_select(0, d.inverse_R))
+        ep_size, ep_rank = self._check_group()
+        padded = plan.block_rows is not None
+        with Timer(d.stats.timed) as timer:
+            if padded:
+                width = y_grouped_RD.shape[1]
+                blocks = y_grouped_RD.view(len(plan.expert_rows), ep_size, plan.block_rows, width).transpose(0, 1)
+                y_recv_RD = _wire_dtype(blocks.reshape(-1, width))
+            else:
+                y_recv_RD = _wire_dtype(y_grouped_RD.index_select(0, d.inverse_R))
             y_MD = AllToAll.apply(y_recv_RD, plan.send_splits, plan.recv_splits, self.group)
-            y_ND = combine(y_MD, d.weight_M, d.token_idx_M, d.n_tokens, d.out_dtype)
+            y_ND = combine(y_MD, d.weight_M, d.token_idx_M, d.n_tokens, d.out_dtype, padded)
         returned = (sum(plan.recv_splits) - plan.recv_splits[ep_rank]) * y_recv_RD.shape[1] * y_recv_RD.element_size()
-        self.bytes_sent += returned
-        if self.phase_bytes is not None:
-            self.phase_bytes["combine"] = self.phase_bytes.get("combine", 0) + returned
+        d.stats.combine_bytes += returned
+        d.stats.combine_s += timer.seconds
         return y_ND
+
+    def _check_group(self) -> tuple[int, int]:
+        return dist.get_world_size(self.group), dist.get_rank(self.group)
 
     def __call__(
         self, x_ND: Tensor, assignment: Assignment, experts: StackedExperts, plan: DispatchPlan | None = None
     ) -> Tensor:
         if plan is None:  # rows sorted by global expert are sorted by owner, and by local expert within one
             plan = self.plan(torch.bincount(assignment.expert_idx_M, minlength=experts.num_experts), experts)
-        return dispatch_experts_combine(self, x_ND, assignment, experts, plan)
+        return dispatch_experts_combine(self, x_ND, assignment, experts, plan)[0]

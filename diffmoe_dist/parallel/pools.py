@@ -75,6 +75,7 @@ class DistributedPool(ReplicatedLocalPool):
     def __init__(self, group, dp_group=None, bits_per_pass: int = DEFAULT_BITS):
         super().__init__(dp_group)
         self.group = group
+        self.ranks = dist.get_world_size(group)
         self.widths = bit_widths(bits_per_pass)
         world = dist.group.WORLD
         self.thresholds_global = dp_group is None or (

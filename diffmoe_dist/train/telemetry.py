@@ -6,16 +6,19 @@ Per MoE layer and logged step, into ``RUN/routing.jsonl`` (rank 0) and wandb whe
   DiffMoE training gives exactly C for every expert, token choice does not);
 - ``ep_recv_tokens``: rows each rank computed, i.e. received from its EP group (its own rows
   included); ``ep_imbalance`` = max / mean: the step waits for the busiest rank;
-- ``dispatch_bytes`` / ``combine_bytes`` (payload sent to other ranks, mean per rank, every forward
-  all-to-all of the step, activation-checkpoint recomputes included; the backward all-to-alls
-  mirror them) and ``dispatch_s`` / ``combine_s`` (max over ranks, waiting for peers included);
+- ``dispatch_bytes`` / ``combine_bytes`` (payload sent to other ranks, mean per rank, summed over the
+  step's micro-batch forwards; the backward all-to-alls mirror them, and an activation-checkpoint
+  recompute sends them once more) and ``dispatch_s`` / ``combine_s`` (max over ranks, waiting for
+  peers included);
 - the capacity predictor against the selection mask: ``predictor_precision``, ``predictor_recall``
   of ``sigmoid(pred) > tau_e`` (the dynamic-inference rule) and ``threshold`` (tau_E).
 
 Off (``routing_every: 0``) it costs an integer compare per step: no timers, no collective. The
 per-layer numbers come from the step's records in the trainer's `MoECollector` (one per layer
-and micro-batch; a recompute in backward records nothing); on a logged step the dispatchers'
-phase timers run (`Dispatcher` members; synchronising CUDA around each phase), and one all-reduce
+and micro-batch; a recompute in backward records nothing), the dispatch figures from the
+`DispatchStats` each layer's dispatch returned into its record (no dispatcher state); on a logged
+step the collector asks the layers to time their dispatch phases (``time_dispatch``,
+synchronising CUDA around each phase), and one all-reduce
 of a small float64 buffer over the DP group (``layers x (W E + 3 E + 4 W + 1)`` values) gathers it.
 
 ``capacity_per_step`` turns a sampler's `CapacityMeter` values into C_avg per ODE step (eval).
@@ -75,15 +78,11 @@ class RoutingTelemetry:
     # ---- arming ------------------------------------------------------------------------------
     def _arm(self) -> None:
         self._armed = True
-        for layer in self.layers:
-            layer.dispatcher.timings = {}
-            layer.dispatcher.phase_bytes = {}
+        self.collector.time_dispatch = True
 
     def _disarm(self) -> None:
         self._armed = False
-        for layer in self.layers:
-            layer.dispatcher.timings = None
-            layer.dispatcher.phase_bytes = None
+        self.collector.time_dispatch = False
 
     def _layer_sums(self, layer: MoEFeedForward) -> torch.Tensor | None:
         """[counts_E, tp_E, fp_E, fn_E, n] over the step's micro-batches: tokens per expert, and
@@ -142,17 +141,10 @@ class RoutingTelemetry:
                 row[self.rank * E : (self.rank + 1) * E] = sums[:E]
                 row[W * E : W * E + 3 * E] = sums[E : 4 * E]
                 row[-1] = sums[-1]
-            timings = layer.dispatcher.timings or {}
-            phase_bytes = layer.dispatcher.phase_bytes or {}
+            stats = [r.dispatch for r in self.collector.records(layer) if r.dispatch is not None]
             o = W * E + 3 * E + 4 * self.rank
             row[o : o + 4] = torch.tensor(
-                [
-                    timings.get("dispatch", 0.0),
-                    timings.get("combine", 0.0),
-                    phase_bytes.get("dispatch", 0),
-                    phase_bytes.get("combine", 0),
-                ],
-                dtype=torch.float64,
+                [sum(getattr(s, field) for s in stats) for field in _PHASES], dtype=torch.float64
             )
         if self.dims is not None and self.dims.distributed:  # NCCL reduces CUDA tensors only
             device_buf = buf.to(comm_device(self.dims.dp_group))

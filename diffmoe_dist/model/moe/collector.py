@@ -31,6 +31,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from diffmoe_dist.model.moe import routers
+from diffmoe_dist.model.moe.dispatch import DispatchStats
 
 _ACTIVE = threading.local()  # the open collectors of this thread, innermost last
 
@@ -45,6 +46,7 @@ class LayerRecord:
     losses: dict[str, Tensor]  # the router's named losses (autograd scalars): raw BCE, weighted balance losses
     loss: Tensor  # what the trainer adds: predictor_loss_weight * predictor_bce + the weighted balance loss
     prob_NE: Tensor | None = None  # detached sigmoid(pred), fp32 (training, routers with a predictor)
+    dispatch: DispatchStats | None = None  # what its dispatch sent, and its phase seconds if timed
 
     @property
     def predictor_bce(self) -> Tensor:
@@ -75,12 +77,19 @@ def record(layer: nn.Module, make_record) -> None:
             c._add(layer, rec)
 
 
+def timed(layer: nn.Module) -> bool:
+    """Whether an open collector that covers ``layer`` asks for its dispatch phases' seconds (routing
+    telemetry's logged steps: timing synchronises CUDA, so it runs only then)."""
+    return any(c.time_dispatch and c.covers(layer) for c in getattr(_ACTIVE, "stack", ()))
+
+
 class MoECollector:
     """Collects `LayerRecord`s per micro-batch over one training step; see the module docstring."""
 
     def __init__(self, on_record=None):
         # on_record(layer, record): called instead of keeping the record (a sampler's meter keeps C_avg only)
         self.on_record = on_record
+        self.time_dispatch = False  # routing telemetry sets it for its logged steps (`timed`)
         self.layers: list[nn.Module] = []  # the collected model's MoE layers, in the order they first ran
         self._layer_ids: set[int] = set()
         self._ids: set[int] = set()  # every module of the collected model

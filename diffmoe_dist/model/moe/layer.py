@@ -13,7 +13,7 @@ from torch import Tensor
 
 from diffmoe_dist.model.mlp import FeedForward
 from diffmoe_dist.model.moe import collector, routers
-from diffmoe_dist.model.moe.dispatch import Dispatcher, LocalDispatcher
+from diffmoe_dist.model.moe.dispatch import Dispatched, Dispatcher, LocalDispatcher, dispatch_experts_combine
 from diffmoe_dist.model.moe.experts import StackedExperts
 from diffmoe_dist.model.moe.pool import LocalPool, TokenPool
 from diffmoe_dist.model.moe.predictor import CapacityPredictor
@@ -53,6 +53,8 @@ class MoEFeedForward(nn.Module):
         self.shared_experts = FeedForward(dim, n_shared * hidden_dim) if n_shared > 0 else None
         self.pool: TokenPool = LocalPool()
         self.dispatcher: Dispatcher = LocalDispatcher()
+        # exact | padded (moe.dispatch): how the row counts reach the host (dispatch.py)
+        self.dispatch_mode = getattr(moe_cfg, "dispatch", "exact")
 
     @property
     def capacity(self) -> float:
@@ -72,12 +74,7 @@ class MoEFeedForward(nn.Module):
         inputs = RouteInputs(x_ND, seq, self.pool, self.capacity_predictor, self.training, self.inference, self.gamma)
         sel = self.router.select(scores_NE, inputs)
         mask_NE = sel.mask_NE
-
-        # The forward's one host read: the dispatcher's row counts (exchanged with the EP peers).
-        plan = self.dispatcher.plan(mask_NE.sum(0), self.experts)
-        a = routers.assignment_from_mask(mask_NE, scores_NE, plan.rows)
-        rows, dispatched = self.dispatcher.dispatch(x_ND, a, self.experts, plan)  # grouped by local expert
-        y_ND = self.dispatcher.combine(self.experts.forward_grouped(rows, plan.expert_rows), dispatched)
+        y_ND, dispatched = self.dispatch_experts_combine(x_ND, mask_NE, scores_NE, inputs, collector.timed(self))
         if self.shared_experts is not None:
             y_ND = y_ND + self.shared_experts(x_ND)
         collector.record(
@@ -89,9 +86,25 @@ class MoEFeedForward(nn.Module):
                 losses=sel.losses,
                 loss=sel.loss if sel.loss is not None else scores_NE.new_zeros(()),
                 prob_NE=sel.prob_NE,
+                dispatch=dispatched.stats,
             ),
         )
         return y_ND.view(b, seq, d)
+
+    def dispatch_experts_combine(
+        self, x_ND: Tensor, mask_NE: Tensor, scores_NE: Tensor, inputs: RouteInputs, timed: bool = False
+    ) -> tuple[Tensor, Dispatched]:
+        """The selected rows to their experts and back, weighted by their scores. ``exact``: the
+        forward's one host read, the dispatcher's row counts (exchanged with the EP peers).
+        ``padded`` (training, routers with a host bound): blocks of the router's bound, no read."""
+        block = self.router.padded_rows(x_ND.shape[0], inputs) if self.dispatch_mode == "padded" else None
+        if block is None:
+            plan = self.dispatcher.plan(mask_NE.sum(0), self.experts, timed)
+            a = routers.assignment_from_mask(mask_NE, scores_NE, plan.rows)
+        else:
+            plan = self.dispatcher.padded_plan(block, self.experts)
+            a = routers.padded_assignment(mask_NE, scores_NE, block)
+        return dispatch_experts_combine(self.dispatcher, x_ND, a, self.experts, plan, timed)
 
 
 def moe_layers(model: nn.Module) -> list[MoEFeedForward]:

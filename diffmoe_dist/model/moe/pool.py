@@ -35,6 +35,9 @@ class TokenPool:
     # True when the pool's quantiles are the same on every replica (one process, or a pool over
     # all DP ranks): the thresholds then need no replica mean.
     thresholds_global = True
+    # Ranks whose local batches make up the pool (in training each holds the same number of tokens:
+    # a router's padded-dispatch bound reads it).
+    ranks = 1
 
     @property
     def batch_key(self) -> tuple:

@@ -68,6 +68,22 @@ def assignment_from_mask(mask_NE: Tensor, scores_NE: Tensor, size: int | None = 
     return Assignment(token_idx_M, expert_idx_M, scores_NE[token_idx_M, expert_idx_M], mask_NE)
 
 
+def padded_assignment(mask_NE: Tensor, scores_NE: Tensor, block_rows: int) -> Assignment:
+    """``moe.dispatch: padded``: expert e's selected tokens in index order (as `assignment_from_mask`),
+    then padding up to ``block_rows`` rows, E blocks in expert order. Padding rows carry token
+    index N (one past the last) and weight 0. ``block_rows`` must bound every column of the mask
+    (the router's ``padded_rows``): every size is known on the host, none is read from the device.
+    The j-th row of block e is the first token where column e's running count reaches j + 1 (a
+    batched searchsorted: N where the column has fewer)."""
+    n, e = mask_NE.shape
+    running_EN = mask_NE.T.cumsum(1)
+    wanted_EB = torch.arange(1, block_rows + 1, device=mask_NE.device).expand(e, block_rows).contiguous()
+    token_idx_M = torch.searchsorted(running_EN, wanted_EB).flatten()
+    expert_idx_M = torch.arange(e, device=mask_NE.device).view(e, 1).expand(e, block_rows).reshape(-1)
+    scores_pad = torch.cat([scores_NE, scores_NE.new_zeros(1, e)])  # row N: padding's weight 0
+    return Assignment(token_idx_M, expert_idx_M, scores_pad[token_idx_M, expert_idx_M], mask_NE)
+
+
 def expert_choice_global(
     scores_NE: Tensor, capacity: float, pool: TokenPool, n_pool: int | None = None
 ) -> tuple[Tensor, Tensor]:

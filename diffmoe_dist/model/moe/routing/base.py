@@ -90,6 +90,15 @@ class Router:
     def select(self, scores_NE: Tensor, inp: RouteInputs) -> Selection:
         raise NotImplementedError
 
+    def padded_rows(self, n_local: int, inp: RouteInputs) -> int | None:
+        """``moe.dispatch: padded``: a bound, known on the host and equal on every rank, on the
+        rows this forward's selection hands one expert from one rank's ``n_local`` tokens; None
+        where there is none short of ``n_local`` (every expert could take every token): the layer
+        then dispatches exactly. Training forwards only, where every rank holds ``n_local`` tokens
+        (the loader's equal micro-batches) and the capacity fixes k. config/options.py lists the
+        routers that define it (``PADDED_ROUTERS``)."""
+        return None
+
     # ---- shared pieces ------------------------------------------------------------------------
     def _with_predictor(self, sel: Selection, inp: RouteInputs) -> Selection:
         """Training: the capacity predictor learns this selection's mask (BCE on the detached

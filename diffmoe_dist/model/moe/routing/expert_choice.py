@@ -29,6 +29,13 @@ class GlobalExpertChoice(Router):
             mask_NE, k_E, n_pool = inp.pool.count_topk_mask(scores_NE, self.predicted_counts(inp))
         return self._with_predictor(Selection(mask_NE, k_E, n_pool), inp)
 
+    def padded_rows(self, n_local: int, inp: RouteInputs) -> int | None:
+        """Expert e takes k = floor(C N_pool / E) of the pool, so at most min(k, n_local) of one
+        rank's tokens (pool ``rank``: exactly k, no padding)."""
+        if not inp.training:
+            return None
+        return min(expert_capacity(self.capacity, n_local * inp.pool.ranks, self.num_experts), n_local)
+
 
 class LocalExpertChoice(Router):
     """EC-DiT: each expert takes ``k = floor(C L / E)`` tokens inside each sample's L tokens."""
@@ -53,3 +60,9 @@ class LocalExpertChoice(Router):
         k_E = mask_NE.sum(0)
         n_pool = torch.full((), n, dtype=torch.long, device=scores_NE.device)
         return self._with_predictor(Selection(mask_NE, k_E, n_pool), inp)
+
+    def padded_rows(self, n_local: int, inp: RouteInputs) -> int | None:
+        """Exactly k = floor(C L / E) tokens of each of the rank's samples: no padding at all."""
+        if not inp.training:
+            return None
+        return n_local // max(inp.seq, 1) * expert_capacity(self.capacity, inp.seq, self.num_experts)
