@@ -278,11 +278,13 @@ def _measure(rank: int, world_size: int, spec: RowSpec) -> dict:
         if i == 0:
             flops.synchronize(torch.device(spec.device))
             first_step_s = time.perf_counter() - w0
-    wall, cpu, losses = [], [], []
+    wall, cpu, losses, grad_norms = [], [], [], []
     for _ in range(spec.steps):
         barrier()
         c0, w0 = time.process_time(), time.perf_counter()
-        losses.append(trainer.train_step()["loss"])
+        metrics = trainer.train_step()
+        losses.append(metrics["loss"])  # the step's one host read, which also brings the gradient norm
+        grad_norms.append(metrics["grad_norm"])
         flops.synchronize(torch.device(spec.device))
         w, c = time.perf_counter() - w0, time.process_time() - c0
         w_max = _sum_over_ranks([w], distributed, dist.ReduceOp.MAX if distributed else None)[0]
@@ -310,6 +312,7 @@ def _measure(rank: int, world_size: int, spec: RowSpec) -> dict:
         "seconds": wall,
         "cpu_seconds": cpu,
         "loss": losses,
+        "grad_norm": grad_norms,
         "flops_counted": counted,
         "flops_analytic": analytic_flops(cfg, spec.global_batch, spec.procs),
         "phases_s": {p: statistics.median(s.get(p, 0.0) for s in phases) for p in PHASES} if phases else None,
@@ -488,6 +491,7 @@ def run(args: argparse.Namespace) -> dict:
                 cpu_utilisation=statistics.median(c / w for c, w in zip(m["cpu_seconds"], m["seconds"]))
                 / total_threads,
                 loss=m["loss"],
+                grad_norm=m["grad_norm"],
                 compile=m["compile"],
                 first_step_s=m["first_step_s"],
                 seconds_in_row=time.perf_counter() - t0,

@@ -149,3 +149,21 @@ def test_no_visible_gpu_is_one_line_naming_the_fix():
     assert cuda_index(0, 1, 1) == 0 and cuda_index(3, 4, 8) == 3 and cuda_index(3, 1, 2) == 0
     with pytest.raises(ParallelSetupError, match=r"local rank 2 sees no CUDA device .*--gpus-per-node"):
         cuda_index(2, 8, 0)
+
+
+def test_deepspeed_is_given_the_rank_device_not_cuda_local_rank():
+    # ZeRO under srun --gpus-per-task=1: local rank 3 sees its one GPU as cuda:0, and DeepSpeed's engine
+    # would call set_device(int(LOCAL_RANK)) = 3 ("invalid device ordinal") unless told the device.
+    import inspect
+
+    from deepspeed.runtime.engine import DeepSpeedEngine
+
+    from diffmoe_dist.train.deepspeed import engine_args
+
+    env = _slurm_task(3, 8, 1, gpus_seen="3")
+    args = engine_args(_device_of(env))
+    assert args.device_rank == 0 and read_launch_env(env).local_rank == 3
+    assert engine_args(_device_of(_slurm_task(3, 8, 1, gpus_seen="0,1,2,3,4,5,6,7"))).device_rank == 3
+    assert engine_args(torch.device("cpu")) is None  # DeepSpeed's CPU accelerator has no device to set
+    # The pinned DeepSpeed (requirements.txt) takes device_rank over LOCAL_RANK when args carries it.
+    assert "args.device_rank" in inspect.getsource(DeepSpeedEngine._set_distributed_vars)

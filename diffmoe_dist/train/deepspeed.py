@@ -5,10 +5,12 @@ DeepSpeed itself (seconds), so importing this module costs nothing."""
 
 from __future__ import annotations
 
+import argparse
 import functools
 import importlib
 import logging
 
+import torch
 import torch.nn as nn
 
 from diffmoe_dist.parallel.groups import ParallelDims, expert_data_parallel_ranks, expert_parallel_ranks
@@ -48,6 +50,15 @@ class EngineModule(nn.Module):
 
     def forward(self, *args, **kwargs):
         return self.dit(*args, **kwargs)
+
+
+def engine_args(device: torch.device) -> argparse.Namespace | None:
+    """``deepspeed.initialize(args=...)`` that keeps DeepSpeed on this rank's device (`launch.rank_device`).
+    Without it the engine calls ``set_device(int(LOCAL_RANK))``: under one-GPU-per-task binding
+    (``srun --gpus-per-task=1``, one GPU per container) local rank 3 sees one GPU, as cuda:0, and
+    that call fails with "invalid device ordinal". Its ``device_rank`` argument wins over LOCAL_RANK.
+    On the CPU there is nothing to choose."""
+    return argparse.Namespace(device_rank=device.index) if device.type == "cuda" else None
 
 
 def quiet_deepspeed() -> None:

@@ -28,7 +28,7 @@ import torch.nn as nn
 from diffmoe_dist.config import Config, ConfigError, deepspeed_config_path
 from diffmoe_dist.parallel.grads import GradReducer, clip_grad_norm_, is_expert_param, split_params
 from diffmoe_dist.parallel.groups import ParallelDims
-from diffmoe_dist.train.deepspeed import EngineModule, create_deepspeed_expert_groups, quiet_deepspeed
+from diffmoe_dist.train.deepspeed import EngineModule, create_deepspeed_expert_groups, engine_args, quiet_deepspeed
 from diffmoe_dist.train.optim import adamw, lr_schedule
 
 ADAM_STATES = ("exp_avg", "exp_avg_sq")
@@ -255,7 +255,11 @@ class ZeroEngine(_Engine):
         self.scheduler = self._scheduler(base)  # ZeRO keeps the base optimizer's param-group dicts
         wrapper = EngineModule(model, cfg.moe.num_experts, dims.ep_size)
         self.ds, self.optimizer, _, _ = deepspeed.initialize(
-            model=wrapper, optimizer=base, config=_ds_config(cfg, dims), dist_init_required=False
+            args=engine_args(next(model.parameters()).device),  # our device, not cuda:LOCAL_RANK
+            model=wrapper,
+            optimizer=base,
+            config=_ds_config(cfg, dims),
+            dist_init_required=False,
         )
         if not self.ds.has_moe_layers and expert:
             raise RuntimeError(
