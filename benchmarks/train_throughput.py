@@ -104,6 +104,12 @@ def _parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-profile", action="store_true", help="skip the torch.profiler operator split")
     p.add_argument("--quick", action="store_true", help="tiny configs, batch 32, 1 warm-up + 2 steps: a smoke run")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="cuda: one process on GPU 0")
+    p.add_argument(
+        "--compile",
+        default="config",
+        choices=("config", "off", "on", "both"),
+        help="train.compile per row; both: each row eager and compiled, side by side (speed-up and compile time)",
+    )
     p.add_argument("--out", default=None, help="write the results as JSON here")
     p.add_argument("--default-malloc", action="store_true", help="keep glibc's default mmap/trim thresholds")
     p.add_argument("overrides", nargs="*", help="config overrides for every row, e.g. optim.adamw_impl=fused")
@@ -419,7 +425,8 @@ def build_specs(args: argparse.Namespace, tmp: Path) -> list[RowSpec]:
         warmup = args.warmup if args.warmup is not None else (1 if args.quick or size == "S" else 2)
         steps = args.steps if args.steps is not None else (2 if args.quick else (5 if size == "tiny" else 3))
         precision = cfg.train.precision if args.precision == "config" else args.precision
-        for procs in args.procs:
+        compiles = {"config": [None], "off": [False], "on": [True], "both": [False, True]}[args.compile]
+        for procs, compiled in ((p, c) for p in args.procs for c in compiles):
             moe = cfg.moe.router != "dense"
             ep = procs if moe and cfg.moe.num_experts % procs == 0 else 1
             threads = args.threads // procs
@@ -427,7 +434,8 @@ def build_specs(args: argparse.Namespace, tmp: Path) -> list[RowSpec]:
                 f"data.path={data}",
                 "data.loader=indexed",  # the trainer loads shards whole either way
                 f"data.global_batch_size={batch}",
-                f"train.run_dir={tmp / f'run-{name}-{procs}'}",
+                f"train.run_dir={tmp / f'run-{name}-{procs}-{compiled}'}",
+                *([] if compiled is None else [f"train.compile={str(compiled).lower()}"]),
                 f"train.precision={precision}",
                 f"train.threads={threads}",
                 f"train.steps={warmup + steps + args.breakdown_steps + 10}",
@@ -491,6 +499,7 @@ def run(args: argparse.Namespace) -> dict:
                 "tokens_per_image": spec.extra["tokens_per_image"],
                 "warmup": spec.warmup,
                 "steps": spec.steps,
+                "compile_requested": args.compile,
             }
             t0 = time.perf_counter()
             try:
@@ -565,7 +574,8 @@ HEADER = (
 
 
 def _format_row(r: dict) -> str:
-    head = f"{r['config']:<13} {r['procs']:>2} {r['threads']:>3} {r['precision']:<5} {r['global_batch']:>5}"
+    name = r["config"] + ("+compile" if r.get("compile") else "")
+    head = f"{name:<13} {r['procs']:>2} {r['threads']:>3} {r['precision']:<5} {r['global_batch']:>5}"
     if "error" in r:
         return f"{head} n/a: {r['error']}"
     return (
@@ -610,6 +620,16 @@ def print_report(res: dict) -> None:
     checks = ", ".join(f"{r['config']} P{r['procs']} {r['flops_counted_over_analytic']:.4f}" for r in rows)
     if checks:
         print(f"\nFLOPs counted / analytic: {checks}")
+    for r in rows:  # --compile both: the compiled row after its eager twin
+        eager = [e for e in rows if (e["config"], e["procs"], e["compile"]) == (r["config"], r["procs"], False)]
+        if r["compile"] and eager:
+            e = eager[0]
+            print(
+                f"compile {r['config']} P{r['procs']}: steps/s compiled / eager {e['step_s'] / r['step_s']:.2f}x "
+                f"({r['step_s']:.3f} s vs {e['step_s']:.3f} s per step); first step {r['first_step_s']:.1f} s "
+                f"compiled vs {e['first_step_s']:.1f} s eager "
+                f"(compilation ~{r['first_step_s'] - e['first_step_s']:.0f} s)"
+            )
     target = [r for r in rows if r["config"] == "diffmoe-S" and r["procs"] == 1]
     for r in target:
         verdict = "met" if r["mfu"] >= 0.5 else "below target"
