@@ -89,7 +89,7 @@ class CrossAttention(nn.Module):
         B, L, D = x_BLD.shape
         T, H = text_BTD.shape[1], self.num_heads
         q_BHLd = self.q(x_BLD).view(B, L, H, D // H).transpose(1, 2)
-        k_BHTd, v_BHTd = self.kv(text_BTD).view(B, T, 2, H, D // H).permute(2, 0, 3, 1, 4)
+        k_BHTd, v_BHTd = (t.transpose(1, 2) for t in self.kv(text_BTD).view(B, T, 2, H, D // H).unbind(2))
         # bool mask, True = attend; broadcast over heads and queries.
         out_BHLd = F.scaled_dot_product_attention(q_BHLd, k_BHTd, v_BHTd, attn_mask=mask_BT[:, None, None, :])
         return self.proj(out_BHLd.transpose(1, 2).reshape(B, L, D))

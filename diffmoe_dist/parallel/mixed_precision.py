@@ -8,7 +8,8 @@ two per block and direction: the block's linear parameters are concatenated and 
 into one tensor and casts it back once. The same roundings as autocast's own casts (fp32 -> bf16
 of each weight, bf16 -> fp32 of each gradient, both exact per element), so a step's numbers are
 bitwise unchanged; the gradients still arrive per block, so the reduction keeps overlapping
-backward. Only ``nn.Linear`` parameters are cast: the router's weight is used in fp32
+backward. Only the parameters of ``nn.Linear`` and of the experts (`StackedExperts`, every expert takes
+part in every forward, an empty one with zero rows) are cast: the router's weight is used in fp32
 (model/moe/routers.py) and LayerNorm's affine runs in fp32 under autocast.
 
 Applied by `parallelize` to the trained model's blocks, inside activation checkpointing (the
@@ -22,25 +23,48 @@ import torch
 import torch.nn as nn
 from torch.nn.utils.stateless import _reparametrize_module
 
+from diffmoe_dist.model.moe.experts import StackedExperts
+
 LOW_PRECISION = (torch.bfloat16, torch.float16)
 
 
 def linear_param_names(block: nn.Module) -> list[str]:
-    """Names (in ``block``) of the trainable fp32 parameters of its ``nn.Linear`` modules."""
+    """Names (in ``block``) of the trainable fp32 parameters of its ``nn.Linear`` and expert modules."""
     names = []
     for prefix, module in block.named_modules():
-        if type(module) is nn.Linear:
+        if type(module) in (nn.Linear, StackedExperts):  # the experts' baddbmm / grouped GEMM: autocast casts
             for name, p in module.named_parameters(recurse=False):
                 if p.requires_grad and p.dtype == torch.float32:
                     names.append(f"{prefix}.{name}" if prefix else name)
     return names
 
 
+class _CastOnce(torch.autograd.Function):
+    """``[p.to(dtype) for p in params]`` in two kernels (cat, cast); backward concatenates the
+    gradients that arrived and casts them back in two kernels as well. A parameter whose copy got
+    no gradient gets None (not zeros), as with autocast's own casts: AdamW skips such a parameter."""
+
+    @staticmethod
+    def forward(ctx, dtype: torch.dtype, *params: torch.Tensor):
+        ctx.set_materialize_grads(False)
+        ctx.shapes, ctx.dtype = [p.shape for p in params], params[0].dtype
+        flat = torch.cat([p.reshape(-1) for p in params]).to(dtype)
+        return tuple(v.view(p.shape) for v, p in zip(flat.split([p.numel() for p in params]), params))
+
+    @staticmethod
+    def backward(ctx, *grads: torch.Tensor | None):
+        present = [i for i, g in enumerate(grads) if g is not None]
+        out: list[torch.Tensor | None] = [None] * len(grads)
+        if present:
+            flat = torch.cat([grads[i].reshape(-1) for i in present]).to(ctx.dtype)
+            for i, g in zip(present, flat.split([grads[i].numel() for i in present])):
+                out[i] = g.view(ctx.shapes[i])
+        return (None, *out)
+
+
 def cast_once(params: list[torch.Tensor], dtype: torch.dtype) -> list[torch.Tensor]:
-    """``[p.to(dtype) for p in params]`` in two kernels (cat, cast), differentiable: backward
-    concatenates the gradients and casts them back in two kernels as well."""
-    flat = torch.cat([p.reshape(-1) for p in params]).to(dtype)
-    return [v.view_as(p) for v, p in zip(flat.split([p.numel() for p in params]), params)]
+    """``[p.to(dtype) for p in params]`` in two kernels, differentiable (`_CastOnce`)."""
+    return list(_CastOnce.apply(dtype, *params))
 
 
 def cast_blocks_once(model: nn.Module) -> int:
