@@ -13,9 +13,11 @@ batches (a count does not depend on the values). Counted, per phase (forward, ba
   waits), each with the caller's line;
 - collectives: calls of the ``torch.distributed`` functions.
 
-A step that is not a log step (``logging.log_every``) and not a stop-check step is counted, and one
-that is, separately. The JSON keeps the figures of the tree it ran on; run it on two trees to
-compare (docs/performance.md "What one training step launches" has the before / after table).
+The eager path is counted (``train.compile=false``; the config's compiled blocks fuse further, which
+a dispatcher-level count cannot see). A step that is not a log step (``logging.log_every``) and not a
+stop-check step is counted, and one that is, separately. The JSON keeps the figures of the tree it
+ran on; run it on two trees to compare (docs/performance.md "What one training step launches" has
+the before / after table).
 
     python benchmarks/step_counts.py --out benchmarks/results/step_counts.json
     python benchmarks/step_counts.py --tokens 2048   # fewer tokens per rank: same op counts, faster
@@ -153,6 +155,10 @@ def build_trainer(args, run_dir: str):
         "train.threads=1",
         f"logging.log_every={args.log_every}",
         "logging.wandb=disabled",
+        # The eager path: under the counting TorchDispatchMode dynamo runs nothing compiled anyway, and
+        # eager blocks take the one-cast-per-block path (parallel/mixed_precision.py) that compiled ones leave
+        # to inductor. Pass train.compile=true to count the eager ops of blocks built for compiling.
+        "train.compile=false",
         *args.overrides,
     ]
     cfg = load_config(str(REPO / CONFIG), overrides)

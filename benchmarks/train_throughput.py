@@ -103,6 +103,12 @@ def _parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-profile", action="store_true", help="skip the torch.profiler operator split")
     p.add_argument("--quick", action="store_true", help="tiny configs, batch 32, 1 warm-up + 2 steps: a smoke run")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="cuda: one process on GPU 0")
+    p.add_argument(
+        "--compile",
+        default="config",
+        choices=("config", "off", "on", "both"),
+        help="train.compile per row; both: each row eager and compiled, side by side (speed-up and compile time)",
+    )
     p.add_argument("--out", default=None, help="write the results as JSON here")
     p.add_argument("--default-malloc", action="store_true", help="keep glibc's default mmap/trim thresholds")
     p.add_argument("overrides", nargs="*", help="config overrides for every row, e.g. optim.adamw_impl=fused")
@@ -387,7 +393,8 @@ def build_specs(args: argparse.Namespace, tmp: Path) -> list[RowSpec]:
         warmup = args.warmup if args.warmup is not None else (1 if args.quick or size == "S" else 2)
         steps = args.steps if args.steps is not None else (2 if args.quick else (5 if size == "tiny" else 3))
         precision = cfg.train.precision if args.precision == "config" else args.precision
-        for procs in args.procs:
+        compiles = {"config": [None], "off": [False], "on": [True], "both": [False, True]}[args.compile]
+        for procs, compiled in ((p, c) for p in args.procs for c in compiles):
             moe = cfg.moe.router != "dense"
             ep = procs if moe and cfg.moe.num_experts % procs == 0 else 1
             threads = args.threads // procs
@@ -395,7 +402,8 @@ def build_specs(args: argparse.Namespace, tmp: Path) -> list[RowSpec]:
                 f"data.path={data}",
                 "data.loader=indexed",  # the trainer loads shards whole either way
                 f"data.global_batch_size={batch}",
-                f"train.run_dir={tmp / f'run-{name}-{procs}'}",
+                f"train.run_dir={tmp / f'run-{name}-{procs}-{compiled}'}",
+                *([] if compiled is None else [f"train.compile={str(compiled).lower()}"]),
                 f"train.precision={precision}",
                 f"train.threads={threads}",
                 f"train.steps={warmup + steps + args.breakdown_steps + 10}",
@@ -459,6 +467,7 @@ def run(args: argparse.Namespace) -> dict:
                 "tokens_per_image": spec.extra["tokens_per_image"],
                 "warmup": spec.warmup,
                 "steps": spec.steps,
+                "compile_requested": args.compile,
             }
             t0 = time.perf_counter()
             try:
@@ -528,7 +537,7 @@ def run(args: argparse.Namespace) -> dict:
 # Output
 
 COLUMNS = (
-    Column("config", "<13", "config"),
+    Column("config", "<13", lambda r: r["config"] + ("+compile" if r.get("compile") else "")),
     Column("P", ">2", "procs"),
     Column("thr", ">3", "threads"),
     Column("prec", "<5", "precision"),
@@ -599,6 +608,16 @@ def print_report(res: dict) -> None:
     checks = ", ".join(f"{r['config']} P{r['procs']} {r['flops_counted_over_analytic']:.4f}" for r in rows)
     if checks:
         print(f"\nFLOPs counted / analytic: {checks}")
+    for r in rows:  # --compile both: the compiled row after its eager twin
+        eager = [e for e in rows if (e["config"], e["procs"], e["compile"]) == (r["config"], r["procs"], False)]
+        if r["compile"] and eager:
+            e = eager[0]
+            print(
+                f"compile {r['config']} P{r['procs']}: steps/s compiled / eager {e['step_s'] / r['step_s']:.2f}x "
+                f"({r['step_s']:.3f} s vs {e['step_s']:.3f} s per step); first step {r['first_step_s']:.1f} s "
+                f"compiled vs {e['first_step_s']:.1f} s eager "
+                f"(compilation ~{r['first_step_s'] - e['first_step_s']:.0f} s)"
+            )
     target = [r for r in rows if r["config"] == "diffmoe-S" and r["procs"] == 1]
     for r in target:
         verdict = "met" if r["mfu"] >= 0.5 else "below target"

@@ -47,8 +47,12 @@ class Attention(nn.Module):
 
     def forward(self, x_BLD: torch.Tensor) -> torch.Tensor:
         B, L, D = x_BLD.shape
-        qkv = self.qkv(x_BLD).view(B, L, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)
-        out_BHLd = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])
+        # unbind, not qkv[0..2] (each select's backward is zeros + copy, then adds), on the (B, L, 3, H, d)
+        # view: its backward stacks the three gradients straight into that contiguous layout (no copy)
+        q, k, v = (
+            t.transpose(1, 2) for t in self.qkv(x_BLD).view(B, L, 3, self.num_heads, D // self.num_heads).unbind(2)
+        )
+        out_BHLd = F.scaled_dot_product_attention(q, k, v)
         return self.proj(out_BHLd.transpose(1, 2).reshape(B, L, D))
 
 

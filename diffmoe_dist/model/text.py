@@ -75,8 +75,18 @@ class TextEmbedder(nn.Module):
         return self.token_proj(text_BTE), self.pooled_proj(pooled_BE), mask_BT
 
 
+def text_attention_bias(mask_BT: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Additive key bias (B, 1, 1, T): 0 at caption tokens, -inf at padding, in the dtype attention
+    runs in (autocast's, else ``x``'s). What SDPA makes of a bool mask in every block (the same
+    values, so the same bits), made once per forward instead of once per block."""
+    device = x.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+    return torch.where(mask_BT[:, None, None, :], torch.zeros((), dtype=dtype, device=x.device), float("-inf"))
+
+
 class CrossAttention(nn.Module):
-    """Image tokens (queries) attend to caption tokens; keys at padding are masked out."""
+    """Image tokens (queries) attend to caption tokens; keys at padding are masked out
+    (``bias_B11T`` from `text_attention_bias`)."""
 
     def __init__(self, dim: int, num_heads: int):
         super().__init__()
@@ -85,13 +95,13 @@ class CrossAttention(nn.Module):
         self.kv = nn.Linear(dim, 2 * dim)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x_BLD: torch.Tensor, text_BTD: torch.Tensor, mask_BT: torch.Tensor) -> torch.Tensor:
+    def forward(self, x_BLD: torch.Tensor, text_BTD: torch.Tensor, bias_B11T: torch.Tensor) -> torch.Tensor:
         B, L, D = x_BLD.shape
         T, H = text_BTD.shape[1], self.num_heads
         q_BHLd = self.q(x_BLD).view(B, L, H, D // H).transpose(1, 2)
-        k_BHTd, v_BHTd = self.kv(text_BTD).view(B, T, 2, H, D // H).permute(2, 0, 3, 1, 4)
-        # bool mask, True = attend; broadcast over heads and queries.
-        out_BHLd = F.scaled_dot_product_attention(q_BHLd, k_BHTd, v_BHTd, attn_mask=mask_BT[:, None, None, :])
+        k_BHTd, v_BHTd = (t.transpose(1, 2) for t in self.kv(text_BTD).view(B, T, 2, H, D // H).unbind(2))
+        # additive mask, broadcast over heads and queries
+        out_BHLd = F.scaled_dot_product_attention(q_BHLd, k_BHTd, v_BHTd, attn_mask=bias_B11T)
         return self.proj(out_BHLd.transpose(1, 2).reshape(B, L, D))
 
 
@@ -107,11 +117,11 @@ class TextDiTBlock(nn.Module):
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
 
     def forward(
-        self, x_BLD: torch.Tensor, c_BD: torch.Tensor, text_BTD: torch.Tensor, mask_BT: torch.Tensor
+        self, x_BLD: torch.Tensor, c_BD: torch.Tensor, text_BTD: torch.Tensor, bias_B11T: torch.Tensor
     ) -> torch.Tensor:
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c_BD).chunk(6, dim=1)
         x_BLD = x_BLD + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x_BLD), shift_msa, scale_msa))
-        x_BLD = x_BLD + self.cross_attn(self.norm_cross(x_BLD), text_BTD, mask_BT)
+        x_BLD = x_BLD + self.cross_attn(self.norm_cross(x_BLD), text_BTD, bias_B11T)
         return x_BLD + gate_mlp.unsqueeze(1) * self.ffn(modulate(self.norm2(x_BLD), shift_mlp, scale_mlp))
 
 
@@ -142,8 +152,9 @@ class TextDiT(DiTBase):
         x_BLD = self.embed_patches(x_BCHW)
         text_BTD, pooled_BD, mask_BT = self.text_embedder(text, text_mask, drop_B)
         c_BD = self.t_embedder(t_B) + pooled_BD
+        bias_B11T = text_attention_bias(mask_BT, x_BLD)
         for block in self.blocks:
-            x_BLD = block(x_BLD, c_BD, text_BTD, mask_BT)
+            x_BLD = block(x_BLD, c_BD, text_BTD, bias_B11T)
         return self.output(x_BLD, c_BD)
 
     def forward(self, x_BCHW: torch.Tensor, t_B: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor):

@@ -11,7 +11,8 @@ rank's), a `LocalPool` and a `LocalDispatcher`, and knows nothing of processes o
   over DP so the predictor buffers stay identical;
 - broadcasts parameters and buffers so that all replicas start identical: non-expert tensors
   from rank 0 over DP, expert shards from the first rank of each EDP group;
-and to the trained model alone (the EMA never runs backward): activation checkpointing, compiled
+and to the trained model alone (the EMA never runs backward): one weight cast per block under bf16
+autocast (parallel/mixed_precision.py, eager blocks), activation checkpointing, compiled
 blocks (``compile``, parallel/compile.py), and the
 gradient reduction overlapped with backward (`GradReducer`, parallel/grads.py), which it returns
 for the engine to finish at the optimizer step.
@@ -36,6 +37,7 @@ from diffmoe_dist.parallel.all_to_all import AllToAllDispatcher
 from diffmoe_dist.parallel.compile import compile_blocks
 from diffmoe_dist.parallel.grads import BUCKET_BYTES, GradReducer, is_expert_param
 from diffmoe_dist.parallel.groups import ParallelDims
+from diffmoe_dist.parallel.mixed_precision import cast_blocks_once
 from diffmoe_dist.parallel.pools import DistributedPool, ReplicatedLocalPool
 from diffmoe_dist.parallel.radix_select import DEFAULT_BITS
 
@@ -74,6 +76,8 @@ def parallelize(
         tag_expert_params(m, dims)
         if dims.distributed:
             broadcast_replicas(m, dims)
+    if not compile:
+        cast_blocks_once(model)  # one weight cast per block under bf16 autocast; compiled blocks fuse theirs
     if activation_checkpointing:
         checkpoint_blocks(model)  # the trained model only: the EMA model never runs backward
     if compile:

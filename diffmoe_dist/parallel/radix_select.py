@@ -100,43 +100,44 @@ def radix_select(
     with the first histogram. A collective: every rank calls it with the same C and widths."""
     n, c = keys_NC.shape
     device = keys_NC.device
-    ukeys = keys_NC ^ torch.iinfo(torch.int32).min  # the uint32 key's bit pattern in int32
-    col_offset = torch.arange(c, dtype=torch.int32, device=device).view(1, -1)
-    prefix_C = torch.zeros(c, dtype=torch.int64, device=device)
+    # Descending keys (0xFFFFFFFF - the uint32 key, in int64): the largest value has the smallest key,
+    # so one cumsum over a histogram counts the keys "at or above" each digit, and the target's
+    # digit is the number of bins whose running count is still short of the rank sought.
+    dkeys_NC = (keys_NC ^ torch.iinfo(torch.int32).max).to(torch.int64) & 0xFFFFFFFF
     ones = torch.ones(n * c, dtype=torch.int32, device=device)
-    remaining_C = k_C = n_pool = extra_sum = None
+    mismatch_NC = prefix_C = remaining_C = k_C = n_pool = extra_sum = None
     shift = 32
     for p, width in enumerate(widths):
         shift -= width
         bins = 1 << width
-        # Arithmetic shifts plus a mask: the sign-extended bits never reach the digit.
-        digit_NC = (ukeys >> shift) & (bins - 1)
-        slot_NC = digit_NC + col_offset * bins
-        if p > 0:  # only keys whose higher bits equal the prefix count; the rest go to the dump bin
-            high = shift + width
-            high_NC = (ukeys >> high) & ((1 << (32 - high)) - 1)
-            slot_NC = torch.where(high_NC == prefix_C.to(torch.int32).view(1, -1), slot_NC, c * bins)
+        digit_NC = dkeys_NC >> shift if p == 0 else (dkeys_NC >> shift) & (bins - 1)
+        slot_NC = digit_NC + torch.arange(0, c * bins, bins, dtype=torch.int64, device=device)
+        if p > 0:  # only keys whose higher digits equal the prefix count; the rest go to the dump bin
+            slot_NC.masked_fill_(mismatch_NC, c * bins)
         hist = torch.zeros(c * bins + 1, dtype=torch.int32, device=device)
-        hist.scatter_add_(0, slot_NC.flatten().long(), ones)
+        hist.scatter_add_(0, slot_NC.view(-1), ones)
         hist = hist[: c * bins]
         if p == 0 and extra is not None:
             reduced = all_reduce(torch.cat([hist, extra.flatten().to(torch.int32)]))
             hist, extra_sum = reduced[: c * bins], reduced[c * bins :].long().view_as(extra)
         else:
             hist = all_reduce(hist)
-        hist_CB = hist.view(c, bins).long()
+        hist_CB = hist.view(c, bins)
         if p == 0:
-            n_pool = hist_CB[0].sum() if c else torch.zeros((), dtype=torch.int64, device=device)
+            n_pool = hist_CB[0].sum(dtype=torch.int64) if c else torch.zeros((), dtype=torch.int64, device=device)
             k_C = torch.minimum(k_of(n_pool, extra_sum).to(torch.int64).expand(c), n_pool).clamp(min=0)
             # 1-based rank of the target among the keys matching the prefix; k >= N_pool takes all
             remaining_C = k_C.clamp(min=1).minimum(n_pool.clamp(min=1))
-        at_or_above_CB = hist_CB.flip(1).cumsum(1).flip(1)  # keys with this digit or a higher one
-        # The target's digit: the highest d whose running count from the top reaches `remaining`.
-        digit_C = ((at_or_above_CB >= remaining_C.view(-1, 1)).sum(1) - 1).clamp(min=0)
-        in_bucket_C = hist_CB.gather(1, digit_C.view(-1, 1)).view(-1)
-        remaining_C = remaining_C - (at_or_above_CB.gather(1, digit_C.view(-1, 1)).view(-1) - in_bucket_C)
-        prefix_C = (prefix_C << width) | digit_C
-    kth_C = (prefix_C - _SIGN).to(torch.int32)
+        at_or_above_CB = hist_CB.cumsum(1)  # keys with this digit or a higher value's (int64)
+        # The target's digit: the first whose running count reaches `remaining` (clamped: an empty pool).
+        digit_C = (at_or_above_CB < remaining_C.view(-1, 1)).sum(1).clamp(max=bins - 1)
+        above_CB = at_or_above_CB - hist_CB  # keys of higher values than each digit's
+        remaining_C = remaining_C - above_CB.gather(1, digit_C.view(-1, 1)).view(-1)
+        prefix_C = digit_C if p == 0 else torch.add(digit_C, prefix_C, alpha=bins)
+        if p + 1 < len(widths):
+            differs_NC = digit_NC != digit_C.view(1, -1)
+            mismatch_NC = differs_NC if p == 0 else mismatch_NC | differs_NC
+    kth_C = (0x7FFFFFFF - prefix_C).to(torch.int32)  # back from the descending key to the signed one
     return Selection(kth_C, remaining_C, k_C, n_pool, extra_sum)
 
 

@@ -162,10 +162,14 @@ class MoECollector:
 
     def capacity_avg(self) -> Tensor:
         """Mean ``C_avg`` over the step's layer forwards (float64 device tensor, 0 if none)."""
-        caps = [r.capacity_avg for mb in self.micro_batches for rs in mb.values() for r in rs]
-        if not caps:
+        recs = [r for mb in self.micro_batches for rs in mb.values() for r in rs]
+        if not recs:
             return torch.zeros((), dtype=torch.float64, device=self._device)
-        return torch.stack(caps).mean()
+        if len({tuple(r.k_E.shape) for r in recs}) > 1:
+            return torch.stack([r.capacity_avg for r in recs]).mean()
+        # All layers in one go: a few ops per step instead of six per layer (issue 23's kernel count).
+        n_L = torch.stack([torch.as_tensor(r.n_pool, device=r.k_E.device) for r in recs])
+        return routers.capacity_avg(torch.stack([r.k_E for r in recs]), n_L).mean()
 
     # ---- the step's threshold EMA ------------------------------------------------------------
     @torch.no_grad()

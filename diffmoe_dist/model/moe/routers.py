@@ -141,8 +141,9 @@ def load_balancing_loss(scores_NE: Tensor, mask_NE: Tensor, weight: float) -> Te
 
 def capacity_avg(k_E: Tensor, n_pool: Tensor | int) -> Tensor:
     """``C_avg = mean_e(E * k_e / N_pool)`` (docs/design.md section 1), the achieved capacity, as a
-    float64 device tensor (0 for an empty pool): read on the host once per step, with the losses."""
+    float64 device tensor (0 for an empty pool): read on the host once per step, with the losses.
+    Also for L layers at once: ``k_LE`` and ``n_L`` give ``C_avg`` per layer (the same bits: integer sums)."""
     n = torch.as_tensor(n_pool, device=k_E.device).double()
     return torch.where(
-        n > 0, k_E.double().sum() / n.clamp(min=1), torch.zeros((), dtype=torch.float64, device=k_E.device)
+        n > 0, k_E.double().sum(-1) / n.clamp(min=1), torch.zeros((), dtype=torch.float64, device=k_E.device)
     )
