@@ -274,23 +274,54 @@ def test_a_shard_that_goes_bad_mid_run_stops_every_rank_after_a_save_with_one_li
     data, run = tmp_path / "data", tmp_path / "run"
     shutil.copytree(digits, data)
     over = [*TINY, f"data.path={data}", f"train.run_dir={run}", "data.loader=stream", "data.num_workers=1",
-            "train.steps=100000", "checkpoint.every=0", "logging.wandb=disabled"]  # fmt: skip
+            "train.steps=100000", "checkpoint.every=0", "logging.wandb=disabled",
+            "data.shuffle_window=2"]  # fmt: skip  # windows of 2 shards: each rank reads one of them a step
     procs = start_training_ranks(2, over, str(tmp_path / "log"))
     metrics = run / "metrics.jsonl"
     deadline = time.monotonic() + 240
     while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 2):
         assert time.monotonic() < deadline and all(p.poll() is None for p in procs)
         time.sleep(0.05)
-    for shard in (data / "train").glob("*.tar"):  # the file server loses them: every read comes back short
+    originals = {shard: shard.read_bytes() for shard in (data / "train").glob("*.tar")}
+    for shard in originals:  # the file server loses them: every read comes back short
         os.truncate(shard, 0)
     codes = wait_all(procs, 240)  # never a hang: every rank learns it in the stop check
-    logs = {r: (tmp_path / "log" / f"rank{r}.log").read_text() for r in range(2)}
-    assert codes == [1, 1], logs
-    errors = [line for line in logs[0].splitlines() if line.startswith("diffmoe-train: error:")]
-    assert len(errors) == 1 and "shard " in errors[0] and ".tar" in errors[0], logs[0]
-    stopped = int(errors[0].split("stopped at step ")[1].split(",")[0])
+    stopped = _one_shard_error(tmp_path / "log", codes)
     latest = ckpt.find_resumable(str(run / "checkpoints"))
     assert ckpt.read_meta(latest)["step"] == stopped >= 2 and ckpt.verify(latest)
+
+    # A shard that only rank 1 reads in the resumed run's first step, damaged past what the start-up
+    # check reads (same size, first header intact): rank 1 cannot read its first batches while rank 0
+    # can. Both agree before the first step, with the workers and without, and stop as above.
+    for shard, original in originals.items():
+        shard.write_bytes(original)
+    position = ckpt.read_meta(latest)["loader"]["samples_seen"]
+    cfg = load_config("configs/local/diffmoe-tiny.yaml", over)
+    loaders = [_stream(data / "train", 16, r, 2, cfg.train.seed, shuffle_window=2) for r in (0, 1)]
+    first = [set(_shards_of(loader, position)) for loader in loaders]
+    bad = data / "train" / sorted(first[1] - first[0])[0]
+    bad.write_bytes(originals[bad][:512] + b"\xff" * (len(originals[bad]) - 512))
+    for workers in (1, 0):
+        log = tmp_path / f"log-first-{workers}"
+        procs = start_training_ranks(2, [*over, f"data.num_workers={workers}"], str(log))
+        codes = wait_all(procs, 240)
+        assert _one_shard_error(log, codes, bad.name) == stopped
+        assert ckpt.find_resumable(str(run / "checkpoints")) == latest  # nothing trained, nothing new saved
+
+
+def _shards_of(loader, position: int) -> list[str]:
+    """The shards this rank reads for the global batch at stream position ``position``."""
+    indices = loader.rank_indices(position).numpy()
+    return [loader.dataset.names[n] for n in np.searchsorted(loader.dataset.ends, indices, side="right")]
+
+
+def _one_shard_error(log_dir: Path, codes: list[int], shard: str = ".tar") -> int:
+    """Both ranks exit 1 and rank 0 says one line naming the shard; returns the step it stopped at."""
+    logs = {r: (log_dir / f"rank{r}.log").read_text() for r in range(2)}
+    assert codes == [1, 1], logs
+    errors = [line for line in logs[0].splitlines() if line.startswith("diffmoe-train: error:")]
+    assert len(errors) == 1 and "shard " in errors[0] and shard in errors[0], logs[0]
+    return int(errors[0].split("stopped at step ")[1].split(",")[0])
 
 
 # ---- the 256-GPU twin, end to end ----------------------------------------------------------------

@@ -260,24 +260,32 @@ class StreamBatchLoader(GlobalPosition):
         )
         self._batches = iter(loader)
 
-    def next_batch(self) -> dict:
-        """The next micro-batch. The last one of a step also takes the next step's batches from the
-        workers: a shard that cannot be read is then `self.error` (one line naming it), which the
-        trainer's stop check shares with every rank before that step starts (all stop and save),
-        instead of an exception on one rank while the others wait in a collective. The very first
-        step's batches raise ShardError directly."""
+    def prefetch(self) -> None:
+        """Takes the next step's batches (eagerly, or from the workers) unless they are here: a shard
+        that cannot be read becomes `self.error` (one line naming it) instead of an exception. The
+        trainer calls it before the first step and shares the error with every rank (the stop
+        agreement), as it does after every step, so all stop and save instead of one rank raising
+        while the others wait in a collective."""
         if self._batches is None:
             self._start()
-        if not self._ahead:
+        if self._ahead or self.error is not None:
+            return
+        try:
             self._ahead.extend(next(self._batches) for _ in range(self.batches_per_step))
+        except Exception as exc:  # noqa: BLE001 - a worker's error comes back re-raised, its traceback in the text
+            self._ahead.clear()
+            self.error = _one_line(exc)
+
+    def next_batch(self) -> dict:
+        """The next micro-batch. The last one of a step also prefetches the next step's batches. A
+        caller that did not agree on `self.error` first gets it raised as ShardError."""
+        self.prefetch()
+        if not self._ahead:
+            raise ShardError(self.error)
         batch = self._ahead.popleft()
         self.samples_seen += self.global_batch_size
-        if not self._ahead and self.error is None:
-            try:
-                self._ahead.extend(next(self._batches) for _ in range(self.batches_per_step))
-            except Exception as exc:  # noqa: BLE001 - a worker's error comes back re-raised, its traceback in the text
-                self._ahead.clear()
-                self.error = _one_line(exc)
+        if not self._ahead:
+            self.prefetch()
         return batch
 
     def first_sample(self) -> dict:

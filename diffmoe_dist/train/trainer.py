@@ -327,7 +327,6 @@ class Trainer:
             save_due=lambda: self.rank0 and self.saver.minutes_due(cfg.checkpoint.every_minutes),
             data_error=lambda: self.loader.error,  # the next step's batch is unreadable (data/stream.py)
         )
-        stopped = None
         self.guard.stop = stop  # the guard's flags ride on the stop flag's all-reduce
         telemetry = RoutingTelemetry(
             self.model, cfg.logging.routing_every, self.run_dir, self.dims, self.step + 1, collector=self.moe
@@ -336,7 +335,9 @@ class Trainer:
         t_start = time.time()
         last = {}
         window_t, window_steps = time.time(), 0
-        while self.step < cfg.train.steps:
+        self.loader.prefetch()  # the first step's batches: a bad shard is agreed on like one mid-run
+        stopped = stop.agree_on_data()
+        while self.step < cfg.train.steps and not stopped:
             last = self.train_step(throughput.clock)  # host clock reads only: data share, per-rank step time
             self._owner.heartbeat()
             if self.guard.skipped:  # same step again with the next batch (nothing to log or save)
