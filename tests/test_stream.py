@@ -19,7 +19,7 @@ from distributed import run_distributed, start_training_ranks, wait_all
 from diffmoe_dist import checkpoint as ckpt
 from diffmoe_dist.config import load_config
 from diffmoe_dist.data.digits import load_digits_split, write_digits_shards
-from diffmoe_dist.data.loader import GlobalBatchLoader
+from diffmoe_dist.data.loader import GlobalBatchLoader, to_device
 from diffmoe_dist.data.shards import load_indexed, write_shards
 from diffmoe_dist.data.stream import ShardError, StreamBatchLoader, check_shards
 
@@ -213,11 +213,19 @@ def test_bf16_text_is_stored_as_bits_and_read_without_a_float_copy(tmp_path):
     write_shards(tmp_path, samples, samples_per_shard=2, index=True, dtypes={"text.npy": "bfloat16"})
     data = load_indexed(tmp_path)
     assert data["text"].dtype == torch.bfloat16 and torch.equal(data["text"], text.bfloat16())
-    loader = StreamBatchLoader(tmp_path, {"text": "text.npy"}, 5, 0, 1, 0)
+    loader = StreamBatchLoader(tmp_path, {"text": "text.npy"}, 5, 0, 1, 0, num_workers=1)
     assert loader.first_sample()["text"].dtype == torch.bfloat16
     batch = loader.next_batch()
     order = loader.global_indices(0, 5).long()
-    assert torch.equal(batch["text"], text.bfloat16()[order])
+    assert torch.equal(batch["text"], text.bfloat16()[order])  # bf16 through the workers' shared memory
+    loader.close()
+    # The model's input: cast to fp32 on the device (to_device, as the trainer does), bitwise what the
+    # workers' fp32 cast (float_fields, before) handed over.
+    before = StreamBatchLoader(tmp_path, {"text": "text.npy"}, 5, 0, 1, 0, num_workers=1, float_fields=("text",))
+    old = before.next_batch()["text"]
+    before.close()
+    new = to_device(batch, torch.device("cpu"))["text"]
+    assert old.dtype == new.dtype == torch.float32 and torch.equal(old.view(torch.int32), new.view(torch.int32))
 
 
 def test_a_missing_or_corrupt_shard_is_one_line_naming_it(digits, tmp_path):

@@ -13,6 +13,7 @@ import torch.distributed as dist
 from diffmoe_dist import checkpoint as ckpt
 from diffmoe_dist.checkpoint.identity import data_manifest_hash
 from diffmoe_dist.config import Config
+from diffmoe_dist.data.loader import to_device
 from diffmoe_dist.data.position import GlobalPosition
 from diffmoe_dist.diffusion.ema import EMA
 from diffmoe_dist.diffusion.objective import training_loss, training_targets
@@ -179,7 +180,7 @@ class Trainer:
         is open; backward (and an activation-checkpointing recompute in it) runs outside."""
         autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.train.precision == "bf16")
         x = batch.pop("x").to(self.device, non_blocking=True)
-        cond = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}  # y for class-conditional runs
+        cond = to_device(batch, self.device)  # y, or text (cast to fp32 there) and text_mask
         x_t, t, v_target = training_targets(self.cfg.diffusion, x, self.noise_gen)  # diffusion.objective
         with self.moe.collect(self.model), autocast:
             v_pred = self.engine.forward(x_t, t, **cond)
