@@ -38,7 +38,7 @@ def make_set(root: Path, shards: int) -> None:
 
     stream = io.BytesIO()
     with wds.TarWriter(stream, mtime=0.0) as writer:
-        writer.write({"__key__": "k", "latent.npy": np.zeros((1, 2, 2), np.float32), "cls": 0})
+        writer.write({"__key__": "k", "latent.npy": np.zeros((1, 16, 16), np.float32), "cls": 0})
     data = stream.getvalue()
     train = root / "train"
     train.mkdir(parents=True)
@@ -50,7 +50,7 @@ def make_set(root: Path, shards: int) -> None:
         name = f"shard-{i:06d}.tar"
         os.link(source, train / name)
         entries.append({"name": name, "num_samples": 1000, "bytes": len(data)})
-    manifest = {"format_version": 1, "shards": entries, "num_samples": 1000 * shards, "latent_shape": [1, 2, 2],
+    manifest = {"format_version": 1, "shards": entries, "num_samples": 1000 * shards, "latent_shape": [1, 16, 16],
                 "keys": ["cls", "latent.npy"], "created_by": "benchmarks/data_check.py"}  # fmt: skip
     (train / "manifest.json").write_text(json.dumps(manifest, indent=1))
 

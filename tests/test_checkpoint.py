@@ -1,5 +1,6 @@
 import json
 import os
+import types
 
 import pytest
 import torch
@@ -181,3 +182,28 @@ def test_resume_reads_each_byte_once_per_job_and_reshards_bitwise(tmp_path):
         assert sum(today) == 4 * (4 * DENSE + 2 * BF16) + edp * 4 * 4 * EXPERT + 4 * 4 * 1000
         per_node = [once[0] + once[1], once[2] + once[3]]
         print(f"EP={ep}: bytes read per node {per_node} (today {[today[0] + today[1], today[2] + today[3]]})")
+
+
+def test_resume_at_the_256gpu_node_layout_reads_each_byte_once_per_node_and_once_per_job(tmp_path):
+    # W=16 as 2 nodes of 8 ranks, EP 8 inside a node (EDP 2), ZeRO-0: the 256-GPU job's node layout,
+    # on the scale twin's threads (real collectives and files); the state is the 256-GPU model's
+    # split (dense / 16 experts; model, EMA, two Adam moments) at 1/65,536 of its size.
+    from resume_reads import RANKS_PER_NODE, numels, per_node, save_and_count, slots
+    from scale_twin import run_threaded
+
+    W, scale = 16, 65_536
+    results = run_threaded(save_and_count, W, 8, str(tmp_path), scale, timeout=600)
+    assert all(r[how]["bitwise"] for r in results for how in ("before", "now"))
+    before, now = per_node(results, "before", scale), per_node(results, "now", scale)
+    # Now: no byte twice inside a node, every byte exactly once in the job, each rank its own ranges only.
+    assert now["most_reads_of_a_byte_in_a_node"] == 1
+    assert now["least_reads_of_a_byte_in_the_job"] == now["most_reads_of_a_byte_in_the_job"] == 1
+    assert sum(now["bytes_per_node"]) == now["checkpoint_bytes"] == 4 * sum(numels(scale).values())
+    for node, got in enumerate(now["bytes_per_node"]):
+        dims = [types.SimpleNamespace(rank=r, world_size=W, ep_size=8, ep_rank=r % 8, edp_size=2, edp_rank=r // 8)
+                for r in range(node * RANKS_PER_NODE, (node + 1) * RANKS_PER_NODE)]  # fmt: skip
+        assert got == sum(n * 4 for d in dims for s in slots(d, scale) for _, n in ckpt.owned_ranges(s))
+    # Before: every rank read all it holds: a node, all the dense state 8 times and each expert once.
+    dense = 4 * sum(n for k, n in numels(scale).items() if "/dense" in k)
+    assert before["bytes_per_node"] == [8 * dense + now["checkpoint_bytes"] - dense] * 2
+    print(f"bytes read per node at W=16 (2 x 8, EP 8): now {now['bytes_per_node']}, before {before['bytes_per_node']}")

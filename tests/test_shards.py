@@ -68,9 +68,7 @@ def test_manifest_counts_shards_samples_and_fields(tmp_path):
     assert manifest["num_samples"] == 23 and manifest["latent_shape"] == [4, 8, 8]
     assert manifest["keys"] == ["caption.txt", "cls", "latent.npy", "text.npy"]
     assert manifest["created_by"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["manifest.json"] + [
-        f"part-{i:06d}.tar" for i in range(5)
-    ]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["manifest.json"] + [f"part-{i:06d}.tar" for i in range(5)]
 
 
 def test_equal_inputs_give_byte_identical_shards(tmp_path):
@@ -189,11 +187,29 @@ def test_the_full_shard_check_runs_once_per_manifest_and_a_restart_reads_the_rec
     train = tmp_path / "train"
     check_data_path(str(tmp_path), rank=1, world_size=2)  # a share of the shards: proves nothing whole
     assert not (train / VALIDATED).exists()
-    check_data_path(str(tmp_path))  # every shard, in one process (--validate-only): recorded
-    assert (train / VALIDATED).is_file()
+    whole = check_data_path(str(tmp_path))  # every shard, in one process (--validate-only): recorded
+    assert (train / VALIDATED).is_file() and whole == (9, [4, 8, 8])
     shard = train / "shard-000002.tar"
     os.truncate(shard, 512)
-    check_data_path(str(tmp_path), rank=0, world_size=4)  # a restart: the record, not the shards
+    assert check_data_path(str(tmp_path), rank=0, world_size=4) == whole  # a restart: the record, not the shards
+    # ... and `--validate-only`'s restart imports neither torch nor numpy (seconds of a loaded node's CPU).
+    code = "import sys; from diffmoe_dist.train.cli import main; rc = main(sys.argv[1:]); "
+    code += "print(rc, sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'numpy')))"
+    argv = [
+        "--validate-only",
+        "--world-size=2",
+        "--config",
+        "configs/local/diffmoe-tiny.yaml",
+        f"data.path={tmp_path}",
+        "data.global_batch_size=8",
+        "model.in_channels=4",
+        "model.image_size=8",
+        f"train.run_dir={tmp_path}/run",
+    ]
+    out = subprocess.run(
+        [sys.executable, "-c", code, *argv], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert out.stdout.strip().splitlines()[-1] == "0 []", out.stdout + out.stderr
     manifest = json.loads((train / "manifest.json").read_text())
     (train / "manifest.json").write_text(json.dumps(manifest))  # another manifest (here: its layout)
     with pytest.raises(ConfigError, match=r"shard-000002\.tar is truncated"):

@@ -19,7 +19,7 @@ from distributed import run_distributed, start_training_ranks, wait_all
 from diffmoe_dist import checkpoint as ckpt
 from diffmoe_dist.config import load_config
 from diffmoe_dist.data.digits import load_digits_split, write_digits_shards
-from diffmoe_dist.data.loader import GlobalBatchLoader
+from diffmoe_dist.data.loader import GlobalBatchLoader, to_device
 from diffmoe_dist.data.shards import load_indexed, write_shards
 from diffmoe_dist.data.stream import ShardError, StreamBatchLoader, check_shards
 
@@ -213,11 +213,19 @@ def test_bf16_text_is_stored_as_bits_and_read_without_a_float_copy(tmp_path):
     write_shards(tmp_path, samples, samples_per_shard=2, index=True, dtypes={"text.npy": "bfloat16"})
     data = load_indexed(tmp_path)
     assert data["text"].dtype == torch.bfloat16 and torch.equal(data["text"], text.bfloat16())
-    loader = StreamBatchLoader(tmp_path, {"text": "text.npy"}, 5, 0, 1, 0)
+    loader = StreamBatchLoader(tmp_path, {"text": "text.npy"}, 5, 0, 1, 0, num_workers=1)
     assert loader.first_sample()["text"].dtype == torch.bfloat16
     batch = loader.next_batch()
     order = loader.global_indices(0, 5).long()
-    assert torch.equal(batch["text"], text.bfloat16()[order])
+    assert torch.equal(batch["text"], text.bfloat16()[order])  # bf16 through the workers' shared memory
+    loader.close()
+    # The model's input: cast to fp32 on the device (to_device, as the trainer does), bitwise what the
+    # workers' fp32 cast (float_fields, before) handed over.
+    before = StreamBatchLoader(tmp_path, {"text": "text.npy"}, 5, 0, 1, 0, num_workers=1, float_fields=("text",))
+    old = before.next_batch()["text"]
+    before.close()
+    new = to_device(batch, torch.device("cpu"))["text"]
+    assert old.dtype == new.dtype == torch.float32 and torch.equal(old.view(torch.int32), new.view(torch.int32))
 
 
 def test_a_missing_or_corrupt_shard_is_one_line_naming_it(digits, tmp_path):
@@ -274,23 +282,54 @@ def test_a_shard_that_goes_bad_mid_run_stops_every_rank_after_a_save_with_one_li
     data, run = tmp_path / "data", tmp_path / "run"
     shutil.copytree(digits, data)
     over = [*TINY, f"data.path={data}", f"train.run_dir={run}", "data.loader=stream", "data.num_workers=1",
-            "train.steps=100000", "checkpoint.every=0", "logging.wandb=disabled"]  # fmt: skip
+            "train.steps=100000", "checkpoint.every=0", "logging.wandb=disabled",
+            "data.shuffle_window=2"]  # fmt: skip  # windows of 2 shards: each rank reads one of them a step
     procs = start_training_ranks(2, over, str(tmp_path / "log"))
     metrics = run / "metrics.jsonl"
     deadline = time.monotonic() + 240
     while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 2):
         assert time.monotonic() < deadline and all(p.poll() is None for p in procs)
         time.sleep(0.05)
-    for shard in (data / "train").glob("*.tar"):  # the file server loses them: every read comes back short
+    originals = {shard: shard.read_bytes() for shard in (data / "train").glob("*.tar")}
+    for shard in originals:  # the file server loses them: every read comes back short
         os.truncate(shard, 0)
     codes = wait_all(procs, 240)  # never a hang: every rank learns it in the stop check
-    logs = {r: (tmp_path / "log" / f"rank{r}.log").read_text() for r in range(2)}
-    assert codes == [1, 1], logs
-    errors = [line for line in logs[0].splitlines() if line.startswith("diffmoe-train: error:")]
-    assert len(errors) == 1 and "shard " in errors[0] and ".tar" in errors[0], logs[0]
-    stopped = int(errors[0].split("stopped at step ")[1].split(",")[0])
+    stopped = _one_shard_error(tmp_path / "log", codes)
     latest = ckpt.find_resumable(str(run / "checkpoints"))
     assert ckpt.read_meta(latest)["step"] == stopped >= 2 and ckpt.verify(latest)
+
+    # A shard that only rank 1 reads in the resumed run's first step, damaged past what the start-up
+    # check reads (same size, first header intact): rank 1 cannot read its first batches while rank 0
+    # can. Both agree before the first step, with the workers and without, and stop as above.
+    for shard, original in originals.items():
+        shard.write_bytes(original)
+    position = ckpt.read_meta(latest)["loader"]["samples_seen"]
+    cfg = load_config("configs/local/diffmoe-tiny.yaml", over)
+    loaders = [_stream(data / "train", 16, r, 2, cfg.train.seed, shuffle_window=2) for r in (0, 1)]
+    first = [set(_shards_of(loader, position)) for loader in loaders]
+    bad = data / "train" / sorted(first[1] - first[0])[0]
+    bad.write_bytes(originals[bad][:512] + b"\xff" * (len(originals[bad]) - 512))
+    for workers in (1, 0):
+        log = tmp_path / f"log-first-{workers}"
+        procs = start_training_ranks(2, [*over, f"data.num_workers={workers}"], str(log))
+        codes = wait_all(procs, 240)
+        assert _one_shard_error(log, codes, bad.name) == stopped
+        assert ckpt.find_resumable(str(run / "checkpoints")) == latest  # nothing trained, nothing new saved
+
+
+def _shards_of(loader, position: int) -> list[str]:
+    """The shards this rank reads for the global batch at stream position ``position``."""
+    indices = loader.rank_indices(position).numpy()
+    return [loader.dataset.names[n] for n in np.searchsorted(loader.dataset.ends, indices, side="right")]
+
+
+def _one_shard_error(log_dir: Path, codes: list[int], shard: str = ".tar") -> int:
+    """Both ranks exit 1 and rank 0 says one line naming the shard; returns the step it stopped at."""
+    logs = {r: (log_dir / f"rank{r}.log").read_text() for r in range(2)}
+    assert codes == [1, 1], logs
+    errors = [line for line in logs[0].splitlines() if line.startswith("diffmoe-train: error:")]
+    assert len(errors) == 1 and "shard " in errors[0] and shard in errors[0], logs[0]
+    return int(errors[0].split("stopped at step ")[1].split(",")[0])
 
 
 # ---- the 256-GPU twin, end to end ----------------------------------------------------------------

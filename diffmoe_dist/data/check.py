@@ -22,7 +22,7 @@ import os
 from diffmoe_dist.config import RESUME_WORDS, Config, ConfigError
 from diffmoe_dist.config.options import fail
 from diffmoe_dist.data.manifest import check_shards as check_each_shard
-from diffmoe_dist.data.manifest import is_validated, manifest_digest, record_validated
+from diffmoe_dist.data.manifest import manifest_digest, record_validated, validated
 from diffmoe_dist.data.tar_index import ShardError
 
 
@@ -83,23 +83,28 @@ def check_data_path(path: str, rank: int = 0, world_size: int = 1, task: str = "
     if not os.path.isfile(manifest_path):
         what = "has no train/" if not os.path.isdir(train) else "has no train/manifest.json"
         fail("data.path", path, f"{what}: {hint}")
-    try:
-        with open(manifest_path) as f:
-            manifest = json.load(f)
-        shards = [s["name"] for s in manifest["shards"]]
-        num_samples = int(manifest["num_samples"])
-    except (ValueError, KeyError, TypeError) as exc:
-        fail("data.path", path, f"{manifest_path} is not a shard manifest ({exc!r}): {hint}")
-    if not shards or num_samples < 1:
-        fail("data.path", path, f"{manifest_path} lists no samples: {hint}")
+    train_digest = manifest_digest(train)
+    record = validated(train, train_digest)
+    if record is not None and "num_samples" in record:  # checked whole before: its summary, no 8 MB parse
+        num_samples, latent_shape = int(record["num_samples"]), record.get("latent_shape")
+    else:
+        try:
+            with open(manifest_path) as f:
+                manifest = json.load(f)
+            shards = [s["name"] for s in manifest["shards"]]
+            num_samples, latent_shape = int(manifest["num_samples"]), manifest.get("latent_shape")
+        except (ValueError, KeyError, TypeError) as exc:
+            fail("data.path", path, f"{manifest_path} is not a shard manifest ({exc!r}): {hint}")
+        if not shards or num_samples < 1:
+            fail("data.path", path, f"{manifest_path} lists no samples: {hint}")
     # Shard by shard: the one check the stream loader also relies on (data/stream.py), one stat and
     # one header read per shard, each rank a 1/W share; skipped for a manifest already checked whole.
     for split in ("train", "heldout"):
         shard_dir = os.path.join(path, split)
         if not os.path.isfile(os.path.join(shard_dir, "manifest.json")):
             continue
-        digest = manifest_digest(shard_dir)
-        if is_validated(shard_dir, digest):
+        digest = train_digest if split == "train" else manifest_digest(shard_dir)
+        if validated(shard_dir, digest):
             continue
         try:
             check_each_shard(shard_dir, rank, world_size)
@@ -107,4 +112,4 @@ def check_data_path(path: str, rank: int = 0, world_size: int = 1, task: str = "
             raise ConfigError(f"data.path={path!r} is invalid: {exc}") from None
         if world_size == 1:  # every shard was checked here: record it for the next start
             record_validated(shard_dir, digest)
-    return num_samples, manifest.get("latent_shape")
+    return num_samples, latent_shape

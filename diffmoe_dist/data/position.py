@@ -181,6 +181,9 @@ class GlobalPosition:
             pos, count = pos + take, count - take
         return np.concatenate(samples)
 
+    def prefetch(self) -> None:
+        """Reads the next step's batches ahead (data/stream.py); in memory there is nothing to read."""
+
     def rank_indices(self, batch_start: int) -> torch.Tensor:
         """This rank's sample indices of the global batch at stream position ``batch_start``."""
         return self.global_indices(batch_start + self.rank * self.local_batch_size, self.local_batch_size)

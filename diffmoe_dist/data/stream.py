@@ -45,9 +45,35 @@ from diffmoe_dist.data.tar_index import REMAKE, ShardError, index_path, tar_inde
 __all__ = ["ShardError", "ShardSamples", "StreamBatchLoader", "check_shards"]
 
 
-def _decode_field(field: str, data: bytes, bf16: bool):
+_NPY_HEADERS: dict[bytes, tuple[np.dtype, tuple[int, ...], bool, int]] = {}
+
+
+def _npy(data: bytearray) -> torch.Tensor:
+    """A .npy member as a tensor over ``data`` itself: np.load copied the bytes once more and parsed
+    the header (ast.literal_eval) for every sample, 2/3 of a ~1 MB sample's CPU time. Each distinct
+    header (one per field of a shard set) is parsed once, by numpy's own reader, and cached."""
+    if data[:6] != b"\x93NUMPY":
+        raise ValueError("not a .npy array (bad magic string)")
+    width = 2 if data[6] == 1 else 4  # format 1.0: 2-byte header length, 2.0 / 3.0: 4 bytes
+    start = 8 + width + int.from_bytes(data[8 : 8 + width], "little")
+    key = bytes(data[:start])
+    if key not in _NPY_HEADERS:
+        f = io.BytesIO(key)
+        read = np.lib.format.read_array_header_1_0 if np.lib.format.read_magic(f) == (1, 0) else None
+        shape, fortran, dtype = (read or np.lib.format.read_array_header_2_0)(f)
+        if dtype.hasobject:
+            raise ValueError("object arrays are refused (allow_pickle=False)")
+        _NPY_HEADERS[key] = (dtype, shape, fortran, int(np.prod(shape, dtype=np.int64)))
+    dtype, shape, fortran, count = _NPY_HEADERS[key]
+    if len(data) - start != count * dtype.itemsize:
+        raise ValueError(f"{len(data) - start} data bytes for shape {shape} of {dtype}")
+    array = np.frombuffer(data, dtype, count, offset=start)
+    return torch.from_numpy(array.reshape(shape[::-1]).T if fortran else array.reshape(shape))
+
+
+def _decode_field(field: str, data: bytearray, bf16: bool):
     if field.endswith(".npy"):
-        array = torch.from_numpy(np.load(io.BytesIO(data), allow_pickle=False))
+        array = _npy(data)
         return array.view(torch.bfloat16) if bf16 else array
     if field == "cls":
         return torch.tensor(int(data), dtype=torch.long)
@@ -114,13 +140,14 @@ class ShardSamples(torch.utils.data.Dataset):
         out = {}
         for name, field in self.fields.items():
             offset, size = (int(v) for v in index[inner, self.column[field]])
+            data = bytearray(size)  # writable: the tensor decoded from it shares its memory
             try:
-                data = os.pread(fd, size, offset)
+                got = os.preadv(fd, [data], offset)
             except OSError as exc:  # EIO from a failing disk or file server
                 raise ShardError(
                     f"shard {self.dir / self.names[n]} cannot be read ({exc.strerror}); {REMAKE}"
                 ) from None
-            if len(data) != size:
+            if got != size:
                 raise ShardError(f"shard {self.dir / self.names[n]} is truncated at sample {inner}; {REMAKE}")
             try:
                 out[name] = _decode_field(field, data, field in self.bf16)
@@ -208,8 +235,10 @@ class _RankBatches:
 
 class StreamBatchLoader(GlobalPosition):
     """`GlobalBatchLoader`'s interface (next_batch, epoch, state_dict, load_state_dict) over shards
-    read by DataLoader worker processes. `float_fields` are cast to float32 sample by sample in the
-    workers (bf16 / fp16 text stays in its stored dtype until then); `bool_fields` to bool."""
+    read by DataLoader worker processes. Fields keep the shards' dtype (bf16 caption features: half
+    the bytes through shared memory and pinning; the trainer casts on the device, data/loader.py
+    `to_device`); `float_fields` are cast to float32 in the workers instead (benchmarks/loader.py
+    compares), `bool_fields` to bool."""
 
     def __init__(
         self,
@@ -260,24 +289,32 @@ class StreamBatchLoader(GlobalPosition):
         )
         self._batches = iter(loader)
 
-    def next_batch(self) -> dict:
-        """The next micro-batch. The last one of a step also takes the next step's batches from the
-        workers: a shard that cannot be read is then `self.error` (one line naming it), which the
-        trainer's stop check shares with every rank before that step starts (all stop and save),
-        instead of an exception on one rank while the others wait in a collective. The very first
-        step's batches raise ShardError directly."""
+    def prefetch(self) -> None:
+        """Takes the next step's batches (eagerly, or from the workers) unless they are here: a shard
+        that cannot be read becomes `self.error` (one line naming it) instead of an exception. The
+        trainer calls it before the first step and shares the error with every rank (the stop
+        agreement), as it does after every step, so all stop and save instead of one rank raising
+        while the others wait in a collective."""
         if self._batches is None:
             self._start()
-        if not self._ahead:
+        if self._ahead or self.error is not None:
+            return
+        try:
             self._ahead.extend(next(self._batches) for _ in range(self.batches_per_step))
+        except Exception as exc:  # noqa: BLE001 - a worker's error comes back re-raised, its traceback in the text
+            self._ahead.clear()
+            self.error = _one_line(exc)
+
+    def next_batch(self) -> dict:
+        """The next micro-batch. The last one of a step also prefetches the next step's batches. A
+        caller that did not agree on `self.error` first gets it raised as ShardError."""
+        self.prefetch()
+        if not self._ahead:
+            raise ShardError(self.error)
         batch = self._ahead.popleft()
         self.samples_seen += self.global_batch_size
-        if not self._ahead and self.error is None:
-            try:
-                self._ahead.extend(next(self._batches) for _ in range(self.batches_per_step))
-            except Exception as exc:  # noqa: BLE001 - a worker's error comes back re-raised, its traceback in the text
-                self._ahead.clear()
-                self.error = _one_line(exc)
+        if not self._ahead:
+            self.prefetch()
         return batch
 
     def first_sample(self) -> dict:

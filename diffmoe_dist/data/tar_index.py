@@ -9,8 +9,10 @@ from __future__ import annotations
 import os
 import tarfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import numpy as np
+if TYPE_CHECKING:  # imported where used: `--validate-only`'s restart path runs without numpy
+    import numpy as np
 
 REMAKE = "re-make the shard set with tools/make_shards.py"
 
@@ -33,6 +35,8 @@ def _member_key_field(name: str) -> tuple[str, str]:
 def tar_index(fileobj, fields: list[str], name: str) -> np.ndarray:
     """(samples, fields, 2) int64: byte offset and size of each sample's fields (in `fields` order),
     samples in tar order. tarfile reads the headers only and seeks over the data."""
+    import numpy as np
+
     column = {f: j for j, f in enumerate(fields)}
     rows: list[np.ndarray] = []
     key = None

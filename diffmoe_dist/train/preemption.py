@@ -148,6 +148,12 @@ class StopRequest:
         self._agreed = [reason]
         return flags
 
+    def agree_on_data(self) -> str | None:
+        """Collective, before the first step (its batches read ahead, ``data_error``): "unreadable
+        data" on every rank if any rank cannot read its first batches, else None. Signals and the
+        time limit wait for the first step's agreement, as before."""
+        return self._reduce(0, torch.zeros(0, dtype=torch.int32))[0]
+
     def _reduce(self, code: int, flags: torch.Tensor) -> tuple[str | None, torch.Tensor]:
         data_error = self._ask_error()
         code = 4 if data_error is not None else code

@@ -13,6 +13,7 @@ import torch.distributed as dist
 from diffmoe_dist import checkpoint as ckpt
 from diffmoe_dist.checkpoint.identity import data_manifest_hash
 from diffmoe_dist.config import Config
+from diffmoe_dist.data.loader import to_device
 from diffmoe_dist.data.position import GlobalPosition
 from diffmoe_dist.diffusion.ema import EMA
 from diffmoe_dist.diffusion.objective import training_loss, training_targets
@@ -179,7 +180,7 @@ class Trainer:
         is open; backward (and an activation-checkpointing recompute in it) runs outside."""
         autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.train.precision == "bf16")
         x = batch.pop("x").to(self.device, non_blocking=True)
-        cond = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}  # y for class-conditional runs
+        cond = to_device(batch, self.device)  # y, or text (cast to fp32 there) and text_mask
         x_t, t, v_target = training_targets(self.cfg.diffusion, x, self.noise_gen)  # diffusion.objective
         with self.moe.collect(self.model), autocast:
             v_pred = self.engine.forward(x_t, t, **cond)
@@ -327,7 +328,6 @@ class Trainer:
             save_due=lambda: self.rank0 and self.saver.minutes_due(cfg.checkpoint.every_minutes),
             data_error=lambda: self.loader.error,  # the next step's batch is unreadable (data/stream.py)
         )
-        stopped = None
         self.guard.stop = stop  # the guard's flags ride on the stop flag's all-reduce
         telemetry = RoutingTelemetry(
             self.model, cfg.logging.routing_every, self.run_dir, self.dims, self.step + 1, collector=self.moe
@@ -336,7 +336,9 @@ class Trainer:
         t_start = time.time()
         last = {}
         window_t, window_steps = time.time(), 0
-        while self.step < cfg.train.steps:
+        self.loader.prefetch()  # the first step's batches: a bad shard is agreed on like one mid-run
+        stopped = stop.agree_on_data()
+        while self.step < cfg.train.steps and not stopped:
             last = self.train_step(throughput.clock)  # host clock reads only: data share, per-rank step time
             self._owner.heartbeat()
             if self.guard.skipped:  # same step again with the next batch (nothing to log or save)
