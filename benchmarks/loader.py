@@ -1,27 +1,31 @@
 """The streaming loader (data.loader=stream) as the data grows: shard opens per sample, peak memory
 and samples/s per rank, today's order (data.shuffle_window=0) beside the windowed one.
 
-Shard opens per sample at the 256-GPU layout (100K shards of 1,000 samples, a micro-batch of 2,048
-over 256 ranks: 8 samples per rank, `--plan-workers` DataLoader workers, each with its own LRU of
-open shards as data/stream.py sizes it) are counted from the order itself (`count_opens`: the
+Shard opens per sample at the 256-GPU layout (100K shards of 1,000 samples, the config's micro-batch
+of 8,192 over 256 ranks: 32 samples per rank, `--plan-workers` DataLoader workers, each with its own
+LRU of open shards as data/stream.py sizes it) are counted from the order itself (`count_opens`: the
 batches rank 0 reads, handed to the workers round-robin as DataLoader does); no I/O is needed to
 count them, and a 100 TB data set is not needed either.
 
 Then real reads: writes synthetic shards of the 256-GPU config's sample shape (a 4 x 32 x 32 fp32
 latent, 120 x 4096 bf16 caption features and their mask: ~1 MB a sample) under a temporary
 directory, once at the largest scale; the smaller scales are manifests over a prefix of the same
-shards. For each scale and order a fresh process plays rank 0 of `--world-size` ranks (8 samples
-per rank per step, as the 256-GPU job's micro-batch) with `--workers` DataLoader workers and
+shards. For each scale, order and code a fresh process plays rank 0 of `--world-size` ranks (32
+samples per rank per step, as the 256-GPU job's micro-batch) with `--workers` DataLoader workers and
 measures, after a warm-up:
 
-- samples/s per rank (warm page cache: the shards were just written);
+- samples/s per rank (warm page cache: the shards were just written), and samples per CPU-second
+  of the rank (main process and workers: what the loader costs, whatever else loads the machine);
 - peak RSS of the rank's main process and of its largest worker (getrusage; forked workers count
   the torch pages they share with the parent), and the rank's peak PSS, main process plus workers,
   sampled every 20 ms (shared pages counted once): the figure the goal is judged on;
 
 and, beside it, what one 256-GPU training step consumes per rank: the planner's (tools/plan.py,
-h100_32x8 cluster) images/s divided by the 256 ranks. `--indexed` also loads the 1x and 10x sets
-with the in-memory indexed loader for contrast. The shards are deleted at the end.
+h100_32x8 cluster) images/s divided by the 256 ranks. Codes: ``now`` (caption features stay bf16
+to the device), ``now, fp32 in workers`` (cast in the workers, as before), and with ``--before-tree
+DIR`` ``before``: the package of another checkout (its decode and its cast) run by the same script.
+`--indexed` also loads the 1x and 10x sets with the in-memory indexed loader for contrast. The
+shards are deleted at the end.
 
     .venv/bin/python benchmarks/loader.py --out benchmarks/results/loader.json
 """
@@ -147,7 +151,25 @@ def count_opens(shards: int, per_shard: int, G: int, W: int, window: int, worker
     return opens / samples
 
 
-def child(path: str, loader_kind: str, workers: int, steps: int, warmup: int, window: int = 0, W: int = 256) -> dict:
+def _cpu_seconds() -> float:
+    """CPU seconds (user + system) of this process and its live children (the DataLoader workers)."""
+    pid, tick = os.getpid(), os.sysconf("SC_CLK_TCK")
+    try:
+        pids = [pid, *(int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split())]
+    except OSError:
+        pids = [pid]
+    total = 0
+    for p in pids:
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15 of stat)
+    return total / tick
+
+
+def child(path: str, loader_kind: str, workers: int, steps: int, warmup: int, window: int = 0, W: int = 256,
+          per_rank: int = 32, cast: int = 0) -> dict:  # fmt: skip
     import torch
 
     from diffmoe_dist.data.loader import GlobalBatchLoader
@@ -155,10 +177,12 @@ def child(path: str, loader_kind: str, workers: int, steps: int, warmup: int, wi
 
     torch.set_num_threads(1)
     pss = PeakPss()
-    G = 8 * W  # as the 256-GPU config's micro-batch (2,048 over 256 ranks): rank 0 reads 8 samples a step
+    G = per_rank * W  # the 256-GPU config's micro-batch over W ranks: rank 0 reads per_rank samples a step
     if loader_kind == "stream":
+        # cast=1: caption features cast to fp32 in the workers (before); 0: bf16 to the device (now)
+        cast_fields = ("text",) if cast else ()
         loader = StreamBatchLoader(
-            path, FIELDS, G, 0, W, 0, num_workers=workers, float_fields=("text",), shuffle_window=window
+            path, FIELDS, G, 0, W, 0, num_workers=workers, float_fields=cast_fields, shuffle_window=window
         )
     else:
         from diffmoe_dist.data.shards import load_indexed
@@ -169,11 +193,11 @@ def child(path: str, loader_kind: str, workers: int, steps: int, warmup: int, wi
         loader = GlobalBatchLoader(tensors, G, 0, W, 0)
     for _ in range(warmup):
         loader.next_batch()
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), _cpu_seconds()
     n = 0
     for _ in range(steps):
         n += len(loader.next_batch()["x"])
-    seconds = time.perf_counter() - t0
+    seconds, cpu = time.perf_counter() - t0, _cpu_seconds() - cpu0
     peak_pss = pss.stop()
     if loader_kind == "stream":
         loader.close()
@@ -181,10 +205,20 @@ def child(path: str, loader_kind: str, workers: int, steps: int, warmup: int, wi
     worker_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     return {
         "samples_per_s": n / seconds,
+        "samples_per_cpu_s": n / max(cpu, 1e-9),  # the rank's main process and its workers together
         "rss_main_mb": main_mb,
         "rss_worker_mb": worker_mb if workers and loader_kind == "stream" else 0.0,
         "pss_rank_mb": peak_pss,
     }
+
+
+def micro_batch_per_rank() -> int:
+    """Samples rank r reads a micro-batch in the 256-GPU config (data.global_batch_size over the
+    accumulation steps and 256 ranks: 32 today)."""
+    from diffmoe_dist.config import load_config
+
+    cfg = load_config(str(REPO / BIG))
+    return cfg.data.global_batch_size // cfg.optim.grad_accum_steps // 256
 
 
 def consumption_per_rank() -> float:
@@ -209,17 +243,23 @@ def main(argv=None) -> int:
     p.add_argument("--plan-workers", default="1,4,8", help="DataLoader workers counted at the 256-GPU layout")
     p.add_argument("--plan-steps", type=int, default=4000, help="micro-batches counted at the 256-GPU layout")
     p.add_argument("--workers", type=int, default=4)
-    p.add_argument("--steps", type=int, default=40, help="timed steps of 8 samples")
+    p.add_argument("--steps", type=int, default=40, help="timed micro-batches (32 samples each)")
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--indexed", action="store_true", help="also the in-memory loader at the two smallest scales")
     p.add_argument("--tmp", default=None, help="where the shards go (default: the system temp dir)")
     p.add_argument("--out", default=None, help="write the results JSON here")
-    p.add_argument("--child", nargs=7, help=argparse.SUPPRESS)
+    p.add_argument(
+        "--before-tree",
+        default=None,
+        help="a checkout of the code before (git worktree add DIR fd02681): its rows run beside today's",
+    )
+    p.add_argument("--child", nargs=9, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
-        path, kind, workers, steps, warmup, window, W = args.child
-        print(json.dumps(child(path, kind, int(workers), int(steps), int(warmup), int(window), int(W))))
+        path, kind, *numbers = args.child
+        print(json.dumps(child(path, kind, *(int(v) for v in numbers))))
         return 0
+    per_rank = micro_batch_per_rank()
 
     plan = []
     for window in (0, args.plan_window):
@@ -228,7 +268,7 @@ def main(argv=None) -> int:
             # permutation alone takes minutes on a loaded 2-core machine
             steps, shards = (args.plan_steps, 100_000) if window else (400, 10_000)
             t0 = time.perf_counter()
-            per_sample = count_opens(shards, 1000, 2048, 256, window, workers, steps)
+            per_sample = count_opens(shards, 1000, per_rank * 256, 256, window, workers, steps)
             plan.append({"window": window, "workers": workers, "shards": shards, "steps": steps,
                          "opens_per_sample": per_sample})  # fmt: skip
             print(json.dumps({**plan[-1], "seconds": round(time.perf_counter() - t0, 1)}), file=sys.stderr)
@@ -244,24 +284,28 @@ def main(argv=None) -> int:
         make_shards(full, shards_at[max(scales)] * per_shard, per_shard)
         size_gb = sum(f.stat().st_size for f in full.iterdir()) / 1e9
         print(f"wrote {size_gb:.2f} GB of shards in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+        # (name, package tree, caption features cast to fp32 in the workers)
+        codes = [("now", REPO, 0), ("now, fp32 in workers", REPO, 1)]
+        codes += [("before", Path(args.before_tree).resolve(), 1)] if args.before_tree else []
         for scale in scales:
             path = full if scale == max(scales) else tmp / f"x{scale}"
             if scale != max(scales):
                 subset(full, path, shards_at[scale])
-            kinds = [("stream", 0), ("stream", args.window)]
-            kinds += [("indexed", 0)] if args.indexed and scale in sorted(scales)[:2] else []
-            for kind, window in kinds:
+            kinds = [("stream", 0, code) for code in codes] + [("stream", args.window, code) for code in codes]
+            kinds += [("indexed", 0, codes[0])] if args.indexed and scale in sorted(scales)[:2] else []
+            for kind, window, (code, tree, cast) in kinds:
+                env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(tree)}
                 cmd = [sys.executable, __file__, "--child", str(path), kind, str(args.workers)]
-                cmd += [str(args.steps), str(args.warmup), str(window), str(args.world_size)]
+                cmd += [str(args.steps), str(args.warmup), str(window), str(args.world_size), str(per_rank), str(cast)]
                 out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
                 result = json.loads(out.stdout.strip().splitlines()[-1])
-                opens = count_opens(shards_at[scale], per_shard, 8 * args.world_size, args.world_size, window,
-                                    args.workers, args.warmup + args.steps)  # fmt: skip
+                opens = count_opens(shards_at[scale], per_shard, per_rank * args.world_size, args.world_size,
+                                    window, args.workers, args.warmup + args.steps)  # fmt: skip
                 rows.append(
                     {
                         "scale": scale,
                         "loader": kind if kind == "indexed" else f"{kind} window={window}",
+                        "code": code,
                         "samples": shards_at[scale] * per_shard,
                         "shards": shards_at[scale],
                         "opens_per_sample": opens,
@@ -274,33 +318,42 @@ def main(argv=None) -> int:
     need = consumption_per_rank()
     base = {}
     for r in rows:
-        base.setdefault(r["loader"], r["pss_rank_mb"])
+        base.setdefault((r["loader"], r["code"]), r["pss_rank_mb"])
     print(
         f"256-GPU step consumes {need:.1f} images/s per rank (tools/plan.py, h100_32x8); goal: loader >= {3 * need:.1f}"
     )
-    print("Shard opens per sample, rank 0 of the 256-GPU layout (100K shards x 1,000 samples, 8 samples a step):")
+    print(f"Shard opens per sample, rank 0 of the 256-GPU layout (100K shards x 1,000 samples, {per_rank} a step):")
     print("| data.shuffle_window | workers | shards | micro-batches | opens per sample |")
     print("|---|---|---|---|---|")
     for r in plan:
         print(f"| {r['window']} | {r['workers']} | {r['shards']:,} | {r['steps']} | {r['opens_per_sample']:.4f} |")
-    print(f"Real reads: rank 0 of {args.world_size}, {args.workers} workers, {per_shard} samples a shard:")
+    print(f"Real reads: rank 0 of {args.world_size}, {args.workers} workers, {per_rank} samples a step, "
+          f"{per_shard} samples a shard; load average {os.getloadavg()[0]:.1f} at the end:")  # fmt: skip
     print(
-        "| scale | loader | samples | shards | opens per sample | samples/s per rank | x consumption "
-        "| peak RSS main MB | peak RSS worker MB | peak PSS rank MB | PSS vs 1x |"
+        "| scale | loader | code | samples | shards | opens per sample | samples/s per rank | samples per CPU-s "
+        "| x consumption | peak RSS main MB | peak RSS worker MB | peak PSS rank MB | PSS vs 1x |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(
-            f"| {r['scale']}x | {r['loader']} | {r['samples']} | {r['shards']} | {r['opens_per_sample']:.3f} | "
-            f"{r['samples_per_s']:.0f} | "
+            f"| {r['scale']}x | {r['loader']} | {r['code']} | {r['samples']} | {r['shards']} | "
+            f"{r['opens_per_sample']:.3f} | {r['samples_per_s']:.0f} | {r['samples_per_cpu_s']:.0f} | "
             f"{r['samples_per_s'] / need:.1f} | {r['rss_main_mb']:.0f} | {r['rss_worker_mb']:.0f} | "
-            f"{r['pss_rank_mb']:.0f} | {r['pss_rank_mb'] / base[r['loader']] - 1:+.1%} |"
+            f"{r['pss_rank_mb']:.0f} | {r['pss_rank_mb'] / base[(r['loader'], r['code'])] - 1:+.1%} |"
         )
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(
             json.dumps(
-                {"consumption_per_rank": need, "workers": args.workers, "plan_opens": plan, "rows": rows}, indent=2
+                {
+                    "consumption_per_rank": need,
+                    "workers": args.workers,
+                    "per_rank": per_rank,
+                    "load_average": os.getloadavg(),
+                    "plan_opens": plan,
+                    "rows": rows,
+                },
+                indent=2,  # fmt: skip
             )
         )
     return 0

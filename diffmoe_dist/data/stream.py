@@ -48,7 +48,7 @@ __all__ = ["ShardError", "ShardSamples", "StreamBatchLoader", "check_shards"]
 _NPY_HEADERS: dict[bytes, tuple[np.dtype, tuple[int, ...], bool, int]] = {}
 
 
-def _npy(data: bytearray) -> torch.Tensor:
+def _npy(data: memoryview) -> torch.Tensor:
     """A .npy member as a tensor over ``data`` itself: np.load copied the bytes once more and parsed
     the header (ast.literal_eval) for every sample, 2/3 of a ~1 MB sample's CPU time. Each distinct
     header (one per field of a shard set) is parsed once, by numpy's own reader, and cached."""
@@ -71,10 +71,11 @@ def _npy(data: bytearray) -> torch.Tensor:
     return torch.from_numpy(array.reshape(shape[::-1]).T if fortran else array.reshape(shape))
 
 
-def _decode_field(field: str, data: bytearray, bf16: bool):
+def _decode_field(field: str, data: memoryview, bf16: bool):
     if field.endswith(".npy"):
         array = _npy(data)
         return array.view(torch.bfloat16) if bf16 else array
+    data = bytes(data)
     if field == "cls":
         return torch.tensor(int(data), dtype=torch.long)
     if field.endswith(".txt"):
@@ -140,7 +141,7 @@ class ShardSamples(torch.utils.data.Dataset):
         out = {}
         for name, field in self.fields.items():
             offset, size = (int(v) for v in index[inner, self.column[field]])
-            data = bytearray(size)  # writable: the tensor decoded from it shares its memory
+            data = memoryview(np.empty(size, np.uint8))  # not zeroed; the decoded tensor shares it
             try:
                 got = os.preadv(fd, [data], offset)
             except OSError as exc:  # EIO from a failing disk or file server
