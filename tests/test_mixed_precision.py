@@ -36,5 +36,8 @@ def test_one_cast_per_block_gives_the_bits_of_autocasts_cast_per_weight_and_keep
     for (name, p), (_, q) in zip(model.named_parameters(), reference.named_parameters()):
         if ".unused." in name:
             assert p.grad is None and q.grad is None, name
+        elif q.grad is None:  # e.g. the capacity predictor: trained by its own loss, not by this output
+            assert p.grad is None, name
         else:
-            assert q.grad is not None and torch.equal(p.grad, q.grad), name
+            assert p.grad is not None and torch.equal(p.grad, q.grad), name
+    assert sum(q.grad is not None for q in reference.parameters()) > 10
