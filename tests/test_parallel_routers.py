@@ -1,4 +1,4 @@
-"""Routers beyond DiffMoE's keep the pool's contract (DESIGN.md section 2): Expert Race training
+"""Routers beyond DiffMoE's keep the pool's contract (docs/design.md section 2): Expert Race training
 selection (one radix select over all N x E keys of the dp pool) and EC-DiT's dynamic intra-sample
 inference, under DP x EP, equal one process on the rank-major concatenation of the local batches:
 selected set, outputs, balance loss, input and parameter gradients, thresholds."""

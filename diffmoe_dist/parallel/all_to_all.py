@@ -17,7 +17,7 @@ the sender's EP group:
 router's host-known bound of rows (routing/base.py ``padded_rows``), so the splits are fixed
 (``E/P x block`` rows per peer), nothing is counted, exchanged or read on the host, and the
 receiver regroups by a reshape. Its price is the padding on the wire and in the expert GEMMs
-(docs/notes/issue-23a.md gives the factor per router and pool).
+(docs/design.md section 8 gives the factor per router and pool).
 
 Backward of each all-to-all is the reverse all-to-all, so gradients of expert weights gather the
 contributions of every token of the EP group. gloo has only the ``_single`` form with uneven

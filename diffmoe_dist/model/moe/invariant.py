@@ -20,7 +20,7 @@ takes a quantile of. Two things break it on CPU (measured, torch 2.13.0+cpu, 1-3
 
 A compiled region would lose all of this (inductor fuses and vectorises its own way): the MoE layers
 stay eager under ``train.compile`` (parallel/compile.py). On GPUs cuBLAS picks its kernel from the
-batch count too; the fixed block shape there is not yet measured (docs/notes/issue-25.md).
+batch count too; the fixed block shape there is not yet measured (docs/design.md section 9).
 """
 
 from __future__ import annotations
