@@ -22,8 +22,8 @@
 # ranks it first but for the gradient dtype: docs/tuning.md): 32 images per GPU (global batch 8192), EP 8
 # inside each node, plain data parallelism (ZeRO-0: it fits in ~57 of 80 GB, and ZeRO-1/2 would add an
 # exposed all-gather of the fp32 weights), fp32 gradient reduction overlapped with backward in 25 MB
-# buckets (planned MFU 19.2%; bf16 would plan 27.5% but errs by 1.6-9.2% over 256 ranks). Fewer nodes at the same images per GPU: sbatch --nodes=N ... with
-# data.global_batch_size=$((N * 8 * 32)).
+# buckets (planned MFU 19.2%; bf16 would plan 27.5% but errs by 1.6-9.2% over 256 ranks). Fewer nodes at
+# the same images per GPU: sbatch --nodes=N ... with data.global_batch_size=$((N * 8 * 32)).
 #
 # Placement: srun runs with --distribution=block (SLURM_DISTRIBUTION, e.g. from sbatch
 # --distribution, wins), so each node holds 8 consecutive ranks, one EP group (EP = 8): the
