@@ -2,7 +2,7 @@
 point where the GPU drains) and collectives, for the 256-GPU model's structure at toy width.
 
 The structure of configs/t2i/diffmoe-e16-256gpu.yaml (text-to-image, depth 24, MoE on the 12 odd
-blocks, E16, pool dp, bf16 autocast, bf16 gradient reduction) at width 32, on one process that takes
+blocks, E16, pool dp, bf16 autocast, fp32 gradient reduction) at width 32, on one process that takes
 the forced-distributed path (``parallel.force_distributed``: every collective of a multi-rank run,
 over a gloo group of one). The real ``Trainer.train_step`` runs (no copy of it here), on synthetic
 batches (a count does not depend on the values). Counted, per phase (forward, backward, after):

@@ -221,7 +221,7 @@ CONFIG_256 = "configs/t2i/diffmoe-e16-256gpu.yaml"
 # What differs from configs/t2i/diffmoe-e16-256gpu.yaml: widths (the CI digits: 16 px, 1 channel,
 # MiniLM's 384-d captions of 16 tokens), CPU and gloo, one thread, no loader workers (threads cannot
 # fork per rank), no wandb, no MFU peak timed per rank (W matmul benchmarks in a row), 2 Euler steps
-# per sample. The layout (W, EP 8, pool dp, 16 experts, bf16, ZeRO-0, overlapped bf16 gradient
+# per sample. The layout (W, EP 8, pool dp, 16 experts, bf16, ZeRO-0, overlapped fp32 gradient
 # buckets), the grid (8 prompt columns x 4) and the checkpoint settings are the config's; callers
 # choose the batch and the steps.
 TWIN = [
