@@ -36,6 +36,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from conftest import TINY_MODEL
 from torch.overrides import TorchFunctionMode
 from torch.testing._internal.distributed import multi_threaded_pg as mtpg
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
@@ -225,7 +226,7 @@ CONFIG_256 = "configs/t2i/diffmoe-e16-256gpu.yaml"
 # buckets), the grid (8 prompt columns x 4) and the checkpoint settings are the config's; callers
 # choose the batch and the steps.
 TWIN = [
-    "model.depth=2", "model.hidden_size=48", "model.num_heads=4", "model.image_size=16", "model.in_channels=1",
+    *TINY_MODEL, "model.image_size=16", "model.in_channels=1",
     "model.text_dim=384", "model.text_len=16", "data.num_workers=0", "data.text_encoder=minilm",
     "parallel.backend=gloo", "parallel.device=cpu", "train.threads=1", "logging.wandb=disabled",
     "logging.mfu_peak=off", "sample.num_steps=2",

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import TINY_MODEL
 
 from diffmoe_dist.parallel.launch import free_port
 from gpu.conftest import DEVICE, NO_GPU, ON_GPU, SKIP_REASON
@@ -56,7 +57,7 @@ TRAIN = [
     "sample.per_class=1",
 ]
 if not ON_GPU:
-    TRAIN += ["model.depth=2", "model.hidden_size=48", "model.num_heads=4"]
+    TRAIN += TINY_MODEL
 
 
 def _env() -> dict:
