@@ -45,9 +45,9 @@ class _CastOnce(torch.autograd.Function):
     no gradient gets None (not zeros), as with autocast's own casts: AdamW skips such a parameter."""
 
     @staticmethod
-    def forward(ctx, dtype: torch.dtype, *params: torch.Tensor):
+    def forward(ctx, dtype: torch.dtype, accumulate, *params: torch.Tensor):
         ctx.set_materialize_grads(False)
-        ctx.shapes, ctx.dtype = [p.shape for p in params], params[0].dtype
+        ctx.shapes, ctx.dtype, ctx.accumulate = [p.shape for p in params], params[0].dtype, accumulate
         flat = torch.cat([p.reshape(-1) for p in params]).to(dtype)
         return tuple(v.view(p.shape) for v, p in zip(flat.split([p.numel() for p in params]), params))
 
@@ -56,15 +56,21 @@ class _CastOnce(torch.autograd.Function):
         present = [i for i, g in enumerate(grads) if g is not None]
         out: list[torch.Tensor | None] = [None] * len(grads)
         if present:
-            flat = torch.cat([grads[i].reshape(-1) for i in present]).to(ctx.dtype)
+            flat = torch.cat([grads[i].reshape(-1) for i in present])
+            if len(present) == len(grads) and ctx.accumulate is not None and ctx.accumulate(flat):
+                return (None, None, *out)  # added into the parameters' .grad: nothing left to accumulate
+            flat = flat.to(ctx.dtype)
             for i, g in zip(present, flat.split([grads[i].numel() for i in present])):
                 out[i] = g.view(ctx.shapes[i])
-        return (None, *out)
+        return (None, None, *out)
 
 
-def cast_once(params: list[torch.Tensor], dtype: torch.dtype) -> list[torch.Tensor]:
-    """``[p.to(dtype) for p in params]`` in two kernels, differentiable (`_CastOnce`)."""
-    return list(_CastOnce.apply(dtype, *params))
+def cast_once(params: list[torch.Tensor], dtype: torch.dtype, accumulate=None) -> list[torch.Tensor]:
+    """``[p.to(dtype) for p in params]`` in two kernels, differentiable (`_CastOnce`). ``accumulate``
+    (optional): called in backward with the gradients of all ``params`` concatenated (in ``dtype``,
+    when every one got a gradient); it adds them into the parameters' ``.grad`` itself and returns True
+    (then autograd accumulates nothing more), or returns False (autograd accumulates them one by one)."""
+    return list(_CastOnce.apply(dtype, accumulate, *params))
 
 
 def cast_blocks_once(model: nn.Module) -> int:
@@ -73,6 +79,7 @@ def cast_blocks_once(model: nn.Module) -> int:
     blocks = getattr(model, "blocks", [])
     for block in blocks:
         inner, names = block.forward, linear_param_names(block)
+        block._cast_names, block._cast_accumulate = names, None  # see cast_groups / accumulate_cast_gradients
 
         def forward(*args, _inner=inner, _block=block, _names=names, **kwargs):
             device_type = args[0].device.type if args and isinstance(args[0], torch.Tensor) else "cpu"
@@ -80,8 +87,31 @@ def cast_blocks_once(model: nn.Module) -> int:
             if not (_names and torch.is_autocast_enabled(device_type) and dtype in LOW_PRECISION):
                 return _inner(*args, **kwargs)
             params = [_block.get_parameter(n) for n in _names]  # looked up each call: a shard may replace them
-            with _reparametrize_module(_block, dict(zip(_names, cast_once(params, dtype)))):
+            with _reparametrize_module(_block, dict(zip(_names, cast_once(params, dtype, _block._cast_accumulate)))):
                 return _inner(*args, **kwargs)
 
         block.forward = forward
     return len(blocks)
+
+
+def _cast_blocks(model: nn.Module) -> list[nn.Module]:
+    return [m for m in model.modules() if hasattr(m, "_cast_names")]  # through checkpoint / compile wrappers
+
+
+def cast_groups(model: nn.Module) -> list[list[nn.Parameter]]:
+    """The parameters each patched block casts in one go, in cast order (the order of their
+    gradients in the block's one backward tensor); empty if `cast_blocks_once` patched nothing."""
+    return [[block.get_parameter(n) for n in block._cast_names] for block in _cast_blocks(model)]
+
+
+def accumulate_cast_gradients(model: nn.Module, accumulator) -> int:
+    """Lets each patched block's cast add its gradients into ``.grad`` itself, in one op per
+    contiguous region instead of one per parameter: ``accumulator(params)`` returns the `cast_once`
+    ``accumulate`` callable for those parameters, or None (then autograd accumulates them).
+    The `GradReducer` gives one when the parameters' ``.grad`` are contiguous views of its buckets
+    (`GradReducer.accumulator`). Returns the number of blocks that got one."""
+    n = 0
+    for block, params in zip(_cast_blocks(model), cast_groups(model)):
+        block._cast_accumulate = accumulator(params) if params else None
+        n += block._cast_accumulate is not None
+    return n
