@@ -40,37 +40,48 @@ def linear_param_names(block: nn.Module) -> list[str]:
 
 
 class _CastOnce(torch.autograd.Function):
-    """``[p.to(dtype) for p in params]`` in two kernels (cat, cast); backward concatenates the
-    gradients that arrived and casts them back in two kernels as well. A parameter whose copy got
-    no gradient gets None (not zeros), as with autocast's own casts: AdamW skips such a parameter."""
+    """``[p.to(dtype) for p in params[:n_cast]]`` in two kernels (cat, cast), the other ``params``
+    passed through as they are; backward concatenates the cast ones' gradients that arrived and casts
+    them back in two kernels as well. A parameter whose copy got no gradient gets None (not zeros), as
+    with autocast's own casts: AdamW skips such a parameter."""
 
     @staticmethod
-    def forward(ctx, dtype: torch.dtype, accumulate, *params: torch.Tensor):
+    def forward(ctx, dtype: torch.dtype, accumulate, n_cast: int, *params: torch.Tensor):
         ctx.set_materialize_grads(False)
         ctx.shapes, ctx.dtype, ctx.accumulate = [p.shape for p in params], params[0].dtype, accumulate
-        flat = torch.cat([p.reshape(-1) for p in params]).to(dtype)
-        return tuple(v.view(p.shape) for v, p in zip(flat.split([p.numel() for p in params]), params))
+        ctx.n_cast = n_cast
+        cast, keep = params[:n_cast], params[n_cast:]
+        flat = torch.cat([p.reshape(-1) for p in cast]).to(dtype)
+        views = [v.view(p.shape) for v, p in zip(flat.split([p.numel() for p in cast]), cast)]
+        return tuple(views + [p.view_as(p) for p in keep])
 
     @staticmethod
     def backward(ctx, *grads: torch.Tensor | None):
         present = [i for i, g in enumerate(grads) if g is not None]
         out: list[torch.Tensor | None] = [None] * len(grads)
-        if present:
-            flat = torch.cat([grads[i].reshape(-1) for i in present])
-            if len(present) == len(grads) and ctx.accumulate is not None and ctx.accumulate(flat):
-                return (None, None, *out)  # added into the parameters' .grad: nothing left to accumulate
-            flat = flat.to(ctx.dtype)
-            for i, g in zip(present, flat.split([grads[i].numel() for i in present])):
+        if len(present) == len(grads) and ctx.accumulate is not None:
+            # one tensor (fp32 if any passed-through gradient is: the bf16 ones upcast exactly)
+            if ctx.accumulate(torch.cat([g.reshape(-1) for g in grads])):
+                return (None, None, None, *out)  # added into the parameters' .grad: nothing left to accumulate
+        cast = [i for i in present if i < ctx.n_cast]
+        if cast:
+            flat = torch.cat([grads[i].reshape(-1) for i in cast]).to(ctx.dtype)
+            for i, g in zip(cast, flat.split([grads[i].numel() for i in cast])):
                 out[i] = g.view(ctx.shapes[i])
-        return (None, None, *out)
+        for i in present[len(cast) :]:
+            out[i] = grads[i]
+        return (None, None, None, *out)
 
 
-def cast_once(params: list[torch.Tensor], dtype: torch.dtype, accumulate=None) -> list[torch.Tensor]:
-    """``[p.to(dtype) for p in params]`` in two kernels, differentiable (`_CastOnce`). ``accumulate``
-    (optional): called in backward with the gradients of all ``params`` concatenated (in ``dtype``,
-    when every one got a gradient); it adds them into the parameters' ``.grad`` itself and returns True
-    (then autograd accumulates nothing more), or returns False (autograd accumulates them one by one)."""
-    return list(_CastOnce.apply(dtype, accumulate, *params))
+def cast_once(
+    params: list[torch.Tensor], dtype: torch.dtype, accumulate=None, keep: list[torch.Tensor] = ()
+) -> list[torch.Tensor]:
+    """``[p.to(dtype) for p in params]`` in two kernels, differentiable (`_CastOnce`), then ``keep``
+    as they are (their gradients join the one backward tensor). ``accumulate`` (optional): called in
+    backward with the gradients of all of them concatenated, in that order (when every one got a
+    gradient); it adds them into the parameters' ``.grad`` itself and returns True (autograd then
+    accumulates nothing more), or returns False (autograd accumulates them one by one)."""
+    return list(_CastOnce.apply(dtype, accumulate, len(params), *params, *keep))
 
 
 def cast_blocks_once(model: nn.Module) -> int:
@@ -79,15 +90,20 @@ def cast_blocks_once(model: nn.Module) -> int:
     blocks = getattr(model, "blocks", [])
     for block in blocks:
         inner, names = block.forward, linear_param_names(block)
-        block._cast_names, block._cast_accumulate = names, None  # see cast_groups / accumulate_cast_gradients
+        # The block's other fp32 parameters (LayerNorm affine, the router's weight) pass through the same
+        # node uncast, so that the whole block's gradient is one tensor (`accumulate_cast_gradients`).
+        keep = [n for n, p in block.named_parameters() if p.requires_grad and p.dtype == torch.float32]
+        keep = [n for n in keep if n not in set(names)]
+        block._cast_names, block._cast_accumulate = names + keep, None  # cast_groups, accumulate_cast_gradients
 
-        def forward(*args, _inner=inner, _block=block, _names=names, **kwargs):
+        def forward(*args, _inner=inner, _block=block, _names=names, _keep=keep, **kwargs):
             device_type = args[0].device.type if args and isinstance(args[0], torch.Tensor) else "cpu"
             dtype = torch.get_autocast_dtype(device_type)
             if not (_names and torch.is_autocast_enabled(device_type) and dtype in LOW_PRECISION):
                 return _inner(*args, **kwargs)
-            params = [_block.get_parameter(n) for n in _names]  # looked up each call: a shard may replace them
-            with _reparametrize_module(_block, dict(zip(_names, cast_once(params, dtype, _block._cast_accumulate)))):
+            get = _block.get_parameter  # looked up each call: a shard may replace them
+            copies = cast_once([get(n) for n in _names], dtype, _block._cast_accumulate, [get(n) for n in _keep])
+            with _reparametrize_module(_block, dict(zip(_names + _keep, copies))):
                 return _inner(*args, **kwargs)
 
         block.forward = forward
@@ -99,8 +115,8 @@ def _cast_blocks(model: nn.Module) -> list[nn.Module]:
 
 
 def cast_groups(model: nn.Module) -> list[list[nn.Parameter]]:
-    """The parameters each patched block casts in one go, in cast order (the order of their
-    gradients in the block's one backward tensor); empty if `cast_blocks_once` patched nothing."""
+    """The parameters of each patched block's one cast node, in its order (the order of their
+    gradients in the block's one backward tensor): the cast ones, then those passed through."""
     return [[block.get_parameter(n) for n in block._cast_names] for block in _cast_blocks(model)]
 
 
