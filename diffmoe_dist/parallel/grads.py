@@ -318,14 +318,15 @@ class GradReducer:
 
 def _together(params: list[nn.Parameter], groups: list[list[nn.Parameter]]) -> list[nn.Parameter]:
     """``params`` with each group's members in it placed together, in the group's order, where the
-    first of them appears (so that `GradReducer.accumulator` finds them contiguous)."""
+    last of them appears (so that `GradReducer.accumulator` finds them contiguous; in reverse order of
+    registration that is about where backward produces the group's gradient)."""
     group_of = {id(p): g for g in groups for p in g}
-    here, out, placed = {id(p) for p in params}, [], set()
-    for p in params:
+    last = {id(group_of[id(p)]): i for i, p in enumerate(params) if id(p) in group_of}
+    here, out = {id(p) for p in params}, []
+    for i, p in enumerate(params):
         g = group_of.get(id(p))
-        if g is None or id(g) not in placed:
+        if g is None or last[id(g)] == i:
             out += [p] if g is None else [q for q in g if id(q) in here]
-            placed.add(id(g))
     return out
 
 

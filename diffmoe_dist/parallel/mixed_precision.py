@@ -88,26 +88,38 @@ def cast_blocks_once(model: nn.Module) -> int:
     """Patches each block of ``model.blocks`` to run on one-cast bf16 copies of its linear weights
     under low-precision autocast (module docstring). Returns the number of blocks patched."""
     blocks = getattr(model, "blocks", [])
+    # The blocks' linears that run stacked before the blocks (model/layers.py `DiTBase.block_inputs`): cast
+    # there, in one node of the model's own.
+    shared = {id(p) for m in (model.shared_linears() if blocks else []) for p in m.parameters()}
+    if shared:
+        names = [n for n, p in model.named_parameters() if id(p) in shared]
+        model.block_inputs = _cast_forward(model, model.block_inputs, names, [])
     for block in blocks:
-        inner, names = block.forward, linear_param_names(block)
+        names = [n for n in linear_param_names(block) if id(block.get_parameter(n)) not in shared]
         # The block's other fp32 parameters (LayerNorm affine, the router's weight) pass through the same
         # node uncast, so that the whole block's gradient is one tensor (`accumulate_cast_gradients`).
         keep = [n for n, p in block.named_parameters() if p.requires_grad and p.dtype == torch.float32]
-        keep = [n for n in keep if n not in set(names)]
-        block._cast_names, block._cast_accumulate = names + keep, None  # cast_groups, accumulate_cast_gradients
-
-        def forward(*args, _inner=inner, _block=block, _names=names, _keep=keep, **kwargs):
-            device_type = args[0].device.type if args and isinstance(args[0], torch.Tensor) else "cpu"
-            dtype = torch.get_autocast_dtype(device_type)
-            if not (_names and torch.is_autocast_enabled(device_type) and dtype in LOW_PRECISION):
-                return _inner(*args, **kwargs)
-            get = _block.get_parameter  # looked up each call: a shard may replace them
-            copies = cast_once([get(n) for n in _names], dtype, _block._cast_accumulate, [get(n) for n in _keep])
-            with _reparametrize_module(_block, dict(zip(_names + _keep, copies))):
-                return _inner(*args, **kwargs)
-
-        block.forward = forward
+        keep = [n for n in keep if n not in set(names) and id(block.get_parameter(n)) not in shared]
+        block.forward = _cast_forward(block, block.forward, names, keep)
     return len(blocks)
+
+
+def _cast_forward(module: nn.Module, inner, names: list[str], keep: list[str]):
+    """``inner`` (a method of ``module``) run on one-cast copies of the parameters ``names`` (and
+    ``keep`` passed through) under low-precision autocast."""
+    module._cast_names, module._cast_accumulate = names + keep, None  # cast_groups, accumulate_cast_gradients
+
+    def forward(*args, **kwargs):
+        device_type = args[0].device.type if args and isinstance(args[0], torch.Tensor) else "cpu"
+        dtype = torch.get_autocast_dtype(device_type)
+        if not (names and torch.is_autocast_enabled(device_type) and dtype in LOW_PRECISION):
+            return inner(*args, **kwargs)
+        get = module.get_parameter  # looked up each call: a shard may replace them
+        copies = cast_once([get(n) for n in names], dtype, module._cast_accumulate, [get(n) for n in keep])
+        with _reparametrize_module(module, dict(zip(names + keep, copies))):
+            return inner(*args, **kwargs)
+
+    return forward
 
 
 def _cast_blocks(model: nn.Module) -> list[nn.Module]:
