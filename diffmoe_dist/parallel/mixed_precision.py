@@ -10,7 +10,18 @@ of each weight, bf16 -> fp32 of each gradient, both exact per element), so a ste
 bitwise unchanged; the gradients still arrive per block, so the reduction keeps overlapping
 backward. Only the parameters of ``nn.Linear`` and of the experts (`StackedExperts`, every expert takes
 part in every forward, an empty one with zero rows) are cast: the router's weight is used in fp32
-(model/moe/routers.py) and LayerNorm's affine runs in fp32 under autocast.
+(model/moe/routers.py) and LayerNorm's affine runs in fp32 under autocast; those pass through the
+same node uncast, so that a block's whole gradient is one tensor. The linears every block runs on a
+block-independent input (adaLN on c, the caption keys/values: `DiTBase.shared_linears`, run stacked
+before the blocks) are cast in one node of the model's own.
+
+With the `GradReducer` (plain data parallelism) the parameters' ``.grad`` are views of its flat
+buckets, each node's parameters laid out side by side in its order (`cast_groups`), and the node's
+backward adds its one gradient tensor into them (`accumulate_cast_gradients`): one ``add_`` per node
+(per bucket it straddles) instead of a cast back and autograd's ``add_`` per parameter, the same fp32
+sums (a bf16 gradient upcast exactly, then added). Elsewhere (DeepSpeed, whose hooks must see each
+gradient; a ``.grad`` that is not a bucket view; a parameter without a gradient) autograd
+accumulates them one by one as before.
 
 Applied by `parallelize` to the trained model's blocks, inside activation checkpointing (the
 recompute casts again). Not with ``train.compile``: inductor fuses those casts into the kernels
