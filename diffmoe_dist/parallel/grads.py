@@ -252,13 +252,11 @@ class GradReducer:
 
     def accumulator(self, params: list[nn.Parameter]):
         """For a block's one-cast backward (parallel/mixed_precision.py): a callable that adds the
-        concatenated gradients of ``params`` (in that order) into their ``.grad``, one ``add_`` per
-        run of them that lies contiguous in one bucket (one per block when the reducer was built with
-        ``contiguous=cast_groups(model)`` and the block fits a bucket), instead of one per parameter. The
-        same fp32 sums as autograd's per-parameter accumulation (the low-precision gradient upcast
-        exactly). It returns False (autograd accumulates) unless every ``.grad`` is its bucket view.
-        The post-accumulate hooks still run (autograd calls them with no gradient). None when a
-        parameter is not reduced here."""
+        concatenated gradients of ``params`` (in that order) into their ``.grad``, one ``add_`` per run
+        of them contiguous in one bucket (``contiguous=cast_groups(model)`` lays them out so), the same
+        fp32 sums as autograd's ``add_`` per parameter. It returns False (autograd accumulates) unless
+        every ``.grad`` is its bucket view. The post-accumulate hooks still run (autograd calls them
+        with no gradient). None when a parameter is not reduced here."""
         where = [self._bucket_of.get(id(p), (None, None))[1] for p in params]
         if not params or any(b is None for b in where):
             return None
