@@ -127,11 +127,16 @@ class DiTBase(nn.Module):
     def block_modulations(self, c_BD: torch.Tensor) -> list[tuple[torch.Tensor, ...]]:
         """Every block's adaLN output, per block (shift, 1 + scale, gate) for attention then for the FFN,
         each (B, D): one SiLU and one GEMM over all blocks' adaLN weights (c is the same for every block),
-        the 1 added in one op, one unbind (its backward: one stack)."""
+        the 1 added in one op. Shift and gain meet the fp32 normalised tokens: upcast here once (the same
+        products as autocast's type promotion), so that their gradients are not cast back block by
+        block; the gates multiply low-precision outputs and keep their dtype."""
         B, D = c_BD.shape
         out = stacked_linear(F.silu(c_BD), [block.adaLN_modulation[-1] for block in self.blocks])
-        mods = (out.view(B, -1, 3, D) + self.adaln_gain.to(out.dtype)).view(B, -1, D).unbind(1)
-        return [mods[i : i + 6] for i in range(0, len(mods), 6)]
+        mods = out.view(B, -1, 3, D) + self.adaln_gain.to(out.dtype)  # (B, 2 * depth, 3, D)
+        sg = mods[:, :, :2].float().reshape(B, -1, D).unbind(1)  # shift, gain of attention / FFN of each block
+        gates = mods[:, :, 2].unbind(1)
+        return [(sg[4 * i], sg[4 * i + 1], gates[2 * i], sg[4 * i + 2], sg[4 * i + 3], gates[2 * i + 1])
+                for i in range(len(gates) // 2)]  # fmt: skip
 
     def block_inputs(self, c_BD: torch.Tensor) -> list[tuple]:
         """What each block takes besides the tokens (computed for all blocks at once)."""
