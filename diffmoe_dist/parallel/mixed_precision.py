@@ -101,7 +101,7 @@ def cast_blocks_once(model: nn.Module) -> int:
     blocks = getattr(model, "blocks", [])
     # The blocks' linears that run stacked before the blocks (model/layers.py `DiTBase.block_inputs`): cast
     # there, in one node of the model's own.
-    shared = {id(p) for m in (model.shared_linears() if blocks else []) for p in m.parameters()}
+    shared = {id(p) for m in getattr(model, "shared_linears", list)() for p in m.parameters()}
     if shared:
         names = [n for n, p in model.named_parameters() if id(p) in shared]
         model.block_inputs = _cast_forward(model, model.block_inputs, names, [])
