@@ -81,3 +81,23 @@ def test_ema_tracks_weights_and_buffers_including_moe_thresholds():
     assert warm.current_decay() == 0.1
     warm.num_updates = 10**6
     assert warm.current_decay() == 0.999
+
+
+def test_stacked_adaln_equals_each_blocks_own_adaln():
+    """`block_modulations` runs every block's adaLN in one GEMM: per block the values of
+    ``adaLN_modulation(c).chunk(6)`` with 1 added to both scales, shift and gain in fp32."""
+    model, _ = _tiny("expert_choice_global")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.1)  # off adaLN-Zero's zero weights
+    c = torch.randn(3, model.blocks[0].adaLN_modulation[-1].in_features)
+    for precision in (torch.float32, torch.bfloat16):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == torch.bfloat16):
+            stacked = model.block_modulations(c)
+            for block, mod in zip(model.blocks, stacked, strict=True):
+                own = list(block.adaLN_modulation(c).chunk(6, dim=1))
+                own[1], own[4] = 1 + own[1], 1 + own[4]
+                for i, (a, b) in enumerate(zip(mod, own)):
+                    assert a.dtype == (b.dtype if i in (2, 5) else torch.float32), i
+                    tol = 1e-6 if precision == torch.float32 else 1e-2
+                    torch.testing.assert_close(a.float(), b.float(), atol=tol, rtol=tol)

@@ -11,7 +11,7 @@ import torch.nn as nn
 
 from diffmoe_dist.config import ModelConfig, MoEConfig
 from diffmoe_dist.model.ffn import build_ffn
-from diffmoe_dist.model.layers import Attention, DiTBase, init_adaln_zero, modulate
+from diffmoe_dist.model.layers import Attention, DiTBase, init_adaln_zero, modulate_gain
 
 
 class LabelEmbedder(nn.Module):
@@ -39,10 +39,11 @@ class DiTBlock(nn.Module):
         self.ffn = build_ffn(dim, int(dim * mlp_ratio), moe, index)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
 
-    def forward(self, x_BLD: torch.Tensor, c_BD: torch.Tensor) -> torch.Tensor:
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c_BD).chunk(6, dim=1)
-        x_BLD = x_BLD + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x_BLD), shift_msa, scale_msa))
-        return x_BLD + gate_mlp.unsqueeze(1) * self.ffn(modulate(self.norm2(x_BLD), shift_mlp, scale_mlp))
+    def forward(self, x_BLD: torch.Tensor, mod: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """``mod``: this block's adaLN output (`DiTBase.block_modulations`), the 1 of 1 + scale added."""
+        shift_msa, gain_msa, gate_msa, shift_mlp, gain_mlp, gate_mlp = mod
+        x_BLD = x_BLD + gate_msa.unsqueeze(1) * self.attn(modulate_gain(self.norm1(x_BLD), shift_msa, gain_msa))
+        return x_BLD + gate_mlp.unsqueeze(1) * self.ffn(modulate_gain(self.norm2(x_BLD), shift_mlp, gain_mlp))
 
 
 class DiT(DiTBase):
@@ -65,8 +66,8 @@ class DiT(DiTBase):
         `y` (class labels, shape B) is named as the trainer's batch key."""
         x_BLD = self.embed_patches(x_BCHW)
         c_BD = self.t_embedder(t_B) + self.y_embedder(y)
-        for block in self.blocks:
-            x_BLD = block(x_BLD, c_BD)
+        for block, inputs in zip(self.blocks, self.block_inputs(c_BD)):
+            x_BLD = block(x_BLD, *inputs)
         return self.output(x_BLD, c_BD)
 
     def forward_with_cfg(

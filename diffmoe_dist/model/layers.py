@@ -18,6 +18,16 @@ def modulate(x_BLD: torch.Tensor, shift_BD: torch.Tensor, scale_BD: torch.Tensor
     return x_BLD * (1 + scale_BD.unsqueeze(1)) + shift_BD.unsqueeze(1)
 
 
+def modulate_gain(x_BLD: torch.Tensor, shift_BD: torch.Tensor, gain_BD: torch.Tensor) -> torch.Tensor:
+    """`modulate` with ``gain = 1 + scale`` already added (`DiTBase.block_modulations`)."""
+    return x_BLD * gain_BD.unsqueeze(1) + shift_BD.unsqueeze(1)
+
+
+def stacked_linear(x: torch.Tensor, linears: list[nn.Linear]) -> torch.Tensor:
+    """``torch.cat([m(x) for m in linears], -1)`` in one GEMM: the linears' weights and biases concatenated."""
+    return F.linear(x, torch.cat([m.weight for m in linears]), torch.cat([m.bias for m in linears]))
+
+
 class TimestepEmbedder(nn.Module):
     """Sinusoidal embedding of t in [0, 1] followed by an MLP. t is scaled by 1000 so the
     frequencies match DiT's integer-timestep embedding."""
@@ -103,9 +113,34 @@ class DiTBase(nn.Module):
 
     def _build_trunk(self, dim: int, blocks: list[nn.Module]) -> None:
         self.register_buffer("pos_embed", sincos_pos_embed_2d(dim, self.grid).unsqueeze(0), persistent=False)
+        # added to each block's adaLN output (shift, scale, gate): the 1 of 1 + scale, for all blocks in one op
+        self.register_buffer("adaln_gain", torch.tensor([0.0, 1.0, 0.0]).view(3, 1), persistent=False)
         self.blocks = nn.ModuleList(blocks)
         self.out_channels = self.in_channels * (2 if getattr(self, "learn_sigma", False) else 1)
         self.final_layer = FinalLayer(dim, self.patch_size, self.out_channels)
+
+    def shared_linears(self) -> list[nn.Linear]:
+        """The blocks' linears whose input is the same for every block, run stacked in `block_inputs`
+        (parallel/mixed_precision.py casts their weights apart from the blocks')."""
+        return [block.adaLN_modulation[-1] for block in self.blocks]
+
+    def block_modulations(self, c_BD: torch.Tensor) -> list[tuple[torch.Tensor, ...]]:
+        """Every block's adaLN output, per block (shift, 1 + scale, gate) for attention then for the FFN,
+        each (B, D): one SiLU and one GEMM over all blocks' adaLN weights (c is the same for every block),
+        the 1 added in one op. Shift and gain meet the fp32 normalised tokens: upcast here once (the same
+        products as autocast's type promotion), so that their gradients are not cast back block by
+        block; the gates multiply low-precision outputs and keep their dtype."""
+        B, D = c_BD.shape
+        out = stacked_linear(F.silu(c_BD), [block.adaLN_modulation[-1] for block in self.blocks])
+        mods = out.view(B, -1, 3, D) + self.adaln_gain.to(out.dtype)  # (B, 2 * depth, 3, D)
+        sg = mods[:, :, :2].float().reshape(B, -1, D).unbind(1)  # shift, gain of attention / FFN of each block
+        gates = mods[:, :, 2].unbind(1)
+        return [(sg[4 * i], sg[4 * i + 1], gates[2 * i], sg[4 * i + 2], sg[4 * i + 3], gates[2 * i + 1])
+                for i in range(len(gates) // 2)]  # fmt: skip
+
+    def block_inputs(self, c_BD: torch.Tensor) -> list[tuple]:
+        """What each block takes besides the tokens (computed for all blocks at once)."""
+        return [(mod,) for mod in self.block_modulations(c_BD)]
 
     def embed_patches(self, x_BCHW: torch.Tensor) -> torch.Tensor:
         return self.x_embedder(x_BCHW).flatten(2).transpose(1, 2) + self.pos_embed

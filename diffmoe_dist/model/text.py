@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from diffmoe_dist.config import ModelConfig, MoEConfig
 from diffmoe_dist.model.ffn import build_ffn
-from diffmoe_dist.model.layers import Attention, DiTBase, init_adaln_zero, modulate
+from diffmoe_dist.model.layers import Attention, DiTBase, init_adaln_zero, modulate_gain, stacked_linear
 
 
 class TextEmbedder(nn.Module):
@@ -86,7 +86,8 @@ def text_attention_bias(mask_BT: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 class CrossAttention(nn.Module):
     """Image tokens (queries) attend to caption tokens; keys at padding are masked out
-    (``bias_B11T`` from `text_attention_bias`)."""
+    (``bias_B11T`` from `text_attention_bias`). The keys and values (``kv``) of every block are computed
+    at once (`TextDiT.cross_attention_kv`): the caption tokens are the same for every block."""
 
     def __init__(self, dim: int, num_heads: int):
         super().__init__()
@@ -95,11 +96,11 @@ class CrossAttention(nn.Module):
         self.kv = nn.Linear(dim, 2 * dim)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x_BLD: torch.Tensor, text_BTD: torch.Tensor, bias_B11T: torch.Tensor) -> torch.Tensor:
+    def forward(self, x_BLD: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor], bias_B11T: torch.Tensor):
         B, L, D = x_BLD.shape
-        T, H = text_BTD.shape[1], self.num_heads
+        H = self.num_heads
         q_BHLd = self.q(x_BLD).view(B, L, H, D // H).transpose(1, 2)
-        k_BHTd, v_BHTd = (t.transpose(1, 2) for t in self.kv(text_BTD).view(B, T, 2, H, D // H).unbind(2))
+        k_BHTd, v_BHTd = kv
         # additive mask, broadcast over heads and queries
         out_BHLd = F.scaled_dot_product_attention(q_BHLd, k_BHTd, v_BHTd, attn_mask=bias_B11T)
         return self.proj(out_BHLd.transpose(1, 2).reshape(B, L, D))
@@ -117,12 +118,14 @@ class TextDiTBlock(nn.Module):
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
 
     def forward(
-        self, x_BLD: torch.Tensor, c_BD: torch.Tensor, text_BTD: torch.Tensor, bias_B11T: torch.Tensor
+        self, x_BLD: torch.Tensor, mod: tuple[torch.Tensor, ...], kv: tuple[torch.Tensor, ...], bias_B11T: torch.Tensor
     ) -> torch.Tensor:
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c_BD).chunk(6, dim=1)
-        x_BLD = x_BLD + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x_BLD), shift_msa, scale_msa))
-        x_BLD = x_BLD + self.cross_attn(self.norm_cross(x_BLD), text_BTD, bias_B11T)
-        return x_BLD + gate_mlp.unsqueeze(1) * self.ffn(modulate(self.norm2(x_BLD), shift_mlp, scale_mlp))
+        """``mod``: this block's adaLN output (`DiTBase.block_modulations`), ``kv``: its cross-attention
+        keys and values (`TextDiT.cross_attention_kv`)."""
+        shift_msa, gain_msa, gate_msa, shift_mlp, gain_mlp, gate_mlp = mod
+        x_BLD = x_BLD + gate_msa.unsqueeze(1) * self.attn(modulate_gain(self.norm1(x_BLD), shift_msa, gain_msa))
+        x_BLD = x_BLD + self.cross_attn(self.norm_cross(x_BLD), kv, bias_B11T)
+        return x_BLD + gate_mlp.unsqueeze(1) * self.ffn(modulate_gain(self.norm2(x_BLD), shift_mlp, gain_mlp))
 
 
 class TextDiT(DiTBase):
@@ -146,6 +149,21 @@ class TextDiT(DiTBase):
             zero_block_parts=("cross_attn.proj",),
         )
 
+    def shared_linears(self) -> list[nn.Linear]:
+        return super().shared_linears() + [block.cross_attn.kv for block in self.blocks]
+
+    def cross_attention_kv(self, text_BTD: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Every block's cross-attention (keys, values), each (B, H, T, d), from one GEMM over all blocks'
+        ``kv`` weights (the caption tokens are the same for every block) and one unbind."""
+        B, T, D = text_BTD.shape
+        H = self.blocks[0].cross_attn.num_heads
+        kv = stacked_linear(text_BTD, [block.cross_attn.kv for block in self.blocks])
+        kvs = [t.transpose(1, 2) for t in kv.view(B, T, -1, H, D // H).unbind(2)]
+        return [(kvs[i], kvs[i + 1]) for i in range(0, len(kvs), 2)]
+
+    def block_inputs(self, c_BD: torch.Tensor, text_BTD: torch.Tensor) -> list[tuple]:
+        return [(mod, kv) for mod, kv in zip(self.block_modulations(c_BD), self.cross_attention_kv(text_BTD))]
+
     def _forward(
         self, x_BCHW: torch.Tensor, t_B: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor, drop_B=None
     ) -> torch.Tensor:
@@ -153,8 +171,8 @@ class TextDiT(DiTBase):
         text_BTD, pooled_BD, mask_BT = self.text_embedder(text, text_mask, drop_B)
         c_BD = self.t_embedder(t_B) + pooled_BD
         bias_B11T = text_attention_bias(mask_BT, x_BLD)
-        for block in self.blocks:
-            x_BLD = block(x_BLD, c_BD, text_BTD, bias_B11T)
+        for block, (mod, kv) in zip(self.blocks, self.block_inputs(c_BD, text_BTD)):
+            x_BLD = block(x_BLD, mod, kv, bias_B11T)
         return self.output(x_BLD, c_BD)
 
     def forward(self, x_BCHW: torch.Tensor, t_B: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor):

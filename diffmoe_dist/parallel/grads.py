@@ -16,7 +16,6 @@ backward as they become ready (`GradReducer`), in fp32 or bf16.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable
 
 import torch
 import torch.distributed as dist
@@ -188,6 +187,7 @@ class GradReducer:
         dtype: str | torch.dtype = torch.float32,
         bucket_bytes: int = 0,
         overlap: bool = True,
+        contiguous: list[list[nn.Parameter]] = (),
     ):
         self.dims = dims
         self.dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}.get(dtype, dtype)
@@ -210,7 +210,7 @@ class GradReducer:
             kinds.append((None, expert))
         for group, params in kinds:
             device = comm_device(group) if group is not None else None
-            chunks = _chunks(list(reversed(params)), bucket_bytes)
+            chunks = _chunks(_together(list(reversed(params)), contiguous), bucket_bytes)
             buckets = [_Bucket(chunk, group, self.dtype, device or chunk[0].device) for chunk in chunks]
             self.buckets.append(buckets)
         for g, buckets in enumerate(self.buckets):
@@ -250,6 +250,35 @@ class GradReducer:
         bucket.ready.add(id(p))
         self._launch_ready(g)
 
+    def accumulator(self, params: list[nn.Parameter]):
+        """For a block's one-cast backward (parallel/mixed_precision.py): a callable that adds the
+        concatenated gradients of ``params`` (in that order) into their ``.grad``, one ``add_`` per run
+        of them contiguous in one bucket (``contiguous=cast_groups(model)`` lays them out so), the same
+        fp32 sums as autograd's ``add_`` per parameter. It returns False (autograd accumulates) unless
+        every ``.grad`` is its bucket view. The post-accumulate hooks still run (autograd calls them
+        with no gradient). None when a parameter is not reduced here."""
+        where = [self._bucket_of.get(id(p), (None, None))[1] for p in params]
+        if not params or any(b is None for b in where):
+            return None
+        members = [(b, next(i for i, q in enumerate(b.params) if q is p)) for b, p in zip(where, params)]
+        runs, flat_at = [], 0  # (bucket, first, last + 1 in its storage, offset in the flat gradient)
+        for (b, i), p in zip(members, params):
+            lo = sum(b.sizes[:i])
+            if runs and runs[-1][0] is b and runs[-1][2] == lo:
+                runs[-1][2] += p.numel()
+            else:
+                runs.append([b, lo, lo + p.numel(), flat_at])
+            flat_at += p.numel()
+
+        def accumulate(flat: torch.Tensor) -> bool:
+            if not all(b._is_view(i) for b, i in members):
+                return False
+            for b, lo, hi, at in runs:
+                b.storage[lo:hi].add_(flat[at : at + hi - lo])
+            return True
+
+        return accumulate
+
     def _launch_ready(self, g: int) -> None:
         buckets = self.buckets[g]
         while self._next[g] < len(buckets) and len(buckets[self._next[g]].ready) == len(buckets[self._next[g]].params):
@@ -285,22 +314,40 @@ class GradReducer:
         self._handles.clear()
 
 
-def _chunks(params: list[nn.Parameter], bucket_bytes: int) -> Iterable[list[nn.Parameter]]:
-    """Consecutive runs of ``params`` of one dtype and device, each about ``bucket_bytes``."""
+def _together(params: list[nn.Parameter], groups: list[list[nn.Parameter]]) -> list[nn.Parameter]:
+    """``params`` with each group's members in it placed together, in the group's order, where the
+    last of them appears (so that `GradReducer.accumulator` finds them contiguous; in reverse order of
+    registration that is about where backward produces the group's gradient)."""
+    group_of = {id(p): g for g in groups for p in g}
+    last = {id(group_of[id(p)]): i for i, p in enumerate(params) if id(p) in group_of}
+    here, out = {id(p) for p in params}, []
+    for i, p in enumerate(params):
+        g = group_of.get(id(p))
+        if g is None or last[id(g)] == i:
+            out += [p] if g is None else [q for q in g if id(q) in here]
+    return out
+
+
+def _chunks(params: list[nn.Parameter], bucket_bytes: int) -> list[list[nn.Parameter]]:
+    """Consecutive runs of ``params`` of one dtype and device, each about ``bucket_bytes``; a last run
+    under an eighth of that joins the one before (one collective less for a few parameters)."""
     if params and bucket_bytes <= 0:
         bucket_bytes = default_bucket_bytes(params[0].device)
-    bucket, size = [], 0
+    out, bucket, size = [], [], 0
     for p in params:
         if bucket and (p.dtype, p.device) != (bucket[0].dtype, bucket[0].device):
-            yield bucket
+            out.append(bucket)
             bucket, size = [], 0
         bucket.append(p)
         size += p.numel() * p.element_size()
         if size >= bucket_bytes:
-            yield bucket
+            out.append(bucket)
             bucket, size = [], 0
-    if bucket:
-        yield bucket
+    if bucket and out and size < bucket_bytes / 8 and (out[-1][0].dtype, out[-1][0].device) == (p.dtype, p.device):
+        out[-1] = out[-1] + bucket
+    elif bucket:
+        out.append(bucket)
+    return out
 
 
 def reduce_gradients(model: nn.Module, dims: ParallelDims, bucket_bytes: int = BUCKET_BYTES) -> None:

@@ -37,7 +37,7 @@ from diffmoe_dist.parallel.all_to_all import AllToAllDispatcher
 from diffmoe_dist.parallel.compile import compile_blocks
 from diffmoe_dist.parallel.grads import BUCKET_BYTES, GradReducer, is_expert_param
 from diffmoe_dist.parallel.groups import ParallelDims
-from diffmoe_dist.parallel.mixed_precision import cast_blocks_once
+from diffmoe_dist.parallel.mixed_precision import accumulate_cast_gradients, cast_blocks_once, cast_groups
 from diffmoe_dist.parallel.pools import DistributedPool, ReplicatedLocalPool
 from diffmoe_dist.parallel.radix_select import DEFAULT_BITS
 
@@ -85,13 +85,16 @@ def parallelize(
     if grad_reduce is None:
         return None
     # After sharding: the hooks go on the final expert Parameters (the trained model only).
-    return GradReducer(
+    reducer = GradReducer(
         model,
         dims,
         dtype=grad_reduce.grad_reduce_dtype,
         bucket_bytes=int(grad_reduce.grad_bucket_mb * 2**20),
         overlap=grad_reduce.overlap_grad_reduce,
+        contiguous=cast_groups(model),  # each block's cast parameters side by side, in cast order
     )
+    accumulate_cast_gradients(model, reducer.accumulator)  # one add per block into the buckets, not one per weight
+    return reducer
 
 
 def tag_expert_params(model: nn.Module, dims: ParallelDims) -> None:
