@@ -142,12 +142,13 @@ def threshold_calls(moe, pool_ranks: int, n_moe: int, radix_bits: int = DEFAULT_
 
 
 # Kernel launches of one training step, eager (benchmarks/step_counts.py, torch 2.13, the 256-GPU
-# structure at toy width: 6,694 per step with 24 blocks and 12 MoE layers; 3,827 for its dense twin):
-# a block's dense work forward + backward, and what an MoE layer adds (routing, selection, dispatch,
-# experts). Compiled blocks: ASSUMED ~45 (inductor fuses the pointwise ops; each matmul stays one
-# kernel, ~24 per block forward + backward); MoE layers stay eager (parallel/compile.py).
-OPS_PER_BLOCK = {"eager": 159, "compiled": 45}
-OPS_PER_MOE_LAYER = 239
+# structure at toy width, counted 2026-12-07: 4,453 per step with 24 blocks and 12 MoE layers; 2,079 for
+# its dense twin, moe.router=dense): a block's dense work forward + backward (2,079 / 24), and what an MoE
+# layer adds (routing, selection, dispatch, experts: 2,374 / 12). Compiled blocks: ASSUMED ~45 (inductor
+# fuses the pointwise ops; each matmul stays one kernel, ~24 per block forward + backward); MoE layers
+# stay eager (parallel/compile.py).
+OPS_PER_BLOCK = {"eager": 87, "compiled": 45}
+OPS_PER_MOE_LAYER = 198
 
 
 def host_overhead(cfg: Config, cluster: Cluster, n_moe: int, accum: int, recompute: bool, device_s: float) -> dict:
