@@ -1,7 +1,7 @@
 """diffusion.objective=ddpm: DiT's recipe as the official DiffMoE code trains it (1,000-step linear
 schedule, epsilon and learned-range variance, MSE + L_vb, the ancestral sampler on respaced steps,
-CFG on a doubled batch that shares one token pool). Closed forms here; the long legibility run
-lives in benchmarks/paper_table.py."""
+CFG on a doubled batch that shares one token pool). Closed forms and a known answer for the sampler
+here; the long legibility run lives in benchmarks/paper_table.py."""
 
 import conftest
 import numpy as np
