@@ -1,7 +1,7 @@
 """diffusion.objective=ddpm: DiT's recipe as the official DiffMoE code trains it (1,000-step linear
 schedule, epsilon and learned-range variance, MSE + L_vb, the ancestral sampler on respaced steps,
-CFG on a doubled batch that shares one token pool). Closed forms here; the long legibility run
-lives in benchmarks/paper_table.py."""
+CFG on a doubled batch that shares one token pool). Closed forms and a known answer for the sampler
+here; the long legibility run lives in benchmarks/paper_table.py."""
 
 import conftest
 import numpy as np
@@ -41,6 +41,48 @@ def test_loss_vanishes_for_the_true_noise_and_the_true_posterior_variance():
     assert float(loss) == pytest.approx(0.0, abs=1e-4)
     worse = torch.cat([noise, torch.ones_like(noise)], dim=1)  # beta_t, not the posterior's: KL > 0 at small t
     assert float(ddpm.ddpm_loss(worse, (state[0], x0, x_t, t_B, noise))) > 1e-3
+
+
+class _OracleEps(torch.nn.Module):
+    """The exact epsilon of Gaussian data x0 ~ N(mu, s^2) per pixel, read at the original step index
+    that the sampler passes as time * 1000, and a fixed variance interpolation ``v``."""
+
+    num_classes = 10
+
+    def __init__(self, mu: torch.Tensor, s: float, v: float):
+        super().__init__()
+        self.mu, self.s, self.v = mu, s, v
+        self.alpha_bar = torch.from_numpy(np.cumprod(1 - ddpm.linear_betas())).float()
+
+    def forward(self, x, time_B, y):
+        step_B = (time_B * 1000).round().long()
+        assert torch.allclose(step_B.float(), time_B * 1000, atol=1e-3)  # an original step index, not a fraction
+        ac = self.alpha_bar[step_B].view(-1, 1, 1, 1)
+        # x_t ~ N(sqrt(ac) mu, ac s^2 + 1 - ac): E[eps | x_t] = sqrt(1 - ac) (x_t - sqrt(ac) mu) / (ac s^2 + 1 - ac)
+        eps = (1 - ac).sqrt() * (x - ac.sqrt() * self.mu) / (ac * self.s**2 + 1 - ac)
+        return torch.cat([eps, torch.full_like(eps, self.v)], dim=1)
+
+
+def test_sampler_with_the_exact_epsilon_returns_the_data_distribution():
+    """A known answer for the sampler (schedule, respacing, the model's time input, the posterior,
+    the learned-range variance): fed the exact epsilon of Gaussian data, the full 1,000-step chain
+    returns that Gaussian whichever end of the variance range it takes; respaced chains keep the
+    mean, and their spread lies between the two ends (beta~: too narrow, beta: too wide)."""
+    mu, s, n = torch.linspace(-0.6, 0.6, 16).view(1, 1, 4, 4), 0.15, 800
+    labels = torch.zeros(n, dtype=torch.long)
+
+    def moments(steps: int, v: float) -> tuple[float, float]:
+        g = torch.Generator().manual_seed(0)
+        out = ddpm.sample_ddpm(_OracleEps(mu, s, v), torch.randn(n, 1, 4, 4, generator=g), labels, 1.0, steps, g)
+        return float((out.mean(0) - mu).abs().max()), float(out.std(0).mean())
+
+    for v in (-1.0, 1.0):
+        err, std = moments(1000, v)
+        assert err < 0.025 and std == pytest.approx(s, rel=0.05), (v, err, std)
+    for steps in (25, 100):
+        (err_lo, std_lo), (err_hi, std_hi) = moments(steps, -1.0), moments(steps, 1.0)
+        assert max(err_lo, err_hi) < 0.03, (steps, err_lo, err_hi)
+        assert std_lo < s < std_hi, (steps, std_lo, std_hi)
 
 
 def test_ddpm_model_doubles_its_output_and_cfg_runs_one_doubled_pool():
