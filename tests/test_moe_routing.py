@@ -34,15 +34,12 @@ def test_pool_topk_with_per_expert_k_matches_reference():
     assert mask.sum(0).tolist() == k_E.tolist()
 
 
-def test_pool_kth_largest_count_size_and_replica_mean():
+def test_pool_kth_largest_and_count():
     pool = LocalPool()
     values = torch.tensor([[0.1, 0.9], [0.4, 0.2], [0.3, 0.5], [0.8, 0.5]])
     assert torch.equal(pool.kth_largest(values, 1), torch.tensor([0.8, 0.9]))
     assert torch.equal(pool.kth_largest(values, 3), torch.tensor([0.3, 0.5]))
     assert pool.count(values > 0.35).tolist() == [2, 3]
-    assert pool.size(17) == 17
-    t = torch.randn(3)
-    assert pool.replica_mean(t) is t
 
 
 def test_expert_capacity_is_floor_of_c_n_over_e():

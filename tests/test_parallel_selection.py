@@ -41,7 +41,6 @@ def _check_against_concat(pool, local, sizes, rank_in_pool, num_experts, generat
     lo = sum(sizes[:rank_in_pool])
     mine = all_scores[lo : lo + sizes[rank_in_pool]]
     n_pool = sum(sizes)
-    assert pool.size(mine.shape[0]) == n_pool
     k_choices = [0, 1, n_pool // 3, n_pool // 2, n_pool - 1, n_pool]
     k_E = torch.tensor([k_choices[int(i)] for i in torch.randint(0, 6, (num_experts,), generator=generator)])
     k_E = k_E.clamp(0, n_pool)
@@ -87,10 +86,10 @@ def _dp_and_ep_pools_match(rank: int, world_size: int, trials: int) -> None:
         group_sizes = [sizes[r] for r in dims.ep_ranks]
         generator = torch.Generator().manual_seed(2000 + trial)
         _check_against_concat(ep_pool, local, group_sizes, dims.ep_rank, num_experts, generator, tied)
-    # replica_mean averages over DP for both pools; a dp pool's quantiles are global already
-    mean = dp_pool.replica_mean(torch.tensor([float(rank)]))
-    assert torch.allclose(mean, torch.tensor([(world_size - 1) / 2]))
-    assert torch.allclose(ReplicatedLocalPool(dims.dp_group).replica_mean(torch.tensor([float(rank)])), mean)
+    # replica_sum sums over DP for both pools; a dp pool's quantiles are global already
+    total = dp_pool.replica_sum(torch.tensor([float(rank)]))
+    assert torch.equal(total, torch.tensor([float(world_size * (world_size - 1) // 2)]))
+    assert torch.equal(ReplicatedLocalPool(dims.dp_group).replica_sum(torch.tensor([float(rank)])), total)
     assert dp_pool.thresholds_global and not ep_pool.thresholds_global
     assert not ReplicatedLocalPool(dims.dp_group).thresholds_global
 
@@ -105,7 +104,7 @@ def _selection_bytes(rank: int, world_size: int, sizes: list[int], num_experts: 
     traffic = []
     for n_local in sizes:
         scores = torch.softmax(torch.randn(n_local, num_experts, generator=generator), dim=-1)
-        k_E = torch.full((num_experts,), pool.size(n_local) // num_experts)
+        k_E = torch.full((num_experts,), n_local * world_size // num_experts)
         pool.reset_stats()
         pool.topk_mask(scores, k_E)
         traffic.append((pool.bytes_sent, pool.collectives))

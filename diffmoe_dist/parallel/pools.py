@@ -51,11 +51,6 @@ class ReplicatedLocalPool(LocalPool):
         out = t.detach().to(comm_device(self.dp_group), copy=True)
         return self._all_reduce(out, self.dp_group).to(t.device)
 
-    def replica_mean(self, t: Tensor) -> Tensor:
-        if self.dp_group is None:
-            return t
-        return self.replica_sum(t) / dist.get_world_size(self.dp_group)
-
     def _all_reduce(self, t: Tensor, group) -> Tensor:
         self.bytes_sent += t.numel() * t.element_size()
         self.collectives += 1
@@ -106,10 +101,6 @@ class DistributedPool(ReplicatedLocalPool):
         return keys_NC, radix_select(keys_NC, k_of, self._sum, self.widths, extra)
 
     # ---- TokenPool ----------------------------------------------------------------------------
-    def size(self, n_local: int) -> int:
-        n = torch.tensor([n_local], dtype=torch.int64, device=comm_device(self.group))
-        return int(self._all_reduce(n, self.group))
-
     def count(self, mask_NE: Tensor) -> Tensor:
         return self._sum(mask_NE.sum(dim=0, dtype=torch.long))
 

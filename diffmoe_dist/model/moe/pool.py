@@ -44,10 +44,6 @@ class TokenPool:
         """Layers whose pools have equal keys may batch their step selections into one call."""
         return (type(self).__name__,)
 
-    def size(self, n_local: int) -> int:
-        """Number of tokens in the whole pool, ``N_pool``, given this rank's ``n_local``."""
-        raise NotImplementedError
-
     def count(self, mask_NE: Tensor) -> Tensor:
         """Column sums of a bool ``mask_NE`` over the whole pool: LongTensor[E]."""
         raise NotImplementedError
@@ -92,9 +88,6 @@ class TokenPool:
 class LocalPool(TokenPool):
     """The pool is exactly the local batch (one process, or docs/design.md's ``pool: rank``)."""
 
-    def size(self, n_local: int) -> int:
-        return n_local
-
     def count(self, mask_NE: Tensor) -> Tensor:
         return mask_NE.sum(dim=0, dtype=torch.long)
 
@@ -136,9 +129,6 @@ class LocalPool(TokenPool):
         return self.kth_largest(values_NC, k), k_C
 
     def replica_sum(self, t: Tensor) -> Tensor:
-        return t
-
-    def replica_mean(self, t: Tensor) -> Tensor:
         return t
 
 
