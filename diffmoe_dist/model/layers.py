@@ -122,6 +122,10 @@ class DiTBase(nn.Module):
     def shared_linears(self) -> list[nn.Linear]:
         """The blocks' linears whose input is the same for every block, run stacked in `block_inputs`
         (parallel/mixed_precision.py casts their weights apart from the blocks')."""
+        return self.adaln_linears()
+
+    def adaln_linears(self) -> list[nn.Linear]:
+        """Each block's adaLN linear, in block order (`block_modulations` runs them as one GEMM)."""
         return [block.adaLN_modulation[-1] for block in self.blocks]
 
     def block_modulations(self, c_BD: torch.Tensor) -> list[tuple[torch.Tensor, ...]]:
@@ -131,7 +135,7 @@ class DiTBase(nn.Module):
         products as autocast's type promotion), so that their gradients are not cast back block by
         block; the gates multiply low-precision outputs and keep their dtype."""
         B, D = c_BD.shape
-        out = stacked_linear(F.silu(c_BD), [block.adaLN_modulation[-1] for block in self.blocks])
+        out = stacked_linear(F.silu(c_BD), self.adaln_linears())
         mods = out.view(B, -1, 3, D) + self.adaln_gain.to(out.dtype)  # (B, 2 * depth, 3, D)
         sg = mods[:, :, :2].float().reshape(B, -1, D).unbind(1)  # shift, gain of attention / FFN of each block
         gates = mods[:, :, 2].unbind(1)

@@ -150,14 +150,18 @@ class TextDiT(DiTBase):
         )
 
     def shared_linears(self) -> list[nn.Linear]:
-        return super().shared_linears() + [block.cross_attn.kv for block in self.blocks]
+        return super().shared_linears() + self.kv_linears()
+
+    def kv_linears(self) -> list[nn.Linear]:
+        """Each block's cross-attention ``kv`` linear, in block order (`cross_attention_kv`: one GEMM)."""
+        return [block.cross_attn.kv for block in self.blocks]
 
     def cross_attention_kv(self, text_BTD: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Every block's cross-attention (keys, values), each (B, H, T, d), from one GEMM over all blocks'
         ``kv`` weights (the caption tokens are the same for every block) and one unbind."""
         B, T, D = text_BTD.shape
         H = self.blocks[0].cross_attn.num_heads
-        kv = stacked_linear(text_BTD, [block.cross_attn.kv for block in self.blocks])
+        kv = stacked_linear(text_BTD, self.kv_linears())
         kvs = [t.transpose(1, 2) for t in kv.view(B, T, -1, H, D // H).unbind(2)]
         return [(kvs[i], kvs[i + 1]) for i in range(0, len(kvs), 2)]
 
