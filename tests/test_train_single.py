@@ -188,8 +188,8 @@ def test_train_cli_rejects_bad_values_before_starting(tmp_path):
 
 
 def test_ddpm_objective_trains_and_samples(digits, tmp_path):
-    """diffusion.objective=ddpm end to end (CI size: the loss falls, the grid is DDPM-sampled; the
-    legibility run is benchmarks/paper_table.py's DDPM pair)."""
+    """diffusion.objective=ddpm end to end (CI size: the loss falls, the grid is DDPM-sampled; that
+    DDPM learns legible digits is tests/test_legibility.py)."""
     run = tmp_path / "ddpm"
     trainer = _train(digits, run, 10, ["diffusion.objective=ddpm", "checkpoint.every=10"])
     assert trainer.model.learn_sigma and trainer.model.final_layer.linear.out_features == 2 * 2 * 2
