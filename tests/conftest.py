@@ -25,9 +25,11 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
-# Subprocess timeouts catch hangs, never slowness: a benchmark's quick mode that takes a few minutes
-# on quiet cores took 3-10x longer at load 7-36. Size them with this (seconds): a hang still ends the
-# test, a loaded machine does not fail it.
+# Timeouts catch hangs, never slowness: a benchmark's quick mode that takes a few minutes on quiet
+# cores took 3-10x longer at load 7-36, and a 2-rank run that takes 30 s quiet can take minutes on a
+# busy CI machine. Every limit of the suite (subprocesses, spawned ranks, SLURM jobs, waits for a
+# file or a state) is this (seconds): a hang still ends the test, a loaded machine does not fail it.
+# The one exception, tests/slow_save.py's wait for its release file, bounds a child process, not a test.
 HANG_TIMEOUT = 3600
 
 # The tiny DiT of every CPU run: 2 blocks of width 48 with 4 heads.
@@ -89,7 +91,7 @@ def make_shards(kind: str, out: Path) -> str:
     """``tools/make_shards.py KIND --out OUT`` (the captioned digits need the tool's text encoder), from
     any working directory."""
     cmd = [sys.executable, str(REPO / "tools" / "make_shards.py"), kind, "--out", str(out)]
-    subprocess.run(cmd, check=True, capture_output=True, cwd=REPO, timeout=600)
+    subprocess.run(cmd, check=True, capture_output=True, cwd=REPO, timeout=HANG_TIMEOUT)
     return str(out)
 
 

@@ -20,6 +20,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from conftest import HANG_TIMEOUT
+
 from diffmoe_dist.parallel.launch import free_port
 from diffmoe_dist.parallel.spawn import RanksError as DistributedTestError
 from diffmoe_dist.parallel.spawn import run_ranks
@@ -31,7 +33,7 @@ def run_distributed(
     fn: Callable[..., Any],
     world_size: int,
     *args: Any,
-    timeout: float = 120.0,
+    timeout: float = HANG_TIMEOUT,
     init_process_group: bool = True,
 ) -> list[Any]:
     """Runs ``fn(rank, world_size, *args)`` on ``world_size`` spawned processes (the package's

@@ -1,4 +1,5 @@
 import pytest
+from conftest import HANG_TIMEOUT
 
 from diffmoe_dist.config import ConfigError, config_from_dict, load_config, save_config
 from diffmoe_dist.data.check import check_files
@@ -372,7 +373,7 @@ def test_train_cli_as_a_torchrun_rank_prints_one_line_and_exits_2_before_any_gro
     env = {**os.environ, "RANK": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "9"}
     over = [f"data.path={path}"] + ([] if bad == "damaged_shard" else [bad])
     cmd = [sys.executable, "-m", "diffmoe_dist.train.cli", "--config", "configs/local/diffmoe-tiny.yaml", *over]
-    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=HANG_TIMEOUT)
     assert res.returncode == 2, res.stderr[-2000:]
     assert res.stderr.count("\n") == 1 and res.stderr.startswith("diffmoe-train: error: "), res.stderr
 

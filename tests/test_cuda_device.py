@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import HANG_TIMEOUT
 
 from diffmoe_dist.config import ConfigError
 from diffmoe_dist.config.environment import gpus_expected, validate_cuda
@@ -60,7 +61,7 @@ def test_trainer_under_torchrun_refuses_cuda_in_one_line_before_any_process_grou
     env = {**os.environ, "PYTHONPATH": str(REPO), "RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0"}
     env.update(LOCAL_WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT="1", DIFFMOE_FILES_CHECKED="1")
     cmd = [sys.executable, "-m", "diffmoe_dist.train.cli", *CONFIG, "parallel.device=cuda"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env, timeout=HANG_TIMEOUT)
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "parallel.device='cuda' is invalid" in _one_error_line(proc.stderr)
 
@@ -72,7 +73,7 @@ def test_gpu_job_launcher_refuses_a_cpu_build_in_one_line_before_any_rank(gpus, 
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "CUDA_VISIBLE"))}
     env.update(SLURM_JOB_ID="4242", SLURM_NTASKS="4", CONFIG="configs/local/diffmoe-tiny.yaml", RUNS=str(tmp_path))
     cmd = ["bash", str(REPO / "launchers/t2i_256gpu.sh"), f"parallel.device={device}"]
-    proc = subprocess.run(cmd, env={**env, **gpus}, cwd=REPO, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(cmd, env={**env, **gpus}, cwd=REPO, capture_output=True, text=True, timeout=HANG_TIMEOUT)
     assert proc.returncode == 2, proc.stderr[-3000:]
     line = _one_error_line(proc.stderr)
     assert f"parallel.device='{device}' is invalid" in line and "is a CPU build" in line, line

@@ -20,6 +20,7 @@ from pathlib import Path
 import conftest
 import pytest
 import torch
+from conftest import HANG_TIMEOUT
 from device_audit import CollectiveAudit
 from distributed import run_distributed
 
@@ -48,7 +49,7 @@ def _audited_training(rank, world_size, digits, run_dir):
 
 @pytest.mark.slow
 def test_every_collective_gets_a_tensor_placed_on_its_groups_device(digits, tmp_path):
-    results = run_distributed(_audited_training, 2, digits, str(tmp_path / "run"), timeout=300)
+    results = run_distributed(_audited_training, 2, digits, str(tmp_path / "run"), timeout=HANG_TIMEOUT)
     for rank, (_, _, errors) in enumerate(results):
         assert not errors, f"rank {rank}:\n" + "\n".join(errors)
     ops, calls, _ = results[0]
@@ -151,7 +152,7 @@ def test_forward_loss_and_logging_stay_on_a_non_host_device():
         env=env,
         capture_output=True,
         text=True,
-        timeout=conftest.HANG_TIMEOUT,
+        timeout=HANG_TIMEOUT,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr[-4000:]
     assert proc.stdout.count("fake-accel ok") == 2, proc.stdout
@@ -179,7 +180,7 @@ def test_distributed_path_forced_at_world_size_1_matches_one_process(digits, tmp
     # How one GPU tests the NCCL path (tests/gpu/): parallelize, the dp pool, the all-to-all and
     # every collective run at world size 1, and give what one process gives.
     [(losses, ops, errors, dispatcher, pool)] = run_distributed(
-        _forced_distributed_steps, 1, digits, str(tmp_path / "run"), timeout=300
+        _forced_distributed_steps, 1, digits, str(tmp_path / "run"), timeout=HANG_TIMEOUT
     )
     assert (dispatcher, pool) == ("AllToAllDispatcher", "DistributedPool")
     for op in ("all_reduce", "all_gather_single", "all_to_all_single", "broadcast"):

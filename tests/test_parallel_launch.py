@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch.distributed as dist
+from conftest import HANG_TIMEOUT
 from distributed import run_distributed
 
 from diffmoe_dist.parallel import (
@@ -220,7 +221,7 @@ def test_mpirun_launch_broadcasts_master_and_builds_groups():
     }
     env["OMP_NUM_THREADS"] = "1"
     cmd = [mpirun, "--allow-run-as-root", "--oversubscribe", "-n", "2", sys.executable, "-c", MPI_SCRIPT]
-    out = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=120)
+    out = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=HANG_TIMEOUT)
     assert out.returncode == 0, out.stderr[-3000:]
     lines = sorted(line for line in out.stdout.splitlines() if line.startswith("RESULT"))
     assert lines == ["RESULT mpi 0 2 0 (0,)", "RESULT mpi 1 2 1 (1,)"]

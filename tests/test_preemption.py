@@ -12,6 +12,7 @@ import time
 import conftest
 import pytest
 import torch
+from conftest import HANG_TIMEOUT
 from distributed import start_training_ranks, wait_all
 
 from diffmoe_dist import checkpoint as ckpt
@@ -37,7 +38,7 @@ def logs(log_dir) -> str:
     return "\n".join(open(os.path.join(log_dir, f)).read() for f in sorted(os.listdir(log_dir)))
 
 
-def train(run_dir, log_dir, extra=(), world_size=4, timeout=240.0, signal_after=None, signal_ranks=(), sig=None):
+def train(run_dir, log_dir, extra=(), world_size=4, timeout=HANG_TIMEOUT, signal_after=None, signal_ranks=(), sig=None):
     procs = start_training_ranks(world_size, [*TINY, f"train.run_dir={run_dir}", *extra], str(log_dir))
     if signal_after is not None:
         metrics = os.path.join(run_dir, "metrics.jsonl")
@@ -104,7 +105,7 @@ def test_sigusr1_and_time_limit_stop_single_process_with_exit_75(digits, tmp_pat
     while not (metrics.is_file() and metrics.read_text().count("\n") >= 1) and proc.poll() is None:
         time.sleep(0.05)
     proc.send_signal(signal.SIGUSR1)
-    out, _ = proc.communicate(timeout=120)
+    out, _ = proc.communicate(timeout=HANG_TIMEOUT)
     assert proc.returncode == EXIT_REQUEUE, out
     assert "SIGUSR1: stopped at step" in out
     stopped_at = ckpt.read_meta(ckpt.find_resumable(str(run / "checkpoints")))["step"]
@@ -112,7 +113,7 @@ def test_sigusr1_and_time_limit_stop_single_process_with_exit_75(digits, tmp_pat
 
     # ~0.6 s: the run stops (and saves) as soon as the next step would cross the limit
     out = subprocess.run(
-        [*cmd, *common, "train.max_minutes=0.01"], env=env, capture_output=True, text=True, timeout=120
+        [*cmd, *common, "train.max_minutes=0.01"], env=env, capture_output=True, text=True, timeout=HANG_TIMEOUT
     )
     assert out.returncode == EXIT_REQUEUE, out.stdout + out.stderr
     assert "time limit (train.max_minutes)" in out.stdout
@@ -165,7 +166,7 @@ def test_training_goes_on_during_an_async_save_and_sigterm_waits_for_it_then_sav
         2, [*TINY, f"train.run_dir={run}", *extra], str(tmp_path / "log"), env=env, script=("tests/slow_save.py",)
     )
     try:
-        deadline = time.monotonic() + 240
+        deadline = time.monotonic() + HANG_TIMEOUT
         while not ((run / "metrics.jsonl").is_file() and len((run / "metrics.jsonl").read_text().splitlines()) >= 3):
             assert time.monotonic() < deadline and all(p.poll() is None for p in procs), logs(tmp_path / "log")
             time.sleep(0.05)
@@ -177,7 +178,7 @@ def test_training_goes_on_during_an_async_save_and_sigterm_waits_for_it_then_sav
         time.sleep(2)
         assert all(p.poll() is None for p in procs), "a stop must wait for the save in flight"
         release.touch()
-        codes = wait_all(procs, 240)
+        codes = wait_all(procs, HANG_TIMEOUT)
     finally:
         release.touch()
         for p in procs:

@@ -7,6 +7,7 @@ import threading
 
 import pytest
 import torch
+from conftest import HANG_TIMEOUT
 
 from diffmoe_dist.parallel.radix_select import (
     bit_widths,
@@ -69,7 +70,7 @@ def _run_ranks(parts: list[torch.Tensor], k_of, widths, extra=None) -> tuple[lis
     for t in threads:
         t.start()
     for t in threads:
-        t.join(timeout=60)
+        t.join(timeout=HANG_TIMEOUT)
     if errors:
         raise errors[0]
     return out, group

@@ -11,6 +11,7 @@ import sys
 
 import conftest
 import pytest
+from conftest import HANG_TIMEOUT
 
 from diffmoe_dist.checkpoint.identity import check_identity, data_manifest_hash
 from diffmoe_dist.checkpoint.ownership import RunDirError, RunHistory
@@ -95,7 +96,7 @@ def test_the_cli_refuses_a_huge_batch_before_writing_anything(digits, tmp_path):
     cmd = [sys.executable, "-m", "diffmoe_dist.train.cli", "--config", TINY_YAML, *conftest.TINY]
     cmd += [f"data.path={digits}", f"train.run_dir={run}", "data.global_batch_size=1000000000000"]
     cmd += ["parallel.expert_parallel_size=1"]
-    out = subprocess.run(cmd, capture_output=True, text=True, cwd=conftest.REPO, timeout=300)
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=conftest.REPO, timeout=HANG_TIMEOUT)
     assert out.returncode == 2 and "data.global_batch_size" in out.stderr, out.stderr
     assert len(out.stderr.strip().splitlines()) == 1 and not run.exists()
 

@@ -21,6 +21,7 @@ from pathlib import Path
 import conftest
 import pytest
 import torch
+from conftest import HANG_TIMEOUT
 from distributed import run_distributed
 
 from diffmoe_dist import checkpoint as ckpt
@@ -36,7 +37,7 @@ def command(digits, run_dir, *overrides, script=("-m", "diffmoe_dist.train.cli")
             f"data.path={digits}", f"train.run_dir={run_dir}", *overrides]  # fmt: skip
 
 
-def train(digits, run_dir, *overrides, timeout=180) -> subprocess.CompletedProcess:
+def train(digits, run_dir, *overrides, timeout=HANG_TIMEOUT) -> subprocess.CompletedProcess:
     return subprocess.run(
         command(digits, run_dir, *overrides), env=ENV, cwd=REPO, capture_output=True, text=True, timeout=timeout
     )
@@ -172,7 +173,7 @@ def _save_with_a_full_disk(rank, world_size, root):
 
 def test_a_failed_save_removes_its_temporary_directory_on_every_rank(tmp_path):
     root = tmp_path / "checkpoints"
-    errors = run_distributed(_save_with_a_full_disk, 2, str(root), timeout=60)
+    errors = run_distributed(_save_with_a_full_disk, 2, str(root), timeout=HANG_TIMEOUT)
     assert errors[0] == errors[1] and "saving step 2 failed (rank 1:" in errors[0] and "removed" in errors[0]
     assert not [d for d in os.listdir(root) if d.startswith(".tmp")]  # the disk is not kept full
     assert (root / "latest").read_text().strip() == "step_0000001"
@@ -184,7 +185,7 @@ def test_one_live_owner_a_second_is_refused_a_dead_ones_lock_is_taken_over(digit
     first = subprocess.Popen(command(digits, run, "train.steps=100000", "checkpoint.every=5"), env=ENV, cwd=REPO,
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
     try:
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + HANG_TIMEOUT
         while not (run / "checkpoints" / "latest").is_file():
             assert first.poll() is None and time.monotonic() < deadline, first.stdout.read()
             time.sleep(0.1)
@@ -253,7 +254,7 @@ def _run_with_slow_saves(digits, run, tmp_path, *overrides):
 
 
 def _wait_for_save(proc, marker: Path) -> None:
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + HANG_TIMEOUT
     while not marker.is_file():
         assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()
         time.sleep(0.05)
@@ -264,7 +265,7 @@ def test_a_signal_during_the_final_save_neither_kills_it_nor_fails_a_finished_ru
     proc = _run_with_slow_saves(digits, run, tmp_path, "train.steps=2")
     _wait_for_save(proc, tmp_path / "saving-rank0.pid")
     proc.send_signal(signal.SIGTERM)  # a requeue or preemption arriving during the final save
-    out, _ = proc.communicate(timeout=120)
+    out, _ = proc.communicate(timeout=HANG_TIMEOUT)
     assert proc.returncode == 0, out[-3000:]  # finished: not a crash, not "requeue me"
     assert ckpt.read_meta(ckpt.find_resumable(str(run / "checkpoints")))["step"] == 2
     assert not [d for d in os.listdir(run / "checkpoints") if d.startswith(".tmp")]
@@ -279,7 +280,7 @@ def test_a_second_signal_during_the_stop_save_still_saves_and_exits_75(digits, t
     proc.send_signal(signal.SIGUSR1)  # the time-limit warning: stop and save ...
     _wait_for_save(proc, tmp_path / "saving-rank0.pid")
     proc.send_signal(signal.SIGTERM)  # ... and the scheduler's SIGTERM arrives during that save
-    out, _ = proc.communicate(timeout=120)
+    out, _ = proc.communicate(timeout=HANG_TIMEOUT)
     assert proc.returncode == 75, out[-3000:]
     assert "SIGUSR1: stopped at step" in out
     stopped = int(out.split("stopped at step ")[1].split(",")[0])

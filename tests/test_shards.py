@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import HANG_TIMEOUT
 
 from diffmoe_dist.data.digits import load_digits_split
 from diffmoe_dist.data.shards import load_indexed, read_manifest, stream, write_shards
@@ -207,7 +208,7 @@ def test_the_full_shard_check_runs_once_per_manifest_and_a_restart_reads_the_rec
         f"train.run_dir={tmp_path}/run",
     ]
     out = subprocess.run(
-        [sys.executable, "-c", code, *argv], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120
+        [sys.executable, "-c", code, *argv], cwd=REPO_ROOT, capture_output=True, text=True, timeout=HANG_TIMEOUT
     )
     assert out.stdout.strip().splitlines()[-1] == "0 []", out.stdout + out.stderr
     manifest = json.loads((train / "manifest.json").read_text())

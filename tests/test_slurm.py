@@ -24,6 +24,7 @@ from pathlib import Path
 
 import conftest
 import pytest
+from conftest import HANG_TIMEOUT
 from slurm.cluster import ENDED
 
 REPO = Path(__file__).resolve().parents[1]
@@ -106,7 +107,7 @@ def reference_run(slurm_cluster, tmp_path_factory):
     """An uninterrupted job through c2i.sh (the class-conditional twin): the bitwise reference."""
     tmp = tmp_path_factory.mktemp("reference")
     job = submit(slurm_cluster, tmp, "reference", "c2i.sh", LONG)
-    info = slurm_cluster.wait_job(job, timeout=300)
+    info = slurm_cluster.wait_job(job, timeout=HANG_TIMEOUT)
     return {"info": info, "dir": tmp, "log": output(tmp, "reference", job)}
 
 
@@ -129,9 +130,9 @@ def interrupted_run(cluster, tmp_path: Path, name: str, interrupt, overrides=())
     job = submit(cluster, tmp_path, name, "t2i_256gpu.sh", [*LONG, *overrides])
     run_dir = tmp_path / "runs" / name
     first = run_dir / "checkpoints" / f"step_{EVERY:07d}"
-    wait_for(first.is_dir, 240, cluster, job, f"checkpoint {first.name}")
+    wait_for(first.is_dir, HANG_TIMEOUT, cluster, job, f"checkpoint {first.name}")
     interrupt(job)
-    info = cluster.wait_job(job, timeout=300)
+    info = cluster.wait_job(job, timeout=HANG_TIMEOUT)
     return info, output(tmp_path, name, job), run_dir
 
 
@@ -214,7 +215,7 @@ def test_preemption_requeues_and_resumes_bitwise(slurm_cluster, reference_run, t
     def preempt(job):
         urgent = slurm_cluster.sbatch("-p", "urgent", "--nodes=2", "--exclusive", f"--output={tmp_path}/urgent.out",
                                       "--wrap", "sleep 1", cwd=tmp_path)  # fmt: skip
-        assert slurm_cluster.wait_job(urgent, timeout=120)["JobState"] == "COMPLETED"
+        assert slurm_cluster.wait_job(urgent, timeout=HANG_TIMEOUT)["JobState"] == "COMPLETED"
 
     info, log, run_dir = interrupted_run(slurm_cluster, tmp_path, "preempted", preempt)
     assert info["JobState"] == "COMPLETED" and int(info["Restarts"]) >= 1, log[-3000:]
@@ -252,14 +253,14 @@ def submit_stub(cluster, tmp_path: Path, name: str) -> int:
     (tmp_path / "stub.py").write_text(STUB)
     env = {"STUB_DIR": str(tmp_path), "DIFFMOE_TRAIN": f"python {tmp_path / 'stub.py'}"}
     job = submit(cluster, tmp_path, name, "t2i_256gpu.sh", ["train.seed=3"], env=env)
-    wait_for(lambda: len(list(tmp_path.glob("r0-rank*.argv"))) == 4, 120, cluster, job, "4 stub ranks")
+    wait_for(lambda: len(list(tmp_path.glob("r0-rank*.argv"))) == 4, HANG_TIMEOUT, cluster, job, "4 stub ranks")
     return job
 
 
 def test_usr1_reaches_every_rank_and_exit_75_requeues_the_job(slurm_cluster, tmp_path):
     job = submit_stub(slurm_cluster, tmp_path, "stub-usr1")
     slurm_cluster.cmd("scancel", "--batch", "--signal=USR1", str(job))
-    info = slurm_cluster.wait_job(job, timeout=120)
+    info = slurm_cluster.wait_job(job, timeout=HANG_TIMEOUT)
     assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", output(tmp_path, "stub-usr1", job)
     got = {p.name.split(".")[0]: p.read_text() for p in tmp_path.glob("r0-rank*.SIGUSR1")}
     assert got == {"r0-rank0": "0", "r0-rank1": "0", "r0-rank2": "1", "r0-rank3": "1"}
@@ -272,7 +273,7 @@ def test_usr1_reaches_every_rank_and_exit_75_requeues_the_job(slurm_cluster, tmp
 def test_scancel_sigterm_reaches_ranks_and_does_not_requeue(slurm_cluster, tmp_path):
     job = submit_stub(slurm_cluster, tmp_path, "stub-term")
     slurm_cluster.cmd("scancel", str(job))
-    info = slurm_cluster.wait_job(job, timeout=120)
+    info = slurm_cluster.wait_job(job, timeout=HANG_TIMEOUT)
     log = output(tmp_path, "stub-term", job)
     assert info["JobState"] == "CANCELLED" and info["Restarts"] == "0", log
     assert len(list(tmp_path.glob("r0-rank*.SIGTERM"))) == 4
@@ -285,7 +286,7 @@ def test_cyclic_layout_that_splits_ep_groups_is_refused_at_start_up(slurm_cluste
     # the same line before building a model, and the job fails fast.
     overrides = [*TINY, "train.steps=2", "parallel.expert_parallel_size=2"]
     job = submit(slurm_cluster, tmp_path, "cyclic", "t2i_256gpu.sh", overrides, sbatch_args=["--distribution=cyclic"])
-    info = slurm_cluster.wait_job(job, timeout=240)
+    info = slurm_cluster.wait_job(job, timeout=HANG_TIMEOUT)
     log = output(tmp_path, "cyclic", job)
     assert task_placement(log) == {0: 0, 1: 1, 2: 0, 3: 1}, log[-3000:]
     assert info["JobState"] == "FAILED", (info, log[-3000:])
@@ -310,11 +311,17 @@ def test_two_jobs_of_one_name_the_second_is_refused_and_the_first_finishes_intac
     first = submit(slurm_cluster, tmp_path, "twins", "t2i_256gpu.sh", first_args, env=slow, sbatch_args=ONE_NODE)
     run_dir = tmp_path / "runs" / "twins"
     try:
-        wait_for((run_dir / "checkpoints" / "step_0000005").is_dir, 240, slurm_cluster, first, "the first checkpoint")
+        wait_for(
+            (run_dir / "checkpoints" / "step_0000005").is_dir,
+            HANG_TIMEOUT,
+            slurm_cluster,
+            first,
+            "the first checkpoint",
+        )
         # the common mistake: the same name again, here with another learning rate
         second = submit(slurm_cluster, tmp_path, "twins", "t2i_256gpu.sh", [*TINY, f"train.steps={steps}",
                         "optim.lr=2e-3"], sbatch_args=ONE_NODE)  # fmt: skip
-        info = slurm_cluster.wait_job(second, timeout=240)
+        info = slurm_cluster.wait_job(second, timeout=HANG_TIMEOUT)
         log = output(tmp_path, "twins", second)
         errors = [line for line in log.splitlines() if "diffmoe-train: error:" in line]
         assert info["JobState"] == "FAILED" and info["Restarts"] == "0", log[-3000:]
@@ -322,7 +329,7 @@ def test_two_jobs_of_one_name_the_second_is_refused_and_the_first_finishes_intac
         assert "requeueing" not in log and slurm_cluster.job(first)["JobState"] == "RUNNING"
     finally:
         release.touch()  # never leave the first job holding a node
-    info = slurm_cluster.wait_job(first, timeout=240)
+    info = slurm_cluster.wait_job(first, timeout=HANG_TIMEOUT)
     log = output(tmp_path, "twins", first)
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", log[-3000:]
     # the first run is whole: its metrics in order, once each; its config; its checkpoints; its history
@@ -344,7 +351,7 @@ def test_a_signal_to_one_node_during_the_final_save_ends_completed_and_is_not_re
     job = submit(slurm_cluster, tmp_path, "late", "t2i_256gpu.sh", [*TINY, f"train.steps={steps}",
                  "checkpoint.every=0"], env=slow)  # fmt: skip
     markers = [tmp_path / f"saving-rank{r}.pid" for r in range(4)]
-    wait_for(lambda: all(m.is_file() for m in markers), 240, slurm_cluster, job, "the final save on all ranks")
+    wait_for(lambda: all(m.is_file() for m in markers), HANG_TIMEOUT, slurm_cluster, job, "the final save on all ranks")
     # node 1's ranks get USR1 first (a signal reaching one node before the other), then the batch
     # shell gets the time-limit warning (--signal=B:USR1) and forwards it to every rank
     node1 = [int(pid) for pid, node in (m.read_text().split() for m in markers) if node == "1"]
@@ -353,7 +360,7 @@ def test_a_signal_to_one_node_during_the_final_save_ends_completed_and_is_not_re
         os.kill(pid, signal.SIGUSR1)
     time.sleep(0.25)
     slurm_cluster.cmd("scancel", "--batch", "--signal=USR1", str(job))
-    info = slurm_cluster.wait_job(job, timeout=240)
+    info = slurm_cluster.wait_job(job, timeout=HANG_TIMEOUT)
     log = output(tmp_path, "late", job)
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0" and info["Restarts"] == "0", log[-3000:]
     assert "requeueing" not in log and "SIGUSR1 received" in log, log[-3000:]
@@ -374,14 +381,16 @@ def test_a_requeued_job_keeps_its_run_while_pending_and_a_second_job_is_refused(
     first = submit(slurm_cluster, tmp_path, "owned", "t2i_256gpu.sh", [*TINY, f"train.steps={steps}",
                    "checkpoint.every=5"], sbatch_args=ONE_NODE)  # fmt: skip
     run_dir = tmp_path / "runs" / "owned"
-    wait_for((run_dir / "checkpoints" / "step_0000005").is_dir, 240, slurm_cluster, first, "the first checkpoint")
+    wait_for(
+        (run_dir / "checkpoints" / "step_0000005").is_dir, HANG_TIMEOUT, slurm_cluster, first, "the first checkpoint"
+    )
     slurm_cluster.cmd("scontrol", "requeuehold", str(first))
-    wait_for(lambda: slurm_cluster.job(first).get("JobState") == "PENDING", 240, what="job A pending")
+    wait_for(lambda: slurm_cluster.job(first).get("JobState") == "PENDING", HANG_TIMEOUT, what="job A pending")
     assert (run_dir / "owner.lock").exists()  # kept across exit 75
     second = submit(slurm_cluster, tmp_path, "owned", "t2i_256gpu.sh", [*TINY, f"train.steps={steps}",
                     "optim.lr=5e-4"], sbatch_args=ONE_NODE)  # fmt: skip
     try:
-        info = slurm_cluster.wait_job(second, timeout=240)
+        info = slurm_cluster.wait_job(second, timeout=HANG_TIMEOUT)
     except TimeoutError:
         raw = slurm_cluster.cmd("scontrol", "show", "job", "-o", str(second), check=False)
         raise AssertionError(f"{raw!r} {slurm_cluster.cmd('squeue', check=False)}") from None
@@ -390,7 +399,7 @@ def test_a_requeued_job_keeps_its_run_while_pending_and_a_second_job_is_refused(
     assert info["JobState"] == "FAILED" and len(errors) == 1 and f"is in use by slurm job {first}" in errors[0], log
     assert "Traceback" not in log and "[diffmoe] resumed" not in log
     slurm_cluster.cmd("scontrol", "release", str(first))
-    info = slurm_cluster.wait_job(first, timeout=300)
+    info = slurm_cluster.wait_job(first, timeout=HANG_TIMEOUT)
     log = output(tmp_path, "owned", first)
     assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", log[-3000:]
     with open(run_dir / "checkpoints" / "history.jsonl") as f:
@@ -426,9 +435,12 @@ def test_256gpu_job_as_2_nodes_of_8_requeues_and_resumes_bitwise(slurm_cluster, 
     job, ref = sbatch("req2x8"), sbatch("ref2x8")  # the requeued job first: it holds the nodes
     run_dir = tmp_path / "runs" / "req2x8"
     first = run_dir / "checkpoints" / f"step_{EVERY:07d}"  # mid-run: the requeue lands before the end
-    wait_for(first.is_dir, 900, slurm_cluster, job, f"checkpoint {first.name}")
+    wait_for(first.is_dir, HANG_TIMEOUT, slurm_cluster, job, f"checkpoint {first.name}")
     slurm_cluster.cmd("scontrol", "requeue", str(job))
-    info, ref_info = slurm_cluster.wait_job(job, timeout=1200), slurm_cluster.wait_job(ref, timeout=1200)
+    info, ref_info = (
+        slurm_cluster.wait_job(job, timeout=HANG_TIMEOUT),
+        slurm_cluster.wait_job(ref, timeout=HANG_TIMEOUT),
+    )
     log = output(tmp_path, "req2x8", job)
     assert ref_info["JobState"] == "COMPLETED", output(tmp_path, "ref2x8", ref)[-3000:]
     assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", log[-3000:]

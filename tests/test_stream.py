@@ -14,6 +14,7 @@ import conftest
 import numpy as np
 import pytest
 import torch
+from conftest import HANG_TIMEOUT
 from distributed import run_distributed, start_training_ranks, wait_all
 
 from diffmoe_dist import checkpoint as ckpt
@@ -134,7 +135,7 @@ def _train_and_save(rank, world_size, digits, run_dir):
 @pytest.mark.slow
 def test_a_trainer_checkpoint_at_two_ranks_resumes_the_stream_at_one(digits, tmp_path):
     ref = _global_batches([_indexed(digits, 32, 0, 1, seed=0)], 5)
-    parts = run_distributed(_train_and_save, 2, str(digits), str(tmp_path), timeout=180)
+    parts = run_distributed(_train_and_save, 2, str(digits), str(tmp_path), timeout=HANG_TIMEOUT)
     for s in range(3):
         assert parts[0][s] + parts[1][s] == ref[s]["y"].tolist()
     trainer = _stream_trainer(digits, tmp_path, 1, "auto")
@@ -169,7 +170,7 @@ def test_ranks_never_differ_in_step_count_at_the_epoch_boundary(tmp_path):
     write_shards(tmp_path, samples, samples_per_shard=4)  # 6 shards, no index: header scans
     # 23 samples, 2 ranks x 3: webdataset's shard split gave 12 vs 11; here every step has 3 + 3,
     # through 3 epoch boundaries, and no rank stops while the other waits in the collective.
-    results = run_distributed(_count_steps, 2, str(tmp_path), 12, timeout=180)
+    results = run_distributed(_count_steps, 2, str(tmp_path), 12, timeout=HANG_TIMEOUT)
     assert results[0] == results[1] == ([6] * 12, 3)
 
 
@@ -191,14 +192,14 @@ def test_workers_outlive_the_stop_signals_that_reach_the_whole_job(digits):
     # hook SIGTERMs daemonic workers and joins them: ignored, that join would never return).
     code = ("import sys; sys.path.insert(0, 'tests'); from test_stream import _stream as s; "
             "s(sys.argv[1], 8, 0, 1, num_workers=2).next_batch()")  # fmt: skip
-    subprocess.run([sys.executable, "-c", code, str(digits / "train")], cwd=REPO_ROOT, check=True, timeout=120)
+    subprocess.run([sys.executable, "-c", code, str(digits / "train")], cwd=REPO_ROOT, check=True, timeout=HANG_TIMEOUT)
 
 
 def test_a_process_that_drops_a_stream_trainer_unclosed_still_exits():
     # Found by the suite itself: after the 20-step test's dropped Trainer, pytest finished and then
     # waited forever in multiprocessing's exit hook, joining workers that ignore its SIGTERM.
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", "twenty_step_run"]
-    res = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    res = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=HANG_TIMEOUT)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
 
 
@@ -258,7 +259,7 @@ def test_a_missing_or_corrupt_shard_is_one_line_naming_it(digits, tmp_path):
     env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="9", OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "diffmoe_dist.train.cli", "--config", "configs/local/diffmoe-tiny.yaml"]
     out = subprocess.run(
-        [*cmd, f"data.path={bad}"], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120
+        [*cmd, f"data.path={bad}"], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=HANG_TIMEOUT
     )
     assert out.returncode == 2
     lines = out.stderr.strip().splitlines()
@@ -286,14 +287,14 @@ def test_a_shard_that_goes_bad_mid_run_stops_every_rank_after_a_save_with_one_li
             "data.shuffle_window=2"]  # fmt: skip  # windows of 2 shards: each rank reads one of them a step
     procs = start_training_ranks(2, over, str(tmp_path / "log"))
     metrics = run / "metrics.jsonl"
-    deadline = time.monotonic() + 240
+    deadline = time.monotonic() + HANG_TIMEOUT
     while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 2):
         assert time.monotonic() < deadline and all(p.poll() is None for p in procs)
         time.sleep(0.05)
     originals = {shard: shard.read_bytes() for shard in (data / "train").glob("*.tar")}
     for shard in originals:  # the file server loses them: every read comes back short
         os.truncate(shard, 0)
-    codes = wait_all(procs, 240)  # never a hang: every rank learns it in the stop check
+    codes = wait_all(procs, HANG_TIMEOUT)  # never a hang: every rank learns it in the stop check
     stopped = _one_shard_error(tmp_path / "log", codes)
     latest = ckpt.find_resumable(str(run / "checkpoints"))
     assert ckpt.read_meta(latest)["step"] == stopped >= 2 and ckpt.verify(latest)
@@ -312,7 +313,7 @@ def test_a_shard_that_goes_bad_mid_run_stops_every_rank_after_a_save_with_one_li
     for workers in (1, 0):
         log = tmp_path / f"log-first-{workers}"
         procs = start_training_ranks(2, [*over, f"data.num_workers={workers}"], str(log))
-        codes = wait_all(procs, 240)
+        codes = wait_all(procs, HANG_TIMEOUT)
         assert _one_shard_error(log, codes, bad.name) == stopped
         assert ckpt.find_resumable(str(run / "checkpoints")) == latest  # nothing trained, nothing new saved
 
@@ -398,7 +399,7 @@ def test_the_256gpu_twin_trains_on_two_ranks_with_vae_decoded_grids_in_png_and_w
     procs = start_training_ranks(
         2, over, str(tmp_path / "logs"), config="configs/local/t2i-256gpu-twin.yaml", env=wandb_env
     )
-    codes = wait_all(procs, timeout=400)
+    codes = wait_all(procs, timeout=HANG_TIMEOUT)
     logs = "".join((tmp_path / "logs" / f"rank{r}.log").read_text() for r in range(2))
     assert codes == [0, 0], logs[-3000:]
 

@@ -16,6 +16,7 @@ import warnings
 import conftest
 import pytest
 import torch
+from conftest import HANG_TIMEOUT
 from distributed import run_distributed
 
 from diffmoe_dist.config import load_config
@@ -64,7 +65,7 @@ def _train_rank(rank: int, world_size: int, digits: str, run_dir: str) -> None:
 def tiny_run(tmp_path_factory, digits):
     """A 3-step run on 2 ranks, EP 2, pool dp, routing telemetry every step."""
     run_dir = str(tmp_path_factory.mktemp("tools") / "run")
-    run_distributed(_train_rank, 2, digits, run_dir, timeout=300)
+    run_distributed(_train_rank, 2, digits, run_dir, timeout=HANG_TIMEOUT)
     return run_dir
 
 
@@ -195,7 +196,7 @@ def test_a2a_bench_under_torchrun_reports_latency_bandwidth_and_fit(tmp_path):
     cmd = [torchrun, "--standalone", "--nproc-per-node", "2", "tools/a2a_bench.py"]
     cmd += ["--sizes", "1K,64K", "--iters", "3", "--warmup", "1", "--dtype", "fp32", "--out", str(tmp_path)]
     proc = subprocess.run(
-        cmd, cwd=REPO, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=120
+        cmd, cwd=REPO, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=HANG_TIMEOUT
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads((tmp_path / "a2a_bench.json").read_text())

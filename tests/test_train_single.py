@@ -9,6 +9,7 @@ import sys
 import conftest
 import pytest
 import torch
+from conftest import HANG_TIMEOUT
 
 from diffmoe_dist.config import load_config
 from diffmoe_dist.eval import classifier as classifier_mod
@@ -90,7 +91,9 @@ def test_train_and_eval_print_step_and_phase_lines_into_a_file_and_the_clis_read
     overrides = [*TINY, f"data.path={digits}", f"train.run_dir={run}", "train.steps=2", "checkpoint.every=3"]
     cmd = [sys.executable, "-m", "diffmoe_dist.train.cli", "--config", "configs/local/diffmoe-tiny.yaml", *overrides]
     with open(log, "w") as out:
-        subprocess.run(cmd, check=True, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=conftest.REPO, timeout=600)
+        subprocess.run(
+            cmd, check=True, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=conftest.REPO, timeout=HANG_TIMEOUT
+        )
     lines = log.read_text().splitlines()
     steps = [(int(m.group(1)), m.group(2) is not None) for m in map(STEP_LINE.match, lines) if m]
     assert steps == [(1, False), (2, True)], "\n".join(lines)  # logging.log_every=1; step times from step 2
