@@ -131,15 +131,13 @@ def test_bad_launcher_values_fail_with_the_variable_name():
             4,
             6,
             4,
-            "parallel.expert_parallel_size=4 is invalid: must divide moe.num_experts=6 "
-            "(use one of 1, 2, 3, 6)",
+            "parallel.expert_parallel_size=4 is invalid: must divide moe.num_experts=6 (use one of 1, 2, 3, 6)",
         ),
         (
             6,
             8,
             4,
-            "parallel.expert_parallel_size=4 is invalid: must divide the world size 6 "
-            "(use one of 1, 2, 3, 6)",
+            "parallel.expert_parallel_size=4 is invalid: must divide the world size 6 (use one of 1, 2, 3, 6)",
         ),
         (4, 8, 0, "parallel.expert_parallel_size=0 is invalid: use a positive integer such as 1"),
     ],
@@ -216,9 +214,7 @@ destroy_distributed()
 @pytest.mark.skipif(shutil.which("mpirun", path=str(Path(sys.executable).parent)) is None, reason="no mpirun")
 def test_mpirun_launch_broadcasts_master_and_builds_groups():
     mpirun = shutil.which("mpirun", path=str(Path(sys.executable).parent))
-    env = {
-        k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-    }
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
     env["OMP_NUM_THREADS"] = "1"
     cmd = [mpirun, "--allow-run-as-root", "--oversubscribe", "-n", "2", sys.executable, "-c", MPI_SCRIPT]
     out = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=HANG_TIMEOUT)

@@ -122,9 +122,7 @@ def _check_layer(
     assert torch.equal(mask, ref["mask"][rows]), f"{what}: selected (token, expert) set differs"
     torch.testing.assert_close(y, ref["y"][rows], **TOL, msg=lambda m: f"{what}: output: {m}")
     # d(global mean)/dx_r = (1/W) d(local mean)/dx_r: selection is not differentiable.
-    torch.testing.assert_close(
-        x.grad / world_size, ref["x_grad"][rows], **TOL, msg=lambda m: f"{what}: dx: {m}"
-    )
+    torch.testing.assert_close(x.grad / world_size, ref["x_grad"][rows], **TOL, msg=lambda m: f"{what}: dx: {m}")
     tau = layer.capacity_predictor.threshold_E
     torch.testing.assert_close(tau, ref["tau"], **TOL, msg=lambda m: f"{what}: threshold: {m}")
     local = range(layer.experts.offset, layer.experts.offset + layer.experts.num_local)

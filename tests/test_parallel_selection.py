@@ -17,9 +17,7 @@ from diffmoe_dist.parallel.radix_select import key_to_float, order_preserving_ke
 
 
 def test_order_preserving_key_sorts_like_floats_and_round_trips():
-    x = torch.tensor(
-        [-math.inf, -3.5, -1.0, -1e-30, -0.0, 0.0, 1e-45, 1e-30, 0.0625, 0.0625, 1.0, 3.4e38, math.inf]
-    )
+    x = torch.tensor([-math.inf, -3.5, -1.0, -1e-30, -0.0, 0.0, 1e-45, 1e-30, 0.0625, 0.0625, 1.0, 3.4e38, math.inf])
     x = torch.cat([x, torch.randn(1000), torch.rand(1000) * 1e-3])
     keys = order_preserving_key(x)
     assert keys.min() >= 0 and keys.max() < 2**32

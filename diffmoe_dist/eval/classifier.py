@@ -78,8 +78,7 @@ def _check_images(x: torch.Tensor) -> None:
     if not isinstance(x, torch.Tensor) or x.dim() != 4 or tuple(x.shape[1:]) != (1, IMAGE_SIZE, IMAGE_SIZE):
         shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
         raise ValueError(
-            f"digits classifier expects images of shape (B, 1, {IMAGE_SIZE}, {IMAGE_SIZE}) in [-1, 1], "
-            f"got {shape}"
+            f"digits classifier expects images of shape (B, 1, {IMAGE_SIZE}, {IMAGE_SIZE}) in [-1, 1], got {shape}"
         )
 
 

@@ -28,9 +28,7 @@ def _check_inputs(images: torch.Tensor, labels: torch.Tensor | None) -> None:
         raise ValueError(f"evaluate_images needs images (B >= 2, C, H, W) in [-1, 1], got {shape}")
     bad = int((~torch.isfinite(images)).sum())
     if bad:
-        raise ValueError(
-            f"images contain {bad} non-finite values: the sampler diverged; no metric is meaningful"
-        )
+        raise ValueError(f"images contain {bad} non-finite values: the sampler diverged; no metric is meaningful")
     if labels is not None:
         if labels.shape != (images.shape[0],):
             raise ValueError(f"labels must have shape ({images.shape[0]},), got {tuple(labels.shape)}")
@@ -63,9 +61,7 @@ def evaluate_images(
 
     if isinstance(reference, str):
         if reference not in _SPLITS:
-            raise ValueError(
-                f"reference={reference!r} is not known; use one of {_SPLITS} or a tensor of images"
-            )
+            raise ValueError(f"reference={reference!r} is not known; use one of {_SPLITS} or a tensor of images")
         reference_images, _ = load_digits_split(reference)
     else:
         reference_images = reference

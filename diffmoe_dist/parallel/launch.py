@@ -74,9 +74,7 @@ def _int(env: Mapping[str, str], *names: str, default: int | None = None) -> int
             try:
                 return int(env[name])
             except ValueError:
-                raise ValueError(
-                    f"{name}={env[name]!r} is invalid: the launcher must set an integer"
-                ) from None
+                raise ValueError(f"{name}={env[name]!r} is invalid: the launcher must set an integer") from None
     return default
 
 
@@ -161,9 +159,7 @@ def read_launch_env(
             _int(env, "OMPI_COMM_WORLD_SIZE", "PMI_SIZE"),
         )
         local_rank = _int(env, "OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID", "PMI_LOCAL_RANK", default=0)
-        local_world_size = _int(
-            env, "OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS", "PMI_LOCAL_SIZE", default=1
-        )
+        local_world_size = _int(env, "OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS", "PMI_LOCAL_SIZE", default=1)
         node_id = rank // max(local_world_size, 1)  # MPI exposes no node id; assumes by-slot mapping
         if env.get("MASTER_ADDR") and env.get("MASTER_PORT"):
             addr, port = env["MASTER_ADDR"], _int(env, "MASTER_PORT")
@@ -173,9 +169,7 @@ def read_launch_env(
         rank, world_size, local_rank, node_id, local_world_size = 0, 1, 0, 0, 1
         addr, port = "127.0.0.1", _int(env, "MASTER_PORT", default=0)  # 0: a free port at init
     if not 0 <= rank < world_size:
-        raise ValueError(
-            f"rank={rank} is invalid for world_size={world_size} ({launcher}): check the launcher"
-        )
+        raise ValueError(f"rank={rank} is invalid for world_size={world_size} ({launcher}): check the launcher")
     return LaunchEnv(rank, world_size, local_rank, node_id, addr, port, launcher, local_world_size)
 
 
