@@ -6,14 +6,14 @@ weights (five a class) with the objective's own sampler (flow: Euler ODE, 10 ste
 ancestral sampler on 25 of 1,000 steps), CFG 2, dynamic routing, and the project's digits classifier
 reads the class of each. Chance is 10%; the bar is half.
 
-The model is the digits config at a size two cores train in about a minute (patch 4: 16 tokens an image; 4
-blocks of width 96; 4 experts; batches of 64; lr 1e-2). Measured with this test at seeds 0 / 1 / 2 on
-2 quiet cores (2026-12-07, about 65 s for both objectives; 400 s with two busy loops beside it): flow 86% / 86% / 90% class accuracy after
-200 steps, DDPM 84% / 82% / 80% after 600. In the one-thread sweep that chose the steps (the notes of
-issue 26), DDPM stood at 48-58% after 400 steps and 66-80% after 500. DDPM gets 3x flow's steps: its
-epsilon loss weighs a step's image error by the step's signal-to-noise ratio, so it learns the noisy
-steps, where a digit's class is decided, last (docs/notes/issue-26.md shows it on the paper table's
-checkpoints).
+The model is the digits config at a size two cores train in about a minute (patch 4: 16 tokens an
+image; 4 blocks of width 96; 4 experts; batches of 64; lr 1e-2). Measured with this test at seeds
+0 / 1 / 2 on 2 quiet cores (2026-12-07; about 65 s for both objectives, 400 s with two busy loops
+beside it): flow 86% / 86% / 90% class accuracy after 200 steps, DDPM 84% / 82% / 80% after 600. In
+the one-thread sweep that chose the steps (the notes of issue 26), DDPM stood at 48-58% after 400
+steps and 66-80% after 500. DDPM gets 3x flow's steps: its epsilon loss weighs a step's image error
+by the step's signal-to-noise ratio, so it learns the noisy steps, where a digit's class is decided,
+last (docs/notes/issue-26.md shows it on the paper table's checkpoints).
 """
 
 from __future__ import annotations
