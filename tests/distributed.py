@@ -84,7 +84,7 @@ def start_training_ranks(
     return procs
 
 
-def wait_all(procs: list, timeout: float) -> list[int]:
+def wait_all(procs: list, timeout: float = HANG_TIMEOUT) -> list[int]:
     """Return codes of ``procs``; kills them all (and raises) past ``timeout`` seconds."""
     import subprocess
 

@@ -36,7 +36,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from conftest import TINY_MODEL
+from conftest import HANG_TIMEOUT, TINY_MODEL
 from torch.overrides import TorchFunctionMode
 from torch.testing._internal.distributed import multi_threaded_pg as mtpg
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
@@ -155,7 +155,7 @@ class TwinError(RuntimeError):
 
 
 def run_threaded(
-    fn: Callable[..., Any], world_size: int, ep_size: int, *args: Any, timeout: float = 1800.0
+    fn: Callable[..., Any], world_size: int, ep_size: int, *args: Any, timeout: float = HANG_TIMEOUT
 ) -> list[Any]:
     """``[fn(dims_0, *args), ..., fn(dims_{W-1}, *args)]``, each on its own thread and rank of one
     threaded process group of size W, with the real EP and EDP groups of `build_parallel_dims`

@@ -4,7 +4,6 @@ import types
 
 import pytest
 import torch
-from conftest import HANG_TIMEOUT
 
 from diffmoe_dist import checkpoint as ckpt
 
@@ -171,7 +170,7 @@ def test_resume_reads_each_byte_once_per_job_and_reshards_bitwise(tmp_path):
     # counting as well but cost 4x the start-up on a 2-core CI machine; the count is per rank, exact.
     from distributed import run_distributed
 
-    results = run_distributed(_save_and_count_reads, 4, str(tmp_path), timeout=HANG_TIMEOUT)
+    results = run_distributed(_save_and_count_reads, 4, str(tmp_path))
     total = 4 * DENSE + 2 * BF16 + 4 * 4 * EXPERT + 4 * 4 * 1000  # every tensor byte of the checkpoint
     for ep in (2, 1):
         for how in ("today", "once"):
@@ -193,7 +192,7 @@ def test_resume_at_the_256gpu_node_layout_reads_each_byte_once_per_node_and_once
     from scale_twin import run_threaded
 
     W, scale = 16, 65_536
-    results = run_threaded(save_and_count, W, 8, str(tmp_path), scale, timeout=HANG_TIMEOUT)
+    results = run_threaded(save_and_count, W, 8, str(tmp_path), scale)
     assert all(r[how]["bitwise"] for r in results for how in ("before", "now"))
     before, now = per_node(results, "before", scale), per_node(results, "now", scale)
     # Now: no byte twice inside a node, every byte exactly once in the job, each rank its own ranges only.

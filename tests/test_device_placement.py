@@ -49,7 +49,7 @@ def _audited_training(rank, world_size, digits, run_dir):
 
 @pytest.mark.slow
 def test_every_collective_gets_a_tensor_placed_on_its_groups_device(digits, tmp_path):
-    results = run_distributed(_audited_training, 2, digits, str(tmp_path / "run"), timeout=HANG_TIMEOUT)
+    results = run_distributed(_audited_training, 2, digits, str(tmp_path / "run"))
     for rank, (_, _, errors) in enumerate(results):
         assert not errors, f"rank {rank}:\n" + "\n".join(errors)
     ops, calls, _ = results[0]
@@ -180,7 +180,7 @@ def test_distributed_path_forced_at_world_size_1_matches_one_process(digits, tmp
     # How one GPU tests the NCCL path (tests/gpu/): parallelize, the dp pool, the all-to-all and
     # every collective run at world size 1, and give what one process gives.
     [(losses, ops, errors, dispatcher, pool)] = run_distributed(
-        _forced_distributed_steps, 1, digits, str(tmp_path / "run"), timeout=HANG_TIMEOUT
+        _forced_distributed_steps, 1, digits, str(tmp_path / "run")
     )
     assert (dispatcher, pool) == ("AllToAllDispatcher", "DistributedPool")
     for op in ("all_reduce", "all_gather_single", "all_to_all_single", "broadcast"):

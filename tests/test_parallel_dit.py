@@ -6,7 +6,6 @@ import copy
 
 import pytest
 import torch
-from conftest import HANG_TIMEOUT
 from distributed import run_distributed
 
 from diffmoe_dist.config import ModelConfig, MoEConfig
@@ -73,7 +72,7 @@ def _dit_matches(rank: int, world_size: int, ep_size: int, compiled: bool = Fals
 @pytest.mark.slow
 def test_dit_forward_backward_at_w4_ep2_matches_single_process_on_concatenated_batch():
     # moe.dispatch exact and padded, in the same processes
-    worst = run_distributed(_dit_matches, 4, 2, False, ("exact", "padded"), timeout=HANG_TIMEOUT)
+    worst = run_distributed(_dit_matches, 4, 2, False, ("exact", "padded"))
     assert max(worst) < 1e-5
 
 
@@ -81,7 +80,7 @@ def test_dit_forward_backward_at_w4_ep2_matches_single_process_on_concatenated_b
 def test_compiled_dit_at_w2_ep2_matches_single_process_on_concatenated_batch():
     # train.compile: blocks compiled (MoE layers eager), the same exactness as eager at fp32
     # against an eager one-process reference; the thresholds (selection) equal within 1e-6.
-    worst = run_distributed(_dit_matches, 2, 2, True, timeout=HANG_TIMEOUT)
+    worst = run_distributed(_dit_matches, 2, 2, True)
     assert max(worst) < 1e-5
 
 

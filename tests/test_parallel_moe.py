@@ -8,7 +8,6 @@ import copy
 
 import pytest
 import torch
-from conftest import HANG_TIMEOUT
 from distributed import run_distributed
 
 from diffmoe_dist.config import MoEConfig
@@ -164,7 +163,7 @@ CASES = {2: [("none", 1.0), ("all", 0.5), ("all", 0.1)], 4: [("none", 1.0), ("so
 @pytest.mark.parametrize("world_size", [2, 4], ids=["W2", "W4"])
 def test_moe_layer_matches_single_process_on_concatenated_batch(world_size, dispatch):
     """Every valid P in {1, 2, 4} and pool in {rank, ep, dp}; ``moe.dispatch=padded`` at P = 2."""
-    checked = run_distributed(_all_layouts_match, world_size, CASES[world_size], dispatch, timeout=HANG_TIMEOUT)
+    checked = run_distributed(_all_layouts_match, world_size, CASES[world_size], dispatch)
     assert checked[0] and all(c == checked[0] for c in checked)
     expected = {2: 3 * 6, 4: 2 * 8} if dispatch == "exact" else {2: 3 * 3, 4: 2 * 3}
     assert len(checked[0]) == expected[world_size]

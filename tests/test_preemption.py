@@ -38,19 +38,18 @@ def logs(log_dir) -> str:
     return "\n".join(open(os.path.join(log_dir, f)).read() for f in sorted(os.listdir(log_dir)))
 
 
-def train(run_dir, log_dir, extra=(), world_size=4, timeout=HANG_TIMEOUT, signal_after=None, signal_ranks=(), sig=None):
+def train(run_dir, log_dir, extra=(), world_size=4, signal_after=None, signal_ranks=(), sig=None):
     procs = start_training_ranks(world_size, [*TINY, f"train.run_dir={run_dir}", *extra], str(log_dir))
     if signal_after is not None:
         metrics = os.path.join(run_dir, "metrics.jsonl")
-        deadline = time.monotonic() + timeout
+        deadline = time.monotonic() + HANG_TIMEOUT
         while not (os.path.isfile(metrics) and len(open(metrics).readlines()) >= signal_after):
             if time.monotonic() > deadline or any(p.poll() is not None for p in procs):
                 break
             time.sleep(0.05)
         for r in signal_ranks:
             procs[r].send_signal(sig)
-    codes = wait_all(procs, timeout)
-    return codes
+    return wait_all(procs)
 
 
 @pytest.mark.slow
@@ -178,7 +177,7 @@ def test_training_goes_on_during_an_async_save_and_sigterm_waits_for_it_then_sav
         time.sleep(2)
         assert all(p.poll() is None for p in procs), "a stop must wait for the save in flight"
         release.touch()
-        codes = wait_all(procs, HANG_TIMEOUT)
+        codes = wait_all(procs)
     finally:
         release.touch()
         for p in procs:

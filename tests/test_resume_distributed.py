@@ -12,7 +12,6 @@ import conftest
 import pytest
 import torch
 import torch.distributed as dist
-from conftest import HANG_TIMEOUT
 from distributed import DistributedTestError, run_distributed
 
 from diffmoe_dist import checkpoint as ckpt
@@ -100,7 +99,7 @@ def _resume_elsewhere(rank, world_size, ep_size, stage, digits, run_dir, path):
 @pytest.mark.slow
 def test_checkpoint_from_w4_ep2_zero1_resumes_exactly_at_other_world_and_expert_parallel_sizes(digits, tmp_path):
     run_dir = str(tmp_path / "run")
-    saved = run_distributed(_save_at_w4_ep2, 4, digits, run_dir, timeout=HANG_TIMEOUT)
+    saved = run_distributed(_save_at_w4_ep2, 4, digits, run_dir)
     path, before, compared = saved[0]
     n_tensors = len(ckpt.read_meta(path)["tensors"])
     assert compared == n_tensors  # model + EMA + both moments of every parameter, all checked
@@ -116,14 +115,7 @@ def test_checkpoint_from_w4_ep2_zero1_resumes_exactly_at_other_world_and_expert_
         assert torch.equal(t, ema[name]), name
     for world_size, ep_size, stage in ((2, 1, 1), (2, 2, 2), (4, 4, 0)):
         results = run_distributed(
-            _resume_elsewhere,
-            world_size,
-            ep_size,
-            stage,
-            digits,
-            str(tmp_path / f"w{world_size}p{ep_size}"),
-            path,
-            timeout=HANG_TIMEOUT,
+            _resume_elsewhere, world_size, ep_size, stage, digits, str(tmp_path / f"w{world_size}p{ep_size}"), path
         )
         for state, compared, after in results:
             assert compared == n_tensors
@@ -177,11 +169,11 @@ def test_sigkill_while_writing_keeps_previous_checkpoint_and_a_flipped_byte_is_n
     run_dir = tmp_path / "run"
     root = run_dir / "checkpoints"
     with pytest.raises(DistributedTestError, match="died"):
-        run_distributed(_train_and_die_while_saving, 2, str(digits), str(run_dir), timeout=HANG_TIMEOUT)
+        run_distributed(_train_and_die_while_saving, 2, str(digits), str(run_dir))
     assert (root / "latest").read_text().strip() == "step_0000004"
     assert (root / ".tmp-step_0000006").is_dir() and not (root / "step_0000006").exists()
 
-    results = run_distributed(_resume_after_kill, 2, str(digits), str(run_dir), timeout=HANG_TIMEOUT)
+    results = run_distributed(_resume_after_kill, 2, str(digits), str(run_dir))
     for resumed, fallback, _, listing in results:
         assert resumed == 4
         assert fallback.endswith("step_0000002")

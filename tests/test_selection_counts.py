@@ -13,7 +13,6 @@ import collections
 
 import pytest
 import torch
-from conftest import HANG_TIMEOUT
 from distributed import run_distributed
 
 from diffmoe_dist.config import MoEConfig
@@ -76,7 +75,7 @@ def _counts(rank: int, world_size: int) -> dict:
 
 @pytest.fixture(scope="module")
 def counts() -> list[dict]:
-    return run_distributed(_counts, 2, timeout=HANG_TIMEOUT)
+    return run_distributed(_counts, 2)
 
 
 def test_training_forward_of_a_dp_pool_layer_has_few_collectives_and_host_syncs(counts):

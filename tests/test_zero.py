@@ -10,7 +10,6 @@ import conftest
 import numpy as np
 import pytest
 import torch
-from conftest import HANG_TIMEOUT
 from distributed import run_distributed
 
 from diffmoe_dist.config import load_config
@@ -77,7 +76,7 @@ def _zero_runs(rank: int, world_size: int, digits: str, run_dir: str) -> dict:
 
 @pytest.mark.slow
 def test_zero1_and_zero2_train_like_plain_data_parallelism_at_w4_ep2(digits, tmp_path):
-    per_rank = run_distributed(_zero_runs, 4, digits, str(tmp_path / "run"), timeout=HANG_TIMEOUT)
+    per_rank = run_distributed(_zero_runs, 4, digits, str(tmp_path / "run"))
     for rank, runs in enumerate(per_rank):
         assert runs["plain"]["engine"] == "PlainEngine" and runs["zero1"]["engine"] == "ZeroEngine"
         for name in ("zero1", "zero2"):
