@@ -29,7 +29,8 @@ REPO = Path(__file__).resolve().parents[1]
 # cores took 3-10x longer at load 7-36, and a 2-rank run that takes 30 s quiet can take minutes on a
 # busy CI machine. Every limit of the suite (subprocesses, spawned ranks, SLURM jobs, waits for a
 # file or a state) is this (seconds): a hang still ends the test, a loaded machine does not fail it.
-# The one exception, tests/slow_save.py's wait for its release file, bounds a child process, not a test.
+# Not this: tests/slow_save.py's wait for its release file (it bounds a child process, not a test) and
+# tests/slurm/cluster.py's own limits on one daemon round trip (its callers pass this to wait_job).
 HANG_TIMEOUT = 3600
 
 # The tiny DiT of every CPU run: 2 blocks of width 48 with 4 heads.
